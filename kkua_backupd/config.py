@@ -1,0 +1,299 @@
+"""Configuration: one TOML file validated by strict pydantic models, overridden by the guide's variables.
+
+Precedence, lowest first: built-in defaults, the TOML file, `env_file` (the application's `.env`,
+read as data, never executed), the process environment. Every problem found is reported at once,
+each naming its key path and where the value came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, ValidationError
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/kkua-backup/config.toml")
+CONFIG_ENV = "KKUA_BACKUP_CONFIG"
+
+# Paths are written as TOML strings, so they are the one type allowed to convert.
+PathValue = Annotated[Path, Strict(False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class PostgresConfig(_Strict):
+    """Where the PostgreSQL database is and how its backups are made."""
+
+    host: str = "localhost"
+    port: int = Field(5432, ge=1, le=65535)
+    database: str = Field("kkua", min_length=1)
+    user: str = Field("postgres", min_length=1)
+    password_file: PathValue | None = None
+    format: Literal["plain", "custom"] = "plain"
+    compression: Literal["gzip", "zstd", "none"] = "gzip"
+    compression_level: int | None = Field(None, ge=1, le=19)
+    threads: int = Field(0, ge=0, le=256, description="compression threads; 0 means one per CPU")
+    restore_jobs: int = Field(0, ge=0, le=64, description="pg_restore -j for custom format; 0 means one per CPU")
+    test_restore: bool = False
+    connect_timeout: int = Field(10, ge=1, le=600)
+    dump_timeout: int = Field(6 * 3600, ge=1)
+    restore_timeout: int = Field(6 * 3600, ge=1)
+    bin_dir: PathValue | None = None
+    # Filled from password_file or DATABASE_PASSWORD by the loader; never read from the TOML file.
+    password: SecretStr | None = Field(None, exclude=True)
+
+
+class RedisConfig(_Strict):
+    """Where the Redis server is (its backup job arrives with the Redis issue)."""
+
+    host: str = "localhost"
+    port: int = Field(6379, ge=1, le=65535)
+    password_file: PathValue | None = None
+    aof: bool = False
+    password: SecretStr | None = Field(None, exclude=True)
+
+
+class RetentionConfig(_Strict):
+    """How long backup sets are kept."""
+
+    days: int = Field(7, ge=1)
+    keep_last: int = Field(3, ge=1)
+
+
+class ScheduleConfig(_Strict):
+    """When each job runs, in systemd OnCalendar syntax."""
+
+    postgres: str = "*-*-* 02:00:00"
+    redis: str = "*-*-* 03:00:00"
+    retention: str = "Sun *-*-* 04:00:00"
+
+
+class RestoreConfig(_Strict):
+    """Restore behaviour; `force` skips the confirmation (FORCE_RESTORE)."""
+
+    force: bool = False
+
+
+class Config(_Strict):
+    """The whole effective configuration."""
+
+    backup_dir: PathValue = Path("/var/backups/kkua")
+    log_dir: PathValue = Path("/var/log/kkua-backup")
+    env_file: PathValue | None = None
+    postgres: PostgresConfig = PostgresConfig()
+    redis: RedisConfig = RedisConfig()
+    retention: RetentionConfig = RetentionConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    restore: RestoreConfig = RestoreConfig()
+
+
+# The guide's environment variables: name -> (key path, type).
+ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], type]] = {
+    "DATABASE_HOST": (("postgres", "host"), str),
+    "DATABASE_PORT": (("postgres", "port"), int),
+    "DATABASE_NAME": (("postgres", "database"), str),
+    "DATABASE_USER": (("postgres", "user"), str),
+    "REDIS_HOST": (("redis", "host"), str),
+    "REDIS_PORT": (("redis", "port"), int),
+    "BACKUP_RETENTION_DAYS": (("retention", "days"), int),
+    "BACKUP_AOF": (("redis", "aof"), bool),
+    "FORCE_RESTORE": (("restore", "force"), bool),
+    "TEST_RESTORE": (("postgres", "test_restore"), bool),
+}
+SECRET_ENV: dict[str, str] = {"DATABASE_PASSWORD": "postgres", "REDIS_PASSWORD": "redis"}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+
+
+def parse_bool(text: str) -> bool:
+    """Read a boolean the way the guide's variables are written; raises ValueError otherwise."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """Parse `.env` text as data (KEY=VALUE, optional quotes and `export`); nothing is expanded or run."""
+    values: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _ENV_LINE.match(line)
+        if not match:
+            continue
+        key, value = match.group(1), match.group(2)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+            if raw.strip().split("=", 1)[1].strip()[0] == '"':
+                value = value.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
+        values[key] = value
+    return values
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Path, bool]:
+    """Return the config path and whether it was asked for explicitly (`--config` or the variable)."""
+    if cli_path:
+        return Path(cli_path), True
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV]), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+class LoadedConfig:
+    """The validated config plus where each overridden value came from (for `config check`)."""
+
+    def __init__(self, config: Config, path: Path | None, sources: dict[str, str]) -> None:
+        self.config = config
+        self.path = path
+        self.sources = sources
+
+
+def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read, merge and validate the configuration; raises ConfigError listing every problem."""
+    env = dict(os.environ if environ is None else environ)
+    path, explicit = resolve_config_path(cli_path, env)
+    data: dict[str, Any] = {}
+    problems: list[str] = []
+    sources: dict[str, str] = {}
+    where = str(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+        for key in data:
+            sources[key] = where
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist",
+                              hint="create it (see docs/configuration.md) or point --config at it") from None
+        used_path: Path | None = None
+    except PermissionError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}",
+                          hint="run as a user that can read it (root or the kkua-backup group)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    else:
+        used_path = path
+
+    for section in ("postgres", "redis"):
+        if isinstance(data.get(section), dict) and "password" in data[section]:
+            env_name = next(k for k, v in SECRET_ENV.items() if v == section)
+            problems.append(f"{section}.password: passwords do not belong in the config file; "
+                            f"use {section}.password_file or {env_name} ({where})")
+            del data[section]["password"]
+
+    # env_file (from the TOML file) then the process environment, the latter winning.
+    layered: dict[str, tuple[str, str]] = {}
+    env_file = data.get("env_file")
+    if isinstance(env_file, str) and env_file:
+        try:
+            for key, value in parse_env_file(Path(env_file).read_text(encoding="utf-8")).items():
+                layered[key] = (value, env_file)
+        except OSError as exc:
+            problems.append(f"env_file: cannot read {env_file}: {exc.strerror} ({where})")
+    for key in (*ENV_OVERRIDES, *SECRET_ENV):
+        if key in env:
+            layered[key] = (env[key], "environment")
+
+    for name, (keypath, kind) in ENV_OVERRIDES.items():
+        if name not in layered:
+            continue
+        raw, origin = layered[name]
+        dotted = ".".join(keypath)
+        try:
+            value: Any = raw
+            if kind is int:
+                value = int(raw.strip())
+            elif kind is bool:
+                value = parse_bool(raw)
+        except ValueError:
+            expected = "a whole number" if kind is int else "true or false"
+            problems.append(f"{dotted} (from {name} in {origin}): expected {expected}, got {raw!r}")
+            continue
+        _set_path(data, keypath, value)
+        sources[dotted] = f"{name} ({origin})"
+
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            dotted = _loc(err["loc"])
+            origin = sources.get(dotted, where)
+            problems.append(f"{dotted}: {err['msg']} ({origin})")
+        raise ConfigError(f"invalid configuration in {where}", problems=problems) from None
+    if problems:
+        raise ConfigError(f"invalid configuration in {where}", problems=problems)
+
+    config = _with_secrets(config, layered, problems, sources)
+    if problems:
+        raise ConfigError(f"invalid configuration in {where}", problems=problems)
+    return LoadedConfig(config, used_path, sources)
+
+
+def _read_secret(path: Path, dotted: str, problems: list[str]) -> SecretStr | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(f"{dotted}: cannot read {path}: {exc.strerror}")
+        return None
+    secret = text.rstrip("\r\n")
+    if not secret:
+        problems.append(f"{dotted}: {path} is empty")
+        return None
+    return SecretStr(secret)
+
+
+def _with_secrets(config: Config, layered: dict[str, tuple[str, str]], problems: list[str],
+                  sources: dict[str, str]) -> Config:
+    updates: dict[str, BaseModel] = {}
+    for env_name, section in SECRET_ENV.items():
+        model = getattr(config, section)
+        secret: SecretStr | None = None
+        if env_name in layered and layered[env_name][0]:
+            secret = SecretStr(layered[env_name][0])
+            sources[f"{section}.password"] = f"{env_name} ({layered[env_name][1]})"
+        elif model.password_file is not None:
+            secret = _read_secret(model.password_file, f"{section}.password_file", problems)
+            sources[f"{section}.password"] = str(model.password_file)
+        if secret is not None:
+            updates[section] = model.model_copy(update={"password": secret})
+    return config.model_copy(update=updates) if updates else config
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective config as plain data with every secret replaced by a marker."""
+    data = config.model_dump(mode="json")
+    for section in SECRET_ENV.values():
+        secret = getattr(config, section).password
+        data[section]["password"] = "<redacted>" if secret is not None else None
+    return data

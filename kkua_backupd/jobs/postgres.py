@@ -1,0 +1,817 @@
+"""PostgreSQL: backups with pg_dump, restores in one transaction, and test restores that prove them.
+
+psycopg talks to the server (reachability, versions, sessions, counts); pg_dump, pg_restore and psql
+do the dumping and loading as children run by `execute`. A dump and the row counts recorded in its
+manifest come from the same exported snapshot, so they describe exactly the same data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .. import execute
+from ..config import PostgresConfig
+from ..errors import (ConnectionFailed, IntegrityError, JobError, KkuaError, NotConfirmed, Refused,
+                      UsageError, VersionTooNew)
+from ..lock import TargetLock
+from ..pipeline import (AtomicFile, FileInfo, check_file, compress_into, decompress, file_chunks,
+                        make_compressor, stream_chunks)
+from ..progress import Progress, human_bytes
+from ..storage import (PREFIXES, BackupSet, Manifest, ManifestFile, base_manifest, data_file_name,
+                       ensure_folder, kind_folder, new_set_id, now_local, remove_stale_partials, resolve,
+                       write_manifest)
+from . import JobContext
+
+KIND = "postgres"
+PG_LIB = Path("/usr/lib/postgresql")
+EXTENSIONS = {"plain": ".sql", "custom": ".dump"}
+MAINTENANCE_DBS = ("postgres", "template1")
+_VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+
+# Every user table (not system, not owned by an extension): what counts and checksums cover.
+TABLES_SQL = """
+SELECT n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1, 2
+"""
+
+# Run before the dump's SQL, inside the restore's transaction: every user schema goes, so objects
+# created after the backup cannot block or survive the restore. `public` comes back with the owner,
+# privileges and comment it had; pg_dump then recreates everything else.
+WIPE_SQL = """
+DO $kkua_wipe$
+DECLARE
+  s record; g record;
+  pub_owner text; pub_acl aclitem[]; pub_comment text; had_public boolean;
+BEGIN
+  SELECT nspowner::regrole::text, nspacl, obj_description(oid, 'pg_namespace'), true
+    INTO pub_owner, pub_acl, pub_comment, had_public
+    FROM pg_namespace WHERE nspname = 'public';
+  FOR s IN SELECT nspname FROM pg_namespace
+           WHERE nspname NOT IN ('pg_catalog', 'information_schema')
+             AND nspname NOT LIKE 'pg\\_toast%' AND nspname NOT LIKE 'pg\\_temp\\_%'
+  LOOP
+    EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname);
+  END LOOP;
+  IF had_public THEN
+    EXECUTE format('CREATE SCHEMA public AUTHORIZATION %s', pub_owner);
+    REVOKE ALL ON SCHEMA public FROM PUBLIC;
+    FOR g IN SELECT * FROM aclexplode(pub_acl) LOOP
+      EXECUTE format('GRANT %s ON SCHEMA public TO %s', g.privilege_type,
+                     CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+    END LOOP;
+    IF pub_comment IS NOT NULL THEN
+      EXECUTE format('COMMENT ON SCHEMA public IS %L', pub_comment);
+    END IF;
+  END IF;
+END
+$kkua_wipe$;
+"""
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The server's version as reported by `server_version`."""
+
+    version: str
+    major: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Connections
+
+
+def connect(pg: PostgresConfig, dbname: str | None = None, *, autocommit: bool = True) -> psycopg.Connection:
+    """Open a connection; raises ConnectionFailed saying what failed and what to check."""
+    db = dbname or pg.database
+    kwargs: dict[str, Any] = {"host": pg.host, "port": pg.port, "user": pg.user, "dbname": db,
+                              "connect_timeout": pg.connect_timeout, "application_name": "kkua-backup"}
+    if pg.password is not None:
+        kwargs["password"] = pg.password.get_secret_value()
+    try:
+        return psycopg.connect(autocommit=autocommit, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise connection_error(pg, db, exc) from None
+
+
+def connection_error(pg: PostgresConfig, dbname: str, exc: Exception) -> ConnectionFailed:
+    """Translate a libpq connection failure into a one-line, actionable error."""
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r'^connection to server at "[^"]*" \([^)]*\), port \d+ failed: ', "", text)
+    where = f"PostgreSQL at {pg.host}:{pg.port}"
+    if "password authentication failed" in text or "no password supplied" in text:
+        return ConnectionFailed(f"{where} refused user {pg.user!r}: {text}",
+                                hint="check postgres.password_file or DATABASE_PASSWORD")
+    if "does not exist" in text and "database" in text:
+        return ConnectionFailed(f"{where}: database {dbname!r} does not exist",
+                                hint="check postgres.database / DATABASE_NAME")
+    if "role" in text and "does not exist" in text:
+        return ConnectionFailed(f"{where}: user {pg.user!r} does not exist",
+                                hint="check postgres.user / DATABASE_USER")
+    return ConnectionFailed(f"cannot reach {where}: {text}",
+                            hint="is the server running and reachable? check postgres.host and postgres.port")
+
+
+def server_info(conn: psycopg.Connection) -> ServerInfo:
+    """The server's version string and major version."""
+    version = str(conn.execute("SHOW server_version").fetchone()[0]).split()[0]  # type: ignore[index]
+    num = int(conn.execute("SHOW server_version_num").fetchone()[0])  # type: ignore[index]
+    return ServerInfo(version, num // 10000 if num >= 100000 else num // 100)
+
+
+def connect_maintenance(pg: PostgresConfig) -> psycopg.Connection:
+    """A connection to a database that is not the one being restored (postgres, else template1)."""
+    last: ConnectionFailed | None = None
+    for db in MAINTENANCE_DBS:
+        try:
+            return connect(pg, db)
+        except ConnectionFailed as exc:
+            if "does not exist" not in str(exc) and "permission denied" not in str(exc):
+                raise
+            last = exc
+    assert last is not None
+    raise last
+
+
+def database_exists(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Client binaries
+
+
+def parse_tool_version(text: str) -> int | None:
+    """The major version in `pg_dump --version` output ("pg_dump (PostgreSQL) 15.19 (Debian ...)")."""
+    match = _VERSION_RE.search(text)
+    return int(match.group(1)) if match else None
+
+
+def choose_bin_dir(server_major: int, candidates: dict[int, Path]) -> Path | None:
+    """The client folder for a server: the same major if present, else the oldest newer one (pg_dump
+    must be at least as new as the server), else None."""
+    if server_major in candidates:
+        return candidates[server_major]
+    newer = sorted(v for v in candidates if v > server_major)
+    return candidates[newer[0]] if newer else None
+
+
+def candidate_bin_dirs(override: Path | None) -> dict[int, Path]:
+    """Folders holding pg_dump, pg_restore and psql, by major version."""
+    found: dict[int, Path] = {}
+    if override is not None:
+        dirs = [override]
+    else:
+        dirs = sorted(PG_LIB.glob("*/bin")) if PG_LIB.is_dir() else []
+        on_path = shutil.which("pg_dump")
+        if on_path:
+            dirs.append(Path(on_path).resolve().parent)
+    for d in dirs:
+        exe = d / "pg_dump"
+        if not os.access(exe, os.X_OK):
+            continue
+        try:
+            major = parse_tool_version(execute.run((exe, "--version"), job=KIND, timeout=30).decode())
+        except KkuaError:
+            continue
+        if major is not None and major not in found:
+            found[major] = d
+    return found
+
+
+def find_bin_dir(pg: PostgresConfig, server: ServerInfo) -> Path:
+    """The client folder matching the server; raises VersionTooNew saying what to install."""
+    candidates = candidate_bin_dirs(pg.bin_dir)
+    chosen = choose_bin_dir(server.major, candidates)
+    if chosen is None:
+        have = ", ".join(str(v) for v in sorted(candidates)) or "none"
+        raise VersionTooNew(
+            f"PostgreSQL server is version {server.major} but no pg_dump {server.major} or newer is installed"
+            f" (found: {have})", hint=f"install postgresql-client-{server.major}, or set postgres.bin_dir")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# Command builders (pure)
+
+
+def connection_args(pg: PostgresConfig, dbname: str) -> tuple[str, ...]:
+    """libpq connection options for a client; the password is never among them."""
+    return ("--host", pg.host, "--port", str(pg.port), "--username", pg.user, "--dbname", dbname,
+            "--no-password")
+
+
+def child_env(pg: PostgresConfig) -> dict[str, str]:
+    """The environment that carries the password and timeouts to a client."""
+    env = {"PGCONNECT_TIMEOUT": str(pg.connect_timeout), "PGAPPNAME": "kkua-backup",
+           "PGOPTIONS": "-c client_min_messages=warning"}
+    if pg.password is not None:
+        env["PGPASSWORD"] = pg.password.get_secret_value()
+    return env
+
+
+def pg_dump_argv(bin_dir: Path, pg: PostgresConfig, *, dbname: str, fmt: str,
+                 snapshot: str | None = None) -> tuple[str, ...]:
+    """pg_dump writing the whole database to stdout: plain SQL with DROP IF EXISTS (restorable by hand
+    into an existing database) or an uncompressed custom archive (our pipeline compresses)."""
+    argv: tuple[str, ...] = (str(bin_dir / "pg_dump"), *connection_args(pg, dbname))
+    if fmt == "plain":
+        argv += ("--format=plain", "--clean", "--if-exists")
+    elif fmt == "custom":
+        argv += ("--format=custom", "--compress=0")
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    if snapshot:
+        argv += (f"--snapshot={snapshot}",)
+    return argv
+
+
+def psql_argv(bin_dir: Path, pg: PostgresConfig, dbname: str) -> tuple[str, ...]:
+    """psql reading SQL on stdin and stopping at the first error."""
+    return (str(bin_dir / "psql"), *connection_args(pg, dbname), "--no-psqlrc", "--quiet",
+            "--set", "ON_ERROR_STOP=1", "--file", "-")
+
+
+def pg_restore_script_argv(bin_dir: Path) -> tuple[str, ...]:
+    """pg_restore turning a custom archive on stdin into SQL on stdout."""
+    return (str(bin_dir / "pg_restore"), "--clean", "--if-exists", "--file", "-")
+
+
+def pg_restore_argv(bin_dir: Path, pg: PostgresConfig, dbname: str, archive: Path, jobs: int) -> tuple[str, ...]:
+    """pg_restore loading a custom archive file into a new database with `jobs` parallel workers."""
+    return (str(bin_dir / "pg_restore"), *connection_args(pg, dbname), "--exit-on-error",
+            f"--jobs={max(1, jobs)}", str(archive))
+
+
+# ----------------------------------------------------------------------------------------------
+# Table statistics
+
+
+def table_stats(conn: psycopg.Connection, *, checksums: bool) -> dict[str, dict[str, Any]]:
+    """Row count (and an order-independent content checksum) of every user table."""
+    stats: dict[str, dict[str, Any]] = {}
+    for schema, name in conn.execute(TABLES_SQL).fetchall():
+        ident = sql.Identifier(schema, name)
+        if checksums:
+            query = sql.SQL("SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 15))::bit(60)::bigint"
+                            "::numeric), 0)::text FROM ONLY {} AS t").format(ident)
+            rows, digest = conn.execute(query).fetchone()  # type: ignore[misc]
+            stats[f"{schema}.{name}"] = {"rows": int(rows), "checksum": digest}
+        else:
+            rows = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(ident)).fetchone()[0]  # type: ignore[index]
+            stats[f"{schema}.{name}"] = {"rows": int(rows)}
+    return stats
+
+
+def compare_stats(expected: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]]) -> list[str]:
+    """Differences between two table_stats results, one readable line each (empty when equal)."""
+    problems = []
+    for table in sorted(set(expected) - set(found)):
+        problems.append(f"{table}: missing")
+    for table in sorted(set(found) - set(expected)):
+        problems.append(f"{table}: not in the backup")
+    for table in sorted(set(expected) & set(found)):
+        want, got = expected[table], found[table]
+        if want.get("rows") != got.get("rows"):
+            problems.append(f"{table}: {got.get('rows')} rows, expected {want.get('rows')}")
+        elif want.get("checksum") and got.get("checksum") and want["checksum"] != got["checksum"]:
+            problems.append(f"{table}: content differs ({got['rows']} rows)")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Backup
+
+
+@dataclass
+class DumpResult:
+    """What one pg_dump run produced."""
+
+    set_id: str
+    created: Any
+    file: FileInfo
+    uncompressed: int
+    seconds: float
+    tables: dict[str, dict[str, Any]]
+    server: ServerInfo
+    pg_dump_version: str
+    fmt: str
+    compression: str
+
+
+class _StatsThread(threading.Thread):
+    def __init__(self, conn: psycopg.Connection, checksums: bool) -> None:
+        super().__init__(name="table-stats", daemon=True)
+        self.conn = conn
+        self.checksums = checksums
+        self.result: dict[str, dict[str, Any]] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = table_stats(self.conn, checksums=self.checksums)
+        except BaseException as exc:  # reported by the caller
+            self.error = exc
+
+
+def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: str, dbname: str,
+         checksums: bool = False) -> DumpResult:
+    """Dump `dbname` into a new file in `folder` (no manifest yet); raises a JobError subclass.
+
+    The caller holds the postgres lock. Row counts come from the snapshot pg_dump uses.
+    """
+    pg = ctx.config.postgres
+    log = ctx.log
+    snap_conn = connect(pg, dbname, autocommit=False)
+    stats = _StatsThread(snap_conn, checksums)
+    progress = Progress(f"pg_dump {dbname}", enabled=ctx.interactive)
+    started = time.monotonic()
+    try:
+        server = server_info(snap_conn)
+        snap_conn.rollback()
+        bin_dir = find_bin_dir(pg, server)
+        tool_version = execute.run((bin_dir / "pg_dump", "--version"), job=KIND).decode().strip()
+        snap_conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        snap_conn.read_only = True
+        snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+        set_id, created = new_set_id(folder, prefix)
+        path = folder / data_file_name(prefix, set_id, EXTENSIONS[fmt], compression)
+        log.info("dump started", database=dbname, file=path.name, server_version=server.version,
+                 pg_dump=str(bin_dir / "pg_dump"), format=fmt, compression=compression)
+        started = time.monotonic()
+        with execute.ProcessGroup(KIND) as group, AtomicFile(path) as out:
+            child = group.spawn(pg_dump_argv(bin_dir, pg, dbname=dbname, fmt=fmt, snapshot=snapshot),
+                                env=child_env(pg), timeout=pg.dump_timeout)
+            stats.start()
+            assert child.stdout is not None
+            compressor = make_compressor(compression, pg.compression_level, pg.threads)
+            uncompressed = compress_into(stream_chunks(child.stdout.read1, progress), compressor, out)
+            progress.clear()
+            group.wait(child, what="pg_dump",
+                       hint="the backup user needs read access to every object; see the lines above")
+            stats.join()
+            if stats.error is not None:
+                raise JobError(f"counting rows in {dbname} failed: {stats.error}")
+            info = out.commit()
+    except psycopg.Error as exc:
+        raise JobError(f"PostgreSQL error during the backup of {dbname}: {str(exc).strip()}") from None
+    finally:
+        progress.clear()
+        if stats.is_alive():
+            snap_conn.cancel_safe()
+            stats.join(timeout=10)
+        snap_conn.close()
+    seconds = time.monotonic() - started
+    log.info("dump finished", database=dbname, file=info.name, bytes=info.size, size=human_bytes(info.size),
+             uncompressed=human_bytes(uncompressed), seconds=round(seconds, 2),
+             rate=f"{human_bytes(uncompressed / max(seconds, 1e-6))}/s", tables=len(stats.result),
+             rows=sum(t["rows"] for t in stats.result.values()))
+    return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, tool_version,
+                      fmt, compression)
+
+
+def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str, status: str = "ok",
+                  error: str | None = None, extra: dict[str, Any] | None = None,
+                  total_seconds: float | None = None) -> Manifest:
+    data = base_manifest(KIND, set_type, prefix, result.set_id, result.created)
+    details: dict[str, Any] = {"database": dbname, "format": result.fmt, "compression": result.compression,
+                               "server_version": result.server.version, "pg_dump_version": result.pg_dump_version,
+                               "uncompressed_bytes": result.uncompressed, "tables": result.tables}
+    details.update(extra or {})
+    timings = {"dump_seconds": round(result.seconds, 3)}
+    if total_seconds is not None:
+        timings["total_seconds"] = round(total_seconds, 3)
+    data.update(status=status, error=error, finished_at=now_local(), details=details, timings=timings,
+                files=[ManifestFile(name=result.file.name, size=result.file.size, sha256=result.file.sha256,
+                                    role="dump", compression=result.compression)])
+    return Manifest.model_validate(data)
+
+
+def backup(ctx: JobContext, *, test_restore: bool | None = None) -> Manifest:
+    """Back up the configured database (and test-restore it if asked); returns the written manifest.
+
+    Raises LockHeld when another run holds the postgres lock, JobError subclasses on failure; a
+    failed test restore still writes the set, marked failed, then raises JobError.
+    """
+    pg = ctx.config.postgres
+    want_test = pg.test_restore if test_restore is None else test_restore
+    ensure_folder(ctx.config.backup_dir)
+    folder = ensure_folder(kind_folder(ctx.config.backup_dir, KIND))
+    started = time.monotonic()
+    with TargetLock(ctx.config.backup_dir, KIND, "backup postgres"):
+        for name in remove_stale_partials(folder):
+            ctx.log.warning("removed a partial file left by an interrupted run", file=name)
+        prefix = PREFIXES[KIND]["backup"]
+        result = dump(ctx, folder, prefix=prefix, fmt=pg.format, compression=pg.compression,
+                      dbname=pg.database, checksums=want_test)
+        extra: dict[str, Any] = {}
+        status, error = "ok", None
+        if want_test:
+            outcome = _test_restore_file(ctx, folder / result.file.name, result.fmt, result.compression,
+                                         result.set_id, result.tables)
+            extra["test_restore"] = outcome
+            if not outcome["ok"]:
+                status, error = "failed", f"test restore failed: {outcome['error']}"
+        manifest = _manifest_for(result, set_type="backup", prefix=prefix, dbname=pg.database, status=status,
+                                 error=error, extra=extra, total_seconds=time.monotonic() - started)
+        write_manifest(folder, manifest)
+    if status != "ok":
+        ctx.log.error("backup marked failed", file=result.file.name, reason=error)
+        raise JobError(f"backup {result.file.name} was written but its {error}",
+                       hint="the set is marked failed and is never used by `restore latest`")
+    ctx.log.info("backup finished", file=result.file.name, id=result.set_id, bytes=result.file.size,
+                 size=human_bytes(result.file.size), seconds=round(time.monotonic() - started, 2),
+                 sha256=result.file.sha256, test_restore="passed" if want_test else "skipped")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading SQL and archives
+
+
+def _scratch_name(set_id: str) -> str:
+    return f"kkua_backup_test_{set_id}_{os.getpid()}"[:63]
+
+
+def _feed(chunks: Iterable[bytes], dest: Any, errors: list[BaseException], close: bool = True) -> None:
+    try:
+        for chunk in chunks:
+            dest.write(chunk)
+        if close:
+            dest.close()
+    except BaseException as exc:  # re-raised by the caller
+        errors.append(exc)
+
+
+def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool) -> None:
+    """Run SQL into `dbname` in one transaction: BEGIN, optional wipe, the SQL, then COMMIT only if every
+    byte was sent; any error rolls everything back. Raises CommandFailed on a failed statement."""
+    pg = ctx.config.postgres
+    with execute.ProcessGroup(KIND) as group:
+        child = group.spawn(psql_argv(bin_dir, pg, dbname), env=child_env(pg), stdin=execute.PIPE,
+                            stdout=execute.DEVNULL, timeout=pg.restore_timeout)
+        assert child.stdin is not None
+        try:
+            child.stdin.write(b"BEGIN;\n")
+            if wipe:
+                child.stdin.write(WIPE_SQL.encode())
+            for chunk in sql_chunks:
+                child.stdin.write(chunk)
+            child.stdin.write(b"\n;\nCOMMIT;\n")  # only reached when the whole stream was read and sent
+            child.stdin.close()
+        except BrokenPipeError:
+            pass  # psql stopped at an error; its status and stderr say which
+        group.wait(child, what="psql", hint="the transaction was rolled back")
+
+
+def _script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: Path,
+                         archive_chunks: Iterable[bytes], feed_errors: list[BaseException]) -> Iterator[bytes]:
+    """SQL produced by pg_restore from a custom archive streamed on its stdin."""
+    child = group.spawn(pg_restore_script_argv(bin_dir), stdin=execute.PIPE,
+                        timeout=ctx.config.postgres.restore_timeout)
+    feeder = threading.Thread(target=_feed, args=(archive_chunks, child.stdin, feed_errors), daemon=True)
+    feeder.start()
+    assert child.stdout is not None
+    yield from stream_chunks(child.stdout.read1)
+    feeder.join()
+    if feed_errors:
+        raise feed_errors[0]
+    group.wait(child, what="pg_restore")
+
+
+def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,
+                 wipe: bool, new_database: bool, progress: Progress | None = None) -> None:
+    """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
+    going into a new database. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
+    pg = ctx.config.postgres
+    chunks = decompress(compression, file_chunks(path, progress), name=path.name)
+    if fmt == "plain":
+        load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe)
+        return
+    jobs = pg.restore_jobs or os.cpu_count() or 1
+    if new_database and jobs > 1:
+        _parallel_restore(ctx, bin_dir, dbname, path, chunks, jobs)
+        return
+    with execute.ProcessGroup(KIND) as group:
+        errors: list[BaseException] = []
+        load_sql(ctx, bin_dir, dbname, _script_from_archive(ctx, group, bin_dir, chunks, errors), wipe=wipe)
+
+
+def _parallel_restore(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, chunks: Iterable[bytes],
+                      jobs: int) -> None:
+    pg = ctx.config.postgres
+    # pg_restore -j needs a seekable archive: unpack it next to the backup; removed afterwards.
+    scratch = path.with_name(f"kkua_restore_{path.name.split('_', 2)[-1].split('.')[0]}_{os.getpid()}.dump")
+    with AtomicFile(scratch, 0o600) as out:
+        for chunk in chunks:
+            out.write(chunk)
+        out.commit()
+    try:
+        with execute.ProcessGroup(KIND) as group:
+            child = group.spawn(pg_restore_argv(bin_dir, pg, dbname, scratch, jobs), env=child_env(pg),
+                                stdout=execute.DEVNULL, timeout=pg.restore_timeout)
+            group.wait(child, what="pg_restore")
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def create_database(conn: psycopg.Connection, name: str) -> None:
+    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+
+
+def drop_database(conn: psycopg.Connection, name: str) -> None:
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def terminate_sessions(conn: psycopg.Connection, dbname: str) -> int:
+    """End every other session on `dbname`; returns how many were ended."""
+    row = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                       "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Test restore and verification
+
+
+def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, set_id: str,
+                       expected: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Restore a file into a scratch database, compare its tables with `expected`, always drop it.
+
+    Returns {"ok", "database", "tables", "rows", "seconds", "problems", "error"}; never raises for a
+    failed restore (that is the result), only for a server that cannot be reached at all.
+    """
+    pg = ctx.config.postgres
+    scratch = _scratch_name(set_id)
+    started = time.monotonic()
+    outcome: dict[str, Any] = {"ok": False, "database": scratch, "error": None, "problems": []}
+    ctx.log.info("test restore started", file=path.name, scratch_database=scratch)
+    admin = connect_maintenance(pg)
+    try:
+        bin_dir = find_bin_dir(pg, server_info(admin))
+        try:
+            create_database(admin, scratch)
+            progress = Progress(f"test restore {path.name}", enabled=ctx.interactive)
+            restore_into(ctx, bin_dir, scratch, path, fmt, compression, wipe=False, new_database=True,
+                         progress=progress)
+            progress.clear()
+            checksums = any("checksum" in t for t in expected.values())
+            with connect(pg, scratch) as conn:
+                found = table_stats(conn, checksums=checksums)
+            outcome["problems"] = compare_stats(expected, found)
+            outcome.update(tables=len(found), rows=sum(t["rows"] for t in found.values()),
+                           checksums=checksums)
+            outcome["ok"] = not outcome["problems"]
+            if outcome["problems"]:
+                outcome["error"] = "; ".join(outcome["problems"][:5])
+        except (KkuaError, psycopg.Error) as exc:
+            outcome["error"] = str(exc).strip().splitlines()[0]
+        finally:
+            try:
+                drop_database(admin, scratch)
+            except psycopg.Error as exc:
+                ctx.log.error("scratch database could not be dropped", database=scratch, error=str(exc).strip())
+    finally:
+        admin.close()
+    outcome["seconds"] = round(time.monotonic() - started, 2)
+    if outcome["ok"]:
+        ctx.log.info("test restore passed", file=path.name, tables=outcome["tables"], rows=outcome["rows"],
+                     checksums="compared" if outcome.get("checksums") else "not recorded",
+                     seconds=outcome["seconds"])
+    else:
+        ctx.log.error("test restore failed", file=path.name, error=outcome["error"])
+    return outcome
+
+
+def set_format(backup_set: BackupSet) -> tuple[str, str]:
+    """(format, compression) of a set, from its manifest or, for files made without one, its name."""
+    if backup_set.manifest is not None:
+        return backup_set.manifest.details.get("format", "plain"), backup_set.manifest.files[0].compression
+    name = backup_set.name
+    compression = "gzip" if name.endswith(".gz") else "zstd" if name.endswith(".zst") else "none"
+    stem = name.removesuffix(".gz").removesuffix(".zst")
+    if stem.endswith(".sql"):
+        return "plain", compression
+    if stem.endswith(".dump"):
+        return "custom", compression
+    raise UsageError(f"{name} is not a PostgreSQL backup (expected .sql, .sql.gz, .sql.zst or .dump)")
+
+
+def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
+    """Check every file of a set against its manifest (size, sha256) and decompress it fully; raises
+    IntegrityError on any difference. This is what gates a restore and what `verify` runs."""
+    results = []
+    files = backup_set.manifest.files if backup_set.manifest else None
+    targets = [(f.name, f.compression, f) for f in files] if files else \
+        [(backup_set.name, set_format(backup_set)[1], None)]
+    for name, compression, expected in targets:
+        path = backup_set.path(name)
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing", hint="the set is incomplete; use another backup")
+        if expected is not None and path.stat().st_size != expected.size:
+            raise IntegrityError(f"{name} has {path.stat().st_size} bytes but its manifest says {expected.size}",
+                                 hint="the file was truncated or replaced; use another backup")
+        progress = Progress(f"checking {name}", total=path.stat().st_size, enabled=ctx.interactive)
+        result = check_file(path, compression, progress)
+        progress.clear()
+        if expected is not None and result.sha256 != expected.sha256:
+            raise IntegrityError(f"{name} does not match its checksum (sha256 {result.sha256[:12]}..., "
+                                 f"manifest {expected.sha256[:12]}...)",
+                                 hint="the file is corrupt; use another backup")
+        results.append({"name": name, "size": result.size, "sha256": result.sha256,
+                        "uncompressed": result.uncompressed,
+                        "checksum": "ok" if expected is not None else "no manifest"})
+        ctx.log.info("file checked", file=name, size=human_bytes(result.size),
+                     checksum="ok" if expected is not None else "not recorded (no manifest)", decompress="ok")
+    return {"files": results}
+
+
+def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
+    """`verify`: check the files and, if asked, restore them into a scratch database and compare."""
+    report: dict[str, Any] = {"kind": KIND, "id": backup_set.id, "name": backup_set.name}
+    report.update(check_set(ctx, backup_set))
+    report["ok"] = True
+    if restore_test:
+        fmt, compression = set_format(backup_set)
+        expected = backup_set.manifest.details.get("tables", {}) if backup_set.manifest else {}
+        outcome = _test_restore_file(ctx, backup_set.path(), fmt, compression, backup_set.id or "adhoc", expected)
+        report["restore_test"] = outcome
+        report["ok"] = outcome["ok"]
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Restore
+
+
+@dataclass
+class RestorePlan:
+    """What a restore is about to do, shown to the operator before they confirm."""
+
+    backup_set: BackupSet
+    target: str
+    in_place: bool
+    target_exists: bool
+    safety: bool
+    lines: list[str] = field(default_factory=list)
+
+
+def confirm(ctx: JobContext, plan: RestorePlan, *, force: bool) -> None:
+    """Ask for `yes` unless forced; raises NotConfirmed when declined or when nobody can answer."""
+    if force:
+        ctx.log.info("restore confirmed by --force / FORCE_RESTORE", database=plan.target)
+        return
+    if not sys.stdin.isatty():
+        raise NotConfirmed("restore needs confirmation but there is no terminal to ask",
+                           hint="run it in a terminal, or pass --force (FORCE_RESTORE=true) if you are sure")
+    out = sys.stderr if ctx.json_mode else sys.stdout
+    out.write("\n".join(plan.lines) + "\nType 'yes' to continue: ")
+    out.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer != "yes":
+        raise NotConfirmed(f"restore cancelled (answer was {answer!r}, not 'yes'); nothing was changed")
+
+
+def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str | None = None,
+            safety_backup: bool = True) -> dict[str, Any]:
+    """Restore a backup into the configured database (or a new `target_db`); returns a report.
+
+    The file is checked before anything changes; the change is one transaction (or a new database
+    dropped again on failure), so a failed restore leaves the old data in place.
+    """
+    pg = ctx.config.postgres
+    backup_dir = ctx.config.backup_dir
+    backup_set = resolve(backup_dir, KIND, spec)
+    fmt, compression = set_format(backup_set)
+    target = target_db or pg.database
+    report: dict[str, Any] = {"kind": KIND, "file": backup_set.name, "id": backup_set.id, "database": target,
+                              "format": fmt, "compression": compression}
+    started = time.monotonic()
+    with TargetLock(backup_dir, KIND, f"restore postgres {backup_set.name}"):
+        ctx.log.info("restore requested", file=backup_set.name, database=target, host=pg.host, port=pg.port)
+        if backup_set.manifest is None:
+            ctx.log.warning("this file has no manifest (not made by kkua-backup): only a decompress test "
+                            "can check it", file=backup_set.name)
+        elif backup_set.status != "ok":
+            raise Refused(f"{backup_set.name} is marked {backup_set.status}"
+                          f"{': ' + backup_set.manifest.error if backup_set.manifest.error else ''}",
+                          hint="choose another backup (see `kkua-backup list postgres`)")
+        report["check"] = check_set(ctx, backup_set)
+        admin = connect_maintenance(pg)
+        try:
+            server = server_info(admin)
+            bin_dir = find_bin_dir(pg, server)
+            exists = database_exists(admin, target)
+            if target_db and exists:
+                raise Refused(f"database {target!r} already exists",
+                              hint="--target-db restores into a new database: choose another name or drop it")
+            plan = _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
+                         safety=safety_backup and target_db is None and exists)
+            if plan.in_place and exists:
+                confirm(ctx, plan, force=force or ctx.config.restore.force)
+            if plan.safety:
+                report["safety_backup"] = _safety_backup(ctx, target)
+            elif plan.in_place and exists:
+                ctx.log.warning("no safety backup taken (--no-safety-backup)", database=target)
+            created = False
+            if not exists:
+                create_database(admin, target)
+                created = True
+                ctx.log.info("database created", database=target)
+            else:
+                ended = terminate_sessions(admin, target)
+                if ended:
+                    ctx.log.info("ended other sessions on the database", database=target, sessions=ended)
+            progress = Progress(f"restoring {backup_set.name}", total=backup_set.path().stat().st_size,
+                                enabled=ctx.interactive)
+            load_started = time.monotonic()
+            try:
+                restore_into(ctx, bin_dir, target, backup_set.path(), fmt, compression, wipe=not created,
+                             new_database=created, progress=progress)
+            except KkuaError as exc:
+                progress.clear()
+                if created:
+                    drop_database(admin, target)
+                    raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
+                                   f"the database was dropped again: {exc}") from None
+                raise JobError(f"restore of {backup_set.name} failed and was rolled back; database {target!r}"
+                               f" still holds its previous data: {exc}",
+                               hint="see restore.log for the failing statement") from None
+            progress.clear()
+            report["load_seconds"] = round(time.monotonic() - load_started, 2)
+        finally:
+            admin.close()
+        report.update(_verify_restored(ctx, backup_set, target))
+    report["seconds"] = round(time.monotonic() - started, 2)
+    if not report["verified"]:
+        raise JobError(f"restore of {backup_set.name} into {target!r} finished, but the result differs from the "
+                       f"backup: {'; '.join(report['problems'][:5])}",
+                       hint="inspect the database; the safety backup holds the data from before")
+    ctx.log.info("restore finished", file=backup_set.name, database=target, tables=report["tables"],
+                 rows=report["rows"], seconds=report["seconds"], verified="row counts match the backup"
+                 if backup_set.manifest else "no manifest to compare with")
+    return report
+
+
+def _plan(ctx: JobContext, backup_set: BackupSet, target: str, *, in_place: bool, exists: bool,
+          safety: bool) -> RestorePlan:
+    pg = ctx.config.postgres
+    plan = RestorePlan(backup_set, target, in_place, exists, safety)
+    m = backup_set.manifest
+    created = m.created_at.strftime("%Y-%m-%d %H:%M:%S %z") if m else "unknown (no manifest)"
+    tables = m.details.get("tables", {}) if m else {}
+    plan.lines = [
+        f"Restore {backup_set.name}",
+        f"  made:      {created}, {human_bytes(backup_set.size)}"
+        + (f", {len(tables)} tables, {sum(t['rows'] for t in tables.values())} rows" if tables else ""),
+        f"  into:      database {target!r} on {pg.host}:{pg.port}"
+        + ("" if exists else " (new database)"),
+    ]
+    if in_place and exists:
+        plan.lines.append(f"  effect:    everything now in {target!r} is replaced by the backup; "
+                          "other sessions on it are ended")
+        plan.lines.append("  safety:    " + ("a backup of the current data is taken first" if safety
+                                             else "NO safety backup (--no-safety-backup)"))
+    ctx.log.info("restore plan", file=backup_set.name, made=created, database=target, host=pg.host, port=pg.port,
+                 replaces_current_data=in_place and exists, safety_backup=safety)
+    return plan
+
+
+def _safety_backup(ctx: JobContext, dbname: str) -> dict[str, Any]:
+    pg = ctx.config.postgres
+    folder = kind_folder(ctx.config.backup_dir, KIND)
+    prefix = PREFIXES[KIND]["safety"]
+    ctx.log.info("taking safety backup before restore", database=dbname)
+    result = dump(ctx, folder, prefix=prefix, fmt="plain", compression=pg.compression, dbname=dbname)
+    write_manifest(folder, _manifest_for(result, set_type="safety", prefix=prefix, dbname=dbname))
+    ctx.log.info("safety backup written", file=result.file.name, size=human_bytes(result.file.size))
+    return {"file": result.file.name, "size": result.file.size, "sha256": result.file.sha256}
+
+
+def _verify_restored(ctx: JobContext, backup_set: BackupSet, target: str) -> dict[str, Any]:
+    pg = ctx.config.postgres
+    with connect(pg, target) as conn:
+        found = table_stats(conn, checksums=False)
+    expected = backup_set.manifest.details.get("tables") if backup_set.manifest else None
+    problems = compare_stats(expected, found) if expected is not None else []
+    for line in problems:
+        ctx.log.error("restored table differs from the backup", detail=line)
+    return {"tables": len(found), "rows": sum(t["rows"] for t in found.values()), "problems": problems,
+            "verified": not problems}
