@@ -778,3 +778,32 @@ def fill_bulk(conn: psycopg.Connection[Any], megabytes: int, table: str = "bench
         # Aim a little short of the target so we do not overshoot by a whole large batch.
         remaining_rows = int((target - size) / per_row * 0.9) + 1
         batch = max(1_000, min(remaining_rows, 250_000))
+
+
+# ------------------------------------------------------------------ comparisons
+def table_contents(conn: psycopg.Connection[Any]) -> dict[str, list[str]]:
+    """Every user table's rows as text, sorted, keyed by `schema.table`, for exact before/after checks."""
+    tables = conn.execute(
+        "SELECT schemaname, tablename FROM pg_tables"
+        " WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+    ).fetchall()
+    out: dict[str, list[str]] = {}
+    for schema, table in tables:
+        rows = conn.execute(sql.SQL("SELECT t::text FROM {} t").format(sql.Identifier(schema, table))).fetchall()
+        out[f"{schema}.{table}"] = sorted(str(r[0]) for r in rows)
+    return out
+
+
+def schema_dump(server: ThrowawayPostgres, dbname: str) -> str:
+    """`pg_dump --schema-only` of a database (version banner lines removed), for comparing schemas.
+
+    Raises subprocess.CalledProcessError if pg_dump fails.
+    """
+    out = subprocess.run(
+        [server._bin("pg_dump"), "--schema-only", "--host", server.host, "--port", str(server.port),
+         "--username", server.user, "--dbname", dbname],
+        env=dict(os.environ, PGPASSWORD=server.password), capture_output=True, text=True, check=True,
+    ).stdout
+    # The version banner and the random \restrict key differ between any two dumps.
+    return "\n".join(line for line in out.splitlines()
+                     if not line.startswith(("-- Dumped", "\\restrict ", "\\unrestrict ")))

@@ -1,0 +1,124 @@
+"""Shared fixtures: a real PostgreSQL server per session, a fresh database with sample data per test,
+and a runner for the real `kkua-backup` command line."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from kkua_backupd.sandbox import ThrowawayPostgres, create_sample_data, schema_dump, table_contents
+
+__all__ = ["schema_dump", "table_contents"]
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[ThrowawayPostgres]:
+    """A throwaway PostgreSQL server (initdb as the postgres user, free port, scram passwords)."""
+    with ThrowawayPostgres() as server:
+        yield server
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A private temporary folder for backups, logs and config."""
+    path = Path(tempfile.mkdtemp(prefix="kkua-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Env:
+    """One test's world: the server, its database, the config file and a CLI runner."""
+
+    server: ThrowawayPostgres
+    database: str
+    root: Path
+    config_path: Path
+    backup_dir: Path
+    log_dir: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.backup_dir / "postgres"
+
+    def connect(self, dbname: str | None = None) -> psycopg.Connection[Any]:
+        return self.server.connect(dbname or self.database)
+
+    def write_config(self, **postgres: Any) -> Path:
+        """(Re)write the config with these [postgres] keys on top of the defaults for this test."""
+        keys: dict[str, Any] = {"host": "127.0.0.1", "port": self.server.port, "database": self.database,
+                                "user": "postgres", "password_file": str(self.root / "pg.pass")}
+        keys.update(postgres)
+        lines = [f'backup_dir = "{self.backup_dir}"', f'log_dir = "{self.log_dir}"', "", "[postgres]"]
+        for key, value in keys.items():
+            if value is None:
+                continue
+            lines.append(f"{key} = {_toml(value)}")
+        self.config_path.write_text("\n".join(lines) + "\n")
+        return self.config_path
+
+    def run(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run `kkua-backup ARGS` as a separate process with this test's config; stdin is not a terminal."""
+        full_env = {k: v for k, v in os.environ.items()
+                    if k not in ("FORCE_RESTORE", "TEST_RESTORE", "JOURNAL_STREAM") and not k.startswith("DATABASE_")}
+        full_env["KKUA_BACKUP_CONFIG"] = str(self.config_path)
+        full_env.update(env or {})
+        result = subprocess.run([sys.executable, "-m", "kkua_backupd", *args], input=input or "",
+                                capture_output=True, text=True, env=full_env, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kkua-backup {' '.join(args)} exited {result.returncode}\n"
+                                 f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        return result
+
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """Start `kkua-backup ARGS` without waiting (for kill -9 and lock tests)."""
+        full_env = dict(os.environ, KKUA_BACKUP_CONFIG=str(self.config_path), **(env or {}))
+        return subprocess.Popen([sys.executable, "-m", "kkua_backupd", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=full_env)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@pytest.fixture
+def env(pg_server: ThrowawayPostgres, workdir: Path) -> Iterator[Env]:
+    """A fresh database `kkua_tN` with the sample data, and a config pointing at it."""
+    name = f"kkua_t{os.getpid()}_{next(_counter)}"
+    pg_server.create_database(name)
+    with pg_server.connect(name) as conn:
+        create_sample_data(conn)
+    pass_file = workdir / "pg.pass"
+    pass_file.write_text(pg_server.password + "\n")
+    pass_file.chmod(0o600)
+    world = Env(pg_server, name, workdir, workdir / "config.toml", workdir / "backups", workdir / "logs")
+    world.write_config()
+    yield world
+    with pg_server.connect("postgres") as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
+                            (f"{name}%",)).fetchall()
+    for (db,) in rows:
+        pg_server.drop_database(db)
+
+
+@pytest.fixture
+def contents() -> Callable[[psycopg.Connection[Any]], dict[str, list[str]]]:
+    return table_contents

@@ -1,0 +1,115 @@
+"""Compression, decompression, integrity checks and atomic files, on real bytes and real gzip/zstd tools."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kkua_backupd import pipeline
+from kkua_backupd.errors import IntegrityError, StorageError
+
+KINDS = ("gzip", "zstd", "none")
+
+
+def sample(size: int = 9 << 20) -> bytes:
+    rng = random.Random(7)
+    words = [bytes(rng.choice(b"abcdefghijklmnop") for _ in range(rng.randint(2, 9))) for _ in range(500)]
+    text = b" ".join(rng.choice(words) for _ in range(size // 6))
+    return text[:size] + os.urandom(1 << 20)
+
+
+def compress_file(tmp_path: Path, kind: str, data: bytes, chunk: int = 100_000) -> Path:
+    path = tmp_path / f"out{pipeline.EXTENSIONS[kind]}"
+    with pipeline.AtomicFile(path) as out:
+        pipeline.compress_into((data[i:i + chunk] for i in range(0, len(data), chunk)),
+                               pipeline.make_compressor(kind, threads=2), out)
+        out.commit()
+    return path
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_and_check(tmp_path: Path, kind: str) -> None:
+    data = sample()
+    path = compress_file(tmp_path, kind, data)
+    assert b"".join(pipeline.decompress(kind, pipeline.file_chunks(path))) == data
+    result = pipeline.check_file(path, kind)
+    assert result.uncompressed == len(data)
+    assert result.size == path.stat().st_size
+    assert oct(path.stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_parallel_gzip_is_readable_by_gunzip_and_python(tmp_path: Path) -> None:
+    data = sample()
+    path = compress_file(tmp_path, "gzip", data)
+    assert subprocess.run(["gzip", "-t", str(path)], check=False).returncode == 0
+    assert subprocess.run(["gzip", "-dc", str(path)], capture_output=True, check=True).stdout == data
+    assert gzip.decompress(path.read_bytes()) == data
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd command not installed")
+def test_zstd_is_readable_by_the_zstd_tool(tmp_path: Path) -> None:
+    data = sample(2 << 20)
+    path = compress_file(tmp_path, "zstd", data)
+    assert subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout == data
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_empty_input_gives_a_valid_file(tmp_path: Path, kind: str) -> None:
+    path = compress_file(tmp_path, kind, b"")
+    assert pipeline.check_file(path, kind).uncompressed == 0
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_truncated_file_is_detected(tmp_path: Path, kind: str) -> None:
+    path = compress_file(tmp_path, kind, sample(3 << 20))
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(IntegrityError, match="truncated|corrupt"):
+        pipeline.check_file(path, kind)
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_flipped_byte_is_detected(tmp_path: Path, kind: str) -> None:
+    path = compress_file(tmp_path, kind, sample(3 << 20))
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    path.write_bytes(bytes(blob))
+    with pytest.raises(IntegrityError, match="corrupt"):
+        pipeline.check_file(path, kind)
+
+
+def test_flipped_byte_in_uncompressed_file_changes_the_sha256(tmp_path: Path) -> None:
+    path = compress_file(tmp_path, "none", b"abc" * 1000)
+    before = pipeline.check_file(path, "none").sha256
+    blob = bytearray(path.read_bytes())
+    blob[10] ^= 1
+    path.write_bytes(bytes(blob))
+    assert pipeline.check_file(path, "none").sha256 != before
+
+
+def test_atomic_file_leaves_nothing_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "x.sql.gz"
+    with pytest.raises(RuntimeError), pipeline.AtomicFile(target) as out:
+        out.write(b"partial data")
+        assert (tmp_path / "x.sql.gz.partial").exists()
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_file_refuses_an_existing_partial(tmp_path: Path) -> None:
+    (tmp_path / "x.partial").write_bytes(b"")
+    with pytest.raises(StorageError, match="cannot create"):
+        pipeline.AtomicFile(tmp_path / "x")
+
+
+def test_commit_reports_size_and_sha256(tmp_path: Path) -> None:
+    info = pipeline.write_atomic(tmp_path / "m.json", b"{}\n")
+    assert info.size == 3
+    assert info.sha256 == "ca3d163bab055381827226140568f3bef7eaac187cebd76878e0b63e9e442356"
+    assert not (tmp_path / "m.json.partial").exists()

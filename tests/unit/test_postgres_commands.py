@@ -1,0 +1,85 @@
+"""Pure parts of the PostgreSQL job: command builders, version choice, statistics comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from kkua_backupd.config import PostgresConfig
+from kkua_backupd.jobs import postgres as pg
+
+PG = PostgresConfig(host="db", port=5433, database="kkua", user="app", password=SecretStr("pw-xyzzy"))
+BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def test_pg_dump_plain_argv_has_no_password_and_drops_before_create() -> None:
+    argv = pg.pg_dump_argv(BIN, PG, dbname="kkua", fmt="plain", snapshot="00000003-1")
+    assert argv[0] == "/usr/lib/postgresql/15/bin/pg_dump"
+    assert ("--host", "db") == argv[1:3]
+    assert "--no-password" in argv
+    assert {"--format=plain", "--clean", "--if-exists", "--snapshot=00000003-1"} <= set(argv)
+    assert not any("pw-xyzzy" in a for a in argv)
+
+
+def test_pg_dump_custom_is_uncompressed_for_our_pipeline() -> None:
+    argv = pg.pg_dump_argv(BIN, PG, dbname="kkua", fmt="custom")
+    assert {"--format=custom", "--compress=0"} <= set(argv)
+    assert not any(a.startswith("--snapshot") for a in argv)
+
+
+def test_psql_stops_on_the_first_error_and_reads_stdin() -> None:
+    argv = pg.psql_argv(BIN, PG, "kkua")
+    assert argv[-4:] == ("--set", "ON_ERROR_STOP=1", "--file", "-")
+    assert "--no-psqlrc" in argv
+
+
+def test_parallel_pg_restore_argv() -> None:
+    argv = pg.pg_restore_argv(BIN, PG, "new_db", Path("/b/x.dump"), 4)
+    assert "--jobs=4" in argv
+    assert "--exit-on-error" in argv
+    assert argv[-1] == "/b/x.dump"
+
+
+def test_password_travels_only_in_the_child_environment() -> None:
+    env = pg.child_env(PG)
+    assert env["PGPASSWORD"] == "pw-xyzzy"
+    assert "PGPASSWORD" not in pg.child_env(PostgresConfig())
+
+
+def test_parse_tool_version() -> None:
+    assert pg.parse_tool_version("pg_dump (PostgreSQL) 15.19 (Debian 15.19-0+deb12u1)") == 15
+    assert pg.parse_tool_version("pg_dump (PostgreSQL) 9.6.24") == 9
+    assert pg.parse_tool_version("nonsense") is None
+
+
+def test_choose_bin_dir_prefers_same_major_then_oldest_newer() -> None:
+    dirs = {13: Path("/13"), 15: Path("/15"), 16: Path("/16"), 17: Path("/17")}
+    assert pg.choose_bin_dir(15, dirs) == Path("/15")
+    assert pg.choose_bin_dir(14, dirs) == Path("/15")
+    assert pg.choose_bin_dir(18, dirs) is None
+
+
+def test_compare_stats_reports_each_difference() -> None:
+    expected = {"public.a": {"rows": 3, "checksum": "1"}, "public.b": {"rows": 1}, "public.c": {"rows": 0}}
+    found = {"public.a": {"rows": 3, "checksum": "2"}, "public.b": {"rows": 2}, "public.d": {"rows": 0}}
+    assert pg.compare_stats(expected, found) == [
+        "public.c: missing",
+        "public.d: not in the backup",
+        "public.a: content differs (3 rows)",
+        "public.b: 2 rows, expected 1",
+    ]
+    assert pg.compare_stats(expected, expected) == []
+
+
+def test_connection_errors_say_what_to_check() -> None:
+    err = pg.connection_error(PG, "kkua", Exception(
+        'connection to server at "db" (10.0.0.1), port 5433 failed: FATAL:  password authentication failed '
+        'for user "app"'))
+    assert "refused user 'app'" in str(err)
+    assert "password_file" in str(err)
+    err = pg.connection_error(PG, "nope", Exception('FATAL:  database "nope" does not exist'))
+    assert "database 'nope' does not exist" in str(err)
+    err = pg.connection_error(PG, "kkua", Exception(
+        'connection to server at "db" (10.0.0.1), port 5433 failed: Connection refused'))
+    assert str(err).startswith("cannot reach PostgreSQL at db:5433: Connection refused")
