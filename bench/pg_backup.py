@@ -28,6 +28,7 @@ The server and all temporary files are removed at the end, also on Ctrl-C or SIG
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -50,7 +51,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from kkua_backupd.sandbox import ThrowawayPostgres, create_sample_data, fill_bulk  # noqa: E402
@@ -113,14 +113,6 @@ def _read_stat(pid: int | str) -> tuple[int, str, int, int] | None:
     return int(fields[1]), comm, int(fields[11]) + int(fields[12]), int(fields[21])
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-
-
 class ProcSampler(threading.Thread):
     """Samples the measured process tree and the PostgreSQL server's processes every `interval` s.
 
@@ -128,10 +120,9 @@ class ProcSampler(threading.Thread):
     processes born during the run), so at most one interval of CPU per process is missed at its exit.
     """
 
-    def __init__(self, postmaster: int, dbnames: Sequence[str], interval: float = 0.1) -> None:
+    def __init__(self, postmaster: int, interval: float = 0.1) -> None:
         super().__init__(name="proc-sampler", daemon=True)
         self.postmaster = postmaster
-        self.dbnames = tuple(dbnames)
         self.interval = interval
         self.root: int | None = None
         self.baseline: dict[int, int] = {}
@@ -141,28 +132,27 @@ class ProcSampler(threading.Thread):
         self.peak_rss_kb: dict[str, int] = {}
         self.thread_ticks: dict[int, int] = {}  # tid -> ticks, threads of the root process
         self.descendants: set[int] = set()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._scan(baseline=True)
 
     def set_root(self, pid: int) -> None:
         self.root = pid
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             self._scan()
 
     def finish(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
     def _label(self, pid: int, comm: str, parent_is_postmaster: bool) -> str:
         if pid == self.root:
             return "ours (python)" if comm.startswith("python") else f"client ({comm})"
         if parent_is_postmaster:
-            cmd = _cmdline(pid)
-            if any(f" {db} " in f" {cmd} " for db in self.dbnames) or "postgres: postgres " in cmd:
-                return "pg backend"
-            return "pg background"
+            # Started during the run: a backend serving this run (autovacuum is off). Already running
+            # before it: checkpointer, background writer, walwriter and the like.
+            return "pg background" if pid in self.baseline else "pg backend"
         return comm
 
     def _scan(self, *, baseline: bool = False) -> None:
@@ -192,11 +182,14 @@ class ProcSampler(threading.Thread):
             self.descendants |= tree - {self.root}
             for pid in tree:
                 tracked[pid] = False
+            # `sh -c "pg_dump ... > /dev/null"` execs pg_dump: name the root after what it runs now.
+            self.labels[self.root] = self._label(self.root, procs[self.root][1], False)
+            self.first_seen_ticks.setdefault(self.root, 0)
         for pid, st in procs.items():
             if st[0] == self.postmaster:
                 tracked[pid] = True
         for pid, under_pm in tracked.items():
-            ppid, comm, ticks, rss = procs[pid]
+            _ppid, comm, ticks, rss = procs[pid]
             if pid not in self.labels:
                 self.labels[pid] = self._label(pid, comm, under_pm)
                 self.first_seen_ticks[pid] = self.baseline.get(pid, 0)
@@ -219,7 +212,7 @@ class ProcSampler(threading.Thread):
             out[label] = out.get(label, 0.0) + max(ticks, 0) / CLK_TCK
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
-    def root_threads(self) -> dict[str, float]:
+    def root_threads(self) -> dict[str, Any]:
         if self.root is None or not self.thread_ticks:
             return {}
         main = self.thread_ticks.get(self.root, 0) / CLK_TCK
@@ -269,7 +262,7 @@ class Runner:
         self.counter += 1
         out_path = stdout or self.workdir / f"run{self.counter}.out"
         err_path = self.workdir / f"run{self.counter}.err"
-        sampler = ProcSampler(self.postmaster, (DBNAME,))
+        sampler = ProcSampler(self.postmaster)
         self.current_sampler = sampler
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             started = time.perf_counter()
@@ -298,15 +291,11 @@ class Runner:
             return
         pids = sorted(sampler.descendants) if sampler is not None else []
         for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)  # our session leader's group (shell pipelines live in it)
-            except ProcessLookupError:
-                pass
             for pid in pids:  # our CLI starts pg_dump/psql in process groups of their own
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             try:
                 proc.wait(timeout=grace)
                 return
@@ -395,7 +384,7 @@ class Bench:
         side = self.workdir / f"side{self.runner.counter + 1}.json"
         argv = [sys.executable, "-c", WRAPPER, str(side), "--config", str(config), "--json", *cli_args]
         self.settle()
-        wall, rc, rusage, sampler, out, err = self.runner.measure(argv, env=self.cli_env)
+        wall, rc, _rusage, sampler, out, err = self.runner.measure(argv, env=self.cli_env)
         run = Run(name, rep, size_mb, round(wall, 3), rc)
         doc: Any = None
         try:
@@ -418,7 +407,7 @@ class Bench:
 
     def tool(self, name: str, size_mb: int, rep: int, command: str, output: Path | None) -> Run:
         self.settle()
-        wall, rc, rusage, sampler, out, err = self.runner.measure(command, env=self.tool_env, shell=True)
+        wall, rc, rusage, sampler, out, err = self.runner.measure(command, env=self.tool_env, shell=True)  # noqa: S604
         errors = err.read_text(errors="replace")
         if rc != 0:
             raise RuntimeError(f"{name} exited {rc}: {command}\n{errors[-3000:]}")
@@ -454,6 +443,12 @@ class Bench:
                     shutil.move(str(f), self.restore_dir / "postgres" / f.name)
             self.restore_file = data["name"]
         shutil.rmtree(backup_dir, ignore_errors=True)
+        return run
+
+    def our_startup(self, size_mb: int, rep: int) -> Run:
+        """`kkua-backup config check`: the CLI's start-up time and baseline memory, for reference."""
+        cfg = self.config("plain-gzip", self.workdir / "b-startup")
+        run, _ = self.our_cli("ours startup (config check)", size_mb, rep, cfg, "config", "check")
         return run
 
     def guide_backup(self, size_mb: int, rep: int) -> Run:
@@ -509,17 +504,22 @@ class Bench:
 
     # -- plan -----------------------------------------------------------------------------------
 
+    def _backup_step(self, size_mb: int, fmt: str, comp: str) -> Callable[[int], Run]:
+        return lambda rep: self.our_backup(size_mb, rep, fmt, comp)
+
     def run_size(self, size_mb: int, full: bool) -> None:
         info = self.grow_to(size_mb)
         self.sizes_info[size_mb] = info
         expected = info["rows"]
         steps: list[tuple[str, Callable[[int], Run]]] = []
         for fmt, comp in MODES:
-            steps.append((f"ours {fmt}+{comp}", lambda r, f=fmt, c=comp: self.our_backup(size_mb, r, f, c)))
+            steps.append((f"ours {fmt}+{comp}", self._backup_step(size_mb, fmt, comp)))
         if full:
             steps.append(("guide backup", lambda r: self.guide_backup(size_mb, r)))
             steps.append(("source -Fc -Z0", lambda r: self.source_alone(size_mb, r, "custom")))
             steps.append(("source -Fp", lambda r: self.source_alone(size_mb, r, "plain")))
+        if full:
+            steps.append(("ours startup", lambda r: self.our_startup(size_mb, r)))
         steps.append(("ours restore", lambda r: self.our_restore(size_mb, r, expected)))
         if full:
             steps.append(("guide restore", lambda r: self.guide_restore(size_mb, r, expected)))
@@ -658,10 +658,10 @@ def report(bench: Bench, started: float, main: int) -> dict[str, Any]:
     mem = memory_checks(summary)
     env = environment(bench)
     out = sys.stdout
-    out.write("\n=== Results (wall: median of {} runs, also best; peak RSS: highest of the runs) ===\n"
-              .format(bench.args.repeat))
+    out.write(f"\n=== Results (wall: median of {bench.args.repeat} runs, also best; "
+              "peak RSS: highest of the runs) ===\n")
     out.write(text_table(rows) + "\n\n")
-    out.write("Ratios (from median wall times at {} MB):\n".format(main))
+    out.write(f"Ratios (from median wall times at {main} MB):\n")
     for r in rts:
         out.write(f"  {r['ratio']:<62} {r['value']:6.2f}   target {r['target']:<8} {verdict(r['met'])}\n")
     out.write(f"\nPeak RSS of our CLI process (target < {TARGETS['peak_mib']:.0f} MiB and flat across sizes "
@@ -670,7 +670,7 @@ def report(bench: Bench, started: float, main: int) -> dict[str, Any]:
         peaks = ", ".join(f"{s} MB: {v:.1f}" for s, v in m["peaks_mib"].items())
         out.write(f"  {m['measurement']:<28} {peaks}  (growth {m['growth_mib']:+.1f} MiB)  "
                   f"< limit: {verdict(m['under_limit'])}, flat: {verdict(m['flat'])}\n")
-    out.write("\nWhere the CPU goes in our runs at {} MB (mean CPU seconds; python = our CLI's threads):\n".format(main))
+    out.write(f"\nWhere the CPU goes in our runs at {main} MB (mean CPU seconds; py = our CLI's threads):\n")
     for name, e in summary[main].items():
         if not name.startswith("ours"):
             continue
@@ -705,9 +705,10 @@ def report(bench: Bench, started: float, main: int) -> dict[str, Any]:
 def environment(bench: Bench) -> dict[str, Any]:
     with bench.server.connect() as conn:
         version = str(conn.execute("SHOW server_version").fetchone()[0]).split()[0]  # type: ignore[index]
+    gzip = subprocess.run(["gzip", "--version"], capture_output=True, text=True, check=False).stdout
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "server_version": version,
             "kernel": platform.release(), "repeat": bench.args.repeat,
-            "gzip": subprocess.run(["gzip", "--version"], capture_output=True, text=True).stdout.splitlines()[0]}
+            "gzip": gzip.splitlines()[0] if gzip else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     workdir = Path(tempfile.mkdtemp(prefix="kkua-bench-"))
     server: ThrowawayPostgres | None = None
     bench: Bench | None = None

@@ -1,0 +1,828 @@
+"""Failure cases of `kkua-backup` against a real PostgreSQL server: bad input gets a clear error and loses nothing.
+
+Everything is real: the CLI runs as a subprocess, servers are killed with SIGKILL, files are truncated on disk,
+a tmpfs fills up, a pseudo-terminal answers the confirmation. Exit codes: 0 ok, 1 job failed, 2 bad usage or
+config, 3 refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from kkua_backupd.lock import holder_of
+from kkua_backupd.sandbox import ThrowawayPostgres, create_sample_data, fill_bulk, free_port
+from conftest import Env, schema_dump, table_contents
+
+pytestmark = pytest.mark.timeout(180)
+
+DISTINCT_PASSWORD = "S3cr3t-xyzzy-42"
+BIG_DB_MB = 150
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    """Everything the CLI printed (logs go to stdout, --json logs to stderr)."""
+    return result.stdout + result.stderr
+
+
+def describe(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_state(folder: Path) -> dict[str, str]:
+    """name -> sha256 of every file in a backup folder (empty if the folder does not exist)."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def contents_of(env: Env, dbname: str | None = None) -> dict[str, list[tuple[Any, ...]]]:
+    with env.connect(dbname) as conn:
+        return table_contents(conn)
+
+
+def make_backup(env: Env) -> dict[str, str]:
+    """A real backup of the configured database; returns the folder's state afterwards."""
+    result = env.run("backup", "postgres")
+    assert result.returncode == 0, describe(result)
+    return folder_state(env.folder)
+
+
+def change_data(env: Env) -> None:
+    """Change the sample data so a restore (or its absence) is visible."""
+    with env.connect() as conn:
+        conn.execute("UPDATE users SET bio = 'changed after the backup' WHERE id = 1")
+        conn.execute("INSERT INTO stats.daily_activity (day, games_played, words_played) VALUES ('2030-01-01', 7, 7)")
+        conn.execute("DELETE FROM game_words WHERE id IN (SELECT id FROM game_words ORDER BY id LIMIT 3)")
+
+
+def listed_sets(env: Env) -> list[dict[str, Any]]:
+    """`list postgres --json`, asserting that every set shown is complete (status ok, files present, sizes match)."""
+    result = env.run("list", "postgres", "--json")
+    assert result.returncode == 0, describe(result)
+    sets: list[dict[str, Any]] = json.loads(result.stdout)
+    for s in sets:
+        assert s["status"] == "ok", s
+        for f in s["files"]:
+            path = env.folder / f["name"]
+            assert path.is_file(), f"listed file {path} is missing"
+            assert not path.name.endswith(".partial")
+            assert path.stat().st_size == f["size"], f"listed file {path} has the wrong size"
+    return sets
+
+
+def assert_earlier_intact(env: Env, before: dict[str, str]) -> None:
+    """Every file that existed before is byte-identical, and `verify all` passes."""
+    now = folder_state(env.folder)
+    for name, digest in before.items():
+        assert now.get(name) == digest, f"earlier backup file {name} was changed or removed"
+    result = env.run("verify", "all")
+    assert result.returncode == 0, describe(result)
+    assert "FAIL" not in result.stdout
+
+
+def assert_no_partials(folder: Path) -> None:
+    leftovers = sorted(p.name for p in folder.glob("*.partial")) if folder.is_dir() else []
+    assert leftovers == [], f"partial files left behind: {leftovers}"
+
+
+def cli_environment(env: Env, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The same environment `Env.run` gives the CLI."""
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("FORCE_RESTORE", "TEST_RESTORE", "JOURNAL_STREAM") and not k.startswith("DATABASE_")}
+    full["KKUA_BACKUP_CONFIG"] = str(env.config_path)
+    full.update(extra or {})
+    return full
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgid) of a process from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split(" ")
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def alive(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, grandchildren, ...), read from /proc."""
+    by_parent: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat = proc_stat(int(entry))
+        if stat is not None and stat[0] not in ("Z", "X"):
+            by_parent.setdefault(stat[1], []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in by_parent.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
+
+
+def wait_for(condition: Any, what: str, timeout: float = 60.0, interval: float = 0.01) -> Any:
+    """Poll `condition()` until it returns something truthy; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_partial_and_dump(env: Env, proc: subprocess.Popen[str]) -> tuple[Path, int]:
+    """Wait until the backup `proc` is writing a *.partial file and its pg_dump child runs."""
+    def ready() -> tuple[Path, int] | None:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the backup ended (exit {proc.returncode}) before it could be observed\n{out}\n{err}")
+        partials = list(env.folder.glob("*.partial")) if env.folder.is_dir() else []
+        dumps = [p for p in descendants(proc.pid) if Path(cmdline(p)[0] if cmdline(p) else "").name == "pg_dump"]
+        if partials and dumps:
+            return partials[0], dumps[0]
+        return None
+
+    found: tuple[Path, int] = wait_for(ready, "the backup's partial file and pg_dump process")
+    return found
+
+
+def run_with_terminal(env: Env, *args: str, answer: str, timeout: float = 120.0) -> tuple[int, str]:
+    """Run `kkua-backup ARGS` on a real pseudo-terminal and type `answer` when it asks for confirmation."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "kkua_backupd", *args], stdin=slave, stdout=slave,
+                            stderr=slave, env=cli_environment(env), start_new_session=True, close_fds=True)
+    os.close(slave)
+    buf = b""
+    answered = False
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the CLI on a terminal did not finish in {timeout:.0f} s; output so far:\n"
+                            + buf.decode("utf-8", "replace"))
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every holder of the terminal's other end is gone
+                    break
+                if not data:
+                    break
+                buf += data
+                if not answered and b"Type 'yes' to continue:" in buf:
+                    os.write(master, answer.encode() + b"\n")
+                    answered = True
+            elif proc.poll() is not None and not descendants(proc.pid):
+                # Drain what is left, then stop.
+                with contextlib.suppress(OSError):
+                    while select.select([master], [], [], 0.05)[0]:
+                        data = os.read(master, 65536)
+                        if not data:
+                            break
+                        buf += data
+                break
+        rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = buf.decode("utf-8", "replace")
+    assert answered, f"the CLI never asked for confirmation on a terminal:\n{text}"
+    return rc, text
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def big_db(pg_server: ThrowawayPostgres) -> Iterator[str]:
+    """A database with the sample data plus ~150 MB of bulk rows, so a dump takes a few seconds."""
+    name = f"kkua_failbig_{os.getpid()}"
+    pg_server.create_database(name)
+    try:
+        with pg_server.connect(name) as conn:
+            create_sample_data(conn)
+            fill_bulk(conn, BIG_DB_MB)
+        yield name
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def distinct_role(pg_server: ThrowawayPostgres) -> Iterator[str]:
+    """A superuser login role with a distinctive password (dropped afterwards)."""
+    role = f"backup_user_{os.getpid()}"
+    with pg_server.connect() as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(DISTINCT_PASSWORD)))
+    try:
+        yield role
+    finally:
+        with pg_server.connect() as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-3: connection problems
+
+
+def test_wrong_password_fails_clearly_and_writes_nothing(env: Env) -> None:
+    before_files = make_backup(env)
+    before_data = contents_of(env)
+    wrong = "wrong-password-9f8e7d"
+    (env.root / "pg.pass").write_text(wrong + "\n")
+
+    result = env.run("backup", "postgres")
+
+    assert result.returncode == 1, describe(result)
+    text = output(result)
+    assert "password authentication failed" in text, text
+    assert "postgres.password_file" in text or "DATABASE_PASSWORD" in text, text
+    assert wrong not in text, "the wrong password was echoed"
+    assert folder_state(env.folder) == before_files, "a failed backup wrote into the backup folder"
+    assert contents_of(env) == before_data
+    (env.root / "pg.pass").write_text(env.server.password + "\n")
+    assert_earlier_intact(env, before_files)
+    assert len(listed_sets(env)) == 1
+
+
+def test_server_not_listening_fails_with_host_and_port(env: Env) -> None:
+    before_files = make_backup(env)
+    port = free_port()
+    env.write_config(port=port, connect_timeout=5)
+
+    result = env.run("backup", "postgres")
+
+    assert result.returncode == 1, describe(result)
+    text = output(result)
+    assert "cannot reach" in text, text
+    assert f"127.0.0.1:{port}" in text, text
+    assert "Traceback" not in text
+    assert folder_state(env.folder) == before_files
+    assert_no_partials(env.folder)
+    env.write_config()
+    assert_earlier_intact(env, before_files)
+
+
+def test_server_killed_fails_with_host_and_port_then_recovers(env: Env) -> None:
+    before_files = make_backup(env)
+    with ThrowawayPostgres() as other:
+        other.create_database("victim")
+        with other.connect("victim") as conn:
+            create_sample_data(conn)
+            conn.execute("SET synchronous_commit = on")
+            conn.execute("CHECKPOINT")
+            before_data = table_contents(conn)
+        pass_file = env.root / "other.pass"
+        pass_file.write_text(other.password + "\n")
+        pass_file.chmod(0o600)
+        env.write_config(port=other.port, database="victim", password_file=str(pass_file), connect_timeout=5)
+        try:
+            other.kill9()
+            assert not other.is_running()
+
+            result = env.run("backup", "postgres")
+
+            assert result.returncode == 1, describe(result)
+            text = output(result)
+            assert "cannot reach" in text, text
+            assert f"127.0.0.1:{other.port}" in text, text
+            assert folder_state(env.folder) == before_files
+            assert_no_partials(env.folder)
+        finally:
+            other.restart()
+        with other.connect("victim") as conn:
+            assert table_contents(conn) == before_data
+        # Once the server is back, the same config works again.
+        result = env.run("backup", "postgres")
+        assert result.returncode == 0, describe(result)
+    env.write_config()
+    assert_earlier_intact(env, before_files)
+    assert len(listed_sets(env)) == 2
+
+
+def test_missing_database_is_named(env: Env) -> None:
+    before_files = make_backup(env)
+    env.write_config(database="nope")
+
+    result = env.run("backup", "postgres")
+
+    assert result.returncode == 1, describe(result)
+    assert "database 'nope' does not exist" in output(result), describe(result)
+    assert folder_state(env.folder) == before_files
+    env.write_config()
+    assert_earlier_intact(env, before_files)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4: invalid configuration
+
+
+def test_invalid_config_lists_every_problem_at_once(env: Env) -> None:
+    secret_in_file = "plaintext-in-config-77"
+    env.write_config(colour=1, port="x", password=secret_in_file)
+
+    result = env.run("backup", "postgres")
+
+    assert result.returncode == 2, describe(result)
+    text = output(result)
+    assert str(env.config_path) in text, text
+    for key in ("postgres.colour", "postgres.port", "postgres.password"):
+        assert key in text, f"{key} not reported:\n{text}"
+    assert "passwords do not belong in the config file" in text, text
+    assert secret_in_file not in text, "the password from the config file was echoed"
+    assert not env.backup_dir.exists(), "an invalid config still created the backup folder"
+
+    # The same problems in --json mode: one document listing them all.
+    result = env.run("config", "check", "--json")
+    assert result.returncode == 2, describe(result)
+    doc = json.loads(result.stdout)
+    assert doc["exit_code"] == 2
+    joined = "\n".join(doc["problems"])
+    for key in ("postgres.colour", "postgres.port", "postgres.password"):
+        assert key in joined, joined
+
+
+def test_password_key_alone_is_refused(env: Env) -> None:
+    env.write_config(password=env.server.password)
+    result = env.run("backup", "postgres")
+    assert result.returncode == 2, describe(result)
+    assert "postgres.password" in output(result)
+    assert env.server.password not in output(result)
+    assert not env.backup_dir.exists()
+
+
+def test_toml_syntax_error_names_the_file(env: Env) -> None:
+    env.config_path.write_text(f'backup_dir = "{env.backup_dir}"\n[postgres\nport = 5432\n')
+    result = env.run("backup", "postgres")
+    assert result.returncode == 2, describe(result)
+    text = output(result)
+    assert str(env.config_path) in text, text
+    assert "not valid TOML" in text, text
+    assert "line 2" in text, text
+    assert "Traceback" not in text
+    assert not env.backup_dir.exists()
+
+
+def test_bad_environment_override_names_variable_and_key(env: Env) -> None:
+    result = env.run("backup", "postgres", env={"DATABASE_PORT": "abc"})
+    assert result.returncode == 2, describe(result)
+    text = output(result)
+    assert "postgres.port" in text and "DATABASE_PORT" in text and "'abc'" in text, text
+    assert str(env.config_path) in text, text
+    assert not env.backup_dir.exists()
+
+    # A file problem and an environment problem together: both listed in the same run.
+    env.write_config(colour=1)
+    result = env.run("backup", "postgres", env={"DATABASE_PORT": "abc", "FORCE_RESTORE": "maybe"})
+    assert result.returncode == 2, describe(result)
+    text = output(result)
+    for needle in ("postgres.colour", "DATABASE_PORT", "restore.force", "FORCE_RESTORE"):
+        assert needle in text, f"{needle} not reported:\n{text}"
+    assert not env.backup_dir.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5: paths outside the backup folder
+
+
+@pytest.mark.parametrize("spec", ["../../etc/passwd", "/etc/passwd"])
+def test_restore_refuses_paths_outside_backup_folder(env: Env, spec: str) -> None:
+    before_files = make_backup(env)
+    change_data(env)
+    before_data = contents_of(env)
+    before_schema = schema_dump(env.server, env.database)
+    passwd = sha256_of(Path("/etc/passwd"))
+
+    result = env.run("restore", "postgres", spec, "--force")
+
+    assert result.returncode == 2, describe(result)
+    text = output(result)
+    assert f"refusing {spec}" in text, text
+    assert "'..'" in text or "not a file in the backup folder" in text, text
+    assert contents_of(env) == before_data
+    assert schema_dump(env.server, env.database) == before_schema
+    assert folder_state(env.folder) == before_files, "a refused restore still wrote a safety backup"
+    assert sha256_of(Path("/etc/passwd")) == passwd
+    assert_earlier_intact(env, before_files)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6: damaged backup files
+
+
+def test_truncated_and_corrupt_backup_is_refused(env: Env) -> None:
+    before_files = make_backup(env)
+    (backup_set,) = listed_sets(env)
+    data_file = env.folder / backup_set["files"][0]["name"]
+    original = data_file.read_bytes()
+    change_data(env)
+    before_data = contents_of(env)
+
+    damaged = {"truncated": original[: len(original) // 2]}
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    damaged["flipped byte"] = bytes(flipped)
+    words = {"truncated": ("truncated",), "flipped byte": ("corrupt", "checksum")}
+
+    for how, content in damaged.items():
+        data_file.write_bytes(content)
+
+        result = env.run("restore", "postgres", "latest", "--force")
+
+        assert result.returncode == 3, f"{how}: {describe(result)}"
+        text = output(result)
+        assert data_file.name in text, f"{how}: {text}"
+        assert any(w in text for w in words[how]), f"{how}: {text}"
+        assert contents_of(env) == before_data, f"{how}: the database changed"
+        expected_files = dict(before_files, **{data_file.name: hashlib.sha256(content).hexdigest()})
+        assert folder_state(env.folder) == expected_files, f"{how}: files were added or removed"
+
+        for which in ("latest", "all"):
+            result = env.run("verify", which)
+            assert result.returncode == 3, f"{how}, verify {which}: {describe(result)}"
+            assert "FAIL" in result.stdout and any(w in output(result) for w in words[how]), output(result)
+
+    data_file.write_bytes(original)
+    assert_earlier_intact(env, before_files)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7-8: a crash and a second run during a backup
+
+
+def test_kill9_during_backup_leaves_no_set_and_next_backup_cleans_up(env: Env, big_db: str) -> None:
+    env.write_config(database=big_db)
+    proc = env.popen("backup", "postgres")
+    try:
+        partial, dump_pid = wait_for_partial_and_dump(env, proc)
+        victims = [dump_pid, *descendants(proc.pid)]
+        our_group = os.getpgid(0)
+        os.kill(proc.pid, signal.SIGKILL)  # the CLI: a crash, no cleanup of any kind
+        for pid in victims:  # and pg_dump (its own process group), as a machine crash would
+            stat = proc_stat(pid)
+            if stat is not None and stat[2] != our_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(stat[2], signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        wait_for(lambda: not any(alive(p) for p in victims), "pg_dump to die", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert partial.exists(), "expected the crash to leave its partial file behind"
+    assert holder_of(env.backup_dir, "postgres") is None, "the lock outlived the killed run"
+    assert listed_sets(env) == [], "a killed backup shows up as a set"
+
+    result = env.run("restore", "postgres", "latest", "--force")
+    assert result.returncode == 2, describe(result)
+    assert "no complete postgres backup" in output(result), describe(result)
+    result = env.run("restore", "postgres", partial.name, "--force")
+    assert result.returncode == 2, describe(result)
+    assert "not a backup" in output(result), describe(result)
+
+    result = env.run("backup", "postgres")
+    assert result.returncode == 0, describe(result)
+    assert "removed a partial file" in output(result) and partial.name in output(result), describe(result)
+    assert_no_partials(env.folder)
+    assert not partial.exists()
+    (backup_set,) = listed_sets(env)
+    assert backup_set["id"] not in partial.name or partial.name != backup_set["files"][0]["name"] + ".partial"
+    assert holder_of(env.backup_dir, "postgres") is None
+    result = env.run("verify", "latest")
+    assert result.returncode == 0, describe(result)
+
+
+def test_second_backup_while_one_runs_is_refused_naming_the_holder(env: Env, big_db: str) -> None:
+    env.write_config(database=big_db)
+    first = env.popen("backup", "postgres")
+    try:
+        partial, _ = wait_for_partial_and_dump(env, first)
+
+        second = env.run("backup", "postgres", timeout=120)
+
+        assert first.poll() is None, "the first backup finished before the second was tried; the test proves nothing"
+        assert second.returncode == 3, describe(second)
+        text = output(second)
+        assert "another run holds the postgres lock" in text, text
+        assert f"pid {first.pid}" in text, text
+        assert partial.exists(), "the refused run removed the running backup's partial file"
+
+        out, err = first.communicate(timeout=150)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, f"{out}\n{err}"
+    assert_no_partials(env.folder)
+    assert len(listed_sets(env)) == 1
+    result = env.run("verify", "all")
+    assert result.returncode == 0, describe(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9: restores whose SQL fails halfway
+
+
+def test_restore_of_sql_failing_halfway_rolls_back(env: Env) -> None:
+    before_files = make_backup(env)
+    (backup_set,) = listed_sets(env)
+    real_sql = gzip.decompress((env.folder / backup_set["files"][0]["name"]).read_bytes())
+    # Keep the real dump up to the end of its second COPY block (its DROPs, the schema and the first tables'
+    # data), then a statement that fails.
+    copy_ends = [m.end() for m in re.finditer(rb"\n\\\.\n", real_sql)]
+    assert len(copy_ends) >= 3, "the sample dump should contain several COPY blocks"
+    prefix = real_sql[: copy_ends[1]]
+    assert b"DROP TABLE IF EXISTS public.users" in prefix and b"CREATE TABLE public.users" in prefix
+    bad_sql = prefix + b"\nTHIS IS NOT SQL AT ALL;\n" + real_sql[copy_ends[1]:]
+    bad_name = "kkua_backup_20200101_000000.sql.gz"
+    (env.folder / bad_name).write_bytes(gzip.compress(bad_sql))
+    before_files[bad_name] = sha256_of(env.folder / bad_name)
+
+    change_data(env)
+    with env.connect() as conn:  # something the backup never had: must survive the failed restore too
+        conn.execute("CREATE TABLE public.added_after_backup (x int)")
+        conn.execute("INSERT INTO public.added_after_backup VALUES (1), (2)")
+    before_data = contents_of(env)
+    before_schema = schema_dump(env.server, env.database)
+
+    result = env.run("restore", "postgres", bad_name, "--force")
+
+    assert result.returncode == 1, describe(result)
+    text = output(result)
+    assert "rolled back" in text, text
+    assert "still holds its previous data" in text, text
+    assert "THIS IS NOT SQL" in text or "syntax error" in text, text
+    assert contents_of(env) == before_data
+    assert schema_dump(env.server, env.database) == before_schema
+    assert_earlier_intact(env, before_files)
+    assert [s["type"] for s in listed_sets(env)].count("backup") == 1
+
+
+def test_restore_failing_on_missing_role_rolls_back(env: Env) -> None:
+    role = f"tmp_owner_{os.getpid()}"
+    ident = sql.Identifier(role)
+    try:
+        with env.connect() as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+            conn.execute(sql.SQL("CREATE ROLE {}").format(ident))
+            conn.execute("CREATE TABLE public.owned_by_tmp (id int PRIMARY KEY, note text)")
+            conn.execute("INSERT INTO public.owned_by_tmp VALUES (1, 'one'), (2, 'two')")
+            conn.execute(sql.SQL("ALTER TABLE public.owned_by_tmp OWNER TO {}").format(ident))
+        before_files = make_backup(env)
+        with env.connect() as conn:
+            conn.execute(sql.SQL("REASSIGN OWNED BY {} TO postgres").format(ident))
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+            conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+        change_data(env)
+        before_data = contents_of(env)
+        before_schema = schema_dump(env.server, env.database)
+
+        result = env.run("restore", "postgres", "latest", "--force")
+
+        assert result.returncode == 1, describe(result)
+        text = output(result)
+        assert "rolled back" in text and "still holds its previous data" in text, text
+        assert f'role "{role}" does not exist' in text, text
+        assert contents_of(env) == before_data
+        assert schema_dump(env.server, env.database) == before_schema
+        assert_earlier_intact(env, before_files)
+    finally:
+        with env.connect("postgres") as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        if exists:
+            with env.connect() as conn:
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+                conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+# ----------------------------------------------------------------------------------------------
+# 10: disk full
+
+
+def test_disk_full_during_backup(env: Env) -> None:
+    env.backup_dir.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(env.backup_dir)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        tiny = f"{env.database}_tiny"
+        env.server.create_database(tiny)
+        with env.connect(tiny) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, word text)")
+            conn.execute("INSERT INTO t SELECT i, '끝말잇기 ' || i FROM generate_series(1, 100) i")
+        env.write_config(database=tiny)
+        before_files = make_backup(env)
+        assert len(before_files) == 2
+
+        env.write_config()
+        before_data = contents_of(env)
+        result = env.run("backup", "postgres")
+
+        assert result.returncode == 1, describe(result)
+        text = output(result)
+        assert "disk full" in text, text
+        assert "Traceback" not in text
+        assert_no_partials(env.folder)
+        assert folder_state(env.folder) == before_files
+        assert contents_of(env) == before_data
+        assert len(listed_sets(env)) == 1
+        assert holder_of(env.backup_dir, "postgres") is None
+        assert_earlier_intact(env, before_files)
+    finally:
+        unmounted = subprocess.run(["umount", str(env.backup_dir)], capture_output=True, text=True, check=False)
+        if unmounted.returncode != 0:
+            subprocess.run(["umount", "-l", str(env.backup_dir)], check=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# 11: confirmation
+
+
+def test_restore_without_terminal_or_force_is_refused(env: Env) -> None:
+    before_files = make_backup(env)
+    change_data(env)
+    before_data = contents_of(env)
+
+    result = env.run("restore", "postgres", "latest")
+
+    assert result.returncode == 3, describe(result)
+    text = output(result)
+    assert "no terminal" in text and "--force" in text, text
+    assert contents_of(env) == before_data
+    assert folder_state(env.folder) == before_files, "a refused restore wrote a safety backup"
+
+
+def test_restore_confirmation_on_a_real_terminal(env: Env) -> None:
+    make_backup(env)
+    backup_data = contents_of(env)
+    change_data(env)
+    changed_data = contents_of(env)
+    assert changed_data != backup_data
+    before_files = folder_state(env.folder)
+
+    rc, text = run_with_terminal(env, "restore", "postgres", "latest", answer="no")
+
+    assert rc == 3, text
+    assert "restore cancelled" in text and "nothing was changed" in text, text
+    assert contents_of(env) == changed_data
+    assert folder_state(env.folder) == before_files
+
+    rc, text = run_with_terminal(env, "restore", "postgres", "latest", answer="yes")
+
+    assert rc == 0, text
+    assert "Restored" in text, text
+    assert contents_of(env) == backup_data
+    sets = listed_sets(env)
+    safety = [s for s in sets if s["type"] == "safety"]
+    assert len(safety) == 1, sets
+    assert_earlier_intact(env, before_files)
+
+
+# ----------------------------------------------------------------------------------------------
+# 12: the password never leaks
+
+
+def _watch_backup_argv(env: Env, extra_env: dict[str, str] | None) -> tuple[subprocess.Popen[str], str, str,
+                                                                             dict[int, list[str]]]:
+    """Run a backup, recording the argv of every descendant of the CLI while it runs."""
+    seen: dict[int, list[str]] = {}
+    proc = env.popen("backup", "postgres", env=extra_env)
+    deadline = time.monotonic() + 150
+    while proc.poll() is None and time.monotonic() < deadline:
+        for pid in descendants(proc.pid):
+            argv = cmdline(pid)
+            if argv:
+                seen.setdefault(pid, argv)
+        seen.setdefault(proc.pid, cmdline(proc.pid))
+        time.sleep(0.005)
+    if proc.poll() is None:
+        proc.kill()
+    out, err = proc.communicate(timeout=30)
+    return proc, out, err, seen
+
+
+@pytest.mark.parametrize("source", ["password_file", "DATABASE_PASSWORD"])
+def test_password_never_in_argv_logs_or_manifest(env: Env, big_db: str, distinct_role: str, source: str) -> None:
+    if source == "password_file":
+        pass_file = env.root / "backup_user.pass"
+        pass_file.write_text(DISTINCT_PASSWORD + "\n")
+        pass_file.chmod(0o600)
+        env.write_config(database=big_db, user=distinct_role, password_file=str(pass_file))
+        extra_env = None
+    else:
+        env.write_config(database=big_db, user=distinct_role, password_file=None)
+        assert "password_file" not in env.config_path.read_text()
+        extra_env = {"DATABASE_PASSWORD": DISTINCT_PASSWORD}
+
+    proc, out, err, seen = _watch_backup_argv(env, extra_env)
+
+    assert proc.returncode == 0, f"{out}\n{err}"
+    dumps = [argv for argv in seen.values() if argv and Path(argv[0]).name == "pg_dump" and "--snapshot" in
+             " ".join(argv)]
+    assert dumps, f"pg_dump was never seen running; saw {list(seen.values())}"
+    assert distinct_role in dumps[0], dumps[0]
+    for pid, argv in seen.items():
+        assert DISTINCT_PASSWORD not in "\0".join(argv), f"password in argv of pid {pid}: {argv}"
+    assert DISTINCT_PASSWORD not in out and DISTINCT_PASSWORD not in err
+    log_files = [p for p in env.log_dir.rglob("*") if p.is_file()]
+    assert log_files, "no log file was written"
+    for path in log_files:
+        assert DISTINCT_PASSWORD.encode() not in path.read_bytes(), f"password in {path}"
+    manifests = list(env.folder.glob("*.manifest.json"))
+    assert len(manifests) == 1
+    assert DISTINCT_PASSWORD not in manifests[0].read_text()
+    (backup_set,) = listed_sets(env)
+    assert DISTINCT_PASSWORD not in json.dumps(backup_set)
+    result = env.run("config", "check", "--json", env=extra_env)
+    assert result.returncode == 0, describe(result)
+    assert DISTINCT_PASSWORD not in output(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# 13: FORCE_RESTORE and nothing to restore
+
+
+def test_force_restore_variable_works_like_force(env: Env) -> None:
+    make_backup(env)
+    backup_data = contents_of(env)
+    change_data(env)
+    assert contents_of(env) != backup_data
+
+    result = env.run("restore", "postgres", "latest", env={"FORCE_RESTORE": "true"})
+
+    assert result.returncode == 0, describe(result)
+    assert "FORCE_RESTORE" in output(result) or "Restored" in output(result), describe(result)
+    assert contents_of(env) == backup_data
+    assert [s["type"] for s in listed_sets(env)].count("safety") == 1
+
+
+def test_restore_latest_without_any_backup(env: Env) -> None:
+    before_data = contents_of(env)
+    for extra in ([], ["--force"]):
+        result = env.run("restore", "postgres", "latest", *extra)
+        assert result.returncode == 2, describe(result)
+        text = output(result)
+        assert "no complete postgres backup" in text, text
+        assert "kkua-backup backup postgres" in text, text
+    result = env.run("restore", "postgres", "latest", env={"FORCE_RESTORE": "true"})
+    assert result.returncode == 2, describe(result)
+    assert contents_of(env) == before_data
+    assert folder_state(env.folder) == {}

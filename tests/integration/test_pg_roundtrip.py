@@ -1,0 +1,195 @@
+"""Round trips through the real CLI against a real PostgreSQL: back up, damage, restore, compare
+every table's content and the whole schema, for every format and compression."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kkua_backupd.sandbox import schema_dump, table_contents
+
+from ..conftest import Env
+
+COMBOS = [(fmt, comp) for fmt in ("plain", "custom") for comp in ("gzip", "zstd", "none")]
+
+
+def damage(env: Env) -> None:
+    """Change data and schema the way a bad deploy or a mistaken query would."""
+    with env.connect() as conn:
+        conn.execute("DELETE FROM game_words WHERE id % 3 = 0")
+        conn.execute("UPDATE users SET nickname = nickname || '-x'")
+        conn.execute("ALTER TABLE games ADD COLUMN note text")
+        conn.execute("DROP VIEW game_summary")
+        conn.execute("CREATE TABLE after_backup (id int REFERENCES users (id))")
+        conn.execute("INSERT INTO after_backup VALUES (1)")
+        conn.execute("SELECT setval('game_no_seq', 99999)")
+
+
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS)
+def test_backup_damage_restore_is_exact(env: Env, fmt: str, compression: str) -> None:
+    env.write_config(format=fmt, compression=compression)
+    with env.connect() as conn:
+        before = table_contents(conn)
+    schema_before = schema_dump(env.server, env.database)
+
+    result = env.run("--json", "backup", "postgres", check=True)
+    manifest = json.loads(result.stdout)
+    data_file = env.folder / manifest["files"][0]["name"]
+    ext = {"gzip": ".gz", "zstd": ".zst", "none": ""}[compression]
+    assert data_file.name.endswith((".sql" if fmt == "plain" else ".dump") + ext)
+    assert data_file.name.startswith("kkua_backup_")
+    assert oct(data_file.stat().st_mode & 0o777) == oct(0o640)
+    assert oct(env.folder.stat().st_mode & 0o777) == oct(0o750)
+    assert manifest["details"]["tables"]["public.users"]["rows"] == len(before["public.users"])
+
+    damage(env)
+    restore = env.run("--json", "restore", "postgres", "latest", "--force", check=True)
+    report = json.loads(restore.stdout)
+    assert report["verified"] is True
+    assert report["safety_backup"]["file"].startswith("safety_backup_before_restore_")
+
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+    assert schema_dump(env.server, env.database) == schema_before
+
+
+@pytest.mark.parametrize("fmt", ["plain", "custom"])
+def test_restore_into_a_new_database_leaves_the_original_alone(env: Env, fmt: str) -> None:
+    env.write_config(format=fmt, compression="zstd")
+    env.run("backup", "postgres", check=True)
+    damage(env)
+    with env.connect() as conn:
+        damaged = table_contents(conn)
+    copy = f"{env.database}_copy"
+    env.run("restore", "postgres", "latest", "--target-db", copy, check=True)
+    with env.connect() as conn:
+        assert table_contents(conn) == damaged
+    with env.server.connect(copy) as conn:
+        restored = table_contents(conn)
+    assert "public.after_backup" not in restored
+    assert len(restored["public.game_words"]) > len(damaged["public.game_words"])
+
+
+def test_plain_backup_restores_by_hand_with_gunzip_and_psql(env: Env) -> None:
+    """The guide's manual procedure works on our files: gunzip -c FILE | psql, into an existing database."""
+    env.run("backup", "postgres", check=True)
+    with env.connect() as conn:
+        before = table_contents(conn)
+    damage(env)
+    with env.connect() as conn:
+        conn.execute("DROP TABLE after_backup")  # --clean cannot know a table made after the backup
+        conn.execute("ALTER TABLE games DROP COLUMN note")
+    data_file = next(env.folder.glob("kkua_backup_*.sql.gz"))
+    psql = [str(env.server.bin_dir / "psql"), "-h", env.server.host, "-p", str(env.server.port), "-U", "postgres",
+            "-d", env.database, "-q", "-v", "ON_ERROR_STOP=1"]
+    gunzip = subprocess.Popen(["gunzip", "-c", str(data_file)], stdout=subprocess.PIPE)
+    proc = subprocess.run(psql, stdin=gunzip.stdout, capture_output=True, text=True,
+                          env=dict(os.environ, PGPASSWORD=env.server.password), check=False)
+    assert gunzip.wait() == 0
+    assert proc.returncode == 0, proc.stderr
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+
+
+def test_test_restore_compares_content_and_is_recorded(env: Env) -> None:
+    result = env.run("--json", "backup", "postgres", "--test-restore", check=True)
+    outcome = json.loads(result.stdout)["details"]["test_restore"]
+    assert outcome["ok"] is True
+    assert outcome["checksums"] is True
+    assert outcome["tables"] >= 6
+    with env.server.connect("postgres") as conn:  # the scratch database is gone
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'kkua_backup_test_%'").fetchall()
+    assert left == []
+
+
+def test_test_restore_env_variable(env: Env) -> None:
+    result = env.run("--json", "run", "postgres", env={"TEST_RESTORE": "true"}, check=True)
+    assert json.loads(result.stdout)["details"]["test_restore"]["ok"] is True
+
+
+def make_unrestorable(env: Env) -> None:
+    """A CHECK constraint that reads another table: valid in the live database, but pg_dump loads
+    aa_refs before users, so any restore of it fails half way (a classic pg_dump pitfall)."""
+    with env.connect() as conn:
+        conn.execute("CREATE FUNCTION has_user(int) RETURNS boolean LANGUAGE sql STABLE "
+                     "AS 'SELECT EXISTS (SELECT 1 FROM public.users WHERE id = $1)'")
+        conn.execute("CREATE TABLE aa_refs (user_id int CHECK (public.has_user(user_id)))")
+        conn.execute("INSERT INTO aa_refs SELECT id FROM users LIMIT 5")
+
+
+def test_failed_test_restore_marks_the_set_failed(env: Env) -> None:
+    make_unrestorable(env)
+    result = env.run("--json", "backup", "postgres", "--test-restore")
+    assert result.returncode == 1
+    assert "test restore failed" in result.stdout
+    listing = json.loads(env.run("--json", "list", "postgres", check=True).stdout)
+    assert [s["status"] for s in listing] == ["failed"]
+    latest = env.run("restore", "postgres", "latest", "--force")
+    assert latest.returncode == 2
+    assert "no complete postgres backup" in latest.stdout + latest.stderr
+    with env.server.connect("postgres") as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'kkua_backup_test_%'").fetchall()
+    assert left == []
+
+
+def test_failed_in_place_restore_rolls_back_everything(env: Env) -> None:
+    make_unrestorable(env)
+    env.run("backup", "postgres", check=True)
+    with env.connect() as conn:
+        conn.execute("DELETE FROM game_words WHERE id < 100")
+        before = table_contents(conn)
+    schema_before = schema_dump(env.server, env.database)
+    result = env.run("restore", "postgres", "latest", "--force")
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "rolled back" in output
+    assert "still holds its previous data" in output
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+    assert schema_dump(env.server, env.database) == schema_before
+
+
+def test_restore_creates_a_missing_database(env: Env) -> None:
+    """Full data loss: the database itself is gone; restore makes it again."""
+    env.run("backup", "postgres", check=True)
+    with env.connect() as conn:
+        before = table_contents(conn)
+    env.server.drop_database(env.database)
+    env.run("restore", "postgres", "latest", check=True)  # nothing to overwrite, so no question
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+
+
+def test_logs_are_written_where_the_guide_says(env: Env) -> None:
+    env.run("backup", "postgres", check=True)
+    env.run("restore", "postgres", "latest", "--force", check=True)
+    backup_log = (env.log_dir / "backup.log").read_text()
+    restore_log = (env.log_dir / "restore.log").read_text()
+    assert "[INFO] backup finished" in backup_log
+    assert "[INFO] restore finished" in restore_log
+    assert oct(env.log_dir.stat().st_mode & 0o777) == oct(0o750)
+
+
+def test_journald_format_under_systemd(env: Env) -> None:
+    result = env.run("backup", "postgres", env={"JOURNAL_STREAM": "8:12345"}, check=True)
+    lines = result.stdout.splitlines()
+    assert lines
+    assert all(line.startswith("<") and line[2] == ">" for line in lines)
+    assert any(line.startswith("<6>backup finished") for line in lines)
+
+
+def test_verify_and_list(env: Env, tmp_path: Path) -> None:
+    env.run("backup", "postgres", check=True)
+    env.write_config(format="custom", compression="zstd")
+    env.run("backup", "postgres", check=True)
+    listing = json.loads(env.run("--json", "list", check=True).stdout)
+    assert len(listing) == 2
+    assert listing[0]["created_at"] >= listing[1]["created_at"]
+    assert listing[0]["files"][0]["name"].endswith(".dump.zst")
+    verified = json.loads(env.run("--json", "verify", "all", "--restore-test", check=True).stdout)
+    assert [r["ok"] for r in verified] == [True, True]
+    assert all(r["restore_test"]["ok"] for r in verified)
