@@ -183,7 +183,7 @@ def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) 
            "sources": loaded.sources}
     if not ctx.json_mode:
         _human(ctx, f"config OK: {loaded.path or 'no file (built-in defaults and environment)'}")
-        for line in _flatten(doc["config"]):
+        for line in _flatten(redacted(ctx.config)):
             key = line.split(" = ", 1)[0]
             source = loaded.sources.get(key)
             _human(ctx, f"{line}  # from {source}" if source and source != str(loaded.path) else line)

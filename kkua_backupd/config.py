@@ -217,8 +217,8 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
     env_file = data.get("env_file")
     if isinstance(env_file, str) and env_file:
         try:
-            for key, value in parse_env_file(Path(env_file).read_text(encoding="utf-8")).items():
-                layered[key] = (value, env_file)
+            for key, text in parse_env_file(Path(env_file).read_text(encoding="utf-8")).items():
+                layered[key] = (text, env_file)
         except OSError as exc:
             problems.append(f"env_file: cannot read {env_file}: {exc.strerror} ({where})")
     for key in (*ENV_OVERRIDES, *SECRET_ENV):
@@ -230,8 +230,8 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
             continue
         raw, origin = layered[name]
         dotted = ".".join(keypath)
+        value: Any = raw
         try:
-            value: Any = raw
             if kind is int:
                 value = int(raw.strip())
             elif kind is bool:

@@ -8,6 +8,7 @@ only through its environment; argv is built from tuples and never goes through a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,6 +64,11 @@ class Child:
     @property
     def stdout(self) -> IO[bytes] | None:
         return self.popen.stdout
+
+    def read(self, size: int) -> bytes:
+        """Read up to `size` bytes of stdout, returning as soon as some are available (b"" at the end)."""
+        assert self.popen.stdout is not None
+        return os.read(self.popen.stdout.fileno(), size)
 
 
 class ProcessGroup:
@@ -166,10 +172,8 @@ class ProcessGroup:
         deadline = time.monotonic() + self.grace
         for child in running:
             remaining = deadline - time.monotonic()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 child.popen.wait(timeout=max(remaining, 0.01))
-            except subprocess.TimeoutExpired:
-                pass
         if any(c.popen.poll() is None for c in running):
             self.log.warning("children did not stop within the grace period; killing them",
                              grace_s=self.grace)
@@ -179,16 +183,12 @@ class ProcessGroup:
 
     def _signal(self, sig: signal.Signals) -> None:
         for pgid in self.pgids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
         for child in self.children:  # a child that left the group still gets the signal
             if child.popen.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     child.popen.send_signal(sig)
-                except ProcessLookupError:
-                    pass
 
     def wait(self, child: Child, *, what: str | None = None, hint: str | None = None) -> int:
         """Wait for `child`; raises StepTimeout or CommandFailed (with its stderr tail) unless it exited 0."""

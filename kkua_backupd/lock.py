@@ -5,6 +5,7 @@ The kernel drops the lock when its holder dies, even by kill -9, so a lock never
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
@@ -55,10 +56,8 @@ class TargetLock:
         """Clear the holder record and drop the lock (the file stays: unlinking it would race)."""
         if self._fd is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             os.ftruncate(self._fd, 0)
-        except OSError:
-            pass
         os.close(self._fd)
         self._fd = None
 

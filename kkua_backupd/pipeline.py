@@ -7,6 +7,7 @@ consecutive gzip members, which every gzip reader, `gunzip -c` included, reads a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -254,15 +255,11 @@ class AtomicFile:
     def abort(self) -> None:
         """Close and remove the partial file; safe to call more than once."""
         if self._fh is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._fh.close()
-            except OSError:
-                pass
             self._fh = None
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.partial.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> FileInfo:

@@ -23,18 +23,47 @@ from psycopg import sql
 
 from .. import execute
 from ..config import PostgresConfig
-from ..errors import (ConnectionFailed, IntegrityError, JobError, KkuaError, NotConfirmed, Refused,
-                      UsageError, VersionTooNew)
+from ..errors import (
+    ConnectionFailed,
+    IntegrityError,
+    JobError,
+    KkuaError,
+    NotConfirmed,
+    Refused,
+    UsageError,
+    VersionTooNew,
+)
 from ..lock import TargetLock
-from ..pipeline import (AtomicFile, FileInfo, check_file, compress_into, decompress, file_chunks,
-                        make_compressor, stream_chunks)
+from ..pipeline import (
+    AtomicFile,
+    FileInfo,
+    check_file,
+    compress_into,
+    decompress,
+    file_chunks,
+    make_compressor,
+    stream_chunks,
+)
 from ..progress import Progress, human_bytes
-from ..storage import (PREFIXES, BackupSet, Manifest, ManifestFile, base_manifest, data_file_name,
-                       ensure_folder, kind_folder, new_set_id, now_local, remove_stale_partials, resolve,
-                       write_manifest)
+from ..storage import (
+    PREFIXES,
+    BackupSet,
+    Kind,
+    Manifest,
+    ManifestFile,
+    base_manifest,
+    data_file_name,
+    ensure_folder,
+    kind_folder,
+    new_set_id,
+    now_local,
+    remove_stale_partials,
+    resolve,
+    write_manifest,
+)
 from . import JobContext
 
-KIND = "postgres"
+KIND: Kind = "postgres"
 PG_LIB = Path("/usr/lib/postgresql")
 EXTENSIONS = {"plain": ".sql", "custom": ".dump"}
 MAINTENANCE_DBS = ("postgres", "template1")
@@ -188,7 +217,7 @@ def candidate_bin_dirs(override: Path | None) -> dict[int, Path]:
         if not os.access(exe, os.X_OK):
             continue
         try:
-            major = parse_tool_version(execute.run((exe, "--version"), job=KIND, timeout=30).decode())
+            major = parse_tool_version(execute.run((str(exe), "--version"), job=KIND, timeout=30).decode())
         except KkuaError:
             continue
         if major is not None and major not in found:
@@ -347,7 +376,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
         server = server_info(snap_conn)
         snap_conn.rollback()
         bin_dir = find_bin_dir(pg, server)
-        tool_version = execute.run((bin_dir / "pg_dump", "--version"), job=KIND).decode().strip()
+        tool_version = execute.run((str(bin_dir / "pg_dump"), "--version"), job=KIND).decode().strip()
         snap_conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         snap_conn.read_only = True
         snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
@@ -362,7 +391,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
             stats.start()
             assert child.stdout is not None
             compressor = make_compressor(compression, pg.compression_level, pg.threads)
-            uncompressed = compress_into(stream_chunks(child.stdout.read1, progress), compressor, out)
+            uncompressed = compress_into(stream_chunks(child.read, progress), compressor, out)
             progress.clear()
             group.wait(child, what="pg_dump",
                        hint="the backup user needs read access to every object; see the lines above")
@@ -489,7 +518,7 @@ def _script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: 
     feeder = threading.Thread(target=_feed, args=(archive_chunks, child.stdin, feed_errors), daemon=True)
     feeder.start()
     assert child.stdout is not None
-    yield from stream_chunks(child.stdout.read1)
+    yield from stream_chunks(child.read)
     feeder.join()
     if feed_errors:
         raise feed_errors[0]

@@ -22,13 +22,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from psycopg import sql
 
 from kkua_backupd.lock import holder_of
-from kkua_backupd.sandbox import ThrowawayPostgres, create_sample_data, fill_bulk, free_port
-from conftest import Env, schema_dump, table_contents
+from kkua_backupd.sandbox import (
+    ThrowawayPostgres,
+    create_sample_data,
+    fill_bulk,
+    free_port,
+    schema_dump,
+    table_contents,
+)
+
+from ..conftest import Env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -64,7 +71,7 @@ def folder_state(folder: Path) -> dict[str, str]:
     return {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def contents_of(env: Env, dbname: str | None = None) -> dict[str, list[tuple[Any, ...]]]:
+def contents_of(env: Env, dbname: str | None = None) -> dict[str, list[Any]]:
     with env.connect(dbname) as conn:
         return table_contents(conn)
 

@@ -16,7 +16,7 @@ BIN = Path("/usr/lib/postgresql/15/bin")
 def test_pg_dump_plain_argv_has_no_password_and_drops_before_create() -> None:
     argv = pg.pg_dump_argv(BIN, PG, dbname="kkua", fmt="plain", snapshot="00000003-1")
     assert argv[0] == "/usr/lib/postgresql/15/bin/pg_dump"
-    assert ("--host", "db") == argv[1:3]
+    assert argv[1:3] == ("--host", "db")
     assert "--no-password" in argv
     assert {"--format=plain", "--clean", "--if-exists", "--snapshot=00000003-1"} <= set(argv)
     assert not any("pw-xyzzy" in a for a in argv)
