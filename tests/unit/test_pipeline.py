@@ -113,3 +113,24 @@ def test_commit_reports_size_and_sha256(tmp_path: Path) -> None:
     assert info.size == 3
     assert info.sha256 == "ca3d163bab055381827226140568f3bef7eaac187cebd76878e0b63e9e442356"
     assert not (tmp_path / "m.json.partial").exists()
+
+
+def test_zlib_fallback_writes_the_same_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where python-isal has no wheel, the standard zlib is used; files stay interchangeable."""
+    import zlib
+
+    data = sample(2 << 20)
+    fast = compress_file(tmp_path, "gzip", data)
+    monkeypatch.setattr(pipeline, "deflate", zlib)
+    assert pipeline.gzip_level(6) == 6
+    slow_dir = tmp_path / "zlib"
+    slow_dir.mkdir()
+    slow = compress_file(slow_dir, "gzip", data)
+    assert gzip.decompress(slow.read_bytes()) == data
+    assert b"".join(pipeline.decompress("gzip", pipeline.file_chunks(fast))) == data
+
+
+def test_gzip_levels_map_onto_isal_levels() -> None:
+    if pipeline.deflate.__name__ == "zlib":
+        pytest.skip("python-isal is not installed; zlib takes levels as they are")
+    assert [pipeline.gzip_level(n) for n in range(1, 10)] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
