@@ -113,6 +113,15 @@ def _read_stat(pid: int | str) -> tuple[int, str, int, int] | None:
     return int(fields[1]), comm, int(fields[11]) + int(fields[12]), int(fields[21])
 
 
+def _is_copying(pid: int) -> bool:
+    """Whether a backend's process title says it is running COPY right now."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().rstrip(b"\0 ").endswith(b" COPY")
+    except OSError:
+        return False
+
+
 class ProcSampler(threading.Thread):
     """Samples the measured process tree and the PostgreSQL server's processes every `interval` s.
 
@@ -132,6 +141,7 @@ class ProcSampler(threading.Thread):
         self.peak_rss_kb: dict[str, int] = {}
         self.thread_ticks: dict[int, int] = {}  # tid -> ticks, threads of the root process
         self.descendants: set[int] = set()
+        self.copying: set[int] = set()  # backends seen running COPY (pg_dump's data, psql's load)
         self._halt = threading.Event()
         self._scan(baseline=True)
 
@@ -195,6 +205,8 @@ class ProcSampler(threading.Thread):
                 self.first_seen_ticks[pid] = self.baseline.get(pid, 0)
             self.last_ticks[pid] = ticks
             label = self.labels[pid]
+            if label == "pg backend" and pid not in self.copying and _is_copying(pid):
+                self.copying.add(pid)
             self.peak_rss_kb[label] = max(self.peak_rss_kb.get(label, 0), rss * PAGE_KB)
         if self.root is not None and self.root in procs:
             try:
@@ -206,8 +218,13 @@ class ProcSampler(threading.Thread):
                 pass
 
     def cpu_by_label(self) -> dict[str, float]:
+        """CPU seconds per kind of process; backends split into the COPY one(s) and the rest (our
+        snapshot/row-count session, the restore's checks)."""
         out: dict[str, float] = {}
-        for pid, label in self.labels.items():
+        for pid, name in self.labels.items():
+            label = name
+            if name == "pg backend":
+                label = "pg backend COPY" if pid in self.copying else "pg backend other"
             ticks = self.last_ticks.get(pid, 0) - self.first_seen_ticks.get(pid, 0)
             out[label] = out.get(label, 0.0) + max(ticks, 0) / CLK_TCK
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
@@ -571,7 +588,8 @@ def _fmt_mib(n: int | None) -> str:
 
 
 def _cpu_brief(cpu: dict[str, float]) -> str:
-    short = {"ours (python)": "py", "pg backend": "backend", "pg background": "pg-bg", "client (sh)": "sh"}
+    short = {"ours (python)": "py", "pg backend COPY": "backend-COPY", "pg backend other": "backend-other",
+             "pg background": "pg-bg", "client (sh)": "sh"}
     return ", ".join(f"{short.get(k, k)} {v:.1f}" for k, v in cpu.items() if v >= 0.05)
 
 
@@ -635,7 +653,7 @@ def ratios(summary: dict[int, dict[str, dict[str, Any]]], main: int) -> list[dic
 
 def memory_checks(summary: dict[int, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     sizes = sorted(summary)
-    names = [n for n in summary[sizes[-1]] if n.startswith("ours")]
+    names = [n for n in summary[sizes[-1]] if n.startswith("ours") and all(n in summary[s] for s in sizes)]
     checks = []
     for name in names:
         peaks = {size: summary[size][name]["peak_rss_mib"] for size in sizes if name in summary[size]}
@@ -721,7 +739,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="main size: the table (with indexes) is filled to at least this many MB (default 250)")
     p.add_argument("--sizes", help="comma-separated sizes in MB for the memory comparison, e.g. 120,250; "
                                    "the largest gets the full comparison (default: 48%% of --size-mb and --size-mb)")
-    p.add_argument("--repeat", type=int, default=2, help="runs per measurement, at least 2 (default 2)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per measurement, at least 2 (default 3)")
     p.add_argument("--json-dir", default=str(ROOT / "bench" / "results"),
                    help="where to write the JSON results (default bench/results)")
     p.add_argument("--no-json", action="store_true", help="do not write the JSON results")
@@ -769,11 +787,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         main_size = args.size_list[-1]
         for size in args.size_list:
             bench.run_size(size, full=size == main_size)
+        path = Path(args.json_dir) / f"pg_backup_{time.strftime('%Y%m%d_%H%M%S')}.json"
+        if not args.no_json:  # the raw runs first, so a failing summary loses nothing
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"runs": [r.__dict__ for r in bench.runs],
+                                        "sizes": bench.sizes_info}, indent=2, default=str) + "\n")
         result = report(bench, started, main_size)
         if not args.no_json:
-            out_dir = Path(args.json_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / f"pg_backup_{time.strftime('%Y%m%d_%H%M%S')}.json"
             path.write_text(json.dumps(result, indent=2, default=str) + "\n")
             log(f"JSON results written to {path}")
         return 0

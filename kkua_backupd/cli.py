@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -17,11 +18,11 @@ from typing import Any
 
 from . import __version__, logs
 from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, LoadedConfig, load_config, redacted
-from .errors import ConfigError, Interrupted, KkuaError
+from .errors import ConfigError, Interrupted, KkuaError, UsageError
 from .jobs import JobContext
 from .jobs import postgres as pg_job
 from .progress import human_bytes, interactive
-from .storage import KINDS, BackupSet, list_sets, resolve
+from .storage import KINDS, BackupSet, list_sets, resolve, unmanaged_files
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log"}
 BACKUP_TARGETS = ("postgres", "all")
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Without a terminal and without --force it refuses (exit 3).")
     p.add_argument("target", choices=("postgres",), help="what to restore")
     p.add_argument("file", nargs="?", default="latest",
-                   help="'latest' (default), a backup id (YYYYMMDD_HHMMSS) or a file name from backup_dir")
+                   help="'latest' (default), a backup id (YYYYMMDD_HHMMSS) or a file name in backup_dir/postgres")
     p.add_argument("--force", action="store_true", help="do not ask for confirmation (FORCE_RESTORE=true)")
     p.add_argument("--target-db", metavar="NAME",
                    help="restore into this new database instead (the configured one is not touched)")
@@ -144,16 +145,22 @@ def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             for r in rows:
                 _human(ctx, "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        for kind in (args.kind,) if args.kind else KINDS:
+            others = unmanaged_files(ctx.config.backup_dir, kind)
+            if others:
+                _human(ctx, f"{len(others)} {kind} file(s) without a manifest are not listed (e.g. {others[-1]}); "
+                            f"restore one by name: kkua-backup restore {kind} FILE")
     return [s.to_json() for s in sets]
 
 
 def _sets_to_verify(ctx: JobContext, which: str) -> list[BackupSet]:
     backup_dir = ctx.config.backup_dir
     if which == "all":
-        return [s for s in list_sets(backup_dir) if s.kind == "postgres"]
-    if which == "latest":
-        found = [resolve(backup_dir, "postgres", "latest")]
-        return found
+        sets = [s for s in list_sets(backup_dir) if s.kind == "postgres"]
+        if not sets:
+            raise UsageError(f"no complete backup sets in {backup_dir} to verify",
+                             hint="run `kkua-backup backup postgres` first")
+        return sets
     return [resolve(backup_dir, "postgres", which)]
 
 
@@ -219,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for section in (config.postgres, config.redis):
             if section.password is not None:
                 sink.add_secret(section.password.get_secret_value())
-        job = getattr(args, "target", None) or getattr(args, "job", None) or getattr(args, "kind", None)
-        ctx = JobContext(config=config, log=logs.get_logger(job=job or "postgres"),
+        ctx = JobContext(config=config, log=logs.get_logger(job="postgres"),
                          interactive=interactive() and not json_mode, json_mode=json_mode)
         if args.command in LOG_FILES:
             sink.open_file(config.log_dir, LOG_FILES[args.command])
@@ -250,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(exc: KkuaError, json_mode: bool, log: Any) -> int:
     fields: dict[str, Any] = {"exit_code": exc.exit_code}
     if isinstance(exc, ConfigError):
-        log.error(exc.message, **fields)
+        log.error(f"{exc.message}; {exc.hint}" if exc.hint else exc.message, **fields)
         for problem in exc.problems:
             log.error(problem)
     else:
@@ -264,5 +270,12 @@ def _fail(exc: KkuaError, json_mode: bool, log: Any) -> int:
 
 
 def run() -> None:
-    """Console-script wrapper."""
-    sys.exit(main())
+    """Console-script wrapper; a closed stdout (`kkua-backup list | head`) ends quietly."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 1
+    sys.exit(code)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -49,6 +49,17 @@ class PostgresConfig(_Strict):
     bin_dir: PathValue | None = None
     # Filled from password_file or DATABASE_PASSWORD by the loader; never read from the TOML file.
     password: SecretStr | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _level_fits_compression(self) -> PostgresConfig:
+        if self.compression_level is not None:
+            limit = {"gzip": 9, "zstd": 19}.get(self.compression)
+            if limit is None:
+                raise ValueError('compression_level has no meaning with compression = "none"; remove it')
+            if self.compression_level > limit:
+                raise ValueError(f"compression_level must be 1 to {limit} for {self.compression}, "
+                                 f"not {self.compression_level}")
+        return self
 
 
 class RedisConfig(_Strict):
@@ -216,9 +227,12 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
     layered: dict[str, tuple[str, str]] = {}
     env_file = data.get("env_file")
     if isinstance(env_file, str) and env_file:
+        env_path = Path(env_file)
+        if not env_path.is_absolute() and used_path is not None:
+            env_path = used_path.parent / env_path  # relative to the config file, not to where we run
         try:
-            for key, text in parse_env_file(Path(env_file).read_text(encoding="utf-8")).items():
-                layered[key] = (text, env_file)
+            for key, text in parse_env_file(env_path.read_text(encoding="utf-8")).items():
+                layered[key] = (text, str(env_path))
         except OSError as exc:
             problems.append(f"env_file: cannot read {env_file}: {exc.strerror} ({where})")
     for key in (*ENV_OVERRIDES, *SECRET_ENV):

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import LockHeld, StorageError
+from .logs import get_logger
 
 LOCK_DIR = ".locks"
 
@@ -23,10 +24,11 @@ LOCK_DIR = ".locks"
 class TargetLock:
     """An exclusive lock on one target (postgres, redis) for one purpose (backup, restore, ...)."""
 
-    def __init__(self, backup_dir: Path, target: str, purpose: str) -> None:
+    def __init__(self, backup_dir: Path, target: str, purpose: str, *, read_only_ok: bool = False) -> None:
         self.path = backup_dir / LOCK_DIR / f"{target}.lock"
         self.target = target
         self.purpose = purpose
+        self.read_only_ok = read_only_ok
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -35,6 +37,12 @@ class TargetLock:
             self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as exc:
+            if self.read_only_ok and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                # Nobody can write backups into a folder this run cannot even lock, so there is
+                # nothing to collide with; a restore from a read-only copy goes on without the lock.
+                get_logger().warning("backup folder is not writable; going on without the lock",
+                                     lock=str(self.path), reason=exc.strerror)
+                return
             raise StorageError(f"cannot create lock file {self.path}: {exc.strerror}",
                                hint="check that backup_dir exists and is writable by this user") from None
         try:

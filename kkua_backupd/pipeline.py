@@ -256,6 +256,14 @@ class AtomicFile:
         self._hash.update(data)
         self.size += len(data)
 
+    def flush(self) -> None:
+        """Push buffered bytes to the partial file (so another process can read it); raises StorageError."""
+        assert self._fh is not None
+        try:
+            self._fh.flush()
+        except OSError as exc:
+            raise storage_error(exc, self.path) from None
+
     def commit(self) -> FileInfo:
         """fsync, rename into place and fsync the folder; returns the file's name, size and sha256."""
         assert self._fh is not None

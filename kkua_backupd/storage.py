@@ -127,9 +127,7 @@ class BackupSet:
 
     def to_json(self) -> dict[str, Any]:
         """The set as `list --json` shows it."""
-        if not self.manifest:
-            return {"kind": self.kind, "id": self.id, "type": "unmanaged", "created_at": None,
-                    "status": self.status, "files": [{"name": self.name, "size": self.size, "sha256": None}]}
+        assert self.manifest is not None, "only sets with a manifest are listed"
         data = self.manifest.model_dump(mode="json")
         data["status"] = self.status
         data["folder"] = str(self.folder)
@@ -228,6 +226,18 @@ def list_sets(backup_dir: Path, kind: str | None = None) -> list[BackupSet]:
     sets.sort(key=lambda s: (s.manifest.created_at if s.manifest else dt.datetime.min.replace(tzinfo=dt.UTC),
                              s.id), reverse=True)
     return sets
+
+
+def unmanaged_files(backup_dir: Path, kind: str) -> list[str]:
+    """Backup-like files in the kind's folder that no manifest names (made by the old scripts, copied in,
+    or cut short before their manifest): never listed, restorable by explicit name only."""
+    folder = kind_folder(backup_dir, kind)
+    if not folder.is_dir():
+        return []
+    named = {f.name for s in list_sets(backup_dir, kind) if s.manifest for f in s.manifest.files}
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and _NAME_RE.match(p.name) and p.name not in named
+                  and not p.name.endswith((PARTIAL_SUFFIX, MANIFEST_SUFFIX)))
 
 
 def latest(backup_dir: Path, kind: str) -> BackupSet | None:

@@ -46,6 +46,8 @@ from ..pipeline import (
 )
 from ..progress import Progress, human_bytes
 from ..storage import (
+    ID_FORMAT,
+    PARTIAL_SUFFIX,
     PREFIXES,
     BackupSet,
     Kind,
@@ -142,7 +144,8 @@ def connect(pg: PostgresConfig, dbname: str | None = None, *, autocommit: bool =
 
 def connection_error(pg: PostgresConfig, dbname: str, exc: Exception) -> ConnectionFailed:
     """Translate a libpq connection failure into a one-line, actionable error."""
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines()) or type(exc).__name__
+    text = re.sub(r"^connection failed: ", "", text)
     text = re.sub(r'^connection to server at "[^"]*" \([^)]*\), port \d+ failed: ', "", text)
     where = f"PostgreSQL at {pg.host}:{pg.port}"
     if "password authentication failed" in text or "no password supplied" in text:
@@ -546,19 +549,21 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
 def _parallel_restore(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, chunks: Iterable[bytes],
                       jobs: int) -> None:
     pg = ctx.config.postgres
-    # pg_restore -j needs a seekable archive: unpack it next to the backup; removed afterwards.
-    scratch = path.with_name(f"kkua_restore_{path.name.split('_', 2)[-1].split('.')[0]}_{os.getpid()}.dump")
-    with AtomicFile(scratch, 0o600) as out:
-        for chunk in chunks:
-            out.write(chunk)
-        out.commit()
+    # pg_restore -j needs a seekable archive: unpack it next to the backup. Its name ends in .partial, so
+    # if this process dies, the next run under the lock removes it (remove_stale_partials).
+    scratch = path.with_name(f"kkua_restore_{now_local().strftime(ID_FORMAT)}_{os.getpid()}.dump")
     try:
-        with execute.ProcessGroup(KIND) as group:
-            child = group.spawn(pg_restore_argv(bin_dir, pg, dbname, scratch, jobs), env=child_env(pg),
-                                stdout=execute.DEVNULL, timeout=pg.restore_timeout)
-            group.wait(child, what="pg_restore")
-    finally:
-        scratch.unlink(missing_ok=True)
+        with AtomicFile(scratch, 0o600) as out:  # writes scratch + ".partial"; never committed
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            archive = out.partial
+            with execute.ProcessGroup(KIND) as group:
+                child = group.spawn(pg_restore_argv(bin_dir, pg, dbname, archive, jobs), env=child_env(pg),
+                                    stdout=execute.DEVNULL, timeout=pg.restore_timeout)
+                group.wait(child, what="pg_restore")
+    finally:  # leaving the AtomicFile without commit removed it; make sure even if that failed
+        scratch.with_name(scratch.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
 
 
 def create_database(conn: psycopg.Connection, name: str) -> None:
@@ -674,15 +679,20 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
 
 def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
     """`verify`: check the files and, if asked, restore them into a scratch database and compare."""
-    report: dict[str, Any] = {"kind": KIND, "id": backup_set.id, "name": backup_set.name}
+    report: dict[str, Any] = {"kind": KIND, "id": backup_set.id, "name": backup_set.name,
+                              "status": backup_set.status}
     report.update(check_set(ctx, backup_set))
-    report["ok"] = True
+    report["ok"] = backup_set.status in ("ok", "unverified")
+    if backup_set.manifest is not None and backup_set.status != "ok":
+        report["error"] = f"marked {backup_set.status}: {backup_set.manifest.error or 'see its manifest'}"
     if restore_test:
         fmt, compression = set_format(backup_set)
         expected = backup_set.manifest.details.get("tables", {}) if backup_set.manifest else {}
-        outcome = _test_restore_file(ctx, backup_set.path(), fmt, compression, backup_set.id or "adhoc", expected)
+        with TargetLock(ctx.config.backup_dir, KIND, "verify --restore-test"):
+            outcome = _test_restore_file(ctx, backup_set.path(), fmt, compression, backup_set.id or "adhoc",
+                                         expected)
         report["restore_test"] = outcome
-        report["ok"] = outcome["ok"]
+        report["ok"] = report["ok"] and outcome["ok"]
     return report
 
 
@@ -733,14 +743,17 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
     report: dict[str, Any] = {"kind": KIND, "file": backup_set.name, "id": backup_set.id, "database": target,
                               "format": fmt, "compression": compression}
     started = time.monotonic()
-    with TargetLock(backup_dir, KIND, f"restore postgres {backup_set.name}"):
+    with TargetLock(backup_dir, KIND, f"restore postgres {backup_set.name}", read_only_ok=not safety_backup):
         ctx.log.info("restore requested", file=backup_set.name, database=target, host=pg.host, port=pg.port)
         if backup_set.manifest is None:
             ctx.log.warning("this file has no manifest (not made by kkua-backup): only a decompress test "
                             "can check it", file=backup_set.name)
+        elif backup_set.status == "failed":
+            ctx.log.warning("this set is marked failed; restoring it because it was named explicitly",
+                            file=backup_set.name, reason=backup_set.manifest.error)
         elif backup_set.status != "ok":
-            raise Refused(f"{backup_set.name} is marked {backup_set.status}"
-                          f"{': ' + backup_set.manifest.error if backup_set.manifest.error else ''}",
+            raise Refused(f"{backup_set.name} is {backup_set.status}: "
+                          f"missing {', '.join(backup_set.missing_files)}",
                           hint="choose another backup (see `kkua-backup list postgres`)")
         report["check"] = check_set(ctx, backup_set)
         admin = connect_maintenance(pg)

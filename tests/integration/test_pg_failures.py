@@ -18,9 +18,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from psycopg import sql
@@ -38,6 +38,8 @@ from kkua_backupd.sandbox import (
 from ..conftest import Env
 
 pytestmark = pytest.mark.timeout(180)
+
+T = TypeVar("T")
 
 DISTINCT_PASSWORD = "S3cr3t-xyzzy-42"
 BIG_DB_MB = 150
@@ -172,7 +174,7 @@ def cmdline(pid: int) -> list[str]:
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
-def wait_for(condition: Any, what: str, timeout: float = 60.0, interval: float = 0.01) -> Any:
+def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 60.0, interval: float = 0.01) -> T:
     """Poll `condition()` until it returns something truthy; fails the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -196,8 +198,7 @@ def wait_for_partial_and_dump(env: Env, proc: subprocess.Popen[str]) -> tuple[Pa
             return partials[0], dumps[0]
         return None
 
-    found: tuple[Path, int] = wait_for(ready, "the backup's partial file and pg_dump process")
-    return found
+    return wait_for(ready, "the backup's partial file and pg_dump process")
 
 
 def run_with_terminal(env: Env, *args: str, answer: str, timeout: float = 120.0) -> tuple[int, str]:
@@ -527,7 +528,7 @@ def test_kill9_during_backup_leaves_no_set_and_next_backup_cleans_up(env: Env, b
                 os.kill(pid, signal.SIGKILL)
         proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL
-        wait_for(lambda: not any(alive(p) for p in victims), "pg_dump to die", timeout=30)
+        wait_for(lambda: not any(alive(p) for p in victims) or None, "pg_dump to die", timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -550,7 +551,7 @@ def test_kill9_during_backup_leaves_no_set_and_next_backup_cleans_up(env: Env, b
     assert_no_partials(env.folder)
     assert not partial.exists()
     (backup_set,) = listed_sets(env)
-    assert backup_set["id"] not in partial.name or partial.name != backup_set["files"][0]["name"] + ".partial"
+    assert backup_set["files"][0]["name"] + ".partial" != partial.name
     assert holder_of(env.backup_dir, "postgres") is None
     result = env.run("verify", "latest")
     assert result.returncode == 0, describe(result)
@@ -657,6 +658,57 @@ def test_restore_failing_on_missing_role_rolls_back(env: Env) -> None:
             with env.connect() as conn:
                 conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
                 conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+def test_restore_of_legacy_sql_that_commits_halfway_keeps_previous_data(env: Env) -> None:
+    """A hand-written legacy script with its own COMMIT, then a failing statement: the promise is the same."""
+    before_files = make_backup(env)
+    bad_name = "kkua_backup_20200102_000000.sql.gz"
+    script = (b"CREATE TABLE public.users (id int PRIMARY KEY, nickname text);\n"
+              b"INSERT INTO public.users VALUES (1, 'only one left');\n"
+              b"COMMIT;\n"
+              b"THIS IS NOT SQL AT ALL;\n")
+    (env.folder / bad_name).write_bytes(gzip.compress(script))
+    before_files[bad_name] = sha256_of(env.folder / bad_name)
+    change_data(env)
+    before_data = contents_of(env)
+    before_schema = schema_dump(env.server, env.database)
+
+    result = env.run("restore", "postgres", bad_name, "--force")
+
+    text = output(result)
+    assert result.returncode in (1, 3), describe(result)
+    assert contents_of(env) == before_data, (
+        "the failed restore lost the database's data although it reported:\n" + text)
+    assert schema_dump(env.server, env.database) == before_schema
+    assert_earlier_intact(env, before_files)
+
+
+def test_restore_of_truncated_legacy_sql_is_not_reported_as_success(env: Env) -> None:
+    """An uncompressed legacy .sql cut short inside a COPY block (an interrupted copy): not a success."""
+    with env.connect() as conn:  # a one-column word list, as a 끝말잇기 game keeps
+        conn.execute("CREATE TABLE public.dictionary (word text)")
+        conn.execute("INSERT INTO public.dictionary SELECT '낱말' || i FROM generate_series(1, 500) i")
+    before_files = make_backup(env)
+    (backup_set,) = listed_sets(env)
+    real_sql = gzip.decompress((env.folder / backup_set["files"][0]["name"]).read_bytes())
+    start = real_sql.index(b"COPY public.dictionary (word) FROM stdin;\n")
+    lines_after = real_sql[start:].split(b"\n")
+    cut = start + len(b"\n".join(lines_after[:200])) + 1  # header + 199 rows, at a line boundary
+    legacy_name = "kkua_backup_20200103_000000.sql"
+    (env.folder / legacy_name).write_bytes(real_sql[:cut])
+    before_files[legacy_name] = sha256_of(env.folder / legacy_name)
+    change_data(env)
+    before_data = contents_of(env)
+
+    result = env.run("restore", "postgres", legacy_name, "--force")
+
+    text = output(result)
+    assert contents_of(env) == before_data
+    assert result.returncode in (1, 3), (
+        "a truncated file was reported as restored although nothing was restored:\n" + describe(result))
+    assert any(w in text for w in ("rolled back", "truncated", "incomplete")), text
+    assert_earlier_intact(env, before_files)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,3 +102,21 @@ def test_parse_bool(text: str, value: bool) -> None:
 def test_parse_bool_rejects_other_text() -> None:
     with pytest.raises(ValueError, match="expected true or false"):
         parse_bool("maybe")
+
+
+@pytest.mark.parametrize(("compression", "level", "message"), [
+    ("gzip", 12, "compression_level must be 1 to 9 for gzip"),
+    ("none", 3, "no meaning with compression"),
+])
+def test_compression_level_must_fit_the_compression(tmp_path: Path, compression: str, level: int,
+                                                    message: str) -> None:
+    path = write(tmp_path, f'[postgres]\ncompression = "{compression}"\ncompression_level = {level}\n')
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, {})
+
+
+def test_relative_env_file_is_next_to_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "app.env").write_text("DATABASE_NAME=from_env_file\n")
+    path = write(tmp_path, 'env_file = "app.env"\n')
+    monkeypatch.chdir("/")
+    assert load_config(path, {}).config.postgres.database == "from_env_file"

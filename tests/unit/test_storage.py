@@ -121,3 +121,11 @@ def test_manifest_json_has_the_list_contract_fields(tmp_path: Path) -> None:
         assert key in doc
     assert set(doc["files"][0]) >= {"name", "size", "sha256"}
     assert dt.datetime.fromisoformat(doc["created_at"]).tzinfo is not None
+
+
+def test_unmanaged_files_are_named_for_the_operator(tmp_path: Path) -> None:
+    folder = tmp_path / "postgres"
+    make_set(folder, "20240114_020000")
+    legacy = make_set(folder, "20240101_020000", with_manifest=False)
+    (folder / "kkua_backup_20240115_020000.sql.gz.partial").write_bytes(b"x")
+    assert storage.unmanaged_files(tmp_path, "postgres") == [legacy]
