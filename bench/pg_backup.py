@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -87,6 +88,13 @@ finally:
                    "children_maxrss_kb": c.ru_maxrss}, fh)
 sys.exit(code)
 """
+
+
+def code_fingerprint() -> dict[str, str]:
+    """sha256 (12 hex digits) of every kkua_backupd source file: which code a result belongs to."""
+    pkg = ROOT / "kkua_backupd"
+    return {str(f.relative_to(ROOT)): hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+            for f in sorted(pkg.rglob("*.py"))}
 
 
 def log(msg: str) -> None:
@@ -340,6 +348,7 @@ class Bench:
         (self.restore_dir / "postgres").mkdir(parents=True)
         self.restore_file: str | None = None
         self.restore_counter = 0
+        self.code_before = code_fingerprint()
         self.cli_env = {k: v for k, v in os.environ.items()
                         if k not in ("PGPASSWORD", "KKUA_BACKUP_CONFIG", "FORCE_RESTORE", "TEST_RESTORE",
                                      "JOURNAL_STREAM", "NOTIFY_SOCKET") and not k.startswith("DATABASE_")}
@@ -696,6 +705,10 @@ def report(bench: Bench, started: float, main: int) -> dict[str, Any]:
         out.write(f"  {name:<28} wall {e['wall_median']:.2f}: {_cpu_brief(e['cpu_sampled_mean'])}"
                   + (f"; python main thread {th['main_thread']:.1f}, other threads {th['other_threads']:.1f}"
                      if th else "") + "\n")
+    changed = sorted(k for k, v in env["code"].items() if bench.code_before.get(k) != v)
+    changed += sorted(set(bench.code_before) - set(env["code"]))
+    if changed:
+        out.write(f"\nWARNING: these source files changed while the benchmark ran: {', '.join(changed)}\n")
     out.write(f"\nTotal benchmark time {time.monotonic() - started:.0f} s.\n")
 
     # Markdown for docs/performance.md
@@ -703,7 +716,10 @@ def report(bench: Bench, started: float, main: int) -> dict[str, Any]:
           f"`bench/pg_backup.py --sizes {','.join(str(s) for s in sorted(summary))}`, {env['cpus']} CPUs, "
           f"PostgreSQL {env['server_version']}, Python {env['python']}, throwaway server on 127.0.0.1 "
           f"(fsync=off). Wall time is the median of {bench.args.repeat} runs; peak RSS is the highest "
-          "ru_maxrss of our CLI process alone (not pg_dump/psql). Sizes are MiB.", ""]
+          "ru_maxrss of our CLI process alone (not pg_dump/psql). Sizes are MiB. Code: pipeline.py "
+          f"{env['code'].get('kkua_backupd/pipeline.py', '?')}, jobs/postgres.py "
+          f"{env['code'].get('kkua_backupd/jobs/postgres.py', '?')} (sha256 prefixes)"
+          + (f"; WARNING: changed during the run: {', '.join(changed)}" if changed else "") + ".", ""]
     for size, info in sorted(bench.sizes_info.items()):
         md.append(f"- {size} MB: table with indexes {info['table_bytes'] / MIB:.0f} MiB, database "
                   f"{info['database_bytes'] / MIB:.0f} MiB, {info['rows']:,} rows")
@@ -725,7 +741,8 @@ def environment(bench: Bench) -> dict[str, Any]:
         version = str(conn.execute("SHOW server_version").fetchone()[0]).split()[0]  # type: ignore[index]
     gzip = subprocess.run(["gzip", "--version"], capture_output=True, text=True, check=False).stdout
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "server_version": version,
-            "kernel": platform.release(), "repeat": bench.args.repeat,
+            "kernel": platform.release(), "repeat": bench.args.repeat, "code": code_fingerprint(),
+            "code_at_start": bench.code_before,
             "gzip": gzip.splitlines()[0] if gzip else None}
 
 

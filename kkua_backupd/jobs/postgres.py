@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import sys
 import threading
@@ -492,25 +493,74 @@ def _feed(chunks: Iterable[bytes], dest: Any, errors: list[BaseException], close
         errors.append(exc)
 
 
+def transaction_frame(nonce: str) -> tuple[bytes, bytes, bytes]:
+    """The SQL around a restored stream: (opening, closing, marker).
+
+    The opening makes every transaction the SQL might start on its own read-only, opens ours read-write,
+    and arms a deferred trigger that fails any COMMIT not preceded by the closing's permission, so a
+    COMMIT inside the file cannot make half a restore permanent. The closing gives that permission (and
+    fails if the file ended our transaction with ROLLBACK), commits, and prints the marker, which psql
+    prints only after a successful COMMIT: a file cut inside a COPY block swallows it.
+    """
+    opening = f"""SET default_transaction_read_only = on;
+BEGIN READ WRITE;
+CREATE TEMP TABLE kkua_restore_guard (armed boolean);
+CREATE FUNCTION pg_temp.kkua_restore_guard() RETURNS trigger LANGUAGE plpgsql AS $kkua_guard$
+BEGIN
+  IF pg_catalog.current_setting('kkua.restore_may_commit', true) IS DISTINCT FROM '{nonce}' THEN
+    RAISE EXCEPTION 'the restored SQL tried to commit before its end (COMMIT in the file); nothing was kept';
+  END IF;
+  RETURN NULL;
+END
+$kkua_guard$;
+CREATE CONSTRAINT TRIGGER kkua_restore_guard AFTER INSERT ON pg_temp.kkua_restore_guard
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pg_temp.kkua_restore_guard();
+INSERT INTO pg_temp.kkua_restore_guard VALUES (true);
+"""
+    closing = (f"\n;\nSELECT pg_catalog.set_config('kkua.restore_may_commit', '{nonce}', true) "
+               "FROM pg_temp.kkua_restore_guard;\nCOMMIT;\n")
+    marker = f"kkua-restore-committed-{nonce}"
+    return opening.encode(), (closing + f"SELECT '{marker}';\n").encode(), marker.encode()
+
+
 def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool) -> None:
-    """Run SQL into `dbname` in one transaction: BEGIN, optional wipe, the SQL, then COMMIT only if every
-    byte was sent; any error rolls everything back. Raises CommandFailed on a failed statement."""
+    """Run SQL into `dbname` in one transaction (see `transaction_frame`), with an optional wipe first;
+    COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails and
+    JobError if the SQL did not run to its end; either way nothing was kept."""
     pg = ctx.config.postgres
+    opening, closing, marker = transaction_frame(secrets.token_hex(8))
     with execute.ProcessGroup(KIND) as group:
         child = group.spawn(psql_argv(bin_dir, pg, dbname), env=child_env(pg), stdin=execute.PIPE,
-                            stdout=execute.DEVNULL, timeout=pg.restore_timeout)
+                            stdout=execute.PIPE, timeout=pg.restore_timeout)
         assert child.stdin is not None
+        seen = threading.Event()
+        watcher = threading.Thread(target=_watch_for, args=(child, marker, seen), daemon=True)
+        watcher.start()
         try:
-            child.stdin.write(b"BEGIN;\n")
+            child.stdin.write(opening)
             if wipe:
                 child.stdin.write(WIPE_SQL.encode())
             for chunk in sql_chunks:
                 child.stdin.write(chunk)
-            child.stdin.write(b"\n;\nCOMMIT;\n")  # only reached when the whole stream was read and sent
+            child.stdin.write(closing)  # only reached when the whole stream was read and sent
             child.stdin.close()
         except BrokenPipeError:
             pass  # psql stopped at an error; its status and stderr say which
         group.wait(child, what="psql", hint="the transaction was rolled back")
+        watcher.join(timeout=30)
+    if not seen.is_set():
+        raise JobError("psql reached the end of the SQL without committing it (the file is truncated inside a "
+                       "data block, or ends the session itself); the transaction was rolled back")
+
+
+def _watch_for(child: execute.Child, marker: bytes, seen: threading.Event) -> None:
+    """Drain psql's stdout, noting whether the commit marker went by."""
+    tail = b""
+    while chunk := child.read(1 << 16):
+        window = tail + chunk
+        if marker in window:
+            seen.set()
+        tail = window[-len(marker):]
 
 
 def _script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: Path,
