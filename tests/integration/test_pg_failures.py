@@ -201,8 +201,9 @@ def wait_for_partial_and_dump(env: Env, proc: subprocess.Popen[str]) -> tuple[Pa
     return wait_for(ready, "the backup's partial file and pg_dump process")
 
 
-def run_with_terminal(env: Env, *args: str, answer: str, timeout: float = 120.0) -> tuple[int, str]:
-    """Run `kkua-backup ARGS` on a real pseudo-terminal and type `answer` when it asks for confirmation."""
+def run_with_terminal(env: Env, *args: str, answer: str | None, timeout: float = 120.0) -> tuple[int, str]:
+    """Run `kkua-backup ARGS` on a real pseudo-terminal and type `answer` when it asks for confirmation
+    (None: a command that must not ask)."""
     master, slave = os.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "kkua_backupd", *args], stdin=slave, stdout=slave,
                             stderr=slave, env=cli_environment(env), start_new_session=True, close_fds=True)
@@ -226,6 +227,7 @@ def run_with_terminal(env: Env, *args: str, answer: str, timeout: float = 120.0)
                     break
                 buf += data
                 if not answered and b"Type 'yes' to continue:" in buf:
+                    assert answer is not None, "the CLI asked for confirmation: " + buf.decode("utf-8", "replace")
                     os.write(master, answer.encode() + b"\n")
                     answered = True
             elif proc.poll() is not None and not descendants(proc.pid):
@@ -244,7 +246,7 @@ def run_with_terminal(env: Env, *args: str, answer: str, timeout: float = 120.0)
             proc.kill()
             proc.wait()
     text = buf.decode("utf-8", "replace")
-    assert answered, f"the CLI never asked for confirmation on a terminal:\n{text}"
+    assert answered or answer is None, f"the CLI never asked for confirmation on a terminal:\n{text}"
     return rc, text
 
 
@@ -885,3 +887,35 @@ def test_restore_latest_without_any_backup(env: Env) -> None:
     assert result.returncode == 2, describe(result)
     assert contents_of(env) == before_data
     assert folder_state(env.folder) == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping a run, and what a person at a terminal sees
+
+
+def test_sigterm_during_backup_stops_cleanly(env: Env, big_db: str) -> None:
+    """systemctl stop / SIGTERM mid-dump: children stopped, no partial file, lock free, clear message."""
+    env.write_config(database=big_db)
+    proc = env.popen("backup", "postgres")
+    _partial, dump_pid = wait_for_partial_and_dump(env, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out + err
+    assert "stopped by signal SIGTERM" in out + err
+    wait_for(lambda: not Path(f"/proc/{dump_pid}").exists() or proc_stat(dump_pid) is None
+             or proc_stat(dump_pid)[0] in ("Z", "X"), "pg_dump to exit")  # type: ignore[index]
+    assert list(env.folder.glob("*.partial")) == []
+    assert listed_sets(env) == []
+    again = env.run("backup", "postgres")
+    assert again.returncode == 0, describe(again)
+
+
+def test_progress_is_shown_on_a_terminal_only(env: Env, big_db: str) -> None:
+    env.write_config(database=big_db)
+    rc, text = run_with_terminal(env, "backup", "postgres", answer=None)
+    assert rc == 0, text
+    assert re.search(r"pg_dump \S+: [\d.]+ (KiB|MiB|GiB), [\d.]+ (KiB|MiB|GiB)/s, \d+ s", text), text
+    piped = env.run("backup", "postgres")
+    assert piped.returncode == 0
+    assert "/s, " not in piped.stdout + piped.stderr
+    assert "\r" not in piped.stdout + piped.stderr
