@@ -3,7 +3,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/pg_backup.py [--size-mb 250] [--sizes 120,250] [--repeat 2]
+    .venv/bin/python bench/pg_backup.py [--size-mb 250] [--sizes 120,250] [--repeat 3]
 
 It starts its own throwaway PostgreSQL server (never the machine's server on 5432), fills a database
 with `fill_bulk` rows, and times, at the largest size:
@@ -121,6 +121,19 @@ def _read_stat(pid: int | str) -> tuple[int, str, int, int] | None:
     return int(fields[1]), comm, int(fields[11]) + int(fields[12]), int(fields[21])
 
 
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs, from /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def _is_copying(pid: int) -> bool:
     """Whether a backend's process title says it is running COPY right now."""
     try:
@@ -150,6 +163,7 @@ class ProcSampler(threading.Thread):
         self.thread_ticks: dict[int, int] = {}  # tid -> ticks, threads of the root process
         self.descendants: set[int] = set()
         self.copying: set[int] = set()  # backends seen running COPY (pg_dump's data, psql's load)
+        self.other_cpu = 0.0
         self._halt = threading.Event()
         self._scan(baseline=True)
 
@@ -289,6 +303,7 @@ class Runner:
         err_path = self.workdir / f"run{self.counter}.err"
         sampler = ProcSampler(self.postmaster)
         self.current_sampler = sampler
+        busy0, own0 = _busy_seconds(), _own_cpu()
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             started = time.perf_counter()
             if shell:
@@ -306,6 +321,10 @@ class Runner:
         proc.returncode = os.waitstatus_to_exitcode(status)
         self.current = None
         sampler.finish()
+        # CPU the machine spent on anything but this measurement and the benchmark itself: other
+        # people's work on a shared box. Large values mean the run was disturbed.
+        tracked = sum(sampler.cpu_by_label().values())
+        sampler.other_cpu = round(max(_busy_seconds() - busy0 - (_own_cpu() - own0) - tracked, 0.0), 2)
         self.current_sampler = None
         return wall, proc.returncode, rusage, sampler, out_path, err_path
 
@@ -426,6 +445,7 @@ class Bench:
         run.cpu_sampled = sampler.cpu_by_label()
         run.peak_rss_sampled_kb = sampler.peak_rss_kb
         run.threads = sampler.root_threads()
+        run.extra["other_cpu_s"] = sampler.other_cpu
         side.unlink(missing_ok=True)
         out.unlink(missing_ok=True)
         err.unlink(missing_ok=True)
@@ -441,6 +461,7 @@ class Bench:
         run.cpu_children = round(rusage.ru_utime + rusage.ru_stime, 2)  # sh and everything it waited for
         run.cpu_sampled = sampler.cpu_by_label()
         run.peak_rss_sampled_kb = sampler.peak_rss_kb
+        run.extra["other_cpu_s"] = sampler.other_cpu
         if output is not None and output.exists():
             run.output_bytes = output.stat().st_size
         error_lines = [line for line in errors.splitlines() if "ERROR" in line]
@@ -555,7 +576,8 @@ class Bench:
                 self.runs.append(run)
                 mem = f", peak RSS {run.peak_rss_kb / 1024:.1f} MiB" if run.peak_rss_kb else ""
                 size = f", {run.output_bytes / MIB:.1f} MiB" if run.output_bytes and "restore" not in label else ""
-                log(f"{size_mb} MB rep {rep}: {run.name:<32} {run.wall:7.2f} s{size}{mem}  cpu {run.cpu_sampled}")
+                log(f"{size_mb} MB rep {rep}: {run.name:<32} {run.wall:7.2f} s{size}{mem}  cpu {run.cpu_sampled}"
+                    f"  other load {run.extra.get('other_cpu_s', 0):.2f} CPU s")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,6 +607,7 @@ def summarize(runs: list[Run]) -> dict[int, dict[str, dict[str, Any]]]:
                               if any(r.cpu_self is not None for r in rs) else None),
             "cpu_children_mean": (round(statistics.mean(r.cpu_children for r in rs if r.cpu_children is not None), 2)
                                   if any(r.cpu_children is not None for r in rs) else None),
+            "other_cpu_mean": round(statistics.mean(r.extra.get("other_cpu_s", 0.0) for r in rs), 2),
             "threads": rs[-1].threads,
             "extra": rs[-1].extra,
         }
@@ -609,12 +632,12 @@ def table_rows(summary: dict[int, dict[str, dict[str, Any]]]) -> list[list[str]]
             rows.append([f"{size}", name, f"{e['wall_median']:.2f}", f"{e['wall_best']:.2f}",
                          _fmt_mib(e["output_bytes"]), _fmt_mib(e["uncompressed_bytes"]),
                          f"{e['peak_rss_mib']:.1f}" if e["peak_rss_mib"] else "-",
-                         _cpu_brief(e["cpu_sampled_mean"])])
+                         _cpu_brief(e["cpu_sampled_mean"]), f"{e['other_cpu_mean']:.2f}"])
     return rows
 
 
 HEADER = ["size MB", "measurement", "wall s (median)", "wall s (best)", "output MiB", "raw MiB",
-          "our peak RSS MiB (max)", "CPU s by process (mean)"]
+          "our peak RSS MiB (max)", "CPU s by process (mean)", "other load CPU s (mean)"]
 
 
 def text_table(rows: list[list[str]]) -> str:

@@ -39,7 +39,8 @@ Compression = Literal["gzip", "zstd", "none"]
 CHUNK = 1 << 20
 GZIP_BLOCK = 4 << 20
 EXTENSIONS: dict[str, str] = {"gzip": ".gz", "zstd": ".zst", "none": ""}
-DEFAULT_LEVELS: dict[str, int] = {"gzip": 6, "zstd": 3, "none": 0}
+# zstd 1, not 3: on dump data it is as small (or smaller) for half the CPU (docs/decisions/0005).
+DEFAULT_LEVELS: dict[str, int] = {"gzip": 6, "zstd": 1, "none": 0}
 FILE_MODE = 0o640
 DIR_MODE = 0o750
 
@@ -67,8 +68,11 @@ class _Identity:
 
 class _Zstd:
     def __init__(self, level: int, threads: int) -> None:
-        cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-        self._obj = cctx.compressobj()
+        # 1 MiB jobs: zstd's default job size (8 MiB at level 1-3) costs ~60 MiB of buffers with two
+        # threads; 1 MiB keeps memory near 10 MiB for a few percent more CPU and the same ratio.
+        params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads, job_size=1 << 20,
+                                                               write_checksum=1)
+        self._obj = zstandard.ZstdCompressor(compression_params=params).compressobj()
 
     def compress(self, data: bytes) -> bytes:
         return self._obj.compress(data)
@@ -314,6 +318,21 @@ def file_chunks(path: Path, progress: Progress | None = None) -> Iterator[bytes]
         raise storage_error(exc, path, "read") from None
     with fh:
         yield from stream_chunks(fh.read, progress)
+
+
+def verified_chunks(path: Path, size: int | None, sha256: str | None,
+                    progress: Progress | None = None) -> Iterator[bytes]:
+    """The file's bytes in chunks; after the last one, raises IntegrityError if its size or sha256 is not
+    the expected one (so a consumer that commits only at the end never commits changed data)."""
+    digest = hashlib.sha256()
+    seen = 0
+    for chunk in file_chunks(path, progress):
+        digest.update(chunk)
+        seen += len(chunk)
+        yield chunk
+    if (size is not None and seen != size) or (sha256 is not None and digest.hexdigest() != sha256):
+        raise IntegrityError(f"{path.name} changed while it was being read (size or sha256 differs from its "
+                             "manifest); nothing was committed", hint="check what else writes to the backup folder")
 
 
 def compress_into(chunks: Iterable[bytes], compressor: Compressor, out: AtomicFile) -> int:

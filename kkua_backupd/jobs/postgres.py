@@ -7,6 +7,7 @@ manifest come from the same exported snapshot, so they describe exactly the same
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -41,9 +42,9 @@ from ..pipeline import (
     check_file,
     compress_into,
     decompress,
-    file_chunks,
     make_compressor,
     stream_chunks,
+    verified_chunks,
 )
 from ..progress import Progress, human_bytes
 from ..storage import (
@@ -197,6 +198,12 @@ def parse_tool_version(text: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+@functools.cache
+def tool_version(exe: Path) -> str:
+    """What `exe --version` prints (asked once per process); raises CommandFailed if it cannot run."""
+    return execute.run((str(exe), "--version"), job=KIND, timeout=30).decode().strip()
+
+
 def choose_bin_dir(server_major: int, candidates: dict[int, Path]) -> Path | None:
     """The client folder for a server: the same major if present, else the oldest newer one (pg_dump
     must be at least as new as the server), else None."""
@@ -221,7 +228,7 @@ def candidate_bin_dirs(override: Path | None) -> dict[int, Path]:
         if not os.access(exe, os.X_OK):
             continue
         try:
-            major = parse_tool_version(execute.run((str(exe), "--version"), job=KIND, timeout=30).decode())
+            major = parse_tool_version(tool_version(exe))
         except KkuaError:
             continue
         if major is not None and major not in found:
@@ -380,7 +387,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
         server = server_info(snap_conn)
         snap_conn.rollback()
         bin_dir = find_bin_dir(pg, server)
-        tool_version = execute.run((str(bin_dir / "pg_dump"), "--version"), job=KIND).decode().strip()
+        pg_dump_version = tool_version(bin_dir / "pg_dump")
         snap_conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         snap_conn.read_only = True
         snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
@@ -416,7 +423,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
              uncompressed=human_bytes(uncompressed), seconds=round(seconds, 2),
              rate=f"{human_bytes(uncompressed / max(seconds, 1e-6))}/s", tables=len(stats.result),
              rows=sum(t["rows"] for t in stats.result.values()))
-    return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, tool_version,
+    return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
                       fmt, compression)
 
 
@@ -457,8 +464,9 @@ def backup(ctx: JobContext, *, test_restore: bool | None = None) -> Manifest:
         extra: dict[str, Any] = {}
         status, error = "ok", None
         if want_test:
+            written = ManifestFile(name=result.file.name, size=result.file.size, sha256=result.file.sha256)
             outcome = _test_restore_file(ctx, folder / result.file.name, result.fmt, result.compression,
-                                         result.set_id, result.tables)
+                                         set_id=result.set_id, expected=result.tables, expected_file=written)
             extra["test_restore"] = outcome
             if not outcome["ok"]:
                 status, error = "failed", f"test restore failed: {outcome['error']}"
@@ -579,11 +587,15 @@ def _script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: 
 
 
 def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,
-                 wipe: bool, new_database: bool, progress: Progress | None = None) -> None:
+                 wipe: bool, new_database: bool, expected: ManifestFile | None,
+                 progress: Progress | None = None) -> None:
     """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
-    going into a new database. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
+    going into a new database. The bytes are hashed as they are read; if they do not match `expected`
+    the load stops before its COMMIT. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
     pg = ctx.config.postgres
-    chunks = decompress(compression, file_chunks(path, progress), name=path.name)
+    raw = verified_chunks(path, expected.size if expected else None, expected.sha256 if expected else None,
+                          progress)
+    chunks = decompress(compression, raw, name=path.name)
     if fmt == "plain":
         load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe)
         return
@@ -635,8 +647,8 @@ def terminate_sessions(conn: psycopg.Connection, dbname: str) -> int:
 # Test restore and verification
 
 
-def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, set_id: str,
-                       expected: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *, set_id: str,
+                       expected: dict[str, dict[str, Any]], expected_file: ManifestFile | None) -> dict[str, Any]:
     """Restore a file into a scratch database, compare its tables with `expected`, always drop it.
 
     Returns {"ok", "database", "tables", "rows", "seconds", "problems", "error"}; never raises for a
@@ -654,6 +666,7 @@ def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, 
             create_database(admin, scratch)
             progress = Progress(f"test restore {path.name}", enabled=ctx.interactive)
             restore_into(ctx, bin_dir, scratch, path, fmt, compression, wipe=False, new_database=True,
+                         expected=expected_file,
                          progress=progress)
             progress.clear()
             checksums = any("checksum" in t for t in expected.values())
@@ -739,8 +752,9 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
         fmt, compression = set_format(backup_set)
         expected = backup_set.manifest.details.get("tables", {}) if backup_set.manifest else {}
         with TargetLock(ctx.config.backup_dir, KIND, "verify --restore-test"):
-            outcome = _test_restore_file(ctx, backup_set.path(), fmt, compression, backup_set.id or "adhoc",
-                                         expected)
+            outcome = _test_restore_file(
+                ctx, backup_set.path(), fmt, compression, set_id=backup_set.id or "adhoc", expected=expected,
+                expected_file=backup_set.manifest.files[0] if backup_set.manifest else None)
         report["restore_test"] = outcome
         report["ok"] = report["ok"] and outcome["ok"]
     return report
@@ -836,6 +850,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
             load_started = time.monotonic()
             try:
                 restore_into(ctx, bin_dir, target, backup_set.path(), fmt, compression, wipe=not created,
+                             expected=backup_set.manifest.files[0] if backup_set.manifest else None,
                              new_database=created, progress=progress)
             except KkuaError as exc:
                 progress.clear()

@@ -134,3 +134,18 @@ def test_gzip_levels_map_onto_isal_levels() -> None:
     if pipeline.deflate.__name__ == "zlib":
         pytest.skip("python-isal is not installed; zlib takes levels as they are")
     assert [pipeline.gzip_level(n) for n in range(1, 10)] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_verified_chunks_raise_after_the_last_chunk_when_the_file_changed(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 3_000_000)
+    info = pipeline.check_file(path, "none")
+    assert b"".join(pipeline.verified_chunks(path, info.size, info.sha256)) == b"x" * 3_000_000
+    blob = bytearray(path.read_bytes())
+    blob[-1] = ord("y")
+    path.write_bytes(bytes(blob))
+    received = []
+    with pytest.raises(IntegrityError, match="changed while it was being read"):
+        for chunk in pipeline.verified_chunks(path, info.size, info.sha256):
+            received.append(chunk)
+    assert sum(map(len, received)) == info.size  # every byte was handed on, the verdict comes last
