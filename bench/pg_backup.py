@@ -608,6 +608,9 @@ def summarize(runs: list[Run]) -> dict[int, dict[str, dict[str, Any]]]:
             "cpu_children_mean": (round(statistics.mean(r.cpu_children for r in rs if r.cpu_children is not None), 2)
                                   if any(r.cpu_children is not None for r in rs) else None),
             "other_cpu_mean": round(statistics.mean(r.extra.get("other_cpu_s", 0.0) for r in rs), 2),
+            "dump_median": (round(statistics.median(r.extra["dump_seconds"] for r in rs
+                                                    if r.extra.get("dump_seconds") is not None), 3)
+                            if any(r.extra.get("dump_seconds") is not None for r in rs) else None),
             "threads": rs[-1].threads,
             "extra": rs[-1].extra,
         }
@@ -675,6 +678,11 @@ def ratios(summary: dict[int, dict[str, dict[str, Any]]], main: int) -> list[dic
         v = guide / wall(f"ours {fmt}+gzip")
         out.append({"ratio": f"guide (pg_dump | gzip) / ours {fmt}+gzip", "value": v,
                     "target": f">= {TARGETS['guide_vs_gzip']}", "met": v >= TARGETS["guide_vs_gzip"]})
+    for fmt in ("custom", "plain"):
+        dump = s[f"ours {fmt}+zstd"].get("dump_median")
+        if dump:
+            out.append({"ratio": f"ours {fmt}+zstd dump phase only (manifest dump_seconds) / source alone",
+                        "value": dump / src, "target": "(info)", "met": None})
     v = wall("ours restore (plain gzip)") / wall("guide: gunzip | psql")
     out.append({"ratio": "ours restore / gunzip | psql (time; lower is better)", "value": v, "target": "(none)",
                 "met": None})

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
@@ -249,6 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(Interrupted("interrupted (Ctrl-C)", hint="no partial file was kept"), json_mode, log)
     except KkuaError as exc:
         return _fail(exc, json_mode, log)
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for the report
+        for line in traceback.format_exc().splitlines():
+            log.debug(line)
+        return _fail(KkuaError(f"unexpected {type(exc).__name__}: {exc}",
+                               hint="this is a bug in kkua-backup; run again with -v for the traceback"),
+                     json_mode, log)
     finally:
         sink.close()
 

@@ -863,6 +863,9 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
                                hint="see restore.log for the failing statement") from None
             progress.clear()
             report["load_seconds"] = round(time.monotonic() - load_started, 2)
+        except psycopg.Error as exc:
+            raise JobError(f"PostgreSQL refused a step of the restore into {target!r}: {str(exc).strip()}",
+                           hint="the backup user needs CREATEDB and ownership of the database") from None
         finally:
             admin.close()
         report.update(_verify_restored(ctx, backup_set, target))
