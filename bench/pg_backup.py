@@ -515,6 +515,11 @@ class Bench:
         self.restore_counter += 1
         return f"kkua_bench_restore_{self.restore_counter}"
 
+    def _expect_rows(self, target: str, expected: int, what: str) -> None:
+        got = self.rows(target)
+        if got != expected:
+            raise RuntimeError(f"{what} into {target}: {got} rows, expected {expected}")
+
     def our_restore(self, size_mb: int, rep: int, expected_rows: int) -> Run:
         assert self.restore_file is not None
         target = self._new_db_name()
@@ -524,9 +529,7 @@ class Bench:
                                        self.restore_file, "--target-db", target, "--force")
             run.output_bytes = (self.restore_dir / "postgres" / self.restore_file).stat().st_size
             run.extra["load_seconds"] = report.get("load_seconds")
-            got = self.rows(target)
-            if got != expected_rows:
-                raise RuntimeError(f"our restore into {target}: {got} rows, expected {expected_rows}")
+            self._expect_rows(target, expected_rows, "our restore")
         finally:
             self.server.drop_database(target)
         return run
@@ -542,9 +545,7 @@ class Bench:
                    f"{self.conn_opts} --dbname={target} > /dev/null")
             run = self.tool("guide: gunzip | psql", size_mb, rep, cmd, None)
             run.output_bytes = path.stat().st_size
-            got = self.rows(target)
-            if got != expected_rows:
-                raise RuntimeError(f"gunzip | psql into {target}: {got} rows, expected {expected_rows}")
+            self._expect_rows(target, expected_rows, "gunzip | psql")
         finally:
             self.server.drop_database(target)
         return run
@@ -653,7 +654,7 @@ def text_table(rows: list[list[str]]) -> str:
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 

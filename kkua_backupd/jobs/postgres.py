@@ -859,8 +859,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
                     raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
                                    f"the database was dropped again: {exc}") from None
                 raise JobError(f"restore of {backup_set.name} failed and was rolled back; database {target!r}"
-                               f" still holds its previous data: {exc}",
-                               hint="see restore.log for the failing statement") from None
+                               f" still holds its previous data: {exc}", hint=restore_hint(exc)) from None
             progress.clear()
             report["load_seconds"] = round(time.monotonic() - load_started, 2)
         except psycopg.Error as exc:
@@ -878,6 +877,22 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
                  rows=report["rows"], seconds=report["seconds"], verified="row counts match the backup"
                  if backup_set.manifest else "no manifest to compare with")
     return report
+
+
+_MISSING_ROLE = re.compile(r'role "([^"]+)" does not exist')
+
+
+def restore_hint(exc: KkuaError) -> str:
+    """What to do about a failed load, read from the tool's last error lines."""
+    text = " ".join(getattr(exc, "stderr_tail", [])) + " " + exc.message
+    missing = sorted(set(_MISSING_ROLE.findall(text)))
+    if missing:
+        names = ", ".join(missing)
+        return (f"the backup's objects belong to role(s) {names}, which this server does not have: create "
+                f"them (CREATE ROLE {missing[0]} LOGIN ...), then restore again")
+    if "permission denied" in text or "must be owner" in text:
+        return "the restoring user must own the database's objects (or be a superuser)"
+    return "see restore.log for the failing statement"
 
 
 def _plan(ctx: JobContext, backup_set: BackupSet, target: str, *, in_place: bool, exists: bool,

@@ -650,6 +650,7 @@ def test_restore_failing_on_missing_role_rolls_back(env: Env) -> None:
         text = output(result)
         assert "rolled back" in text and "still holds its previous data" in text, text
         assert f'role "{role}" does not exist' in text, text
+        assert f"create them (CREATE ROLE {role} LOGIN ...), then restore again" in text, text
         assert contents_of(env) == before_data
         assert schema_dump(env.server, env.database) == before_schema
         assert_earlier_intact(env, before_files)
