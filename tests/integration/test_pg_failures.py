@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
 from psycopg import sql
 
@@ -920,3 +921,68 @@ def test_progress_is_shown_on_a_terminal_only(env: Env, big_db: str) -> None:
     assert piped.returncode == 0
     assert "/s, " not in piped.stdout + piped.stderr
     assert "\r" not in piped.stdout + piped.stderr
+
+
+def table_counts(env: Env, dbname: str) -> dict[str, int]:
+    """Row count of every user table (cheap enough for the big database)."""
+    with env.server.connect(dbname) as conn:
+        tables = conn.execute("SELECT schemaname, tablename FROM pg_tables WHERE schemaname NOT IN "
+                              "('pg_catalog', 'information_schema') ORDER BY 1, 2").fetchall()
+        return {f"{s}.{t}": conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+            sql.Identifier(s, t))).fetchone()[0] for s, t in tables}  # type: ignore[index]
+
+
+def test_kill9_during_in_place_restore_keeps_the_old_data(env: Env, big_db: str) -> None:
+    """The restoring process dies mid-load: psql sees the end of its input without a COMMIT, the server
+    rolls everything back, the database is exactly as before and the lock is free."""
+    env.write_config(database=big_db)
+    before_files = make_backup(env)
+    with env.server.connect(big_db) as conn:
+        conn.execute("UPDATE users SET bio = 'after the backup' WHERE id = 1")
+    counts = table_counts(env, big_db)
+    schema = schema_dump(env.server, big_db)
+
+    proc = env.popen("restore", "postgres", "latest", "--force", "--no-safety-backup")
+
+    def loading() -> int | None:
+        if proc.poll() is not None:
+            pytest.fail(f"the restore ended (exit {proc.returncode}) before it could be killed")
+        psqls = [p for p in descendants(proc.pid) if Path((cmdline(p) or [""])[0]).name == "psql"]
+        if not psqls:
+            return None
+        with env.server.connect("postgres") as conn:
+            copying = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
+                                   "application_name = 'kkua-backup' AND query LIKE 'COPY %%'",
+                                   (big_db,)).fetchone()[0]  # type: ignore[index]
+        return psqls[0] if copying else None
+
+    psql_pid = wait_for(loading, "psql to be loading rows")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+    def settled() -> bool:
+        with env.server.connect("postgres") as conn:
+            busy = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
+                                "application_name = 'kkua-backup'", (big_db,)).fetchone()[0]  # type: ignore[index]
+        state = proc_stat(psql_pid)
+        return busy == 0 and (state is None or state[0] in ("Z", "X"))
+
+    wait_for(settled, "psql and its session to end")
+    assert table_counts(env, big_db) == counts
+    assert schema_dump(env.server, big_db) == schema
+    with env.server.connect(big_db) as conn:
+        bio = conn.execute("SELECT bio FROM users WHERE id = 1").fetchone()[0]  # type: ignore[index]
+    assert bio == "after the backup"
+    assert holder_of(env.backup_dir, "postgres") is None
+    assert_earlier_intact(env, before_files)
+
+
+def test_restore_ends_other_sessions(env: Env) -> None:
+    make_backup(env)
+    with env.connect() as idle:
+        idle.execute("SELECT 1")
+        result = env.run("restore", "postgres", "latest", "--force", "--no-safety-backup")
+        assert result.returncode == 0, describe(result)
+        assert "ended other sessions on the database" in output(result)
+        with pytest.raises(psycopg.OperationalError):
+            idle.execute("SELECT 1")
