@@ -114,10 +114,10 @@ def run_demo(root: Path) -> None:
         for s in listing:
             _say(f"  {s['type']:<7} {s['id']}  {s['status']:<6} {human_bytes(sum(f['size'] for f in s['files'])):>10}"
                  f"  {s['files'][0]['name']}")
-        _say("\n  step                                                   seconds  exit")
+        _say(f"\n  {'step':<62} seconds  exit")
         for step, seconds, code in demo.timings:
-            _say(f"  {step[:54]:<54} {seconds:8.2f}  {code}")
-        _say(f"\n  logs: {demo.logs}/backup.log, {demo.logs}/restore.log")
+            _say(f"  {step[:62]:<62} {seconds:7.2f}  {code}")
+        _say(f"\n  logs: {demo.logs}/backup.log, {demo.logs}/restore.log (removed at the end unless --keep)")
         _say("\nDemo passed: backup, verification, test restore and restores all agree with the source.")
 
 
