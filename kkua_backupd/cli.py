@@ -227,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for section in (config.postgres, config.redis):
             if section.password is not None:
                 sink.add_secret(section.password.get_secret_value())
-        ctx = JobContext(config=config, log=logs.get_logger(job="postgres"),
+        pg = config.postgres
+        ctx = JobContext(config=config, log=logs.get_logger(job="postgres",
+                                                            target=f"{pg.host}:{pg.port}/{pg.database}"),
                          interactive=interactive() and not json_mode, json_mode=json_mode)
         if args.command in LOG_FILES:
             sink.open_file(config.log_dir, LOG_FILES[args.command])

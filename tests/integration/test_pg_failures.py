@@ -986,3 +986,19 @@ def test_restore_ends_other_sessions(env: Env) -> None:
         assert "ended other sessions on the database" in output(result)
         with pytest.raises(psycopg.OperationalError):
             idle.execute("SELECT 1")
+
+
+def test_client_older_than_the_server_is_refused_with_what_to_install(env: Env, tmp_path: Path) -> None:
+    """Only a pg_dump 14 is available for a PostgreSQL 15 server: refuse, and say which client to install."""
+    old = tmp_path / "pg14" / "bin"
+    old.mkdir(parents=True)
+    for tool in ("pg_dump", "pg_restore", "psql"):
+        (old / tool).write_text(f"#!/bin/sh\necho '{tool} (PostgreSQL) 14.11'\n")
+        (old / tool).chmod(0o755)
+    env.write_config(bin_dir=str(old))
+    result = env.run("backup", "postgres")
+    assert result.returncode == 3, describe(result)
+    text = output(result)
+    assert "server is version 15" in text and "found: 14" in text, text
+    assert "install postgresql-client-15" in text, text
+    assert listed_sets(env) == []
