@@ -85,6 +85,29 @@ WHERE c.relkind = 'r'
 ORDER BY 1, 2
 """
 
+# Roles the dump will name (object owners and grantees): a restore onto a server without them fails, so
+# the manifest records them and a restore checks for them before it changes anything.
+ROLES_SQL = """
+WITH objs(owner, acl) AS (
+  SELECT c.relowner, c.relacl FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+  UNION ALL
+  SELECT nspowner, nspacl FROM pg_namespace
+   WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_%'
+  UNION ALL
+  SELECT p.proowner, p.proacl FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+  UNION ALL
+  SELECT t.typowner, t.typacl FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+)
+SELECT DISTINCT r.rolname
+FROM (SELECT owner AS oid FROM objs
+      UNION SELECT (aclexplode(acl)).grantee FROM objs WHERE acl IS NOT NULL) x
+JOIN pg_roles r ON r.oid = x.oid
+ORDER BY 1
+"""
+
 # Run before the dump's SQL, inside the restore's transaction: every user schema goes, so objects
 # created after the backup cannot block or survive the restore. `public` comes back with the owner,
 # privileges and comment it had; pg_dump then recreates everything else.
@@ -320,6 +343,20 @@ def table_stats(conn: psycopg.Connection, *, checksums: bool) -> dict[str, dict[
     return stats
 
 
+def referenced_roles(conn: psycopg.Connection) -> list[str]:
+    """Roles that own or are granted something in the database (what the dump's OWNER/GRANT lines name)."""
+    return [str(row[0]) for row in conn.execute(ROLES_SQL).fetchall()]
+
+
+def missing_roles(conn: psycopg.Connection, roles: list[str]) -> list[str]:
+    """Which of `roles` the server does not have."""
+    if not roles:
+        return []
+    present = {str(r[0]) for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)",
+                                               (roles,)).fetchall()}
+    return [r for r in roles if r not in present]
+
+
 def compare_stats(expected: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]]) -> list[str]:
     """Differences between two table_stats results, one readable line each (empty when equal)."""
     problems = []
@@ -354,6 +391,7 @@ class DumpResult:
     pg_dump_version: str
     fmt: str
     compression: str
+    roles: list[str]
 
 
 class _StatsThread(threading.Thread):
@@ -362,10 +400,12 @@ class _StatsThread(threading.Thread):
         self.conn = conn
         self.checksums = checksums
         self.result: dict[str, dict[str, Any]] = {}
+        self.roles: list[str] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
+            self.roles = referenced_roles(self.conn)
             self.result = table_stats(self.conn, checksums=self.checksums)
         except BaseException as exc:  # reported by the caller
             self.error = exc
@@ -424,7 +464,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
              rate=f"{human_bytes(uncompressed / max(seconds, 1e-6))}/s", tables=len(stats.result),
              rows=sum(t["rows"] for t in stats.result.values()))
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
-                      fmt, compression)
+                      fmt, compression, stats.roles)
 
 
 def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str, status: str = "ok",
@@ -433,7 +473,8 @@ def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str
     data = base_manifest(KIND, set_type, prefix, result.set_id, result.created)
     details: dict[str, Any] = {"database": dbname, "format": result.fmt, "compression": result.compression,
                                "server_version": result.server.version, "pg_dump_version": result.pg_dump_version,
-                               "uncompressed_bytes": result.uncompressed, "tables": result.tables}
+                               "uncompressed_bytes": result.uncompressed, "tables": result.tables,
+                               "roles": result.roles}
     details.update(extra or {})
     timings = {"dump_seconds": round(result.seconds, 3)}
     if total_seconds is not None:
@@ -825,6 +866,13 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
             server = server_info(admin)
             bin_dir = find_bin_dir(pg, server)
             exists = database_exists(admin, target)
+            needed = backup_set.manifest.details.get("roles", []) if backup_set.manifest else []
+            absent = missing_roles(admin, needed)
+            if absent:
+                raise Refused(f"the backup's objects belong to or are granted to role(s) {', '.join(absent)}, "
+                              f"which {pg.host}:{pg.port} does not have; nothing was changed",
+                              hint=f"create them first (e.g. CREATE ROLE {absent[0]} LOGIN PASSWORD '...'), "
+                                   "then restore again")
             if target_db and exists:
                 raise Refused(f"database {target!r} already exists",
                               hint="--target-db restores into a new database: choose another name or drop it")

@@ -626,7 +626,11 @@ def test_restore_of_sql_failing_halfway_rolls_back(env: Env) -> None:
     assert [s["type"] for s in listed_sets(env)].count("backup") == 1
 
 
-def test_restore_failing_on_missing_role_rolls_back(env: Env) -> None:
+@pytest.mark.parametrize("with_manifest", [True, False], ids=["refused-before-any-change", "legacy-rolled-back"])
+def test_restore_needing_a_missing_role(env: Env, with_manifest: bool) -> None:
+    """A backup whose objects belong to a role the server no longer has. With a manifest the restore
+    knows the roles and refuses before the safety backup or any change; a file without one fails in its
+    SQL and is rolled back. Either way the message says which role to create."""
     role = f"tmp_owner_{os.getpid()}"
     ident = sql.Identifier(role)
     try:
@@ -636,7 +640,13 @@ def test_restore_failing_on_missing_role_rolls_back(env: Env) -> None:
             conn.execute("CREATE TABLE public.owned_by_tmp (id int PRIMARY KEY, note text)")
             conn.execute("INSERT INTO public.owned_by_tmp VALUES (1, 'one'), (2, 'two')")
             conn.execute(sql.SQL("ALTER TABLE public.owned_by_tmp OWNER TO {}").format(ident))
-        before_files = make_backup(env)
+        make_backup(env)
+        (backup_set,) = listed_sets(env)
+        assert role in backup_set["details"]["roles"]
+        name = backup_set["files"][0]["name"]
+        if not with_manifest:  # as if the old scripts had made it
+            (env.folder / f"kkua_backup_{backup_set['id']}.manifest.json").unlink()
+        before_files = folder_state(env.folder)
         with env.connect() as conn:
             conn.execute(sql.SQL("REASSIGN OWNED BY {} TO postgres").format(ident))
             conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
@@ -645,13 +655,19 @@ def test_restore_failing_on_missing_role_rolls_back(env: Env) -> None:
         before_data = contents_of(env)
         before_schema = schema_dump(env.server, env.database)
 
-        result = env.run("restore", "postgres", "latest", "--force")
+        result = env.run("restore", "postgres", name, "--force")
 
-        assert result.returncode == 1, describe(result)
         text = output(result)
-        assert "rolled back" in text and "still holds its previous data" in text, text
-        assert f'role "{role}" does not exist' in text, text
-        assert f"create them (CREATE ROLE {role} LOGIN ...), then restore again" in text, text
+        if with_manifest:
+            assert result.returncode == 3, describe(result)
+            assert f"role(s) {role}" in text and "nothing was changed" in text, text
+            assert f"create them first (e.g. CREATE ROLE {role} LOGIN" in text, text
+            assert folder_state(env.folder) == before_files  # not even a safety backup
+        else:
+            assert result.returncode == 1, describe(result)
+            assert "rolled back" in text and "still holds its previous data" in text, text
+            assert f'role "{role}" does not exist' in text, text
+            assert f"create them (CREATE ROLE {role} LOGIN ...), then restore again" in text, text
         assert contents_of(env) == before_data
         assert schema_dump(env.server, env.database) == before_schema
         assert_earlier_intact(env, before_files)
@@ -1002,3 +1018,23 @@ def test_client_older_than_the_server_is_refused_with_what_to_install(env: Env, 
     assert "server is version 15" in text and "found: 14" in text, text
     assert "install postgresql-client-15" in text, text
     assert listed_sets(env) == []
+
+
+def test_hung_dump_hits_its_timeout(env: Env) -> None:
+    """pg_dump waits forever on a table another session holds exclusively: the step's timeout stops it
+    (SIGTERM, then SIGKILL after the grace period), nothing partial stays, the lock is free."""
+    env.write_config(dump_timeout=2)
+    with env.connect() as blocker:
+        blocker.autocommit = False
+        blocker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        result = env.run("backup", "postgres", timeout=120)
+        elapsed = time.monotonic() - started
+        blocker.rollback()
+    assert result.returncode == 1, describe(result)
+    assert "pg_dump timed out after 2 s and was stopped" in output(result), describe(result)
+    assert elapsed < 30
+    assert list(env.folder.glob("*.partial")) == []
+    assert listed_sets(env) == []
+    assert holder_of(env.backup_dir, "postgres") is None
+    assert env.run("backup", "postgres").returncode == 0
