@@ -70,10 +70,6 @@ class Progress:
                 self.stream.flush()
                 self._drawn = False
 
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
 
 def interactive(stream: TextIO | None = None) -> bool:
     """True when a person is watching `stream` (a terminal, and not under systemd's journal)."""
