@@ -320,17 +320,29 @@ def file_chunks(path: Path, progress: Progress | None = None) -> Iterator[bytes]
         yield from stream_chunks(fh.read, progress)
 
 
+class HashedFile:
+    """Iterates over a file's bytes in chunks, keeping their count and sha256 as it goes."""
+
+    def __init__(self, path: Path, progress: Progress | None = None) -> None:
+        self.path = path
+        self.progress = progress
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in file_chunks(self.path, self.progress):
+            self.digest.update(chunk)
+            self.size += len(chunk)
+            yield chunk
+
+
 def verified_chunks(path: Path, size: int | None, sha256: str | None,
                     progress: Progress | None = None) -> Iterator[bytes]:
     """The file's bytes in chunks; after the last one, raises IntegrityError if its size or sha256 is not
     the expected one (so a consumer that commits only at the end never commits changed data)."""
-    digest = hashlib.sha256()
-    seen = 0
-    for chunk in file_chunks(path, progress):
-        digest.update(chunk)
-        seen += len(chunk)
-        yield chunk
-    if (size is not None and seen != size) or (sha256 is not None and digest.hexdigest() != sha256):
+    source = HashedFile(path, progress)
+    yield from source
+    if (size is not None and source.size != size) or (sha256 is not None and source.digest.hexdigest() != sha256):
         raise IntegrityError(f"{path.name} changed while it was being read (size or sha256 differs from its "
                              "manifest); nothing was committed", hint="check what else writes to the backup folder")
 
@@ -360,15 +372,6 @@ class CheckResult:
 def check_file(path: Path, compression: str, progress: Progress | None = None) -> CheckResult:
     """Read the whole file once: its size, sha256, and a full decompression (no output kept);
     raises IntegrityError if it does not decompress, StorageError if it cannot be read."""
-    digest = hashlib.sha256()
-    size = 0
-
-    def hashed() -> Iterator[bytes]:
-        nonlocal size
-        for chunk in file_chunks(path, progress):
-            digest.update(chunk)
-            size += len(chunk)
-            yield chunk
-
-    uncompressed = sum(len(part) for part in decompress(compression, hashed(), name=path.name))
-    return CheckResult(size, digest.hexdigest(), uncompressed)
+    source = HashedFile(path, progress)
+    uncompressed = sum(len(part) for part in decompress(compression, source, name=path.name))
+    return CheckResult(source.size, source.digest.hexdigest(), uncompressed)

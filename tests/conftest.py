@@ -73,12 +73,8 @@ class Env:
     def run(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
             timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
         """Run `kkua-backup ARGS` as a separate process with this test's config; stdin is not a terminal."""
-        full_env = {k: v for k, v in os.environ.items()
-                    if k not in ("FORCE_RESTORE", "TEST_RESTORE", "JOURNAL_STREAM") and not k.startswith("DATABASE_")}
-        full_env["KKUA_BACKUP_CONFIG"] = str(self.config_path)
-        full_env.update(env or {})
         result = subprocess.run([sys.executable, "-m", "kkua_backupd", *args], input=input or "",
-                                capture_output=True, text=True, env=full_env, timeout=timeout)
+                                capture_output=True, text=True, env=self.cli_env(env), timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"kkua-backup {' '.join(args)} exited {result.returncode}\n"
                                  f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
@@ -86,9 +82,17 @@ class Env:
 
     def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         """Start `kkua-backup ARGS` without waiting (for kill -9 and lock tests)."""
-        full_env = dict(os.environ, KKUA_BACKUP_CONFIG=str(self.config_path), **(env or {}))
         return subprocess.Popen([sys.executable, "-m", "kkua_backupd", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=full_env)
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=self.cli_env(env))
+
+    def cli_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The CLI's environment: ours without the guide's variables (a test sets those itself), this
+        test's config, and `extra`."""
+        full = {k: v for k, v in os.environ.items()
+                if k not in ("FORCE_RESTORE", "TEST_RESTORE", "JOURNAL_STREAM") and not k.startswith("DATABASE_")}
+        full["KKUA_BACKUP_CONFIG"] = str(self.config_path)
+        full.update(extra or {})
+        return full
 
 
 def _toml(value: Any) -> str:

@@ -126,11 +126,7 @@ def assert_no_partials(folder: Path) -> None:
 
 def cli_environment(env: Env, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The same environment `Env.run` gives the CLI."""
-    full = {k: v for k, v in os.environ.items()
-            if k not in ("FORCE_RESTORE", "TEST_RESTORE", "JOURNAL_STREAM") and not k.startswith("DATABASE_")}
-    full["KKUA_BACKUP_CONFIG"] = str(env.config_path)
-    full.update(extra or {})
-    return full
+    return env.cli_env(extra)
 
 
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
