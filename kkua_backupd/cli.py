@@ -17,16 +17,20 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from . import __version__, logs
-from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, LoadedConfig, load_config, redacted
+from . import __version__, install, logs, retention, state, workers
+from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
 from .errors import ConfigError, Interrupted, KkuaError, UsageError
-from .jobs import JobContext
+from .jobs import JobContext, redis_restore
 from .jobs import postgres as pg_job
+from .jobs import redis as redis_job
 from .progress import human_bytes, interactive
-from .storage import KINDS, BackupSet, list_sets, resolve, unmanaged_files
+from .storage import KINDS, BackupSet, latest, list_sets, resolve, unmanaged_files
 
-LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log"}
-BACKUP_TARGETS = ("postgres", "all")
+LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
+             "prune": "backup.log"}
+REDIS_LOG_FILE = "redis_backup.log"
+BACKUP_TARGETS = ("postgres", "redis", "all")
+RUN_JOBS = ("postgres", "redis", "retention", "all")
 
 EPILOG = f"""\
 Config: --config PATH, else ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}.
@@ -34,8 +38,10 @@ Exit codes: 0 ok, 1 job failed, 2 bad usage or config, 3 refused (lock held, not
 checksum mismatch, version too new).
 Examples:
   kkua-backup backup postgres --test-restore
+  kkua-backup backup all                     # PostgreSQL and Redis in parallel
   kkua-backup list postgres
   kkua-backup restore postgres latest
+  kkua-backup restore redis latest --flush
   kkua-backup restore postgres kkua_backup_20240115_020000.sql.gz --target-db kkua_check
 """
 
@@ -52,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kkua-backup", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Back up, verify and restore the KKUA backend's PostgreSQL database.", epilog=EPILOG)
+        description="Back up, verify and restore the KKUA backend's PostgreSQL database and Redis server.",
+        epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"kkua-backup {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -61,17 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = command("backup", "back up now",
-                "Back up now into backup_dir/postgres/kkua_backup_YYYYMMDD_HHMMSS.sql.gz (or .dump, .zst),\n"
-                "with a manifest written last. Logs to log_dir/backup.log.")
+                "Back up now into backup_dir/postgres/kkua_backup_YYYYMMDD_HHMMSS.sql.gz (or .dump, .zst)\n"
+                "or backup_dir/redis/redis_backup_YYYYMMDD_HHMMSS.rdb.gz (+ _memory.json.gz, _config.conf.gz,\n"
+                ".aof.gz), with a manifest written last. `all` backs up both in parallel.\n"
+                "Logs to log_dir/backup.log (PostgreSQL) and log_dir/redis_backup.log (Redis).")
     p.add_argument("target", choices=BACKUP_TARGETS, help="what to back up")
     p.add_argument("--test-restore", action="store_true",
                    help="restore the new backup into a scratch database and compare every table "
                         "(also TEST_RESTORE=true); a failed test marks the set failed")
+    p.add_argument("--aof", action="store_true", help="Redis: also archive the AOF (also BACKUP_AOF=true)")
 
-    p = command("run", "run a job as configured (what timers and cron run)",
-                "Run a job exactly as configured: a backup, with a test restore if postgres.test_restore\n"
-                "(TEST_RESTORE) is on.")
-    p.add_argument("job", choices=BACKUP_TARGETS, help="which job")
+    p = command("run", "run a job as configured (what timers, cron and the daemon run)",
+                "Run a job exactly as configured: a backup (with a test restore if postgres.test_restore /\n"
+                "TEST_RESTORE is on), or retention. `all` runs every job, the backups in parallel.")
+    p.add_argument("job", choices=RUN_JOBS, help="which job")
 
     p = command("restore", "restore a backup",
                 "Restore a backup into the configured database, replacing its contents.\n\n"
@@ -79,14 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
                 "to type 'yes' unless --force or FORCE_RESTORE=true; a safety backup of the current data\n"
                 "is taken; the restore runs in one transaction, so a failure leaves the old data.\n"
                 "Without a terminal and without --force it refuses (exit 3).")
-    p.add_argument("target", choices=("postgres",), help="what to restore")
+    p.add_argument("target", choices=KINDS, help="what to restore")
     p.add_argument("file", nargs="?", default="latest",
-                   help="'latest' (default), a backup id (YYYYMMDD_HHMMSS) or a file name in backup_dir/postgres")
+                   help="'latest' (default), a backup id (YYYYMMDD_HHMMSS) or a file name in backup_dir/<target>")
     p.add_argument("--force", action="store_true", help="do not ask for confirmation (FORCE_RESTORE=true)")
     p.add_argument("--target-db", metavar="NAME",
-                   help="restore into this new database instead (the configured one is not touched)")
+                   help="PostgreSQL: restore into this new database instead (the configured one is not touched)")
     p.add_argument("--no-safety-backup", action="store_true",
                    help="skip the backup of the current data taken before the restore")
+    p.add_argument("--flush", action="store_true",
+                   help="Redis: empty the target first (without it, keys are merged and the backup wins)")
+    p.add_argument("--aof", action="store_true", help="Redis: restore from the set's AOF backup instead of the RDB")
+    p.add_argument("--mode", choices=("logical", "file"), default=None,
+                   help="Redis: logical (default: copy every key over the network) or file (stop the server, "
+                        "place the RDB, start it; same host only)")
 
     p = command("list", "list complete backup sets, newest first",
                 "List backup sets that have a complete manifest, newest first.")
@@ -97,6 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
                 "--restore-test also restores into a scratch database and compares every table.")
     p.add_argument("which", nargs="?", default="latest", help="'latest' (default), 'all', an id or a file name")
     p.add_argument("--restore-test", action="store_true", help="also restore into a scratch database")
+
+    p = command("prune", "delete backup sets past retention (never the newest keep_last good ones)",
+                "Delete sets older than retention.days (BACKUP_RETENTION_DAYS), keeping the newest\n"
+                "retention.keep_last good sets of each kind; safety backups follow retention.safety_days.\n"
+                "Only sets with a readable manifest are considered; nothing else is ever deleted.")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted, and why")
+
+    command("status", "last result and next run of each job, and whether the daemon runs",
+            "Show, per job: schedule, next run, last start, end, result and size; and the daemon's state.")
+
+    p = command("systemd", "install, remove or inspect the systemd units and timers",
+                "install: write the units (ExecStart= is this installation), create the user and folders,\n"
+                "render the timers from [schedule], enable them (or the daemon with --daemon).\n"
+                "uninstall: remove exactly what install added. status: timers' next runs and last results.\n"
+                "run: start kkua-backup@run.service now and report.")
+    p.add_argument("action", choices=("install", "uninstall", "status", "run"))
+    p.add_argument("--daemon", action="store_true",
+                   help="install: run kkua-backupd.service instead of the three timers")
+    p.add_argument("--no-enable", action="store_true", help="install: write the units but do not enable them")
+
+    p = command("cron", "install, remove or inspect the cron entries (legacy; systemd timers are preferred)",
+                "install: write a marked block rendered from [schedule] into /etc/cron.d/kkua-backup (as root)\n"
+                "or the user's crontab; lines it did not write are never touched. Output goes to\n"
+                "log_dir/cron.log. test: run each job once and report.")
+    p.add_argument("action", choices=("install", "uninstall", "status", "test"))
+    p.add_argument("--user", action="store_true", help="use this user's crontab instead of /etc/cron.d")
 
     p = command("config", "check the configuration", "Validate the config and print it, secrets redacted.")
     p.add_argument("action", choices=("check",))
@@ -112,13 +154,50 @@ def _human(ctx: JobContext, text: str) -> None:
         sys.stdout.write(text + "\n")
 
 
-def cmd_backup(ctx: JobContext, args: argparse.Namespace) -> Any:
-    test = True if getattr(args, "test_restore", False) else None
-    manifest = pg_job.backup(ctx, test_restore=test)
-    return manifest.model_dump(mode="json")
+def job_context(config: Config, job: str, *, json_mode: bool) -> JobContext:
+    """The context of one job, its log lines carrying the job and its target."""
+    if job == "postgres":
+        target = f"{config.postgres.host}:{config.postgres.port}/{config.postgres.database}"
+    elif job == "redis":
+        target = f"{config.redis.host}:{config.redis.port}"
+    else:
+        target = str(config.backup_dir)
+    return JobContext(config=config, log=logs.get_logger(job=job, target=target),
+                      interactive=interactive() and not json_mode, json_mode=json_mode)
+
+
+def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) -> Any:
+    """One job (postgres, redis or retention), its start and end recorded for `status`."""
+    with state.track(ctx.config, job, runner=runner) as record:
+        if job == "postgres":
+            test = True if getattr(args, "test_restore", False) else None
+            manifest = pg_job.backup(ctx, test_restore=test)
+        elif job == "redis":
+            manifest = redis_job.backup(ctx, aof=True if getattr(args, "aof", False) else None)
+        else:
+            report = retention.prune(ctx, dry_run=False)
+            record.finish(size=report.get("freed_bytes"), detail=f"{len(report['deleted'])} set(s) deleted")
+            return report
+        record.finish(size=sum(f.size for f in manifest.files), files=[f.name for f in manifest.files])
+        return manifest.model_dump(mode="json")
+
+
+def cmd_backup(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> Any:
+    job = args.target if args.command == "backup" else args.job
+    if job == "all":
+        jobs = ["postgres", "redis"] + (["retention"] if args.command == "run" else [])
+        return workers.run_all(loaded.path, jobs, command=args.command, json_mode=ctx.json_mode,
+                               extra_args=[a for a in ("--test-restore", "--aof")
+                                           if getattr(args, a[2:].replace("-", "_"), False)])
+    return run_job(job_context(ctx.config, job, json_mode=ctx.json_mode), job, args,
+                   runner=os.environ.get("KKUA_BACKUP_RUNNER", "cli"))
 
 
 def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
+    if args.target == "redis":
+        return cmd_restore_redis(job_context(ctx.config, "redis", json_mode=ctx.json_mode), args)
+    if args.flush or args.aof or args.mode:
+        raise UsageError("--flush, --aof and --mode are for `restore redis`")
     report = pg_job.restore(ctx, args.file, force=args.force, target_db=args.target_db,
                             safety_backup=not args.no_safety_backup)
     safety = report.get("safety_backup")
@@ -129,6 +208,26 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
     if safety:
         _human(ctx, f"The data from before is in {safety['file']} "
                     f"(undo with: kkua-backup restore postgres {safety['file']})")
+    return report
+
+
+def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
+    if args.target_db:
+        raise UsageError("--target-db is for `restore postgres`",
+                         hint="to look at a Redis backup without touching the server, use `verify --restore-test`")
+    report = redis_restore.restore(ctx, args.file, force=args.force, flush=args.flush, aof=args.aof,
+                                   mode=args.mode, safety_backup=not args.no_safety_backup)
+    counts = ", ".join(f"db{db}: {n}" for db, n in sorted(report.get("databases", {}).items(),
+                                                          key=lambda item: int(item[0])))
+    _human(ctx, f"Restored {report['file']} ({report['mode']} mode) into {ctx.config.redis.host}:"
+                f"{ctx.config.redis.port}: {report.get('keys', 0)} keys ({counts or 'none'}), {report['seconds']} s; "
+                + ("key counts match the backup." if report.get("counts_match") else
+                   "key counts differ from the backup: " + "; ".join(report.get("differences", []))
+                   if report.get("differences") else "key counts not compared (no manifest)."))
+    safety = report.get("safety_backup")
+    if safety:
+        _human(ctx, f"The data from before is in {safety['file']} "
+                    f"(undo with: kkua-backup restore redis {safety['file']} --flush)")
     return report
 
 
@@ -157,20 +256,34 @@ def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
 def _sets_to_verify(ctx: JobContext, which: str) -> list[BackupSet]:
     backup_dir = ctx.config.backup_dir
     if which == "all":
-        sets = [s for s in list_sets(backup_dir) if s.kind == "postgres"]
-        if not sets:
-            raise UsageError(f"no complete backup sets in {backup_dir} to verify",
-                             hint="run `kkua-backup backup postgres` first")
-        return sets
-    return [resolve(backup_dir, "postgres", which)]
+        sets = list_sets(backup_dir)
+    elif which in ("", "latest"):
+        sets = [found for kind in KINDS if (found := latest(backup_dir, kind)) is not None]
+    else:
+        errors: list[UsageError] = []
+        for kind in KINDS:
+            try:
+                return [resolve(backup_dir, kind, which)]
+            except UsageError as exc:
+                errors.append(exc)
+        if any("outside" in str(e) or ".." in str(e) for e in errors):
+            raise errors[0]
+        raise UsageError(f"{which} is not a backup in {backup_dir}/postgres or {backup_dir}/redis",
+                         hint="see `kkua-backup list`")
+    if not sets:
+        raise UsageError(f"no complete backup sets in {backup_dir} to verify",
+                         hint="run `kkua-backup backup all` first")
+    return sets
 
 
 def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
     reports = []
     code = 0
     for backup_set in _sets_to_verify(ctx, args.which):
+        job = pg_job if backup_set.kind == "postgres" else redis_job
         try:
-            report = pg_job.verify_set(ctx, backup_set, restore_test=args.restore_test)
+            report = job.verify_set(job_context(ctx.config, backup_set.kind, json_mode=ctx.json_mode), backup_set,
+                                    restore_test=args.restore_test)
         except KkuaError as exc:
             ctx.log.error("verification failed", file=backup_set.name, error=str(exc))
             report = {"kind": backup_set.kind, "id": backup_set.id, "name": backup_set.name, "ok": False,
@@ -184,6 +297,25 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
                        if "restore_test" in report else ""))
         reports.append(report)
     return reports, code
+
+
+def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
+    report = retention.prune(ctx, dry_run=args.dry_run)
+    if not ctx.json_mode:
+        verb = "would delete" if args.dry_run else "deleted"
+        for item in report["deleted"]:
+            _human(ctx, f"{verb}  {item['name']}  ({item['reason']})")
+        _human(ctx, f"{len(report['deleted'])} set(s) {verb}, {human_bytes(report.get('freed_bytes', 0))}; "
+                    f"{len(report['kept'])} kept")
+    return report
+
+
+def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:
+    report = state.status_report(ctx.config)
+    if not ctx.json_mode:
+        for line in state.format_status(report):
+            _human(ctx, line)
+    return report
 
 
 def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> Any:
@@ -227,18 +359,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         for section in (config.postgres, config.redis):
             if section.password is not None:
                 sink.add_secret(section.password.get_secret_value())
-        pg = config.postgres
-        ctx = JobContext(config=config, log=logs.get_logger(job="postgres",
-                                                            target=f"{pg.host}:{pg.port}/{pg.database}"),
-                         interactive=interactive() and not json_mode, json_mode=json_mode)
+        main_job = {"backup": getattr(args, "target", ""), "run": getattr(args, "job", ""),
+                    "restore": getattr(args, "target", ""), "prune": "retention"}.get(args.command, "")
+        ctx = job_context(config, main_job or "postgres", json_mode=json_mode)
         if args.command in LOG_FILES:
-            sink.open_file(config.log_dir, LOG_FILES[args.command])
+            log_file = REDIS_LOG_FILE if args.command in ("backup", "run") and main_job == "redis" \
+                else LOG_FILES[args.command]
+            sink.open_file(config.log_dir, log_file)
         handlers: dict[str, Callable[[], Any]] = {
-            "backup": lambda: cmd_backup(ctx, args),
-            "run": lambda: cmd_backup(ctx, args),
+            "backup": lambda: cmd_backup(ctx, args, loaded),
+            "run": lambda: cmd_backup(ctx, args, loaded),
             "restore": lambda: cmd_restore(ctx, args),
             "list": lambda: cmd_list(ctx, args),
             "verify": lambda: cmd_verify(ctx, args),
+            "prune": lambda: cmd_prune(ctx, args),
+            "status": lambda: cmd_status(ctx, args),
+            "systemd": lambda: install.systemd_command(ctx, args, loaded),
+            "cron": lambda: install.cron_command(ctx, args, loaded),
             "config": lambda: cmd_config(ctx, args, loaded),
         }
         result = handlers[args.command]()

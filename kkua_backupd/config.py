@@ -29,6 +29,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+def _check_level(compression: str, level: int | None) -> None:
+    if level is not None:
+        limit = {"gzip": 9, "zstd": 19}.get(compression)
+        if limit is None:
+            raise ValueError('compression_level has no meaning with compression = "none"; remove it')
+        if level > limit:
+            raise ValueError(f"compression_level must be 1 to {limit} for {compression}, not {level}")
+
+
 class PostgresConfig(_Strict):
     """Where the PostgreSQL database is and how its backups are made."""
 
@@ -52,39 +61,77 @@ class PostgresConfig(_Strict):
 
     @model_validator(mode="after")
     def _level_fits_compression(self) -> PostgresConfig:
-        if self.compression_level is not None:
-            limit = {"gzip": 9, "zstd": 19}.get(self.compression)
-            if limit is None:
-                raise ValueError('compression_level has no meaning with compression = "none"; remove it')
-            if self.compression_level > limit:
-                raise ValueError(f"compression_level must be 1 to {limit} for {self.compression}, "
-                                 f"not {self.compression_level}")
+        _check_level(self.compression, self.compression_level)
         return self
 
 
 class RedisConfig(_Strict):
-    """Where the Redis server is (its backup job arrives with the Redis issue)."""
+    """Where the Redis server is, how its RDB is captured and how restores reach it."""
 
     host: str = "localhost"
     port: int = Field(6379, ge=1, le=65535)
+    username: str | None = Field(None, min_length=1, description="ACL user (Redis 6+); default user if unset")
     password_file: PathValue | None = None
     aof: bool = False
+    compression: Literal["gzip", "zstd", "none"] = "gzip"
+    compression_level: int | None = Field(None, ge=1, le=19)
+    threads: int = Field(0, ge=0, le=256, description="compression threads; 0 means one per CPU")
+    # When SYNC is refused (ACL, managed services): "bgsave" asks the server to save and copies
+    # dir/dbfilename when that file is reachable from here; "none" fails with the reason.
+    sync_fallback: Literal["bgsave", "none"] = "bgsave"
+    # Where the server's dir is reachable from here when it differs from CONFIG GET dir (a sidecar mount).
+    data_dir: PathValue | None = None
+    connect_timeout: int = Field(10, ge=1, le=600)
+    capture_timeout: int = Field(3600, ge=1, description="seconds for the whole RDB capture")
+    bgsave_timeout: int = Field(600, ge=1)
+    restore_mode: Literal["logical", "file"] = "logical"
+    restore_timeout: int = Field(6 * 3600, ge=1)
+    # File-mode restores stop and start the server with these commands (argv lists, no shell),
+    # e.g. ["systemctl", "stop", "redis-server"].
+    stop_command: list[str] | None = None
+    start_command: list[str] | None = None
+    bin_dir: PathValue | None = Field(None, description="where redis-server and redis-check-rdb are")
     password: SecretStr | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _level_fits_compression(self) -> RedisConfig:
+        _check_level(self.compression, self.compression_level)
+        for name in ("stop_command", "start_command"):
+            value = getattr(self, name)
+            if value is not None and (not value or not value[0]):
+                raise ValueError(f"{name} must be a non-empty list such as [\"systemctl\", \"stop\", "
+                                 f"\"redis-server\"]")
+        return self
 
 
 class RetentionConfig(_Strict):
-    """How long backup sets are kept."""
+    """How long backup sets are kept; safety backups (taken before restores) have their own limits."""
 
     days: int = Field(7, ge=1)
     keep_last: int = Field(3, ge=1)
+    safety_days: int = Field(30, ge=1)
+    safety_keep_last: int = Field(1, ge=0)
 
 
 class ScheduleConfig(_Strict):
-    """When each job runs, in systemd OnCalendar syntax."""
+    """When each job runs, in systemd OnCalendar syntax (checked against `systemd-analyze calendar`)."""
 
     postgres: str = "*-*-* 02:00:00"
     redis: str = "*-*-* 03:00:00"
     retention: str = "Sun *-*-* 04:00:00"
+    timezone: str | None = Field(None, description="IANA zone for expressions without one; default: local time")
+    randomized_delay: int = Field(0, ge=0, le=86400, description="seconds, like RandomizedDelaySec=")
+    persistent: bool = Field(True, description="run a job missed while nothing was running, like Persistent=true")
+
+
+class DaemonConfig(_Strict):
+    """How the daemon runs jobs: each in a subprocess worker with a timeout and retries."""
+
+    job_timeout: int = Field(6 * 3600, ge=1, description="seconds before a worker is stopped")
+    retries: int = Field(2, ge=0, le=20)
+    retry_backoff: int = Field(60, ge=1, description="seconds before the first retry; doubles each time")
+    stop_grace: int = Field(30, ge=1, description="seconds a worker gets after SIGTERM before SIGKILL")
+    state_file: PathValue | None = Field(None, description="last runs; default backup_dir/.state/jobs.json")
 
 
 class RestoreConfig(_Strict):
@@ -104,6 +151,12 @@ class Config(_Strict):
     retention: RetentionConfig = RetentionConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     restore: RestoreConfig = RestoreConfig()
+    daemon: DaemonConfig = DaemonConfig()
+
+    @property
+    def state_file(self) -> Path:
+        """Where the last run of each job is recorded (by whichever runner ran it)."""
+        return self.daemon.state_file or self.backup_dir / ".state" / "jobs.json"
 
 
 # The guide's environment variables: name -> (key path, type).

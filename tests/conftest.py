@@ -16,7 +16,9 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 
+from kkua_backupd.redis_local import LocalRedis
 from kkua_backupd.sandbox import ThrowawayPostgres, create_sample_data, schema_dump, table_contents
 
 __all__ = ["schema_dump", "table_contents"]
@@ -73,12 +75,7 @@ class Env:
     def run(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
             timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
         """Run `kkua-backup ARGS` as a separate process with this test's config; stdin is not a terminal."""
-        result = subprocess.run([sys.executable, "-m", "kkua_backupd", *args], input=input or "",
-                                capture_output=True, text=True, env=self.cli_env(env), timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"kkua-backup {' '.join(args)} exited {result.returncode}\n"
-                                 f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
-        return result
+        return _cli_run(self.cli_env(env), args, input, timeout, check)
 
     def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         """Start `kkua-backup ARGS` without waiting (for kill -9 and lock tests)."""
@@ -126,3 +123,74 @@ def env(pg_server: ThrowawayPostgres, workdir: Path) -> Iterator[Env]:
 @pytest.fixture
 def contents() -> Callable[[psycopg.Connection[Any]], dict[str, list[str]]]:
     return table_contents
+
+
+@dataclass
+class RedisEnv:
+    """One test's Redis world: a real redis-server (password set), a config pointing at it, a CLI runner."""
+
+    server: LocalRedis
+    root: Path
+    config_path: Path
+    backup_dir: Path
+    log_dir: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.backup_dir / "redis"
+
+    @property
+    def password_file(self) -> Path:
+        return self.root / "redis.pass"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return self.server.client(db)
+
+    def write_config(self, **redis_keys: Any) -> Path:
+        """(Re)write the config with these [redis] keys on top of the defaults for this test."""
+        keys: dict[str, Any] = {"host": "127.0.0.1", "port": self.server.port,
+                                "password_file": str(self.password_file)}
+        keys.update(redis_keys)
+        lines = [f'backup_dir = "{self.backup_dir}"', f'log_dir = "{self.log_dir}"', "", "[redis]"]
+        lines += [f"{key} = {_toml(value)}" for key, value in keys.items() if value is not None]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        return self.config_path
+
+    def run(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return _cli_run(self.cli_env(env), args, input, timeout, check)
+
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "kkua_backupd", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=self.cli_env(env))
+
+    def cli_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        full = {k: v for k, v in os.environ.items()
+                if k not in ("FORCE_RESTORE", "BACKUP_AOF", "JOURNAL_STREAM") and not k.startswith("REDIS_")}
+        full["KKUA_BACKUP_CONFIG"] = str(self.config_path)
+        full.update(extra or {})
+        return full
+
+
+def _cli_run(environ: dict[str, str], args: tuple[str, ...], input: str | None, timeout: float,
+             check: bool) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "kkua_backupd", *args], input=input or "",
+                            capture_output=True, text=True, env=environ, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"kkua-backup {' '.join(args)} exited {result.returncode}\n"
+                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+REDIS_TEST_PASSWORD = "r3dis-Pass-for-tests"
+
+
+@pytest.fixture
+def redis_env(workdir: Path) -> Iterator[RedisEnv]:
+    """A fresh redis-server with a password (empty dataset) and a config pointing at it."""
+    with LocalRedis(workdir / "redis-server", password=REDIS_TEST_PASSWORD) as server:
+        world = RedisEnv(server, workdir, workdir / "config.toml", workdir / "backups", workdir / "logs")
+        world.password_file.write_text(REDIS_TEST_PASSWORD + "\n")
+        world.password_file.chmod(0o600)
+        world.write_config()
+        yield world
