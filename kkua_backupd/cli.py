@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from . import __version__, install, logs, retention, state, workers
+from . import __version__, install, logs, state, workers
 from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
 from .errors import ConfigError, Interrupted, KkuaError, UsageError
-from .jobs import JobContext, redis_restore
+from .jobs import JobContext, redis_restore, retention
 from .jobs import postgres as pg_job
 from .jobs import redis as redis_job
 from .progress import human_bytes, interactive

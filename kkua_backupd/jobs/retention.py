@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .jobs import JobContext
+from . import JobContext
 
 
 def prune(ctx: JobContext, *, dry_run: bool) -> dict[str, Any]:
