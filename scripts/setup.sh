@@ -4,12 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(postgresql postgresql-client redis-server redis-tools gzip zstd util-linux procps systemd systemd-container)
+# python3-venv: the system tests build /opt/kkua-backupd from Debian's python3, as operators do.
+packages=(postgresql postgresql-client redis-server redis-tools gzip zstd util-linux procps systemd systemd-container
+          python3-venv)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then missing+=(python3-venv); fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing Debian packages: ${missing[*]} (run as root, or install them)" >&2
