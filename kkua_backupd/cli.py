@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon", action="store_true",
                    help="install: run kkua-backupd.service instead of the three timers")
     p.add_argument("--no-enable", action="store_true", help="install: write the units but do not enable them")
+    p.add_argument("--root", metavar="DIR", default=None,
+                   help="install into DIR instead of / (tests, image builds): only files are written; systemctl, "
+                        "systemd-sysusers, systemd-tmpfiles and chown are skipped")
 
     p = command("cron", "install, remove or inspect the cron entries (legacy; systemd timers are preferred)",
                 "install: write a marked block rendered from [schedule] into /etc/cron.d/kkua-backup (as root)\n"
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "log_dir/cron.log. test: run each job once and report.")
     p.add_argument("action", choices=("install", "uninstall", "status", "test"))
     p.add_argument("--user", action="store_true", help="use this user's crontab instead of /etc/cron.d")
+    p.add_argument("--root", metavar="DIR", default=None,
+                   help="use DIR/etc/cron.d instead of /etc/cron.d (tests, image builds)")
 
     p = command("config", "check the configuration", "Validate the config and print it, secrets redacted.")
     p.add_argument("action", choices=("check",))
@@ -305,8 +310,11 @@ def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
         verb = "would delete" if args.dry_run else "deleted"
         for item in report["deleted"]:
             _human(ctx, f"{verb}  {item['name']}  ({item['reason']})")
-        _human(ctx, f"{len(report['deleted'])} set(s) {verb}, {human_bytes(report.get('freed_bytes', 0))}; "
-                    f"{len(report['kept'])} kept")
+        sets = sum(item.get("type") != "partial" for item in report["deleted"])
+        partials = len(report["deleted"]) - sets
+        _human(ctx, f"{sets} set(s) {'would be deleted' if args.dry_run else 'deleted'}"
+                    + (f", {partials} leftover partial file(s)" if partials else "")
+                    + f", {human_bytes(report.get('freed_bytes', 0))}; {len(report['kept'])} kept")
     return report
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from . import __version__
 from .errors import StorageError, UsageError
@@ -65,6 +65,12 @@ class Manifest(BaseModel):
     host: str = ""
     details: dict[str, Any] = {}
     timings: dict[str, float] = {}
+
+    @field_validator("created_at", "finished_at")
+    @classmethod
+    def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
+        """A hand-written time without an offset is local time (sets must sort against each other)."""
+        return value if value is None or value.tzinfo else value.astimezone()
 
 
 @dataclass(frozen=True)
