@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logs.get_logger()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        loaded = load_config(getattr(args, "config", None))
+        loaded = _load_config(args, log)
         config = loaded.config
         for section in (config.postgres, config.redis):
             if section.password is not None:
@@ -405,6 +405,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                      json_mode, log)
     finally:
         sink.close()
+
+
+# Commands that must work with a broken or half-written config (taking an installation away, looking at it).
+CONFIG_OPTIONAL = {("systemd", "uninstall"), ("systemd", "status"), ("cron", "uninstall"), ("cron", "status")}
+
+
+def _load_config(args: argparse.Namespace, log: Any) -> LoadedConfig:
+    try:
+        return load_config(getattr(args, "config", None))
+    except ConfigError as exc:
+        if (args.command, getattr(args, "action", None)) not in CONFIG_OPTIONAL:
+            raise
+        log.warning(f"{exc.message}; going on with built-in defaults, which `{args.command} {args.action}` "
+                    "does not need", problems=len(exc.problems))
+        return LoadedConfig(Config(), None, {})
 
 
 def _fail(exc: KkuaError, json_mode: bool, log: Any) -> int:

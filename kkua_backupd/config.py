@@ -123,6 +123,29 @@ class ScheduleConfig(_Strict):
     randomized_delay: int = Field(0, ge=0, le=86400, description="seconds, like RandomizedDelaySec=")
     persistent: bool = Field(True, description="run a job missed while nothing was running, like Persistent=true")
 
+    @model_validator(mode="after")
+    def _systemd_accepts(self) -> ScheduleConfig:
+        # One model validator rather than field validators: the expressions depend on the zone, and this
+        # class must not need imports of its own. Each problem names its key, all are reported at once.
+        from pydantic_core import PydanticCustomError
+
+        from . import schedule
+        problems: list[str] = []
+        zone = self.timezone
+        try:
+            schedule.resolve_zone(zone)
+        except ValueError as exc:
+            problems.append(f"timezone: {exc}")
+            zone = None  # still check the expressions, in local time
+        for key in ("postgres", "redis", "retention"):
+            try:
+                schedule.validate(getattr(self, key), zone)
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
+        if problems:
+            raise PydanticCustomError("schedule", " | ".join(problems))
+        return self
+
 
 class DaemonConfig(_Strict):
     """How the daemon runs jobs: each in a subprocess worker with a timeout and retries."""
