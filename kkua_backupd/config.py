@@ -14,8 +14,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from . import schedule
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/kkua-backup/config.toml")
@@ -116,35 +128,32 @@ class RetentionConfig(_Strict):
 class ScheduleConfig(_Strict):
     """When each job runs, in systemd OnCalendar syntax (checked against `systemd-analyze calendar`)."""
 
+    # timezone first: the expressions are validated in it.
+    timezone: str | None = Field(None, description="IANA zone for expressions without one; default: local time")
     postgres: str = "*-*-* 02:00:00"
     redis: str = "*-*-* 03:00:00"
     retention: str = "Sun *-*-* 04:00:00"
-    timezone: str | None = Field(None, description="IANA zone for expressions without one; default: local time")
     randomized_delay: int = Field(0, ge=0, le=86400, description="seconds, like RandomizedDelaySec=")
     persistent: bool = Field(True, description="run a job missed while nothing was running, like Persistent=true")
 
-    @model_validator(mode="after")
-    def _systemd_accepts(self) -> ScheduleConfig:
-        # One model validator rather than field validators: the expressions depend on the zone, and this
-        # class must not need imports of its own. Each problem names its key, all are reported at once.
-        from pydantic_core import PydanticCustomError
-
-        from . import schedule
-        problems: list[str] = []
-        zone = self.timezone
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
         try:
-            schedule.resolve_zone(zone)
+            schedule.resolve_zone(value)
         except ValueError as exc:
-            problems.append(f"timezone: {exc}")
-            zone = None  # still check the expressions, in local time
-        for key in ("postgres", "redis", "retention"):
-            try:
-                schedule.validate(getattr(self, key), zone)
-            except ValueError as exc:
-                problems.append(f"{key}: {exc}")
-        if problems:
-            raise PydanticCustomError("schedule", " | ".join(problems))
-        return self
+            raise PydanticCustomError("schedule", str(exc)) from None
+        return value
+
+    @field_validator("postgres", "redis", "retention")
+    @classmethod
+    def _systemd_accepts(cls, value: str, info: ValidationInfo) -> str:
+        try:
+            # An invalid zone was reported on its own; the expression is then checked in local time.
+            schedule.validate(value, info.data.get("timezone"))
+        except ValueError as exc:
+            raise PydanticCustomError("schedule", str(exc)) from None
+        return value
 
 
 class DaemonConfig(_Strict):

@@ -1,13 +1,14 @@
 """Schedules in systemd `OnCalendar` syntax: validation, normalized form, next elapses, randomized delay.
 
 The daemon must fire at exactly the instants a systemd timer with the same expression would, so this
-module follows systemd 252's calendar arithmetic (src/shared/calendarspec.c) step by step: the same
-parser and normalization (so `normalized()` prints what `systemd-analyze calendar` prints as
-"Normalized form"), and the same search for the next elapse, including how glibc's mktime() resolves
-wall-clock times that a daylight-saving change skips or repeats. `systemd-analyze calendar` is the test
-oracle (tests/unit/test_schedule.py). The `oncalendar` package, chosen first, parses the same syntax but
-has no normalized form, no fractional seconds and no error messages, so it is not used here (see
-docs/schedules.md, "Why not the oncalendar package").
+module follows the calendar arithmetic of systemd 252.39 as Debian 12 ships it (src/shared/calendarspec.c,
+with its backported fixes) step by step: the same parser and normalization (so `normalized()` prints what
+`systemd-analyze calendar` prints as "Normalized form"), and the same search for the next elapse, including
+how glibc's mktime() resolves wall-clock times that a daylight-saving change skips or repeats.
+`systemd-analyze calendar` is the test oracle (tests/unit/test_schedule.py). The `oncalendar` package,
+chosen first, parses the same syntax but has no normalized form, no fractional seconds and no error
+messages, and disagrees with systemd around DST changes, so it is not used here (see docs/schedules.md,
+"Why not the oncalendar package").
 
 Expressions without their own zone are read in the configured `[schedule] timezone` (an IANA name), else
 in the local time zone, as systemd reads them in the system's local time.
@@ -56,7 +57,6 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _DAYS_LONG = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 # systemd tries the long name before the short one.
 _DAY_NAMES = tuple((name, nr) for nr in range(7) for name in (_DAYS_LONG[nr], _DAYS[nr]))
-_FIELDS = ("year", "month", "day", "hour", "minute", "second")
 
 
 class _Invalid(ValueError):
@@ -438,10 +438,13 @@ def _check_chain(chain: Chain, what: str, low: int, high: int, end_of_month: boo
     def show(v: int) -> str:
         return f"{v / unit:g}" if unit > 1 else str(v)
 
-    for comp in chain:
+    for index, comp in enumerate(chain):
         limits = f"{show(low)}..{show(high) if unit == 1 else 59}"
         if end_of_month:
             limits = f"1..{high} (days counted from the end of the month)"
+            if index:
+                limits = (f"1..{high} (with \"~\", systemd allows 3 days fewer for each further item of a list; "
+                          f"this is item {index + 1})")
         if not low <= comp.start <= high:
             raise _Invalid(f"{what} {show(comp.start)} is out of range {limits}")
         if comp.repeat > high - low:
@@ -456,6 +459,8 @@ def _check_chain(chain: Chain, what: str, low: int, high: int, end_of_month: boo
         elif not end_of_month and comp.start + comp.repeat > high:
             raise _Invalid(f"the {what} step {show(comp.start)}/{show(comp.repeat)} never repeats within "
                            f"{limits}")
+        if end_of_month:
+            high -= 3  # systemd lowers the limit again for each further item (chain_valid recursion)
 
 
 @functools.lru_cache(maxsize=256)
@@ -740,10 +745,13 @@ def _within_bounds(clock: _Clock, tm: _Tm) -> int:
         t.mday = 1
     elif t.mday != tm.mday:
         cmp = (t.mday > tm.mday) - (t.mday < tm.mday)
+        t.hour = 0
     elif t.hour != tm.hour:
         cmp = (t.hour > tm.hour) - (t.hour < tm.hour)
+        t.min = 0
     elif t.min != tm.min:
         cmp = (t.min > tm.min) - (t.min < tm.min)
+        t.sec = 0
     else:
         cmp = (t.sec > tm.sec) - (t.sec < tm.sec)
     if cmp < 0:
@@ -765,9 +773,15 @@ def _weekday_matches(clock: _Clock, bits: int, tm: _Tm) -> bool:
 def _find_next(spec: _Spec, clock: _Clock, tm: _Tm, usec: int) -> tuple[_Tm, int] | None:
     c = tm.copy()
     tm_usec = usec
+    start = (tm.year, tm.mon, tm.mday, tm.hour, tm.min, tm.sec, usec)
+    # The summer-time flag given to mktime(): the expression's (-1 "find out" unless it named the local
+    # standard or summer zone), or None once the search had to step over a skipped hour, from when on
+    # mktime()'s own answer is kept (systemd's fix for zones with negative DST, in 252.39).
+    dst: int | None = spec.dst
     for _ in range(_MAX_ITERATIONS):
         clock.mktime(c)
-        c.isdst = spec.dst
+        if dst is not None:
+            c.isdst = dst
 
         r, c.year = _match(spec, spec.year, clock, c, c.year, False)
         if r > 0:
@@ -830,6 +844,12 @@ def _find_next(spec: _Spec, clock: _Clock, tm: _Tm, usec: int) -> tuple[_Tm, int
             c.sec, tm_usec = 0, 0
             continue
         if r == 0:
+            continue
+        if (c.year, c.mon, c.mday, c.hour, c.min, c.sec, tm_usec) < start:
+            # A skipped hour sent the search backwards: try again an hour later, from now on keeping the
+            # flag mktime() found.
+            c.hour += 1
+            dst = None
             continue
         return c, tm_usec
     # systemd gives up the same way (and logs "Infinite loop in calendar calculation").
