@@ -1,0 +1,1 @@
+"""System tests: the project installed and run under a real systemd booted in a container (systemd-nspawn)."""
