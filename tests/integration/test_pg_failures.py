@@ -558,6 +558,13 @@ def test_kill9_during_backup_leaves_no_set_and_next_backup_cleans_up(env: Env, b
 
 def test_second_backup_while_one_runs_is_refused_naming_the_holder(env: Env, big_db: str) -> None:
     env.write_config(database=big_db)
+    # A session holding a table lock keeps the first pg_dump waiting, so it is surely still running when the
+    # second backup is tried, however slow the machine is.
+    blocker = env.connect(big_db)
+    blocker.execute("BEGIN")
+    table = blocker.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' LIMIT 1").fetchone()
+    assert table is not None
+    blocker.execute(f'LOCK TABLE public."{table[0]}" IN ACCESS EXCLUSIVE MODE')
     first = env.popen("backup", "postgres")
     try:
         partial, _ = wait_for_partial_and_dump(env, first)
@@ -565,6 +572,7 @@ def test_second_backup_while_one_runs_is_refused_naming_the_holder(env: Env, big
         second = env.run("backup", "postgres", timeout=120)
 
         assert first.poll() is None, "the first backup finished before the second was tried; the test proves nothing"
+        blocker.rollback()
         assert second.returncode == 3, describe(second)
         text = output(second)
         assert "another run holds the postgres lock" in text, text
@@ -573,6 +581,7 @@ def test_second_backup_while_one_runs_is_refused_naming_the_holder(env: Env, big
 
         out, err = first.communicate(timeout=150)
     finally:
+        blocker.close()
         if first.poll() is None:
             first.kill()
             first.communicate()
