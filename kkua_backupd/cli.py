@@ -84,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", choices=RUN_JOBS, help="which job")
 
     p = command("restore", "restore a backup",
-                "Restore a backup into the configured database, replacing its contents.\n\n"
-                "The file is checked (sha256, full decompression) before anything changes; you are asked\n"
-                "to type 'yes' unless --force or FORCE_RESTORE=true; a safety backup of the current data\n"
-                "is taken; the restore runs in one transaction, so a failure leaves the old data.\n"
+                "Restore a backup into the configured PostgreSQL database or Redis server.\n\n"
+                "The file is checked (sha256, full decompression, RDB version) before anything changes; you\n"
+                "are asked to type 'yes' unless --force or FORCE_RESTORE=true; a safety backup of the current\n"
+                "data is taken. PostgreSQL restores run in one transaction, so a failure leaves the old data;\n"
+                "Redis restores copy every key with its TTL (logical) or place the RDB (file).\n"
                 "Without a terminal and without --force it refuses (exit 3).")
     p.add_argument("target", choices=KINDS, help="what to restore")
     p.add_argument("file", nargs="?", default="latest",

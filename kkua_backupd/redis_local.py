@@ -21,6 +21,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .errors import JobError
 
@@ -57,7 +59,8 @@ class LocalRedis:
 
     def __init__(self, folder: Path | None = None, *, password: str | None = None,
                  settings: Mapping[str, str] | None = None, acl_lines: list[str] | None = None,
-                 bin_dir: Path | None = None, keep_folder: bool = False) -> None:
+                 bin_dir: Path | None = None, keep_folder: bool = False,
+                 ready_timeout: float = _READY_TIMEOUT_S) -> None:
         self._own_folder = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="kkua-redis-")) if folder is None else folder
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -65,6 +68,7 @@ class LocalRedis:
         self.settings = dict(settings or {})
         self.acl_lines = list(acl_lines or [])
         self.keep_folder = keep_folder
+        self.ready_timeout = ready_timeout
         server = find_redis_bin("redis-server", bin_dir)
         if server is None:
             raise JobError("redis-server is not installed", hint="install it: apt-get install redis-server")
@@ -116,7 +120,7 @@ class LocalRedis:
                        hint=f"see {self.log_path}")
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + _READY_TIMEOUT_S
+        deadline = time.monotonic() + self.ready_timeout
         assert self.process is not None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -129,7 +133,7 @@ class LocalRedis:
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                 pass
             time.sleep(0.05)
-        raise JobError(f"redis-server did not become ready within {_READY_TIMEOUT_S:.0f} s: {self.log_tail()}")
+        raise JobError(f"redis-server did not become ready within {self.ready_timeout:.0f} s: {self.log_tail()}")
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -147,7 +151,8 @@ class LocalRedis:
         if self.process is None or self.process.poll() is not None:
             return
         try:
-            with self.client(socket_timeout=5) as client:
+            # No retries: redis-py would otherwise reconnect to the server that just went away.
+            with self.client(socket_timeout=5, retry=Retry(NoBackoff(), 0)) as client:
                 client.shutdown(nosave=True)
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
             pass
