@@ -33,8 +33,8 @@ _WITHHELD = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "DATABASE_PASSWOR
 _QUIET_PREFIXES = ("NOTICE:", "DETAIL:", "HINT:")
 
 
-def _widen_pipe(fd: int) -> None:
-    """Give a child's stdout pipe 1 MiB instead of 64 KiB: a dump written in 4 KiB blocks then wakes us
+def widen_pipe(fd: int) -> None:
+    """Give a pipe 1 MiB instead of 64 KiB: a dump written in 4 KiB blocks then wakes us
     a quarter as often. Best effort (the limit is /proc/sys/fs/pipe-max-size)."""
     with contextlib.suppress(OSError, AttributeError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
@@ -122,7 +122,7 @@ class ProcessGroup:
             raise CommandFailed(f"{label}: cannot start {args[0]}: {exc.strerror}") from None
         self.pgids.add(group or popen.pid)
         if popen.stdout is not None:
-            _widen_pipe(popen.stdout.fileno())
+            widen_pipe(popen.stdout.fileno())
         child = Child(name=label, argv=args, popen=popen, timeout=timeout)
         self.children.append(child)
         self.log.debug("process started", process=label, pid=popen.pid)

@@ -27,20 +27,11 @@ import pytest
 from kkua_backupd.lock import holder_of
 from kkua_backupd.workers import descendants
 from tests.conftest import Env, RedisEnv
+from tests.helpers import wait_for
 
 UTC = dt.UTC
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0, interval: float = 0.02) -> Any:
-    """Poll `condition()` until it returns something truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass

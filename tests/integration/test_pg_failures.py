@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,8 +35,10 @@ from kkua_backupd.sandbox import (
     schema_dump,
     table_contents,
 )
+from kkua_backupd.workers import descendants
 
 from ..conftest import Env
+from ..helpers import alive, cmdline, describe, output, proc_stat, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -50,13 +52,8 @@ BIG_DB_MB = 150
 # Helpers
 
 
-def output(result: subprocess.CompletedProcess[str]) -> str:
-    """Everything the CLI printed (logs go to stdout, --json logs to stderr)."""
-    return result.stdout + result.stderr
 
 
-def describe(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
 def sha256_of(path: Path) -> str:
@@ -129,58 +126,14 @@ def cli_environment(env: Env, extra: dict[str, str] | None = None) -> dict[str, 
     return env.cli_env(extra)
 
 
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgid) of a process from /proc, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split(" ")
-    return fields[0], int(fields[1]), int(fields[2])
 
 
-def alive(pid: int) -> bool:
-    stat = proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (children, grandchildren, ...), read from /proc."""
-    by_parent: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        stat = proc_stat(int(entry))
-        if stat is not None and stat[0] not in ("Z", "X"):
-            by_parent.setdefault(stat[1], []).append(int(entry))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in by_parent.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
-def cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
-def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 60.0, interval: float = 0.01) -> T:
-    """Poll `condition()` until it returns something truthy; fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def wait_for_partial_and_dump(env: Env, proc: subprocess.Popen[str]) -> tuple[Path, int]:

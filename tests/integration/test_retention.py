@@ -35,6 +35,8 @@ from kkua_backupd.storage import (
     write_manifest,
 )
 
+from ..helpers import describe
+
 pytestmark = pytest.mark.timeout(120)
 
 DAY = dt.timedelta(days=1)
@@ -107,8 +109,6 @@ class BackupTree:
         return path.read_text() if path.exists() else ""
 
 
-def describe(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
 @pytest.fixture
