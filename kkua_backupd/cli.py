@@ -17,12 +17,10 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from . import __version__, install, logs, state, workers
+from . import __version__, logs, state
 from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
 from .errors import ConfigError, Interrupted, KkuaError, UsageError
-from .jobs import JobContext, redis_restore, retention
-from .jobs import postgres as pg_job
-from .jobs import redis as redis_job
+from .jobs import JobContext
 from .progress import human_bytes, interactive
 from .storage import KINDS, BackupSet, latest, list_sets, resolve, unmanaged_files
 
@@ -160,6 +158,10 @@ def _human(ctx: JobContext, text: str) -> None:
         sys.stdout.write(text + "\n")
 
 
+# Job modules are imported by the command that needs them: a Redis backup need not load psycopg, nor a
+# PostgreSQL one redis-py and the installers. It saves a fifth of a second on every timer run.
+
+
 def job_context(config: Config, job: str, *, json_mode: bool) -> JobContext:
     """The context of one job, its log lines carrying the job and its target."""
     if job == "postgres":
@@ -176,11 +178,14 @@ def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) ->
     """One job (postgres, redis or retention), its start and end recorded for `status`."""
     with state.track(ctx.config, job, runner=runner) as record:
         if job == "postgres":
+            from .jobs import postgres as pg_job
             test = True if getattr(args, "test_restore", False) else None
             manifest = pg_job.backup(ctx, test_restore=test)
         elif job == "redis":
+            from .jobs import redis as redis_job
             manifest = redis_job.backup(ctx, aof=True if getattr(args, "aof", False) else None)
         else:
+            from .jobs import retention
             report = retention.prune(ctx, dry_run=False)
             record.finish(size=report.get("freed_bytes"), detail=f"{len(report['deleted'])} set(s) deleted")
             return report
@@ -192,6 +197,7 @@ def cmd_backup(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) 
     job = args.target if args.command == "backup" else args.job
     if job == "all":
         jobs = ["postgres", "redis"] + (["retention"] if args.command == "run" else [])
+        from . import workers
         return workers.run_all(loaded.path, jobs, command=args.command, json_mode=ctx.json_mode,
                                extra_args=[a for a in ("--test-restore", "--aof")
                                            if getattr(args, a[2:].replace("-", "_"), False)])
@@ -204,6 +210,7 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
         return cmd_restore_redis(job_context(ctx.config, "redis", json_mode=ctx.json_mode), args)
     if args.flush or args.aof or args.mode:
         raise UsageError("--flush, --aof and --mode are for `restore redis`")
+    from .jobs import postgres as pg_job
     report = pg_job.restore(ctx, args.file, force=args.force, target_db=args.target_db,
                             safety_backup=not args.no_safety_backup)
     safety = report.get("safety_backup")
@@ -221,6 +228,7 @@ def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
     if args.target_db:
         raise UsageError("--target-db is for `restore postgres`",
                          hint="to look at a Redis backup without touching the server, use `verify --restore-test`")
+    from .jobs import redis_restore
     report = redis_restore.restore(ctx, args.file, force=args.force, flush=args.flush, aof=args.aof,
                                    mode=args.mode, safety_backup=not args.no_safety_backup)
     counts = ", ".join(f"db{db}: {n}" for db, n in sorted(report.get("databases", {}).items(),
@@ -286,7 +294,10 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
     reports = []
     code = 0
     for backup_set in _sets_to_verify(ctx, args.which):
-        job = pg_job if backup_set.kind == "postgres" else redis_job
+        if backup_set.kind == "postgres":
+            from .jobs import postgres as job
+        else:
+            from .jobs import redis as job  # type: ignore[no-redef]
         try:
             report = job.verify_set(job_context(ctx.config, backup_set.kind, json_mode=ctx.json_mode), backup_set,
                                     restore_test=args.restore_test)
@@ -305,7 +316,13 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
     return reports, code
 
 
+def _install() -> Any:
+    from . import install
+    return install
+
+
 def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
+    from .jobs import retention
     report = retention.prune(ctx, dry_run=args.dry_run)
     if not ctx.json_mode:
         verb = "would delete" if args.dry_run else "deleted"
@@ -383,8 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify": lambda: cmd_verify(ctx, args),
             "prune": lambda: cmd_prune(ctx, args),
             "status": lambda: cmd_status(ctx, args),
-            "systemd": lambda: install.systemd_command(ctx, args, loaded),
-            "cron": lambda: install.cron_command(ctx, args, loaded),
+            "systemd": lambda: _install().systemd_command(ctx, args, loaded),
+            "cron": lambda: _install().cron_command(ctx, args, loaded),
             "config": lambda: cmd_config(ctx, args, loaded),
         }
         result = handlers[args.command]()

@@ -65,7 +65,7 @@ from ..storage import (
     resolve,
     write_manifest,
 )
-from . import JobContext
+from . import JobContext, check_restorable
 
 KIND: Kind = "postgres"
 PG_LIB = Path("/usr/lib/postgresql")
@@ -850,16 +850,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
     started = time.monotonic()
     with TargetLock(backup_dir, KIND, f"restore postgres {backup_set.name}", read_only_ok=not safety_backup):
         ctx.log.info("restore requested", file=backup_set.name, database=target, host=pg.host, port=pg.port)
-        if backup_set.manifest is None:
-            ctx.log.warning("this file has no manifest (not made by kkua-backup): only a decompress test "
-                            "can check it", file=backup_set.name)
-        elif backup_set.status == "failed":
-            ctx.log.warning("this set is marked failed; restoring it because it was named explicitly",
-                            file=backup_set.name, reason=backup_set.manifest.error)
-        elif backup_set.status != "ok":
-            raise Refused(f"{backup_set.name} is {backup_set.status}: "
-                          f"missing {', '.join(backup_set.missing_files)}",
-                          hint="choose another backup (see `kkua-backup list postgres`)")
+        check_restorable(ctx, backup_set, checks="a decompress test")
         report["check"] = check_set(ctx, backup_set)
         admin = connect_maintenance(pg)
         try:

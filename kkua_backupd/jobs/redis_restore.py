@@ -39,7 +39,7 @@ from ..redis_local import LocalRedis
 from ..redis_sample import databases as keyspace_counts
 from ..redis_sample import scan_keys
 from ..storage import PREFIXES, BackupSet, ManifestFile, resolve
-from . import JobContext
+from . import JobContext, check_restorable
 from .postgres import RestorePlan, confirm
 from .redis import capture, check_set, compare_counts
 
@@ -261,15 +261,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, 
 
 
 def _check_status(ctx: JobContext, backup_set: BackupSet) -> None:
-    if backup_set.manifest is None:
-        ctx.log.warning("this file has no manifest (not made by kkua-backup): only a decompress test and its "
-                        "header can check it", file=backup_set.name)
-    elif backup_set.status == "failed":
-        ctx.log.warning("this set is marked failed; restoring it because it was named explicitly",
-                        file=backup_set.name, reason=backup_set.manifest.error)
-    elif backup_set.status != "ok":
-        raise Refused(f"{backup_set.name} is {backup_set.status}: missing {', '.join(backup_set.missing_files)}",
-                      hint="choose another backup (see `kkua-backup list redis`)")
+    check_restorable(ctx, backup_set, checks="a decompress test and its header")
 
 
 def _plan_lines(ctx: JobContext, backup_set: BackupSet, source: Source, target: TargetInfo, effect: str,
