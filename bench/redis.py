@@ -107,10 +107,11 @@ class RedisBench(pg_backup.Bench):
         self.pass_file = workdir / "redis.pass"
         self.pass_file.write_text(PASSWORD + "\n")
         self.pass_file.chmod(0o600)
-        self.cli_env = {k: v for k, v in os.environ.items()
-                        if k not in ("REDISCLI_AUTH", "KKUA_BACKUP_CONFIG", "FORCE_RESTORE", "BACKUP_AOF",
-                                     "JOURNAL_STREAM", "NOTIFY_SOCKET") and not k.startswith("REDIS_")}
-        self.tool_env = dict(self.cli_env, REDISCLI_AUTH=PASSWORD)
+        plain = {k: v for k, v in os.environ.items()
+                 if k not in ("REDISCLI_AUTH", "KKUA_BACKUP_CONFIG", "FORCE_RESTORE", "BACKUP_AOF",
+                              "JOURNAL_STREAM", "NOTIFY_SOCKET") and not k.startswith("REDIS_")}
+        self.cli_env = pg_backup.as_installed(plain)
+        self.tool_env = dict(plain, REDISCLI_AUTH=PASSWORD)
         self.restore_skipped: str | None = None
         self.daemons: list[int] = []  # redis-servers our file-mode restores started (daemonized), by pid
 
