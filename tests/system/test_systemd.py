@@ -141,6 +141,29 @@ def test_run_unit_backs_up_postgres_and_redis(kkua_system: KkuaSystem, timers_in
     assert_no_secret(s, journal_text(s, "kkua-backup@run.service", cursor), "the journal of kkua-backup@run")
 
 
+def test_run_unit_with_zstd_and_the_custom_format(kkua_system: KkuaSystem, timers_installed: str) -> None:
+    """zstd's threads and pg_dump's custom format work under the unit's hardening (MemoryDenyWriteExecute=,
+    SystemCallFilter=, ...): `kkua-backup@run` makes a good .zst set of each kind."""
+    s = kkua_system
+    original = {section: dict(s.config.get(section, {})) for section in ("postgres", "redis")}
+    before = {kind: {b["id"] for b in s.sets(kind)} for kind in ("postgres", "redis")}
+    s.write_config(postgres={"compression": "zstd", "format": "custom"}, redis={"compression": "zstd"})
+    try:
+        s.run("systemctl", "start", "kkua-backup@run", timeout=300)
+        props = s.show("kkua-backup@run", "Result", "ExecMainStatus")
+        assert props == {"Result": "success", "ExecMainStatus": "0"}, props
+        for kind, suffix in (("postgres", ".dump.zst"), ("redis", ".rdb.zst")):
+            new = [b for b in s.sets(kind) if b["id"] not in before[kind]]
+            assert len(new) == 1 and new[0]["status"] == "ok", new
+            assert new[0]["files"][0]["name"].endswith(suffix), new[0]["files"]
+            verify = json.loads(s.kkua("verify", new[0]["files"][0]["name"], "--json").stdout)
+            assert [r["ok"] for r in verify] == [True], verify
+    finally:
+        for section, keys in original.items():
+            s.config[section] = keys
+        s.write_config()
+
+
 # 4.-7. The daemon ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
