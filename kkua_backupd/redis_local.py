@@ -31,7 +31,8 @@ _START_ATTEMPTS = 5
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0 and read it back); raises OSError
+    when no socket can be bound. Used for every throwaway server, PostgreSQL ones included."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -331,24 +331,26 @@ def sync_rdb(cfg: RedisConfig, sink: Callable[[bytes], None], *, on_start: Calla
             if answer.startswith(b"-"):
                 text = answer[1:].decode("utf-8", "replace")
                 raise connection_error(cfg, redis.AuthenticationError(text))
-        answer = ask("REPLCONF", "capa", "eof")
-        if answer.startswith(b"-"):
+        def replconf(*args: str) -> str | None:
+            """The error text of `REPLCONF ARGS`, None when it succeeded; raises when an ACL refused it."""
+            answer = ask("REPLCONF", *args)
+            if not answer.startswith(b"-"):
+                return None
             text = answer.decode("utf-8", "replace")
             refused = _refusal(server, "REPLCONF", text)
             if refused is not None:
                 raise refused
-            if text.startswith("-NOAUTH"):
+            return text
+
+        error = replconf("capa", "eof")
+        if error is not None:
+            if error.startswith("-NOAUTH"):
                 raise connection_error(cfg, redis.AuthenticationError("Authentication required."))
-            raise JobError(f"{server} refused REPLCONF capa eof: {text[1:]}")
-        answer = ask("REPLCONF", "rdb-only", "1")
-        if answer.startswith(b"-"):
-            text = answer.decode("utf-8", "replace")
-            refused = _refusal(server, "REPLCONF", text)
-            if refused is not None:
-                raise refused
-            # Redis < 7 does not know rdb-only: it then streams commands after the RDB, which we never read.
-            if log is not None:
-                log.debug("server does not support REPLCONF rdb-only (Redis < 7); going on", reply=text)
+            raise JobError(f"{server} refused REPLCONF capa eof: {error[1:]}")
+        error = replconf("rdb-only", "1")
+        # Redis < 7 does not know rdb-only: it then streams commands after the RDB, which we never read.
+        if error is not None and log is not None:
+            log.debug("server does not support REPLCONF rdb-only (Redis < 7); going on", reply=error)
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.sendall(b"SYNC\r\n")
         header = _reply(reader)  # keep-alive newlines while the server saves are skipped here

@@ -21,7 +21,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,6 +31,8 @@ from typing import Any, Self
 
 import psycopg
 from psycopg import sql
+
+from .redis_local import free_port
 
 __all__ = [
     "ThrowawayPostgres",
@@ -49,16 +50,6 @@ _CMD_TIMEOUT_S = 120.0
 _LOG_TAIL_LINES = 20
 _START_ATTEMPTS = 5
 _BIND_ERROR = re.compile(r"could not (bind|create listen socket)|Address already in use", re.IGNORECASE)
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (bind to port 0 and read it back).
-
-    Raises OSError if no socket can be bound.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def find_pg_bin_dir(major: int | None = None) -> Path:

@@ -41,9 +41,52 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+class _CliWorld:
+    """What every test world shares: its config file and folders, and the real `kkua-backup` run against
+    them as a separate process. Subclasses name the guide's variables a test must set itself."""
+
+    config_path: Path
+    backup_dir: Path
+    log_dir: Path
+    WITHHELD: tuple[str, ...] = ("FORCE_RESTORE", "JOURNAL_STREAM")
+    WITHHELD_PREFIX = "DATABASE_"
+
+    def _write_config(self, section: str, keys: dict[str, Any]) -> Path:
+        lines = [f'backup_dir = "{self.backup_dir}"', f'log_dir = "{self.log_dir}"', "", f"[{section}]"]
+        lines += [f"{key} = {_toml(value)}" for key, value in keys.items() if value is not None]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        return self.config_path
+
+    def run(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run `kkua-backup ARGS` as a separate process with this test's config; stdin is not a terminal."""
+        result = subprocess.run([sys.executable, "-m", "kkua_backupd", *args], input=input or "",
+                                capture_output=True, text=True, env=self.cli_env(env), timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kkua-backup {' '.join(args)} exited {result.returncode}\n"
+                                 f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        return result
+
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """Start `kkua-backup ARGS` without waiting (for kill -9 and lock tests)."""
+        return subprocess.Popen([sys.executable, "-m", "kkua_backupd", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=self.cli_env(env))
+
+    def cli_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The CLI's environment: ours without the guide's variables (a test sets those itself), this
+        test's config, and `extra`."""
+        full = {k: v for k, v in os.environ.items()
+                if k not in self.WITHHELD and not k.startswith(self.WITHHELD_PREFIX)}
+        full["KKUA_BACKUP_CONFIG"] = str(self.config_path)
+        full.update(extra or {})
+        return full
+
+
 @dataclass
-class Env:
+class Env(_CliWorld):
     """One test's world: the server, its database, the config file and a CLI runner."""
+
+    WITHHELD = ("FORCE_RESTORE", "TEST_RESTORE", "JOURNAL_STREAM")
 
     server: ThrowawayPostgres
     database: str
@@ -64,32 +107,7 @@ class Env:
         keys: dict[str, Any] = {"host": "127.0.0.1", "port": self.server.port, "database": self.database,
                                 "user": "postgres", "password_file": str(self.root / "pg.pass")}
         keys.update(postgres)
-        lines = [f'backup_dir = "{self.backup_dir}"', f'log_dir = "{self.log_dir}"', "", "[postgres]"]
-        for key, value in keys.items():
-            if value is None:
-                continue
-            lines.append(f"{key} = {_toml(value)}")
-        self.config_path.write_text("\n".join(lines) + "\n")
-        return self.config_path
-
-    def run(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
-        """Run `kkua-backup ARGS` as a separate process with this test's config; stdin is not a terminal."""
-        return _cli_run(self.cli_env(env), args, input, timeout, check)
-
-    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        """Start `kkua-backup ARGS` without waiting (for kill -9 and lock tests)."""
-        return subprocess.Popen([sys.executable, "-m", "kkua_backupd", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=self.cli_env(env))
-
-    def cli_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        """The CLI's environment: ours without the guide's variables (a test sets those itself), this
-        test's config, and `extra`."""
-        full = {k: v for k, v in os.environ.items()
-                if k not in ("FORCE_RESTORE", "TEST_RESTORE", "JOURNAL_STREAM") and not k.startswith("DATABASE_")}
-        full["KKUA_BACKUP_CONFIG"] = str(self.config_path)
-        full.update(extra or {})
-        return full
+        return self._write_config("postgres", keys)
 
 
 def _toml(value: Any) -> str:
@@ -126,8 +144,11 @@ def contents() -> Callable[[psycopg.Connection[Any]], dict[str, list[str]]]:
 
 
 @dataclass
-class RedisEnv:
+class RedisEnv(_CliWorld):
     """One test's Redis world: a real redis-server (password set), a config pointing at it, a CLI runner."""
+
+    WITHHELD = ("FORCE_RESTORE", "BACKUP_AOF", "JOURNAL_STREAM")
+    WITHHELD_PREFIX = "REDIS_"
 
     server: LocalRedis
     root: Path
@@ -151,35 +172,7 @@ class RedisEnv:
         keys: dict[str, Any] = {"host": "127.0.0.1", "port": self.server.port,
                                 "password_file": str(self.password_file)}
         keys.update(redis_keys)
-        lines = [f'backup_dir = "{self.backup_dir}"', f'log_dir = "{self.log_dir}"', "", "[redis]"]
-        lines += [f"{key} = {_toml(value)}" for key, value in keys.items() if value is not None]
-        self.config_path.write_text("\n".join(lines) + "\n")
-        return self.config_path
-
-    def run(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
-        return _cli_run(self.cli_env(env), args, input, timeout, check)
-
-    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "kkua_backupd", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=self.cli_env(env))
-
-    def cli_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        full = {k: v for k, v in os.environ.items()
-                if k not in ("FORCE_RESTORE", "BACKUP_AOF", "JOURNAL_STREAM") and not k.startswith("REDIS_")}
-        full["KKUA_BACKUP_CONFIG"] = str(self.config_path)
-        full.update(extra or {})
-        return full
-
-
-def _cli_run(environ: dict[str, str], args: tuple[str, ...], input: str | None, timeout: float,
-             check: bool) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "kkua_backupd", *args], input=input or "",
-                            capture_output=True, text=True, env=environ, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"kkua-backup {' '.join(args)} exited {result.returncode}\n"
-                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
-    return result
+        return self._write_config("redis", keys)
 
 
 REDIS_TEST_PASSWORD = "r3dis-Pass-for-tests"

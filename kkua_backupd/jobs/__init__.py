@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,3 +33,20 @@ def check_restorable(ctx: JobContext, backup_set: BackupSet, *, checks: str) -> 
     elif backup_set.status != "ok":
         raise Refused(f"{backup_set.name} is {backup_set.status}: missing {', '.join(backup_set.missing_files)}",
                       hint=f"choose another backup (see `kkua-backup list {backup_set.kind}`)")
+
+
+def verify_report(backup_set: BackupSet, checked: dict[str, Any],
+                  restore_test: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
+    """`verify` of one set, for either kind: the file checks already done (`checked`), whether the set is
+    marked good, and the outcome of `restore_test` when one is asked for."""
+    report: dict[str, Any] = {"kind": backup_set.kind, "id": backup_set.id, "name": backup_set.name,
+                              "status": backup_set.status}
+    report.update(checked)
+    report["ok"] = backup_set.status in ("ok", "unverified")
+    if backup_set.manifest is not None and backup_set.status != "ok":
+        report["error"] = f"marked {backup_set.status}: {backup_set.manifest.error or 'see its manifest'}"
+    if restore_test is not None:
+        outcome = restore_test()
+        report["restore_test"] = outcome
+        report["ok"] = report["ok"] and outcome["ok"]
+    return report

@@ -65,7 +65,7 @@ from ..storage import (
     resolve,
     write_manifest,
 )
-from . import JobContext, check_restorable
+from . import JobContext, check_restorable, verify_report
 
 KIND: Kind = "postgres"
 PG_LIB = Path("/usr/lib/postgresql")
@@ -783,22 +783,15 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
 
 def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
     """`verify`: check the files and, if asked, restore them into a scratch database and compare."""
-    report: dict[str, Any] = {"kind": KIND, "id": backup_set.id, "name": backup_set.name,
-                              "status": backup_set.status}
-    report.update(check_set(ctx, backup_set))
-    report["ok"] = backup_set.status in ("ok", "unverified")
-    if backup_set.manifest is not None and backup_set.status != "ok":
-        report["error"] = f"marked {backup_set.status}: {backup_set.manifest.error or 'see its manifest'}"
-    if restore_test:
+    def test() -> dict[str, Any]:
         fmt, compression = set_format(backup_set)
         expected = backup_set.manifest.details.get("tables", {}) if backup_set.manifest else {}
         with TargetLock(ctx.config.backup_dir, KIND, "verify --restore-test"):
-            outcome = _test_restore_file(
+            return _test_restore_file(
                 ctx, backup_set.path(), fmt, compression, set_id=backup_set.id or "adhoc", expected=expected,
                 expected_file=backup_set.manifest.files[0] if backup_set.manifest else None)
-        report["restore_test"] = outcome
-        report["ok"] = report["ok"] and outcome["ok"]
-    return report
+
+    return verify_report(backup_set, check_set(ctx, backup_set), test if restore_test else None)
 
 
 # ----------------------------------------------------------------------------------------------

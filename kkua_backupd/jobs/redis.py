@@ -76,7 +76,7 @@ from ..storage import (
     remove_stale_partials,
     write_manifest,
 )
-from . import JobContext
+from . import JobContext, verify_report
 
 KIND: Kind = "redis"
 EXTENSIONS = {"rdb": ".rdb", "memory": "_memory.json", "config": "_config.conf", "aof": ".aof"}
@@ -807,14 +807,5 @@ def test_load(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
 
 def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
     """`verify`: check the files and, if asked, load the RDB into a throwaway server and compare key counts."""
-    report: dict[str, Any] = {"kind": KIND, "id": backup_set.id, "name": backup_set.name,
-                              "status": backup_set.status}
-    report.update(check_set(ctx, backup_set))
-    report["ok"] = backup_set.status in ("ok", "unverified")
-    if backup_set.manifest is not None and backup_set.status != "ok":
-        report["error"] = f"marked {backup_set.status}: {backup_set.manifest.error or 'see its manifest'}"
-    if restore_test:
-        outcome = test_load(ctx, backup_set)
-        report["restore_test"] = outcome
-        report["ok"] = report["ok"] and outcome["ok"]
-    return report
+    return verify_report(backup_set, check_set(ctx, backup_set),
+                         (lambda: test_load(ctx, backup_set)) if restore_test else None)
