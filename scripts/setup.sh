@@ -24,8 +24,16 @@ fi
 
 stamp=.venv/.kkua-setup-stamp
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+# Debian's own Python (3.11.2 on Debian 12), the one operators build /opt/kkua-backupd from: a newer python3
+# first on PATH would hide features the target lacks (tarfile's filter= came in 3.11.4).
+python=/usr/bin/python3
+if [ -x .venv/bin/python ] && ! grep -qx "executable = $python" .venv/pyvenv.cfg 2>/dev/null \
+   && ! grep -qx "home = /usr/bin" .venv/pyvenv.cfg 2>/dev/null; then
+  echo "setup: .venv was made from another Python; making it again from $python"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  "$python" -m venv .venv
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing pinned Python packages into .venv"
