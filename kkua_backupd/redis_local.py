@@ -47,6 +47,13 @@ def find_redis_bin(name: str, bin_dir: Path | None = None) -> Path | None:
     return Path(found) if found else None
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: be killed when our parent dies (Linux prctl PR_SET_PDEATHSIG, SIGKILL)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -61,7 +68,7 @@ class LocalRedis:
     def __init__(self, folder: Path | None = None, *, password: str | None = None,
                  settings: Mapping[str, str] | None = None, acl_lines: list[str] | None = None,
                  bin_dir: Path | None = None, keep_folder: bool = False,
-                 ready_timeout: float = _READY_TIMEOUT_S) -> None:
+                 ready_timeout: float = _READY_TIMEOUT_S, die_with_parent: bool = False) -> None:
         self._own_folder = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="kkua-redis-")) if folder is None else folder
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -70,6 +77,9 @@ class LocalRedis:
         self.acl_lines = list(acl_lines or [])
         self.keep_folder = keep_folder
         self.ready_timeout = ready_timeout
+        # A server holding a backup for one run of ours must not outlive it, even after kill -9: the kernel
+        # kills it when the thread that started it ends (prctl PR_SET_PDEATHSIG).
+        self.die_with_parent = die_with_parent
         server = find_redis_bin("redis-server", bin_dir)
         if server is None:
             raise JobError("redis-server is not installed", hint="install it: apt-get install redis-server")
@@ -108,7 +118,9 @@ class LocalRedis:
             self._write_conf()
             self.process = subprocess.Popen([str(self.server_bin), str(self.conf_path)], stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            # the prctl call only: no lock, safe after fork in a threaded parent
+                                            preexec_fn=_die_with_parent if self.die_with_parent else None)  # noqa: PLW1509
             try:
                 self._wait_ready()
                 return self

