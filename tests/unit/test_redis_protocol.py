@@ -16,11 +16,11 @@ from kkua_backupd.config import RedisConfig
 from kkua_backupd.errors import ConnectionFailed, IntegrityError, JobError, StepTimeout
 from kkua_backupd.jobs.redis import aof_manifest_files, compare_counts, conf_value, memory_document, render_config
 from kkua_backupd.redis_protocol import (
-    _command,
     _exactly,
     _Reader,
     _refusal,
     _until_mark,
+    command,
     connection_error,
     key_counts,
     keyspace,
@@ -60,8 +60,8 @@ def test_max_rdb_version_rejects_garbage() -> None:
 
 
 def test_resp_command_is_binary_safe() -> None:
-    assert _command("AUTH", "a b\"c") == b"*2\r\n$4\r\nAUTH\r\n$5\r\na b\"c\r\n"
-    assert _command("REPLCONF", "capa", "eof") == b"*3\r\n$8\r\nREPLCONF\r\n$4\r\ncapa\r\n$3\r\neof\r\n"
+    assert command("AUTH", "a b\"c") == b"*2\r\n$4\r\nAUTH\r\n$5\r\na b\"c\r\n"
+    assert command("REPLCONF", "capa", "eof") == b"*3\r\n$8\r\nREPLCONF\r\n$4\r\ncapa\r\n$3\r\neof\r\n"
 
 
 def test_keyspace_from_parsed_info() -> None:
