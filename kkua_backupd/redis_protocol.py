@@ -25,10 +25,8 @@ from redis.exceptions import NoPermissionError
 from redis.retry import Retry
 
 from .config import RedisConfig
-from .errors import ConnectionFailed, IntegrityError, JobError, KkuaError, StepTimeout
+from .errors import ConnectionFailed, JobError, KkuaError, StepTimeout
 
-RDB_MAGIC = b"REDIS"
-RDB_HEADER_SIZE = 9  # "REDIS" + four ASCII digits
 EOF_MARK_SIZE = 40
 REPLICA_VERSION = "255.255.255"  # what we announce to Valkey: "send me your newest RDB format"
 _RECV = 1 << 20
@@ -117,41 +115,6 @@ def connection_error(cfg: RedisConfig, exc: BaseException) -> KkuaError:
 
 # ----------------------------------------------------------------------------------------------
 # RDB versions
-
-
-def parse_rdb_header(data: bytes, *, name: str = "RDB") -> int:
-    """The RDB version in the first 9 bytes (`REDIS0011`); raises IntegrityError if they are not an RDB header."""
-    head = bytes(data[:RDB_HEADER_SIZE])
-    if len(head) < RDB_HEADER_SIZE:
-        raise IntegrityError(f"{name} is not an RDB file: it has only {len(head)} bytes",
-                             hint="the capture was cut short or the file is not a Redis backup")
-    if not head.startswith(RDB_MAGIC) or not head[5:].isdigit():
-        raise IntegrityError(f"{name} is not an RDB file (it starts with {head!r}, not REDISnnnn)",
-                             hint="use another backup; this one is corrupt or is not an RDB")
-    return int(head[5:])
-
-
-def rdb_version(source: bytes | Path, compression: str | None = None) -> int:
-    """The RDB version of raw RDB bytes or of an RDB file (compressed as `compression`, else as its name
-    says: .gz, .zst, or none); raises IntegrityError if it is not an RDB."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        return parse_rdb_header(bytes(source))
-    from .pipeline import decompress, file_chunks  # late: pipeline is not needed for plain bytes
-
-    kind = compression or ("gzip" if source.name.endswith(".gz") else "zstd" if source.name.endswith(".zst")
-                           else "none")
-    head = bytearray()
-    stream = decompress(kind, file_chunks(source), name=source.name)
-    try:
-        for chunk in stream:
-            head += chunk
-            if len(head) >= RDB_HEADER_SIZE:
-                break
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-    return parse_rdb_header(bytes(head), name=source.name)
 
 
 def parse_server_version(version: str) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import anycrc
@@ -107,6 +108,27 @@ def parse_header(head: bytes, *, name: str = "RDB") -> tuple[str, int]:
             return magic, int(digits)
     raise IntegrityError(f"{name} is not an RDB file (it starts with {head!r}, not REDISnnnn or VALKEYnnn)",
                          hint="use another backup; this one is corrupt or is not an RDB")
+
+
+def file_header(path: Path, compression: str | None = None) -> tuple[str, int]:
+    """("REDIS" or "VALKEY", version) of an RDB file, compressed as `compression` (else as its name says:
+    .gz, .zst, or none); raises IntegrityError if it is not an RDB."""
+    from .pipeline import decompress, file_chunks  # late: the reader itself needs no files
+
+    kind = compression or ("gzip" if path.name.endswith(".gz") else "zstd" if path.name.endswith(".zst")
+                           else "none")
+    head = bytearray()
+    stream = decompress(kind, file_chunks(path), name=path.name)
+    try:
+        for chunk in stream:
+            head += chunk
+            if len(head) >= HEADER_SIZE:
+                break
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return parse_header(bytes(head), name=path.name)
 
 
 class KeySink(Protocol):

@@ -38,7 +38,7 @@ from ..lock import TargetLock
 from ..pipeline import AtomicFile, decompress, file_chunks, fsync_dir
 from ..progress import Progress, human_bytes
 from ..redis_local import LocalRedis
-from ..redis_rdb import HEADER_SIZE, NEWEST_REDIS_RDB, NEWEST_VALKEY_RDB, RdbScanner, RdbSummary, parse_header
+from ..redis_rdb import NEWEST_REDIS_RDB, NEWEST_VALKEY_RDB, RdbScanner, RdbSummary, file_header
 from ..storage import PREFIXES, BackupSet, ManifestFile, resolve
 from . import JobContext, check_restorable
 from .postgres import RestorePlan, confirm
@@ -198,12 +198,7 @@ def check_rdb_version(path: Path, source: Source, target: TargetInfo, mode: str 
     """The RDB version of the backup file; raises VersionTooNew when the target cannot read it: in file
     mode when the server itself would load a newer RDB, in logical mode (which re-encodes what the target
     lacks) only for a version newer than this tool reads. Raises IntegrityError when the file is not an RDB."""
-    head = bytearray()
-    for chunk in decompress(source.compression, file_chunks(path), name=source.name):
-        head += chunk
-        if len(head) >= HEADER_SIZE:
-            break
-    magic, version = parse_header(bytes(head), name=source.name)
+    magic, version = file_header(path, source.compression)
     too_new_for_us = version > (NEWEST_VALKEY_RDB if magic == "VALKEY" else NEWEST_REDIS_RDB)
     if too_new_for_us or (mode == "file" and (version > target.rdb_max or (magic == "VALKEY") != (
             target.flavor == "valkey" and version >= 80))):

@@ -25,26 +25,25 @@ from kkua_backupd.redis_protocol import (
     key_counts,
     keyspace,
     max_rdb_version,
-    parse_rdb_header,
-    rdb_version,
 )
+from kkua_backupd.redis_rdb import file_header, parse_header
 
 
 def test_rdb_header_and_version() -> None:
-    assert parse_rdb_header(b"REDIS0011\xfa\x09redis-ver") == 11
-    assert rdb_version(b"REDIS0009") == 9
+    assert parse_header(b"REDIS0011\xfa\x09redis-ver") == ("REDIS", 11)
+    assert parse_header(b"VALKEY080") == ("VALKEY", 80)
     with pytest.raises(IntegrityError, match="not an RDB file"):
-        parse_rdb_header(b"PK\x03\x04 zip")
+        parse_header(b"PK\x03\x04 zip")
     with pytest.raises(IntegrityError, match="only 4 bytes"):
-        parse_rdb_header(b"REDI")
+        parse_header(b"REDI")
 
 
 def test_rdb_version_of_compressed_file(tmp_path: Path) -> None:
     path = tmp_path / "x.rdb.gz"
     path.write_bytes(gzip.compress(b"REDIS0010" + b"\x00" * 1000))
-    assert rdb_version(path) == 10
+    assert file_header(path) == ("REDIS", 10)
     (tmp_path / "y.rdb").write_bytes(b"REDIS0012\xff")
-    assert rdb_version(tmp_path / "y.rdb") == 12
+    assert file_header(tmp_path / "y.rdb") == ("REDIS", 12)
 
 
 @pytest.mark.parametrize(("server", "rdb"), [("5.0.14", 9), ("6.0.20", 9), ("6.2.14", 9), ("7.0.15", 10),
