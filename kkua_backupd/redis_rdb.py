@@ -220,7 +220,8 @@ class RdbScanner:
         self._db = 0
         self._expire: int | None = None
         self._big_left = 0  # bytes of a big string value still to come
-        self._big_total = 0
+        self._types = [0] * 256  # keys per value type, counted in a list: the hot loop's cheapest counter
+        self._wanted = set(range(256)) if examples else set()  # types still short of example key names
 
     # -- feeding --------------------------------------------------------------------------------
 
@@ -253,6 +254,7 @@ class RdbScanner:
         if not self._done and not self._big_left and self._buf:
             self._need = 0  # a record waiting for more bytes than the file had: read what there is
             self._run()
+        self.summary.types = Counter({t: count for t, count in enumerate(self._types) if count})
         if not self._done:
             where = "a value" if self._big_left or self._pos < len(self._buf) else "a record boundary"
             raise IntegrityError(f"{self.name} is cut short: it ends inside {where}, before the RDB's end "
@@ -308,6 +310,9 @@ class RdbScanner:
         summary = self.summary
         sink = self.sink
         valkey = summary.magic == "VALKEY"
+        keys = summary.keys
+        types = self._types
+        wanted = self._wanted
         while p < n:
             start = p
             try:
@@ -317,29 +322,35 @@ class RdbScanner:
                     if t > 25 or t == 8 or (valkey and t > 22):
                         raise self._not_understood(f"a value of type {t}" if t < 200 else f"opcode {t}")
                     kstart = p
-                    p = _skip_string(b, p, n)
+                    c = b[p]
+                    p = p + 1 + c if c < 64 else _skip_string(b, p, n)  # most keys: a 6-bit length
                     vstart = p
-                    if t == T_STRING:
-                        big = _big_string(b, p, n)
-                        if big is not None:
+                    if t == T_STRING or t in _ONE_BLOB:
+                        c = b[p]
+                        if c < 64:
+                            p += 1 + c
+                        elif t == T_STRING and (c < 0xC0 or c == 0xC3) and c >= 0x80 and \
+                                (big := _big_string(b, p, n)) is not None:
                             self._begin_big(b, kstart, big, n)
                             return
-                        p = _skip_string(b, p, n)
-                    elif t in _ONE_BLOB:
-                        p = _skip_string(b, p, n)
+                        else:
+                            p = _skip_string(b, p, n)
+                        if p > n:
+                            raise _Short(p)
                     else:
                         p = self._skip_value(t, b, p, n, valkey)
                     db = self._db
-                    summary.keys[db] = summary.keys.get(db, 0) + 1
+                    keys[db] = keys.get(db, 0) + 1
                     if self._expire is not None:
                         summary.expires[db] = summary.expires.get(db, 0) + 1
-                    summary.types[t] += 1
-                    size = p - vstart
-                    summary.largest_value = max(summary.largest_value, size)
-                    if self._examples:
+                    types[t] += 1
+                    if p - vstart > summary.largest_value:  # noqa: PLR1730 - no call in the hot loop
+                        summary.largest_value = p - vstart
+                    if t in wanted:
                         seen = summary.examples.setdefault(t, [])
-                        if len(seen) < self._examples:
-                            seen.append(_string_at(b, kstart))
+                        seen.append(_string_at(b, kstart))
+                        if len(seen) >= self._examples:
+                            wanted.discard(t)
                     if sink is not None:
                         sink.key(db, _string_at(b, kstart), t, bytes(b[vstart:p]), self._expire)
                     self._expire = None
@@ -431,7 +442,7 @@ class RdbScanner:
         summary.keys[db] = summary.keys.get(db, 0) + 1
         if self._expire is not None:
             summary.expires[db] = summary.expires.get(db, 0) + 1
-        summary.types[T_STRING] += 1
+        self._types[T_STRING] += 1
         summary.largest_value = max(summary.largest_value, stored)
         key = _string_at(b, kstart)
         if self.sink is not None:

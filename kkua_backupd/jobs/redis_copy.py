@@ -42,7 +42,7 @@ from ..redis_rdb import (
     RdbSummary,
 )
 
-_PIPELINE_BYTES = 16 << 20  # send and read replies when this much is queued
+_PIPELINE_BYTES = 8 << 20  # send and read replies when this much is queued
 _PIPELINE_COMMANDS = 20_000
 _PIECE = 4 << 20  # the size of the pieces a big string is sent in (SET, then APPEND)
 _REDIS_HFE = frozenset({T_HASH_METADATA_PRE_GA, T_HASH_LISTPACK_EX_PRE_GA, T_HASH_METADATA, T_HASH_LISTPACK_EX})
@@ -179,7 +179,11 @@ class _Connection:
 
     def send(self, parts: list[bytes]) -> None:
         try:
-            self.sock.sendall(b"".join(parts))
+            if len(parts) <= 16:  # a few big commands (pieces of a big value): no joined copy of them
+                for part in parts:
+                    self.sock.sendall(part)
+            else:
+                self.sock.sendall(b"".join(parts))
         except OSError as exc:
             raise redis_protocol.connection_error(self.rc, exc) from None
 

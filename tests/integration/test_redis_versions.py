@@ -458,6 +458,7 @@ def test_600_mib_value_is_restored_with_a_small_memory_footprint(
     assert run.returncode == 0, describe(run)
     peak = re.search(r"KKUA_MAXRSS_KB (\d+)", run.stderr)
     assert peak is not None, run.stderr
+    print(f"restore of a {HUGE_MIB} MiB value: peak RSS {int(peak.group(1)) // 1024} MiB")  # shown with -s
     with target.client(socket_timeout=120) as client:
         assert _read_huge(client, "huge") == (HUGE_MIB * MIB, want)
         assert client.get("small") == b"beside it"
