@@ -147,6 +147,9 @@ class KeySink(Protocol):
     def big_end(self) -> None:
         """The big string is complete."""
 
+    def function(self, code: bytes) -> None:
+        """A function library (Redis 7+), its source code as FUNCTION LOAD takes it."""
+
 
 @dataclass
 class RdbSummary:
@@ -398,8 +401,11 @@ class RdbScanner:
                         raise _Short(p + 1)
                     p += 1
                 elif t == OP_FUNCTION2:
+                    code_at = p
                     p = _skip_string(b, p, n)
                     summary.functions += 1
+                    if sink is not None:
+                        sink.function(_string_at(b, code_at))
                 elif t == OP_MODULE_AUX:
                     module_id, p = _length(b, p)
                     when_opcode, p = _length(b, p)

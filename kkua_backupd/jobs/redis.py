@@ -810,6 +810,9 @@ class _DecodeEverything:
     def big_end(self) -> None:
         return
 
+    def function(self, code: bytes) -> None:
+        return
+
 
 def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None = None) -> dict[str, Any]:
     """The restore test of a set: every value of its RDB decoded by the reader a logical restore uses (no

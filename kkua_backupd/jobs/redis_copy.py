@@ -70,6 +70,11 @@ class Target:
     def name(self) -> str:
         return f"{'Valkey' if self.flavor == 'valkey' else 'Redis'} {self.version}"
 
+    @property
+    def functions(self) -> bool:
+        """Whether the target has function libraries (Redis 7.0+, every Valkey)."""
+        return self.flavor == "valkey" or self.rdb_max >= 10
+
 
 def describe_server(info: dict[str, object]) -> tuple[str, str, int, bool]:
     """(flavor, version, newest readable RDB version, has hash-field TTLs) from INFO server. Valkey says
@@ -135,9 +140,9 @@ def plan_copy(summary: RdbSummary, target: Target) -> Plan:
     if summary.keys and max(summary.keys) >= target.databases:
         problems.append(f"keys in db {max(summary.keys)}, but {target.name} has only {target.databases} databases "
                         f"(0 to {target.databases - 1}); raise `databases` in its redis.conf")
-    if summary.functions:
-        notes.append(f"{summary.functions} function librar{'y is' if summary.functions == 1 else 'ies are'} in the "
-                     "backup; a logical restore copies keys only (FUNCTION RESTORE them, or use --mode file)")
+    if summary.functions and not target.functions:
+        problems.append(f"{summary.functions} function librar{'y' if summary.functions == 1 else 'ies'} "
+                        f"(FUNCTION LOAD), which {target.name} does not have (Redis 7.0+ and Valkey do)")
     if problems:
         raise Refused(f"the backup (from {summary.writer}) cannot be carried over to {target.name}: "
                       + "; ".join(problems) + "; nothing was changed",
@@ -153,6 +158,7 @@ class CopyStats:
     expired: int = 0
     converted: int = 0
     by_commands: int = 0
+    functions: int = 0
     payload_bytes: int = 0
 
 
@@ -315,6 +321,11 @@ class TargetWriter:
             return
         self._string_piece(data)
 
+    def function(self, code: bytes) -> None:
+        """A function library: loaded with FUNCTION LOAD REPLACE (one of the same name is replaced)."""
+        self._queue_command(redis_protocol.command(b"FUNCTION", b"LOAD", b"REPLACE", code), None)
+        self.stats.functions += 1
+
     def big_end(self) -> None:
         assert self._big is not None
         db, key, expire_ms = self._big
@@ -382,7 +393,7 @@ class TargetWriter:
         if failed is not None:
             owner, reply = failed
             text = reply[1:].decode("utf-8", "replace")
-            what = f"key {owner[1]!r} in db {owner[0]}" if owner else "a command"
+            what = f"key {owner[1]!r} in db {owner[0]}" if owner else "a command (SELECT, DEL or FUNCTION LOAD)"
             if "SELECT" in text or "DB index" in text:
                 what = "SELECT"
             raise JobError(f"{self.target.name} at {self.rc.host}:{self.rc.port} refused {what}: {text}",

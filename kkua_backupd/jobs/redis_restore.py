@@ -385,6 +385,7 @@ def _copy_logical(ctx: JobContext, backup_set: BackupSet, source: Source, target
     total = sum(stats.restored.values())
     report.update({"keys": total, "databases": {str(db): n for db, n in sorted(stats.restored.items())},
                    "expired_skipped": stats.expired, "converted": stats.converted, "by_commands": stats.by_commands,
+                   "functions": stats.functions,
                    "copy_seconds": round(seconds, 2), "keys_per_second": round(total / seconds),
                    "flushed": written if flush else [], "notes": plan.notes})
     ctx.log.info("keys copied", keys=total, expired_skipped=stats.expired, converted=stats.converted,

@@ -535,3 +535,33 @@ def test_kill_9_midway_through_a_logical_restore_leaves_nothing_behind(
     world.write_config()
     result = world.run("verify", rdb_name(entry))
     assert result.returncode == 0, describe(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# Function libraries
+
+
+LIBRARY = "#!lua name=kkualib\nredis.register_function('kkua_one', function(keys, args) return 1 end)"
+
+
+def test_function_libraries_are_restored_or_refused(build_env: Callable[..., RedisEnv],
+                                                    start_build_server: Callable[..., LocalRedis]) -> None:
+    """A logical restore loads the backup's function libraries (FUNCTION LOAD REPLACE); a target without
+    functions (Redis 6.2) is refused before any change, naming them."""
+    source_build = build("redis-7.0")
+    world = build_env(source_build)
+    with world.server.client() as client:
+        client.execute_command("FUNCTION", "LOAD", LIBRARY)
+        client.set("k", "v")
+    backup_set(world)
+
+    target = start_build_server(build_or_skip("valkey-9.1"), "target")
+    result = restore_into(world, target)
+    assert result.returncode == 0, describe(result)
+    with target.client() as client:
+        assert client.fcall("kkua_one", 0) == 1 and client.get("k") == b"v"
+
+    old_build = build_or_skip("redis-6.2")
+    old = start_build_server(old_build, "old")
+    result = restore_into(world, old)
+    assert refusal_problems(result, old, old_build, [r"function librar", r"6\.2\.14"]) == []

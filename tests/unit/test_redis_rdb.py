@@ -118,10 +118,16 @@ class Collect:
     def big_end(self) -> None:
         self.big.append("end")
 
+    def function(self, code: bytes) -> None:
+        self.big.append(("function", code))
 
-def test_the_sink_gets_every_key_with_its_raw_value() -> None:
+
+def test_the_sink_gets_every_key_with_its_raw_value_and_the_functions() -> None:
     sink = Collect()
-    scan(sample(), 3, sink)
+    code = b"#!lua name=lib\nredis.register_function('f', function() return 1 end)"
+    summary = scan(rdb(AUX, b"\xf5" + s(code), DB0, b"\x00" + s(b"k1") + s(b"v1"),
+                       EXPIRE + b"\x00" + s(b"k2") + b"\xc1\x39\x30", DB3, SET), 3, sink)
+    assert summary.functions == 1 and sink.big == [("function", code)]
     assert sink.keys == [(0, b"k1", 0, s(b"v1"), None), (0, b"k2", 0, b"\xc1\x39\x30", 1_900_000_000_000),
                          (3, b"members", 2, b"\x02" + s(b"a") + b"\xc0\x07", None)]
 
