@@ -137,9 +137,9 @@ class KeySink(Protocol):
     def key(self, db: int, key: bytes, rdb_type: int, value: bytes, expire_ms: int | None) -> None:
         """One key with its whole value encoding (the bytes after the type byte)."""
 
-    def big_start(self, db: int, key: bytes, expire_ms: int | None, size: int, lzf_size: int | None) -> None:
-        """A string value of `size` bytes (stored LZF-compressed in `lzf_size` bytes when not None) follows
-        in pieces."""
+    def big_start(self, db: int, key: bytes, expire_ms: int | None, header: bytes, stored: int) -> None:
+        """A string value follows in pieces: `header` is its RDB string encoding's header (length, or LZF
+        lengths), `stored` the number of bytes after it."""
 
     def big_piece(self, data: bytes) -> None:
         """The next piece of the big string's stored bytes."""
@@ -169,6 +169,7 @@ class RdbSummary:
     checksum: str = "missing"  # "ok", or "not written" when the server has rdbchecksum off
     # A few key names per value type, for messages that must name what cannot be carried over.
     examples: dict[int, list[bytes]] = field(default_factory=dict)
+    big_strings: list[tuple[bytes, int]] = field(default_factory=list)  # (key, length) of strings over 8 MiB
 
     @property
     def valkey(self) -> bool:
@@ -334,7 +335,7 @@ class RdbScanner:
                             p += 1 + c
                         elif t == T_STRING and (c < 0xC0 or c == 0xC3) and c >= 0x80 and \
                                 (big := _big_string(b, p, n)) is not None:
-                            self._begin_big(b, kstart, big, n)
+                            self._begin_big(b, kstart, vstart, big, n)
                             return
                         else:
                             p = _skip_string(b, p, n)
@@ -439,7 +440,7 @@ class RdbScanner:
                 return
         self._pos = p
 
-    def _begin_big(self, b: bytearray, kstart: int, big: tuple[int, int, int | None], n: int) -> None:
+    def _begin_big(self, b: bytearray, kstart: int, vstart: int, big: tuple[int, int, int | None], n: int) -> None:
         """Start passing on a string value too big to hold: its header is read, its bytes follow."""
         data_start, size, lzf_size = big
         stored = lzf_size if lzf_size is not None else size
@@ -451,8 +452,9 @@ class RdbScanner:
         self._types[T_STRING] += 1
         summary.largest_value = max(summary.largest_value, stored)
         key = _string_at(b, kstart)
+        summary.big_strings.append((key, size))
         if self.sink is not None:
-            self.sink.big_start(db, key, self._expire, size, lzf_size)
+            self.sink.big_start(db, key, self._expire, bytes(b[vstart:data_start]), stored)
         self._expire = None
         have = n - data_start
         self._big_left = stored

@@ -801,7 +801,7 @@ class _DecodeEverything:
         redis_values.decode(rdb_type, value, valkey=self.valkey)
         self.values += 1
 
-    def big_start(self, db: int, key: bytes, expire_ms: int | None, size: int, lzf_size: int | None) -> None:
+    def big_start(self, db: int, key: bytes, expire_ms: int | None, header: bytes, stored: int) -> None:
         self.values += 1
 
     def big_piece(self, data: bytes) -> None:

@@ -40,11 +40,11 @@ from ..redis_rdb import (
     T_VALKEY_HASH_2,
     RdbScanner,
     RdbSummary,
+    crc64,
 )
 
 _PIPELINE_BYTES = 8 << 20  # send and read replies when this much is queued
 _PIPELINE_COMMANDS = 20_000
-_PIECE = 4 << 20  # the size of the pieces a big string is sent in (SET, then APPEND)
 _REDIS_HFE = frozenset({T_HASH_METADATA_PRE_GA, T_HASH_LISTPACK_EX_PRE_GA, T_HASH_METADATA, T_HASH_LISTPACK_EX})
 _STREAMS = frozenset({T_STREAM, T_STREAM_2, T_STREAM_3})
 _PORTABLE_MIN = {  # the lowest RDB version that knows each type (Redis and Valkey agree up to 21)
@@ -137,6 +137,11 @@ def plan_copy(summary: RdbSummary, target: Target) -> Plan:
             how[t] = "portable"
         else:
             problems.append(f"{label}: a type {target.name} cannot read")
+    too_big = [(k, size) for k, size in summary.big_strings if size + 64 > target.max_bulk]
+    if too_big:
+        names = ", ".join(f"{k.decode('utf-8', 'replace')!r} ({size >> 20} MiB)" for k, size in too_big[:3])
+        problems.append(f"{len(too_big)} string(s) larger than {target.name} takes in one value (proto-max-bulk-len "
+                        f"{target.max_bulk >> 20} MiB): {names}; raise proto-max-bulk-len on it")
     if summary.keys and max(summary.keys) >= target.databases:
         problems.append(f"keys in db {max(summary.keys)}, but {target.name} has only {target.databases} databases "
                         f"(0 to {target.databases - 1}); raise `databases` in its redis.conf")
@@ -274,9 +279,8 @@ class TargetWriter:
         # Per queued command: the (db, key) it belongs to, for messages, and whether its +OK is a key restored.
         self._owners: list[tuple[int, bytes, bool] | None] = []
         self._db = -1
-        self._big: tuple[int, bytes, int | None] | None = None
-        self._big_lzf: bytearray | None = None
-        self._big_first = True
+        self._big: tuple[int, bytes, bytes] | None = None  # (db, key, the RESTORE's arguments after the payload)
+        self._big_crc = 0
 
     # -- KeySink --------------------------------------------------------------------------------
 
@@ -307,19 +311,26 @@ class TargetWriter:
         else:
             self._queue_command(redis_protocol.command(b"RESTORE", key, b"0", payload, b"REPLACE"), (db, key, True))
 
-    def big_start(self, db: int, key: bytes, expire_ms: int | None, size: int, lzf_size: int | None) -> None:
+    def big_start(self, db: int, key: bytes, expire_ms: int | None, header: bytes, stored: int) -> None:
+        """Start one RESTORE whose payload streams through: the queue goes first, then the command's head;
+        the value's pieces follow as they arrive (plan_copy refused strings larger than the target takes)."""
         self._select(db)
-        self._big = (db, key, expire_ms)
-        self._big_first = True
-        self._big_lzf = bytearray() if lzf_size is not None else None
-        self._queue_command(redis_protocol.command(b"DEL", key), None)
+        self.flush()
+        args = [b"REPLACE", b"ABSTTL"] if expire_ms is not None else [b"REPLACE"]
+        size = 1 + len(header) + stored + 10  # type byte, encoding, RDB version and CRC-64
+        # The command as command() would write it, with the payload's bulk length ahead of its bytes.
+        head = redis_protocol.command(b"RESTORE", key, b"%d" % (expire_ms or 0))
+        head = b"*%d" % (4 + len(args)) + head[head.index(b"\r\n"):]
+        start = bytes((0,)) + header
+        self.conn.send([head, b"$%d\r\n" % size, start])
+        self._big = (db, key, redis_protocol.command(*args)[len(b"*%d\r\n" % len(args)):])
+        self._big_crc = crc64(start)
+        self.stats.payload_bytes += size
 
     def big_piece(self, data: bytes) -> None:
         self.progress.add(len(data))
-        if self._big_lzf is not None:
-            self._big_lzf += data  # LZF can only be undone whole
-            return
-        self._string_piece(data)
+        self._big_crc = crc64(data, self._big_crc)
+        self.conn.send([data])
 
     def function(self, code: bytes) -> None:
         """A function library: loaded with FUNCTION LOAD REPLACE (one of the same name is replaced)."""
@@ -328,28 +339,15 @@ class TargetWriter:
 
     def big_end(self) -> None:
         assert self._big is not None
-        db, key, expire_ms = self._big
-        if self._big_lzf is not None:
-            raise JobError(f"key {key!r} is a string of {len(self._big_lzf)} LZF-compressed bytes, too large to "
-                           "restore in one piece here", hint="restore it with --mode file")
-        if self._big_first:
-            self._queue_command(redis_protocol.command(b"SET", key, b""), (db, key, False))
-        if expire_ms is not None:
-            self._queue_command(redis_protocol.command(b"PEXPIREAT", key, b"%d" % expire_ms), (db, key, False))
-        self.stats.by_commands += 1
-        self.stats.restored[db] += 1
+        db, key, rest = self._big
+        version = self.target.rdb_max.to_bytes(2, "little")
+        crc = crc64(version, self._big_crc)
+        self.conn.send([version, crc.to_bytes(8, "little"), b"\r\n", rest])
+        self._owners.append((db, key, True))
+        self.flush_replies()
         self._big = None
 
     # -- internals ------------------------------------------------------------------------------
-
-    def _string_piece(self, data: bytes) -> None:
-        assert self._big is not None
-        db, key, _ = self._big
-        for start in range(0, len(data), _PIECE):
-            piece = data[start:start + _PIECE]
-            verb = b"SET" if self._big_first else b"APPEND"
-            self._big_first = False
-            self._queue_command(redis_protocol.command(verb, key, piece), (db, key, False))
 
     def _by_commands(self, db: int, key: bytes, rdb_type: int, value: bytes, expire_ms: int | None) -> None:
         decoded = redis_values.decode(rdb_type, value, valkey=self.plan.source_valkey)
@@ -379,6 +377,10 @@ class TargetWriter:
         if not self._owners:
             return
         self.conn.send(self._queue)
+        self.flush_replies()
+
+    def flush_replies(self) -> None:
+        """Read and check the replies of every command sent (see `flush`)."""
         owners = self._owners
         replies = self.conn.lines(len(owners))
         self._queue, self._owners, self._queued = [], [], 0

@@ -109,8 +109,8 @@ class Collect:
     def key(self, db: int, key: bytes, rdb_type: int, value: bytes, expire_ms: int | None) -> None:
         self.keys.append((db, key, rdb_type, value, expire_ms))
 
-    def big_start(self, db: int, key: bytes, expire_ms: int | None, size: int, lzf_size: int | None) -> None:
-        self.big.append(("start", db, key, expire_ms, size, lzf_size))
+    def big_start(self, db: int, key: bytes, expire_ms: int | None, header: bytes, stored: int) -> None:
+        self.big.append(("start", db, key, expire_ms, header, stored))
 
     def big_piece(self, data: bytes) -> None:
         self.big.append(len(data))
@@ -138,7 +138,8 @@ def test_a_big_string_is_passed_on_in_pieces_never_held(monkeypatch: pytest.Monk
     data = rdb(AUX, DB0, EXPIRE + b"\x00" + s(b"big") + s(big), b"\x00" + s(b"after") + s(b"x"))
     sink = Collect()
     summary = scan(data, 512, sink)
-    assert sink.big[0] == ("start", 0, b"big", 1_900_000_000_000, len(big), None)
+    assert sink.big[0] == ("start", 0, b"big", 1_900_000_000_000, b"\x80" + len(big).to_bytes(4, "big"), len(big))
+    assert summary.big_strings == [(b"big", len(big))]
     assert sink.big[-1] == "end" and sum(p for p in sink.big[1:-1] if isinstance(p, int)) == len(big)
     assert all(p <= 512 for p in sink.big[1:-1] if isinstance(p, int))
     assert sink.keys == [(0, b"after", 0, s(b"x"), None)]
