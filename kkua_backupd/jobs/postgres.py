@@ -36,6 +36,7 @@ from ..errors import (
     VersionTooNew,
 )
 from ..lock import TargetLock
+from ..pg_sql import MetaCommandRefused, SqlStream
 from ..pipeline import (
     AtomicFile,
     FileInfo,
@@ -108,8 +109,8 @@ JOIN pg_roles r ON r.oid = x.oid
 ORDER BY 1
 """
 
-# Run before the dump's SQL, inside the restore's transaction: every user schema goes, so objects
-# created after the backup cannot block or survive the restore. `public` comes back with the owner,
+# Run before the dump's SQL, inside the restore's transaction: every user schema and every large object
+# goes, so objects created after the backup cannot block or survive the restore. `public` comes back with the owner,
 # privileges and comment it had; pg_dump then recreates everything else.
 WIPE_SQL = """
 DO $kkua_wipe$
@@ -126,6 +127,7 @@ BEGIN
   LOOP
     EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname);
   END LOOP;
+  PERFORM pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata;
   IF had_public THEN
     EXECUTE format('CREATE SCHEMA public AUTHORIZATION %s', pub_owner);
     REVOKE ALL ON SCHEMA public FROM PUBLIC;
@@ -327,19 +329,60 @@ def pg_restore_argv(bin_dir: Path, pg: PostgresConfig, dbname: str, archive: Pat
 # Table statistics
 
 
-def table_stats(conn: psycopg.Connection, *, checksums: bool) -> dict[str, dict[str, Any]]:
-    """Row count (and an order-independent content checksum) of every user table."""
+_PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_]*")
+STATS_BATCH = 100  # tables counted per transaction: each holds a lock on its tables until it ends
+TABLE_KEYS = "quoted"  # details.table_keys of manifests whose table keys quote odd names
+
+
+def table_key(schema: str, name: str, *, legacy: bool = False) -> str:
+    """A table's key in manifests: `schema.table`, each part double-quoted (quotes doubled) unless it is
+    a plain lower-case name, so `public."a.b"` and `"public.a".b` stay apart. Plain names read as
+    before, so manifests written before keys were quoted (`legacy`: parts joined as they are) still match
+    for them."""
+    if legacy:
+        return f"{schema}.{name}"
+
+    def ident(part: str) -> str:
+        return part if _PLAIN_IDENT.fullmatch(part) else '"' + part.replace('"', '""') + '"'
+    return f"{ident(schema)}.{ident(name)}"
+
+
+def legacy_keys(details: dict[str, Any] | None) -> bool:
+    """Whether a manifest's table keys were written before they were quoted."""
+    return bool(details) and details.get("table_keys") != TABLE_KEYS  # type: ignore[union-attr]
+
+
+def table_stats(conn: psycopg.Connection, *, checksums: bool, snapshot: str | None = None,
+                legacy: bool = False) -> dict[str, dict[str, Any]]:
+    """Row count (and an order-independent content checksum) of every user table.
+
+    Tables are counted STATS_BATCH at a time, each batch in a transaction of its own (importing
+    `snapshot` when given), so the locks held at once stay few however many tables there are:
+    pg_dump already holds one per table. `conn` must be in autocommit mode."""
+    tables = [(str(a), str(b)) for a, b in conn.execute(TABLES_SQL).fetchall()]
     stats: dict[str, dict[str, Any]] = {}
-    for schema, name in conn.execute(TABLES_SQL).fetchall():
-        ident = sql.Identifier(schema, name)
-        if checksums:
-            query = sql.SQL("SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 15))::bit(60)::bigint"
-                            "::numeric), 0)::text FROM ONLY {} AS t").format(ident)
-            rows, digest = conn.execute(query).fetchone()  # type: ignore[misc]
-            stats[f"{schema}.{name}"] = {"rows": int(rows), "checksum": digest}
-        else:
-            rows = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(ident)).fetchone()[0]  # type: ignore[index]
-            stats[f"{schema}.{name}"] = {"rows": int(rows)}
+    for first in range(0, len(tables), STATS_BATCH):
+        batch = tables[first:first + STATS_BATCH]
+        parts = []
+        for schema, name in batch:
+            ident = sql.Identifier(schema, name)
+            if checksums:
+                parts.append(sql.SQL("(SELECT ARRAY[count(*)::text, coalesce(sum(('x' || left(md5(t::text), 15))"
+                                     "::bit(60)::bigint::numeric), 0)::text] FROM ONLY {} AS t)").format(ident))
+            else:
+                parts.append(sql.SQL("(SELECT ARRAY[count(*)::text] FROM ONLY {})").format(ident))
+        query = sql.SQL("SELECT ") + sql.SQL(", ").join(parts)
+        with conn.transaction():
+            if snapshot:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            row = conn.execute(query).fetchone()
+        assert row is not None
+        for (schema, name), values in zip(batch, row, strict=True):
+            entry: dict[str, Any] = {"rows": int(values[0])}
+            if checksums:
+                entry["checksum"] = values[1]
+            stats[table_key(schema, name, legacy=legacy)] = entry
     return stats
 
 
@@ -395,18 +438,24 @@ class DumpResult:
 
 
 class _StatsThread(threading.Thread):
+    """Counts rows (and reads roles) in pg_dump's snapshot, on a connection of its own."""
+
     def __init__(self, conn: psycopg.Connection, checksums: bool) -> None:
         super().__init__(name="table-stats", daemon=True)
         self.conn = conn
         self.checksums = checksums
+        self.snapshot = ""
         self.result: dict[str, dict[str, Any]] = {}
         self.roles: list[str] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.roles = referenced_roles(self.conn)
-            self.result = table_stats(self.conn, checksums=self.checksums)
+            with self.conn.transaction():
+                self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                self.conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
+                self.roles = referenced_roles(self.conn)
+            self.result = table_stats(self.conn, checksums=self.checksums, snapshot=self.snapshot)
         except BaseException as exc:  # reported by the caller
             self.error = exc
 
@@ -420,7 +469,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
     pg = ctx.config.postgres
     log = ctx.log
     snap_conn = connect(pg, dbname, autocommit=False)
-    stats = _StatsThread(snap_conn, checksums)
+    stats = _StatsThread(connect(pg, dbname), checksums)
     progress = Progress(f"pg_dump {dbname}", enabled=ctx.interactive)
     started = time.monotonic()
     try:
@@ -431,6 +480,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
         snap_conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         snap_conn.read_only = True
         snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+        stats.snapshot = snapshot
         set_id, created = new_set_id(folder, prefix)
         path = folder / data_file_name(prefix, set_id, EXTENSIONS[fmt], compression)
         log.info("dump started", database=dbname, file=path.name, server_version=server.version,
@@ -455,8 +505,9 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
     finally:
         progress.clear()
         if stats.is_alive():
-            snap_conn.cancel_safe()
+            stats.conn.cancel_safe()
             stats.join(timeout=10)
+        stats.conn.close()
         snap_conn.close()
     seconds = time.monotonic() - started
     log.info("dump finished", database=dbname, file=info.name, bytes=info.size, size=human_bytes(info.size),
@@ -473,7 +524,8 @@ def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str
     data = base_manifest(KIND, set_type, prefix, result.set_id, result.created)
     details: dict[str, Any] = {"database": dbname, "format": result.fmt, "compression": result.compression,
                                "server_version": result.server.version, "pg_dump_version": result.pg_dump_version,
-                               "uncompressed_bytes": result.uncompressed, "tables": result.tables,
+                               "uncompressed_bytes": result.uncompressed, "table_keys": TABLE_KEYS,
+                               "tables": result.tables,
                                "roles": result.roles}
     details.update(extra or {})
     timings = {"dump_seconds": round(result.seconds, 3)}
@@ -542,7 +594,7 @@ def _feed(chunks: Iterable[bytes], dest: Any, errors: list[BaseException], close
         errors.append(exc)
 
 
-def transaction_frame(nonce: str) -> tuple[bytes, bytes, bytes]:
+def transaction_frame(nonce: str, *, pending: bool = True) -> tuple[bytes, bytes, bytes]:
     """The SQL around a restored stream: (opening, closing, marker).
 
     The opening makes every transaction the SQL might start on its own read-only, opens ours read-write,
@@ -550,6 +602,9 @@ def transaction_frame(nonce: str) -> tuple[bytes, bytes, bytes]:
     COMMIT inside the file cannot make half a restore permanent. The closing gives that permission (and
     fails if the file ended our transaction with ROLLBACK), commits, and prints the marker, which psql
     prints only after a successful COMMIT: a file cut inside a COPY block swallows it.
+
+    The closing starts with `;` only when the SQL ends inside an unterminated statement (`pending`):
+    psql stops reading, and exits 0, at an empty statement right after a COPY data block.
     """
     opening = f"""SET default_transaction_read_only = on;
 BEGIN READ WRITE;
@@ -566,37 +621,61 @@ CREATE CONSTRAINT TRIGGER kkua_restore_guard AFTER INSERT ON pg_temp.kkua_restor
   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pg_temp.kkua_restore_guard();
 INSERT INTO pg_temp.kkua_restore_guard VALUES (true);
 """
-    closing = (f"\n;\nSELECT pg_catalog.set_config('kkua.restore_may_commit', '{nonce}', true) "
-               "FROM pg_temp.kkua_restore_guard;\nCOMMIT;\n")
+    closing = ("\n;\n" if pending else "\n") + (
+        f"SELECT pg_catalog.set_config('kkua.restore_may_commit', '{nonce}', true) "
+        "FROM pg_temp.kkua_restore_guard;\nCOMMIT;\n")
     marker = f"kkua-restore-committed-{nonce}"
     return opening.encode(), (closing + f"SELECT '{marker}';\n").encode(), marker.encode()
 
 
-def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool) -> None:
+def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool,
+             transactional: bool = True) -> None:
     """Run SQL into `dbname` in one transaction (see `transaction_frame`), with an optional wipe first;
     COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails and
-    JobError if the SQL did not run to its end; either way nothing was kept."""
+    JobError if the SQL did not run to its end; either way nothing was kept.
+
+    `transactional=False` (only for a new database, which the caller drops again on failure) runs the
+    statements as they come, for restores too big for one transaction's locks; the file's own
+    BEGIN/COMMIT pairs then stay as they are, and only the marker proves the SQL ran to its end."""
     pg = ctx.config.postgres
-    opening, closing, marker = transaction_frame(secrets.token_hex(8))
+    nonce = secrets.token_hex(8)
+    scanner = SqlStream(fold_transactions=transactional)
+    refused: MetaCommandRefused | None = None
     with execute.ProcessGroup(KIND) as group:
         child = group.spawn(psql_argv(bin_dir, pg, dbname), env=child_env(pg), stdin=execute.PIPE,
                             stdout=execute.PIPE, timeout=pg.restore_timeout)
         assert child.stdin is not None
         seen = threading.Event()
+        marker = f"kkua-restore-committed-{nonce}".encode()
         watcher = threading.Thread(target=_watch_for, args=(child, marker, seen), daemon=True)
         watcher.start()
         try:
-            child.stdin.write(opening)
+            if transactional:
+                child.stdin.write(transaction_frame(nonce)[0])
             if wipe:
                 child.stdin.write(WIPE_SQL.encode())
-            for chunk in sql_chunks:
-                child.stdin.write(chunk)
-            child.stdin.write(closing)  # only reached when the whole stream was read and sent
+            try:
+                for chunk in sql_chunks:
+                    child.stdin.write(scanner.feed(chunk))
+                child.stdin.write(scanner.finish())
+            except MetaCommandRefused as exc:
+                refused = exc
+            # only reached when the whole stream was read and sent, and it did not stop inside something
+            if refused is None and scanner.truncated is None:
+                if transactional:
+                    child.stdin.write(transaction_frame(nonce, pending=scanner.pending)[1])
+                else:
+                    child.stdin.write((";\n" if scanner.pending else "\n").encode()
+                                      + f"SELECT '{marker.decode()}';\n".encode())
             child.stdin.close()
         except BrokenPipeError:
             pass  # psql stopped at an error; its status and stderr say which
         group.wait(child, what="psql", hint="the transaction was rolled back")
         watcher.join(timeout=30)
+    if refused is not None:
+        raise JobError(f"{refused}; nothing was kept")
+    if scanner.truncated is not None:
+        raise JobError(f"{scanner.truncated}; nothing was kept")
     if not seen.is_set():
         raise JobError("psql reached the end of the SQL without committing it (the file is truncated inside a "
                        "data block, or ends the session itself); the transaction was rolled back")
@@ -689,7 +768,8 @@ def terminate_sessions(conn: psycopg.Connection, dbname: str) -> int:
 
 
 def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *, set_id: str,
-                       expected: dict[str, dict[str, Any]], expected_file: ManifestFile | None) -> dict[str, Any]:
+                       expected: dict[str, dict[str, Any]], expected_file: ManifestFile | None,
+                       legacy: bool = False) -> dict[str, Any]:
     """Restore a file into a scratch database, compare its tables with `expected`, always drop it.
 
     Returns {"ok", "database", "tables", "rows", "seconds", "problems", "error"}; never raises for a
@@ -712,7 +792,7 @@ def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, 
             progress.clear()
             checksums = any("checksum" in t for t in expected.values())
             with connect(pg, scratch) as conn:
-                found = table_stats(conn, checksums=checksums)
+                found = table_stats(conn, checksums=checksums, legacy=legacy)
             outcome["problems"] = compare_stats(expected, found)
             outcome.update(tables=len(found), rows=sum(t["rows"] for t in found.values()),
                            checksums=checksums)
@@ -789,6 +869,7 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
         with TargetLock(ctx.config.backup_dir, KIND, "verify --restore-test"):
             return _test_restore_file(
                 ctx, backup_set.path(), fmt, compression, set_id=backup_set.id or "adhoc", expected=expected,
+                legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None),
                 expected_file=backup_set.manifest.files[0] if backup_set.manifest else None)
 
     return verify_report(backup_set, check_set(ctx, backup_set), test if restore_test else None)
@@ -965,7 +1046,8 @@ def _safety_backup(ctx: JobContext, dbname: str) -> dict[str, Any]:
 def _verify_restored(ctx: JobContext, backup_set: BackupSet, target: str) -> dict[str, Any]:
     pg = ctx.config.postgres
     with connect(pg, target) as conn:
-        found = table_stats(conn, checksums=False)
+        found = table_stats(conn, checksums=False,
+                            legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None))
     expected = backup_set.manifest.details.get("tables") if backup_set.manifest else None
     problems = compare_stats(expected, found) if expected is not None else []
     for line in problems:
