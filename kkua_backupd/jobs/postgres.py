@@ -39,7 +39,9 @@ from ..lock import TargetLock
 from ..pg_sql import MetaCommandRefused, SqlStream
 from ..pipeline import (
     AtomicFile,
+    CheckResult,
     FileInfo,
+    HashedFile,
     check_file,
     compress_into,
     decompress,
@@ -263,14 +265,36 @@ def candidate_bin_dirs(override: Path | None) -> dict[int, Path]:
 
 def find_bin_dir(pg: PostgresConfig, server: ServerInfo) -> Path:
     """The client folder matching the server; raises VersionTooNew saying what to install."""
+    return restore_bin_dir(pg, server)
+
+
+def restore_bin_dir(pg: PostgresConfig, server: ServerInfo, *, archive_major: int | None = None) -> Path:
+    """The client folder for a server and, when restoring, a backup made by pg_dump `archive_major`:
+    pg_dump must be at least as new as the server, pg_restore (and psql, for pg_dump's newer commands)
+    at least as new as the pg_dump that made the archive. Raises VersionTooNew saying what to install."""
+    need = max(server.major, archive_major or 0)
     candidates = candidate_bin_dirs(pg.bin_dir)
-    chosen = choose_bin_dir(server.major, candidates)
+    chosen = choose_bin_dir(need, candidates)
     if chosen is None:
         have = ", ".join(str(v) for v in sorted(candidates)) or "none"
-        raise VersionTooNew(
-            f"PostgreSQL server is version {server.major} but no pg_dump {server.major} or newer is installed"
-            f" (found: {have})", hint=f"install postgresql-client-{server.major}, or set postgres.bin_dir")
+        where = f"postgres.bin_dir ({pg.bin_dir})" if pg.bin_dir else f"{PG_LIB}/*/bin and PATH"
+        if archive_major and archive_major > server.major:
+            what = (f"the backup was made by pg_dump {archive_major} but no pg_restore/psql {archive_major} or "
+                    f"newer is installed (found: {have}; looked in {where})")
+        else:
+            what = (f"PostgreSQL server is version {server.major} but no pg_dump {server.major} or newer is "
+                    f"installed (found: {have}; looked in {where})")
+        raise VersionTooNew(what, hint=f"install postgresql-client-{need} (it lands in {PG_LIB}/{need}/bin), or "
+                                       f"point postgres.bin_dir at a folder holding pg_dump, pg_restore and psql "
+                                       f"{need} or newer")
     return chosen
+
+
+def archive_major_of(backup_set: BackupSet) -> int | None:
+    """The major version of the pg_dump that made a set (from its manifest; None when unknown)."""
+    if backup_set.manifest is None:
+        return None
+    return parse_tool_version(str(backup_set.manifest.details.get("pg_dump_version", "")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,6 +459,7 @@ class DumpResult:
     fmt: str
     compression: str
     roles: list[str]
+    problems: list[str] = field(default_factory=list)
 
 
 class _StatsThread(threading.Thread):
@@ -492,7 +517,8 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
             stats.start()
             assert child.stdout is not None
             compressor = make_compressor(compression, pg.compression_level, pg.threads)
-            uncompressed = compress_into(stream_chunks(child.read, progress), compressor, out)
+            scanner = SqlStream(refuse_meta=False) if fmt == "plain" else None
+            uncompressed = compress_into(_scanned(stream_chunks(child.read, progress), scanner), compressor, out)
             progress.clear()
             group.wait(child, what="pg_dump",
                        hint="the backup user needs read access to every object; see the lines above")
@@ -514,8 +540,19 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
              uncompressed=human_bytes(uncompressed), seconds=round(seconds, 2),
              rate=f"{human_bytes(uncompressed / max(seconds, 1e-6))}/s", tables=len(stats.result),
              rows=sum(t["rows"] for t in stats.result.values()))
+    problems = sql_problems(scanner, made_by_us=True) if scanner is not None else []
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
-                      fmt, compression, stats.roles)
+                      fmt, compression, stats.roles, problems)
+
+
+def _scanned(chunks: Iterable[bytes], scanner: SqlStream | None) -> Iterator[bytes]:
+    """The chunks unchanged, read by `scanner` on the way (what a restore would reject is found here)."""
+    for chunk in chunks:
+        if scanner is not None:
+            scanner.feed(chunk)
+        yield chunk
+    if scanner is not None:
+        scanner.finish()
 
 
 def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str, status: str = "ok",
@@ -556,16 +593,27 @@ def backup(ctx: JobContext, *, test_restore: bool | None = None) -> Manifest:
                       dbname=pg.database, checksums=want_test)
         extra: dict[str, Any] = {}
         status, error = "ok", None
-        if want_test:
+        unverified = None
+        if result.problems:
+            status, error = "failed", f"dump would not restore: {result.problems[0]}"
+        elif want_test:
             written = ManifestFile(name=result.file.name, size=result.file.size, sha256=result.file.sha256)
             outcome = _test_restore_file(ctx, folder / result.file.name, result.fmt, result.compression,
                                          set_id=result.set_id, expected=result.tables, expected_file=written)
             extra["test_restore"] = outcome
-            if not outcome["ok"]:
+            if not outcome["ok"] and not outcome["ran"]:
+                unverified = outcome["error"]
+            elif not outcome["ok"]:
                 status, error = "failed", f"test restore failed: {outcome['error']}"
         manifest = _manifest_for(result, set_type="backup", prefix=prefix, dbname=pg.database, status=status,
                                  error=error, extra=extra, total_seconds=time.monotonic() - started)
         write_manifest(folder, manifest)
+    if unverified is not None:
+        ctx.log.error("backup is ok but unverified: its test restore could not run", file=result.file.name,
+                      reason=unverified)
+        raise JobError(f"backup {result.file.name} is ok but unverified: its test restore could not run: "
+                       f"{unverified}", hint="the set stays usable; fix the cause, then run `kkua-backup verify "
+                                             f"{result.set_id} --restore-test`")
     if status != "ok":
         ctx.log.error("backup marked failed", file=result.file.name, reason=error)
         raise JobError(f"backup {result.file.name} was written but its {error}",
@@ -769,26 +817,35 @@ def terminate_sessions(conn: psycopg.Connection, dbname: str) -> int:
 
 def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *, set_id: str,
                        expected: dict[str, dict[str, Any]], expected_file: ManifestFile | None,
-                       legacy: bool = False) -> dict[str, Any]:
+                       legacy: bool = False, archive_major: int | None = None) -> dict[str, Any]:
     """Restore a file into a scratch database, compare its tables with `expected`, always drop it.
 
-    Returns {"ok", "database", "tables", "rows", "seconds", "problems", "error"}; never raises for a
-    failed restore (that is the result), only for a server that cannot be reached at all.
+    Returns {"ok", "ran", "database", "tables", "rows", "seconds", "problems", "error"}; never raises.
+    `ran` is False when the test could not run at all (server unreachable, no suitable client, no right
+    to create the scratch database): that says nothing about the backup, which then stays ok but
+    unverified. Only a restore that ran and failed, or a result that differs, is a failed test.
     """
     pg = ctx.config.postgres
     scratch = _scratch_name(set_id)
     started = time.monotonic()
-    outcome: dict[str, Any] = {"ok": False, "database": scratch, "error": None, "problems": []}
+    outcome: dict[str, Any] = {"ok": False, "ran": False, "database": scratch, "error": None, "problems": []}
     ctx.log.info("test restore started", file=path.name, scratch_database=scratch)
-    admin = connect_maintenance(pg)
+    admin: psycopg.Connection | None = None
     try:
-        bin_dir = find_bin_dir(pg, server_info(admin))
+        admin = connect_maintenance(pg)
+        bin_dir = restore_bin_dir(pg, server_info(admin), archive_major=archive_major)
+        create_database(admin, scratch)
+    except (KkuaError, psycopg.Error) as exc:
+        outcome["error"] = str(exc).strip().splitlines()[0]
+        if admin is not None:
+            admin.close()
+        admin = None
+    if admin is not None:
+        outcome["ran"] = True
         try:
-            create_database(admin, scratch)
             progress = Progress(f"test restore {path.name}", enabled=ctx.interactive)
             restore_into(ctx, bin_dir, scratch, path, fmt, compression, wipe=False, new_database=True,
-                         expected=expected_file,
-                         progress=progress)
+                         expected=expected_file, progress=progress)
             progress.clear()
             checksums = any("checksum" in t for t in expected.values())
             with connect(pg, scratch) as conn:
@@ -806,16 +863,26 @@ def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, 
                 drop_database(admin, scratch)
             except psycopg.Error as exc:
                 ctx.log.error("scratch database could not be dropped", database=scratch, error=str(exc).strip())
-    finally:
-        admin.close()
+            admin.close()
     outcome["seconds"] = round(time.monotonic() - started, 2)
     if outcome["ok"]:
         ctx.log.info("test restore passed", file=path.name, tables=outcome["tables"], rows=outcome["rows"],
                      checksums="compared" if outcome.get("checksums") else "not recorded",
                      seconds=outcome["seconds"])
+    elif not outcome["ran"]:
+        ctx.log.error("test restore could not run", file=path.name, error=outcome["error"])
     else:
         ctx.log.error("test restore failed", file=path.name, error=outcome["error"])
     return outcome
+
+
+def sql_problems(scanner: SqlStream, *, made_by_us: bool) -> list[str]:
+    """What a restore of the SQL the scanner read would reject (empty when it would run to its end).
+    pg_dump ends every dump with its "dump complete" comment; one of ours without it was cut short."""
+    problems = list(scanner.problems)
+    if made_by_us and not scanner.complete and scanner.truncated is None:
+        problems.append("the SQL ends before pg_dump's closing comment: the dump is truncated")
+    return problems
 
 
 def set_format(backup_set: BackupSet) -> tuple[str, str]:
@@ -847,12 +914,28 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
             raise IntegrityError(f"{name} has {path.stat().st_size} bytes but its manifest says {expected.size}",
                                  hint="the file was truncated or replaced; use another backup")
         progress = Progress(f"checking {name}", total=path.stat().st_size, enabled=ctx.interactive)
-        result = check_file(path, compression, progress)
+        fmt = set_format(backup_set)[0]
+        if fmt == "plain":
+            source = HashedFile(path, progress)
+            scanner = SqlStream(refuse_meta=False)
+            uncompressed = 0
+            for part in decompress(compression, source, name=path.name):
+                uncompressed += len(part)
+                scanner.feed(part)
+            scanner.finish()
+            result = CheckResult(source.size, source.digest.hexdigest(), uncompressed)
+        else:
+            result = check_file(path, compression, progress)
         progress.clear()
         if expected is not None and result.sha256 != expected.sha256:
             raise IntegrityError(f"{name} does not match its checksum (sha256 {result.sha256[:12]}..., "
                                  f"manifest {expected.sha256[:12]}...)",
                                  hint="the file is corrupt; use another backup")
+        if fmt == "plain":
+            problems = sql_problems(scanner, made_by_us=expected is not None)
+            if problems:
+                raise IntegrityError(f"{name} would not restore: {problems[0]}",
+                                     hint="nothing was changed; use another backup")
         results.append({"name": name, "size": result.size, "sha256": result.sha256,
                         "uncompressed": result.uncompressed,
                         "checksum": "ok" if expected is not None else "no manifest"})
@@ -870,9 +953,30 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
             return _test_restore_file(
                 ctx, backup_set.path(), fmt, compression, set_id=backup_set.id or "adhoc", expected=expected,
                 legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None),
+                archive_major=archive_major_of(backup_set),
                 expected_file=backup_set.manifest.files[0] if backup_set.manifest else None)
 
-    return verify_report(backup_set, check_set(ctx, backup_set), test if restore_test else None)
+    try:
+        checked = check_set(ctx, backup_set)
+    except IntegrityError as exc:
+        if "would not restore" in exc.message:
+            _mark_failed(ctx, backup_set, exc.message)
+        raise
+    report = verify_report(backup_set, checked, test if restore_test else None)
+    outcome = report.get("restore_test")
+    if outcome and outcome.get("ran") and not outcome["ok"]:
+        _mark_failed(ctx, backup_set, f"test restore failed: {outcome['error']}")
+    return report
+
+
+def _mark_failed(ctx: JobContext, backup_set: BackupSet, reason: str) -> None:
+    """A set found unrestorable must not stay ok: its manifest says failed from now on."""
+    manifest = backup_set.manifest
+    if manifest is None or manifest.status == "failed":
+        return
+    with TargetLock(ctx.config.backup_dir, KIND, "verify"):
+        write_manifest(backup_set.folder, manifest.model_copy(update={"status": "failed", "error": reason}))
+    ctx.log.error("set marked failed", file=backup_set.name, reason=reason)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -929,7 +1033,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
         admin = connect_maintenance(pg)
         try:
             server = server_info(admin)
-            bin_dir = find_bin_dir(pg, server)
+            bin_dir = restore_bin_dir(pg, server, archive_major=archive_major_of(backup_set))
             exists = database_exists(admin, target)
             needed = backup_set.manifest.details.get("roles", []) if backup_set.manifest else []
             absent = missing_roles(admin, needed)

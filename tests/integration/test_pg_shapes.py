@@ -203,3 +203,55 @@ def test_manifests_written_before_keys_were_quoted_still_compare(env: Env) -> No
     assert env.run("restore", "postgres", "latest", "--force").returncode == 0
     verify = env.run("--json", "verify", "latest", "--restore-test")
     assert verify.returncode == 0, describe(verify)
+
+
+def test_test_restore_that_cannot_run_leaves_the_set_ok_but_unverified(env: Env) -> None:
+    """A role without CREATEDB cannot make the scratch database: that says nothing about the backup. The set
+    stays ok (so `restore latest` still finds it), and list, the log, the exit code and status say so."""
+    role = f"no_createdb_{os.getpid()}"
+    with env.connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role),
+                                                                       sql.Literal(env.server.password)))
+        conn.execute(sql.SQL("GRANT pg_read_all_data TO {}").format(sql.Identifier(role)))
+    try:
+        env.write_config(user=role)
+        result = env.run("backup", "postgres", "--test-restore")
+        assert result.returncode == 1, describe(result)
+        assert "is ok but unverified: its test restore could not run" in output(result)
+        assert "permission denied to create database" in output(result)
+        listing = json.loads(env.run("--json", "list", "postgres", check=True).stdout)
+        assert [s["status"] for s in listing] == ["ok"]
+        assert listing[0]["details"]["test_restore"]["ran"] is False
+        assert "ok, unverified" in env.run("list", "postgres", check=True).stdout
+        assert "could not run" in (env.log_dir / "backup.log").read_text()
+        status = env.run("--json", "status")
+        assert "could not run" in json.dumps(json.loads(status.stdout)["jobs"]["postgres"])
+        env.write_config()  # the superuser again: `restore latest` picks the set
+        assert env.run("restore", "postgres", "latest", "--force").returncode == 0
+    finally:
+        with env.connect("postgres") as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_verify_catches_a_plain_set_that_would_not_restore(env: Env) -> None:
+    """A set whose SQL was cut at a statement boundary (checksums rewritten to match, as a bad copy tool or
+    an old version could leave it) fails `verify` and is refused by restore before any change."""
+    import gzip
+    import hashlib
+    manifest = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    path = env.folder / manifest["files"][0]["name"]
+    text = gzip.decompress(path.read_bytes())
+    cut = text[:text.index(b"-- PostgreSQL database dump complete")]
+    path.write_bytes(gzip.compress(cut))
+    mpath = env.folder / f"kkua_backup_{manifest['id']}.manifest.json"
+    data = json.loads(mpath.read_text())
+    data["files"][0].update(size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    mpath.write_text(json.dumps(data))
+    verify = env.run("verify", "latest")
+    assert verify.returncode != 0, describe(verify)
+    assert "would not restore" in output(verify) and "truncated" in output(verify)
+    listing = json.loads(env.run("--json", "list", "postgres", check=True).stdout)
+    assert [s["status"] for s in listing] == ["failed"]  # never ok again
+    restore = env.run("restore", "postgres", manifest["files"][0]["name"], "--force")
+    assert restore.returncode == 3, describe(restore)
+    assert "nothing was changed" in output(restore)
