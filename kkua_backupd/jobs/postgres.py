@@ -111,6 +111,39 @@ JOIN pg_roles r ON r.oid = x.oid
 ORDER BY 1
 """
 
+# Objects a restore locks one by one in its transaction (dropping the old ones, creating the new):
+# relations, their TOAST tables and indexes, types, constraints, functions, large objects.
+OBJECTS_SQL = """
+SELECT (SELECT count(*) + 2 * count(*) FILTER (WHERE c.reltoastrelid <> 0) FROM pg_class c
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_largeobject_metadata)
+"""
+
+# The size of the server's shared lock table: max_locks_per_transaction x (backends + prepared xacts).
+LOCK_SETTINGS = ("max_locks_per_transaction", "max_connections", "autovacuum_max_workers",
+                 "max_worker_processes", "max_wal_senders", "max_prepared_transactions")
+
+
+def lock_capacity(conn: psycopg.Connection) -> tuple[int, dict[str, int]]:
+    """(lock slots the server has for all sessions together, the settings that size it)."""
+    values = {name: int(str(conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]))  # type: ignore[index]
+              for name in LOCK_SETTINGS}
+    backends = (values["max_connections"] + values["autovacuum_max_workers"] + 1
+                + values["max_worker_processes"] + values["max_wal_senders"])
+    return values["max_locks_per_transaction"] * (backends + values["max_prepared_transactions"]), values
+
+
+def count_objects(conn: psycopg.Connection) -> int:
+    return int(conn.execute(OBJECTS_SQL).fetchone()[0])  # type: ignore[index]
+
+
 # Run before the dump's SQL, inside the restore's transaction: every user schema and every large object
 # goes, so objects created after the backup cannot block or survive the restore. `public` comes back with the owner,
 # privileges and comment it had; pg_dump then recreates everything else.
@@ -460,6 +493,7 @@ class DumpResult:
     compression: str
     roles: list[str]
     problems: list[str] = field(default_factory=list)
+    objects: int = 0
 
 
 class _StatsThread(threading.Thread):
@@ -472,6 +506,7 @@ class _StatsThread(threading.Thread):
         self.snapshot = ""
         self.result: dict[str, dict[str, Any]] = {}
         self.roles: list[str] = []
+        self.objects = 0
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -480,6 +515,7 @@ class _StatsThread(threading.Thread):
                 self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 self.conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
                 self.roles = referenced_roles(self.conn)
+                self.objects = count_objects(self.conn)
             self.result = table_stats(self.conn, checksums=self.checksums, snapshot=self.snapshot)
         except BaseException as exc:  # reported by the caller
             self.error = exc
@@ -542,7 +578,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
              rows=sum(t["rows"] for t in stats.result.values()))
     problems = sql_problems(scanner, made_by_us=True) if scanner is not None else []
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
-                      fmt, compression, stats.roles, problems)
+                      fmt, compression, stats.roles, problems, stats.objects)
 
 
 def _scanned(chunks: Iterable[bytes], scanner: SqlStream | None) -> Iterator[bytes]:
@@ -562,6 +598,7 @@ def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str
     details: dict[str, Any] = {"database": dbname, "format": result.fmt, "compression": result.compression,
                                "server_version": result.server.version, "pg_dump_version": result.pg_dump_version,
                                "uncompressed_bytes": result.uncompressed, "table_keys": TABLE_KEYS,
+                               "objects": result.objects,
                                "tables": result.tables,
                                "roles": result.roles}
     details.update(extra or {})
@@ -599,7 +636,8 @@ def backup(ctx: JobContext, *, test_restore: bool | None = None) -> Manifest:
         elif want_test:
             written = ManifestFile(name=result.file.name, size=result.file.size, sha256=result.file.sha256)
             outcome = _test_restore_file(ctx, folder / result.file.name, result.fmt, result.compression,
-                                         set_id=result.set_id, expected=result.tables, expected_file=written)
+                                         set_id=result.set_id, expected=result.tables, expected_file=written,
+                                         objects=result.objects)
             extra["test_restore"] = outcome
             if not outcome["ok"] and not outcome["ran"]:
                 unverified = outcome["error"]
@@ -756,7 +794,7 @@ def _script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: 
 
 def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,
                  wipe: bool, new_database: bool, expected: ManifestFile | None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, transactional: bool = True) -> None:
     """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
     going into a new database. The bytes are hashed as they are read; if they do not match `expected`
     the load stops before its COMMIT. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
@@ -764,8 +802,9 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
     raw = verified_chunks(path, expected.size if expected else None, expected.sha256 if expected else None,
                           progress)
     chunks = decompress(compression, raw, name=path.name)
+    transactional = transactional or not new_database  # only a new database may load statement by statement
     if fmt == "plain":
-        load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe)
+        load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe, transactional=transactional)
         return
     jobs = pg.restore_jobs or os.cpu_count() or 1
     if new_database and jobs > 1:
@@ -773,7 +812,8 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
         return
     with execute.ProcessGroup(KIND) as group:
         errors: list[BaseException] = []
-        load_sql(ctx, bin_dir, dbname, _script_from_archive(ctx, group, bin_dir, chunks, errors), wipe=wipe)
+        load_sql(ctx, bin_dir, dbname, _script_from_archive(ctx, group, bin_dir, chunks, errors), wipe=wipe,
+                 transactional=transactional)
 
 
 def _parallel_restore(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, chunks: Iterable[bytes],
@@ -817,7 +857,7 @@ def terminate_sessions(conn: psycopg.Connection, dbname: str) -> int:
 
 def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *, set_id: str,
                        expected: dict[str, dict[str, Any]], expected_file: ManifestFile | None,
-                       legacy: bool = False, archive_major: int | None = None) -> dict[str, Any]:
+                       legacy: bool = False, archive_major: int | None = None, objects: int = 0) -> dict[str, Any]:
     """Restore a file into a scratch database, compare its tables with `expected`, always drop it.
 
     Returns {"ok", "ran", "database", "tables", "rows", "seconds", "problems", "error"}; never raises.
@@ -845,7 +885,8 @@ def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, 
         try:
             progress = Progress(f"test restore {path.name}", enabled=ctx.interactive)
             restore_into(ctx, bin_dir, scratch, path, fmt, compression, wipe=False, new_database=True,
-                         expected=expected_file, progress=progress)
+                         expected=expected_file, progress=progress,
+                         transactional=objects + 100 <= lock_capacity(admin)[0])
             progress.clear()
             checksums = any("checksum" in t for t in expected.values())
             with connect(pg, scratch) as conn:
@@ -954,6 +995,7 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
                 ctx, backup_set.path(), fmt, compression, set_id=backup_set.id or "adhoc", expected=expected,
                 legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None),
                 archive_major=archive_major_of(backup_set),
+                objects=int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0,
                 expected_file=backup_set.manifest.files[0] if backup_set.manifest else None)
 
     try:
@@ -1045,6 +1087,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
             if target_db and exists:
                 raise Refused(f"database {target!r} already exists",
                               hint="--target-db restores into a new database: choose another name or drop it")
+            transactional = _fits_one_transaction(ctx, admin, backup_set, target, in_place=exists)
             plan = _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
                          safety=safety_backup and target_db is None and exists)
             if plan.in_place and exists:
@@ -1068,7 +1111,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
             try:
                 restore_into(ctx, bin_dir, target, backup_set.path(), fmt, compression, wipe=not created,
                              expected=backup_set.manifest.files[0] if backup_set.manifest else None,
-                             new_database=created, progress=progress)
+                             new_database=created, progress=progress, transactional=transactional or not created)
             except KkuaError as exc:
                 progress.clear()
                 if created:
@@ -1094,6 +1137,38 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
                  rows=report["rows"], seconds=report["seconds"], verified="row counts match the backup"
                  if backup_set.manifest else "no manifest to compare with")
     return report
+
+
+def _fits_one_transaction(ctx: JobContext, admin: psycopg.Connection, backup_set: BackupSet, target: str, *,
+                          in_place: bool) -> bool:
+    """Whether the restore's locks fit in the server's lock table. A restore in place that does not fit is
+    refused here, before any change, naming the setting to raise; a new database that does not fit is
+    loaded statement by statement instead (it is dropped again if the load fails, so nothing is lost)."""
+    backup_objects = int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0
+    if not backup_objects:
+        return True
+    now = 0
+    if in_place:
+        with connect(ctx.config.postgres, target) as conn:
+            now = count_objects(conn)
+    needed = backup_objects + now + 100
+    capacity, settings = lock_capacity(admin)
+    if needed <= capacity:
+        return True
+    if not in_place:
+        ctx.log.info("the backup has more objects than one transaction can lock; loading the new database "
+                     "statement by statement (it is dropped again if the load fails)", objects=backup_objects,
+                     lock_slots=capacity)
+        return False
+    sessions = capacity // settings["max_locks_per_transaction"]
+    raise_to = -(-needed // sessions)
+    raise Refused(
+        f"restoring {backup_set.name} in place needs about {needed} locks in one transaction ({backup_objects} "
+        f"objects in the backup, {now} in {target!r} now) but the server's lock table has about {capacity} "
+        f"(max_locks_per_transaction {settings['max_locks_per_transaction']} x {sessions} sessions); "
+        "nothing was changed",
+        hint=f"set max_locks_per_transaction = {raise_to} (or more) in postgresql.conf and restart PostgreSQL, "
+             f"or restore into a new database with --target-db, which needs no single transaction")
 
 
 _MISSING_ROLE = re.compile(r'role "([^"]+)" does not exist')
