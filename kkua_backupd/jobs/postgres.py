@@ -7,6 +7,7 @@ manifest come from the same exported snapshot, so they describe exactly the same
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -26,12 +27,14 @@ from psycopg import sql
 from .. import execute
 from ..config import PostgresConfig
 from ..errors import (
+    CommandFailed,
     ConnectionFailed,
     IntegrityError,
     JobError,
     KkuaError,
     NotConfirmed,
     Refused,
+    StepTimeout,
     UsageError,
     VersionTooNew,
 )
@@ -145,34 +148,63 @@ def count_objects(conn: psycopg.Connection) -> int:
 
 
 # Run before the dump's SQL, inside the restore's transaction: every user schema and every large object
-# goes, so objects created after the backup cannot block or survive the restore. `public` comes back with the owner,
-# privileges and comment it had; pg_dump then recreates everything else.
+# goes, so objects created after the backup cannot block or survive the restore. `public` itself stays (its
+# owner, privileges, comment and initial-privileges record, which pg_dump 14 and older compare its ACL with):
+# what is in it is dropped object by object; only if something is left that way is it dropped and made
+# again with the owner, privileges and comment it had. pg_dump then recreates everything else.
 WIPE_SQL = """
 DO $kkua_wipe$
 DECLARE
-  s record; g record;
-  pub_owner text; pub_acl aclitem[]; pub_comment text; had_public boolean;
+  s record; g record; pub oid; objs text[]; extensions text[]; left_over bigint;
+  pub_owner text; pub_acl aclitem[]; pub_comment text;
 BEGIN
-  SELECT nspowner::regrole::text, nspacl, obj_description(oid, 'pg_namespace'), true
-    INTO pub_owner, pub_acl, pub_comment, had_public
-    FROM pg_namespace WHERE nspname = 'public';
   FOR s IN SELECT nspname FROM pg_namespace
-           WHERE nspname NOT IN ('pg_catalog', 'information_schema')
+           WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'public')
              AND nspname NOT LIKE 'pg\\_toast%' AND nspname NOT LIKE 'pg\\_temp\\_%'
   LOOP
     EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname);
   END LOOP;
   PERFORM pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata;
-  IF had_public THEN
-    EXECUTE format('CREATE SCHEMA public AUTHORIZATION %s', pub_owner);
-    REVOKE ALL ON SCHEMA public FROM PUBLIC;
-    FOR g IN SELECT * FROM aclexplode(pub_acl) LOOP
-      EXECUTE format('GRANT %s ON SCHEMA public TO %s', g.privilege_type,
-                     CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
-    END LOOP;
-    IF pub_comment IS NOT NULL THEN
-      EXECUTE format('COMMENT ON SCHEMA public IS %L', pub_comment);
-    END IF;
+  SELECT oid INTO pub FROM pg_namespace WHERE nspname = 'public';
+  IF pub IS NULL THEN
+    RETURN;
+  END IF;
+  SELECT array_agg(format('DROP EXTENSION IF EXISTS %I CASCADE', extname)) INTO extensions
+    FROM pg_extension WHERE extnamespace = pub;
+  FOR i IN 1 .. coalesce(array_length(extensions, 1), 0) LOOP
+    EXECUTE extensions[i];
+  END LOOP;
+  SELECT array_agg(format('DROP %s IF EXISTS %s CASCADE',
+                          CASE x.type WHEN 'composite type' THEN 'TYPE' WHEN 'statistics object' THEN 'STATISTICS'
+                                      ELSE upper(x.type) END, x.identity))
+    INTO objs
+    FROM pg_depend d, LATERAL pg_identify_object(d.classid, d.objid, 0) x
+   WHERE d.refclassid = 'pg_namespace'::regclass AND d.refobjid = pub AND d.deptype = 'n'
+     AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = d.classid AND e.objid = d.objid
+                     AND e.deptype IN ('e', 'i'));
+  FOR i IN 1 .. coalesce(array_length(objs, 1), 0) LOOP
+    BEGIN
+      EXECUTE objs[i];
+    EXCEPTION WHEN OTHERS THEN
+      NULL;  -- whatever cannot go this way makes the schema go as a whole below
+    END;
+  END LOOP;
+  SELECT count(*) INTO left_over FROM pg_depend WHERE refclassid = 'pg_namespace'::regclass AND refobjid = pub;
+  IF left_over = 0 THEN
+    RETURN;
+  END IF;
+  SELECT nspowner::regrole::text, nspacl, obj_description(oid, 'pg_namespace')
+    INTO pub_owner, pub_acl, pub_comment
+    FROM pg_namespace WHERE oid = pub;
+  DROP SCHEMA public CASCADE;
+  EXECUTE format('CREATE SCHEMA public AUTHORIZATION %s', pub_owner);
+  REVOKE ALL ON SCHEMA public FROM PUBLIC;
+  FOR g IN SELECT * FROM aclexplode(pub_acl) LOOP
+    EXECUTE format('GRANT %s ON SCHEMA public TO %s', g.privilege_type,
+                   CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+  END LOOP;
+  IF pub_comment IS NOT NULL THEN
+    EXECUTE format('COMMENT ON SCHEMA public IS %L', pub_comment);
   END IF;
 END
 $kkua_wipe$;
@@ -317,9 +349,33 @@ def restore_bin_dir(pg: PostgresConfig, server: ServerInfo, *, archive_major: in
         else:
             what = (f"PostgreSQL server is version {server.major} but no pg_dump {server.major} or newer is "
                     f"installed (found: {have}; looked in {where})")
-        raise VersionTooNew(what, hint=f"install postgresql-client-{need} (it lands in {PG_LIB}/{need}/bin), or "
-                                       f"point postgres.bin_dir at a folder holding pg_dump, pg_restore and psql "
-                                       f"{need} or newer")
+        raise VersionTooNew(what, hint=_client_hint(pg, need))
+    return chosen
+
+
+def tool_major(bin_dir: Path) -> int | None:
+    return parse_tool_version(tool_version(bin_dir / "pg_dump"))
+
+
+def _client_hint(pg: PostgresConfig, need: int | None) -> str:
+    version = str(need) if need else "N"
+    return (f"install postgresql-client-{version} (it lands in {PG_LIB}/{version}/bin), or point postgres.bin_dir "
+            f"at a folder holding pg_dump, pg_restore and psql {version} or newer")
+
+
+def client_bin_dir(pg: PostgresConfig, made_by: int | None, *, doing: str) -> Path:
+    """The client folder for reading an archive without a server: the oldest one at least as new as the
+    pg_dump that made it (`made_by`), or the newest one when that is unknown. Raises VersionTooNew."""
+    candidates = candidate_bin_dirs(pg.bin_dir)
+    chosen = choose_bin_dir(made_by, candidates) if made_by else \
+        (candidates[max(candidates)] if candidates else None)
+    if chosen is None:
+        have = ", ".join(str(v) for v in sorted(candidates)) or "none"
+        where = f"postgres.bin_dir ({pg.bin_dir})" if pg.bin_dir else f"{PG_LIB}/*/bin and PATH"
+        made = f"it was made by pg_dump {made_by} but no pg_restore {made_by} or newer" if made_by else \
+            "no pg_restore"
+        raise VersionTooNew(f"cannot {doing}: {made} is installed (found: {have}; looked in {where})",
+                            hint=_client_hint(pg, made_by))
     return chosen
 
 
@@ -940,9 +996,72 @@ def set_format(backup_set: BackupSet) -> tuple[str, str]:
     raise UsageError(f"{name} is not a PostgreSQL backup (expected .sql, .sql.gz, .sql.zst or .dump)")
 
 
+class _Counted:
+    """The chunks of an iterable, counted as they pass."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self.chunks = chunks
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.size += len(chunk)
+            yield chunk
+
+
+def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compression: str,
+                   progress: Progress) -> tuple[CheckResult, SqlStream, str | None]:
+    """Read a custom archive as a restore does: decompressed into `pg_restore --file -`, whose SQL is read
+    by a SqlStream. Returns (size and sha256 of the file, the scanner, why pg_restore could not read the
+    archive or None). Raises VersionTooNew when no pg_restore at least as new as the archive's pg_dump is
+    installed (that says nothing against the set), IntegrityError when it does not decompress."""
+    pg = ctx.config.postgres
+    made_by = archive_major_of(backup_set)
+    bin_dir = client_bin_dir(pg, made_by, doing=f"check {path.name}")
+    source = HashedFile(path, progress)
+    archive = _Counted(decompress(compression, source, name=path.name))
+    scanner = SqlStream(refuse_meta=False)
+    errors: list[BaseException] = []
+    with execute.ProcessGroup(KIND) as group:
+        child = group.spawn(pg_restore_script_argv(bin_dir), stdin=execute.PIPE, timeout=pg.restore_timeout)
+
+        def feed() -> None:
+            try:
+                _feed(archive, child.stdin, errors, close=False)
+            finally:  # pg_restore must see the end of its input whatever happened here
+                with contextlib.suppress(OSError):
+                    child.stdin.close()  # type: ignore[union-attr]
+
+        feeder = threading.Thread(target=feed, name="archive-feed", daemon=True)
+        feeder.start()
+        for part in stream_chunks(child.read):
+            scanner.feed(part)
+        scanner.finish()
+        feeder.join()
+        try:
+            group.wait(child, what="pg_restore")
+        except StepTimeout:
+            raise
+        except CommandFailed as exc:
+            decode = [e for e in errors if not isinstance(e, BrokenPipeError)]
+            if decode:  # it stopped because the file did not decompress: that is the error to report
+                raise decode[0] from None
+            reason = " | ".join(line.strip() for line in exc.stderr_tail[-2:]) or exc.message
+            if "unsupported version" in reason:  # made by a newer pg_dump than the manifest says (or none)
+                raise VersionTooNew(f"cannot check {path.name}: pg_restore {tool_major(bin_dir)} cannot read it "
+                                    f"({reason})", hint=_client_hint(pg, None)) from None
+            return check_file(path, compression), scanner, reason  # the whole file's checksum decides first
+    if errors:
+        raise errors[0]
+    return CheckResult(source.size, source.digest.hexdigest(), archive.size), scanner, None
+
+
 def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
-    """Check every file of a set against its manifest (size, sha256) and decompress it fully; raises
-    IntegrityError on any difference. This is what gates a restore and what `verify` runs."""
+    """Check every file of a set against its manifest (size, sha256) and decompress it fully; a plain
+    dump's SQL is read as psql would read it, a custom archive is read to its end by pg_restore (and its
+    SQL read the same way). Raises IntegrityError on any difference or anything a restore would reject,
+    VersionTooNew when no pg_restore can read the archive. This is what gates a restore and what `verify`
+    runs."""
     results = []
     files = backup_set.manifest.files if backup_set.manifest else None
     targets = [(f.name, f.compression, f) for f in files] if files else \
@@ -966,22 +1085,25 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
             scanner.finish()
             result = CheckResult(source.size, source.digest.hexdigest(), uncompressed)
         else:
-            result = check_file(path, compression, progress)
+            result, scanner, unreadable = _check_archive(ctx, backup_set, path, compression, progress)
         progress.clear()
         if expected is not None and result.sha256 != expected.sha256:
             raise IntegrityError(f"{name} does not match its checksum (sha256 {result.sha256[:12]}..., "
                                  f"manifest {expected.sha256[:12]}...)",
                                  hint="the file is corrupt; use another backup")
-        if fmt == "plain":
-            problems = sql_problems(scanner, made_by_us=expected is not None)
-            if problems:
-                raise IntegrityError(f"{name} would not restore: {problems[0]}",
-                                     hint="nothing was changed; use another backup")
+        if fmt == "custom" and unreadable:
+            raise IntegrityError(f"{name} would not restore: pg_restore cannot read the archive: {unreadable}",
+                                 hint="nothing was changed; use another backup")
+        problems = sql_problems(scanner, made_by_us=expected is not None or fmt == "custom")
+        if problems:
+            raise IntegrityError(f"{name} would not restore: {problems[0]}",
+                                 hint="nothing was changed; use another backup")
         results.append({"name": name, "size": result.size, "sha256": result.sha256,
                         "uncompressed": result.uncompressed,
                         "checksum": "ok" if expected is not None else "no manifest"})
         ctx.log.info("file checked", file=name, size=human_bytes(result.size),
-                     checksum="ok" if expected is not None else "not recorded (no manifest)", decompress="ok")
+                     checksum="ok" if expected is not None else "not recorded (no manifest)", decompress="ok",
+                     **({"pg_restore": "reads it to its end"} if fmt == "custom" else {}))
     return {"files": results}
 
 

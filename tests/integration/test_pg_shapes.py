@@ -289,3 +289,46 @@ def test_five_thousand_tables(env: Env, fmt: str) -> None:
         assert not list(env.folder.glob("safety_backup_*")), "refused before the safety backup"
     with env.connect() as conn:
         assert contents(conn) == before
+
+
+@pytest.mark.parametrize("damage", ["cut-short", "garbled-toc"])
+def test_verify_catches_a_custom_set_that_would_not_restore(env: Env, damage: str) -> None:
+    """A custom archive that pg_restore cannot read to its end (cut short, or its table of contents garbled;
+    the file recompressed and its manifest's size and sha256 rewritten to match) fails `verify`, is marked
+    failed for good, and is refused by restore before any change."""
+    import hashlib
+
+    import zstandard
+
+    env.write_config(format="custom", compression="zstd")
+    manifest = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    path = env.folder / manifest["files"][0]["name"]
+    archive = bytearray(zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes()))
+    if damage == "cut-short":
+        del archive[-1000:]
+    else:
+        archive[200:264] = b"\xff" * 64
+    path.write_bytes(zstandard.ZstdCompressor().compress(bytes(archive)))
+    mpath = env.folder / f"kkua_backup_{manifest['id']}.manifest.json"
+    data = json.loads(mpath.read_text())
+    data["files"][0].update(size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    mpath.write_text(json.dumps(data))
+    assert env.run("list", "postgres", check=True).returncode == 0  # the checksum alone says nothing
+
+    verify = env.run("verify", "latest")
+    assert verify.returncode == 3, describe(verify)
+    text = output(verify)
+    assert "would not restore: pg_restore cannot read the archive" in text, text
+    listing = json.loads(env.run("--json", "list", "postgres", check=True).stdout)
+    assert [s["status"] for s in listing] == ["failed"]  # never ok again
+    with env.connect() as conn:
+        before = conn.execute("SELECT count(*) FROM game_words").fetchone()
+        conn.execute("DELETE FROM game_words WHERE id % 2 = 0")
+        damaged = conn.execute("SELECT count(*) FROM game_words").fetchone()
+    assert before != damaged
+    restore = env.run("restore", "postgres", manifest["files"][0]["name"], "--force")
+    assert restore.returncode == 3, describe(restore)
+    assert "nothing was changed" in output(restore)
+    assert not list(env.folder.glob("safety_backup_*")), "refused before the safety backup"
+    with env.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM game_words").fetchone() == damaged
