@@ -332,3 +332,43 @@ def test_verify_catches_a_custom_set_that_would_not_restore(env: Env, damage: st
     assert not list(env.folder.glob("safety_backup_*")), "refused before the safety backup"
     with env.connect() as conn:
         assert conn.execute("SELECT count(*) FROM game_words").fetchone() == damaged
+
+
+def test_in_place_restore_removes_every_kind_of_object_made_after_the_backup(env: Env) -> None:
+    """The wipe keeps `public` itself and empties it object by object: objects of every kind created in it
+    after the backup (an extension, a domain, a range type with its multirange, a composite type, a
+    materialized view, an aggregate, an operator, a procedure, a collation, a text search configuration, a
+    statistics object) are gone after an in-place restore, and rows and schema are exactly as backed up."""
+    with env.connect() as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS hstore SCHEMA public")
+        conn.execute("CREATE TABLE public.tags (id int, attrs hstore)")
+        conn.execute("INSERT INTO public.tags VALUES (1, 'a=>1')")
+        before = contents(conn)
+        public_oid = conn.execute("SELECT oid FROM pg_namespace WHERE nspname = 'public'").fetchone()
+    schema_before = schema_dump(env.server, env.database)
+    env.run("backup", "postgres", check=True)
+    with env.connect() as conn:
+        conn.execute("DROP EXTENSION hstore CASCADE")
+        conn.execute("CREATE EXTENSION citext SCHEMA public")
+        conn.execute("CREATE DOMAIN public.positive AS int CHECK (VALUE > 0)")
+        conn.execute("CREATE TYPE public.span AS RANGE (subtype = int8)")
+        conn.execute("CREATE TYPE public.pair AS (a int, b text)")
+        conn.execute("CREATE MATERIALIZED VIEW public.mv AS SELECT count(*) AS n FROM users")
+        conn.execute("CREATE AGGREGATE public.total(int) (sfunc = int4pl, stype = int, initcond = '0')")
+        conn.execute("CREATE FUNCTION public.eq3(int, int) RETURNS bool LANGUAGE sql AS 'SELECT $1 = $2'")
+        conn.execute("CREATE OPERATOR public.=== (leftarg = int, rightarg = int, function = public.eq3)")
+        conn.execute("CREATE PROCEDURE public.noop() LANGUAGE sql AS 'SELECT 1'")
+        conn.execute('CREATE COLLATION public.c2 (locale = "C")')
+        conn.execute("CREATE TEXT SEARCH CONFIGURATION public.simple2 (COPY = pg_catalog.simple)")
+        conn.execute("CREATE STATISTICS public.users_st ON nickname, email FROM users")
+        conn.execute("CREATE TABLE public.later (p public.positive, s public.span, c public.citext)")
+        conn.execute("INSERT INTO public.later VALUES (1, '[1,5)', 'X')")
+    result = env.run("restore", "postgres", "latest", "--force")
+    assert result.returncode == 0, describe(result)
+    with env.connect() as conn:
+        assert contents(conn) == before
+        left = conn.execute("SELECT extname FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1").fetchall()
+        assert left == [("hstore",)]
+        # emptied object by object, not dropped and re-created (which loses its initial-privileges record)
+        assert conn.execute("SELECT oid FROM pg_namespace WHERE nspname = 'public'").fetchone() == public_oid
+    assert schema_dump(env.server, env.database) == schema_before
