@@ -253,8 +253,10 @@ def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
         rows = [("KIND", "ID", "CREATED", "TYPE", "STATUS", "SIZE", "FILE")]
         for s in sets:
             assert s.manifest is not None
+            test = s.manifest.details.get("test_restore") or {}
+            status = "ok, unverified" if s.status == "ok" and test.get("ran") is False else s.status
             rows.append((s.kind, s.id, s.manifest.created_at.strftime("%Y-%m-%d %H:%M:%S %z"), s.manifest.type,
-                         s.status, human_bytes(s.size), s.name))
+                         status, human_bytes(s.size), s.name))
         if sets:
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             for r in rows:

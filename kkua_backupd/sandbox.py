@@ -142,15 +142,21 @@ class ThrowawayPostgres:
     host: str = "127.0.0.1"
     user: str = "postgres"
 
-    def __init__(self, base_dir: Path | None = None, password: str = "sandbox-secret") -> None:
+    def __init__(self, base_dir: Path | None = None, password: str = "sandbox-secret",
+                 bin_dir: Path | None = None) -> None:
         """Prepare (but do not start) a server whose temp dir goes under ``base_dir`` (default: /tmp).
 
-        Raises FileNotFoundError if no PostgreSQL server binaries are installed.
+        ``bin_dir`` is the folder holding ``initdb``, ``pg_ctl``, ``postgres`` and ``pg_dump`` of the
+        server to run (default: the newest Debian installation); as root it must be readable and
+        executable by the ``postgres`` OS user. Raises FileNotFoundError if it holds no ``initdb``, or
+        (without ``bin_dir``) if no PostgreSQL server binaries are installed.
         """
         self.base_dir: Path | None = Path(base_dir) if base_dir is not None else None
         self.password: str = password
         self.port: int = 0
-        self.bin_dir: Path = find_pg_bin_dir()
+        if bin_dir is not None and not (Path(bin_dir) / "initdb").is_file():
+            raise FileNotFoundError(f"no PostgreSQL server binaries (initdb) in {bin_dir}")
+        self.bin_dir: Path = Path(bin_dir) if bin_dir is not None else find_pg_bin_dir()
         self._root: Path | None = None
         self._initialized = False
         self._atexit_registered = False

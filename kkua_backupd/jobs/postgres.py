@@ -7,6 +7,7 @@ manifest come from the same exported snapshot, so they describe exactly the same
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -26,19 +27,24 @@ from psycopg import sql
 from .. import execute
 from ..config import PostgresConfig
 from ..errors import (
+    CommandFailed,
     ConnectionFailed,
     IntegrityError,
     JobError,
     KkuaError,
     NotConfirmed,
     Refused,
+    StepTimeout,
     UsageError,
     VersionTooNew,
 )
 from ..lock import TargetLock
+from ..pg_sql import MetaCommandRefused, SqlStream
 from ..pipeline import (
     AtomicFile,
+    CheckResult,
     FileInfo,
+    HashedFile,
     check_file,
     compress_into,
     decompress,
@@ -108,34 +114,97 @@ JOIN pg_roles r ON r.oid = x.oid
 ORDER BY 1
 """
 
-# Run before the dump's SQL, inside the restore's transaction: every user schema goes, so objects
-# created after the backup cannot block or survive the restore. `public` comes back with the owner,
-# privileges and comment it had; pg_dump then recreates everything else.
+# Objects a restore locks one by one in its transaction (dropping the old ones, creating the new):
+# relations, their TOAST tables and indexes, types, constraints, functions, large objects.
+OBJECTS_SQL = """
+SELECT (SELECT count(*) + 2 * count(*) FILTER (WHERE c.reltoastrelid <> 0) FROM pg_class c
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_largeobject_metadata)
+"""
+
+# The size of the server's shared lock table: max_locks_per_transaction x (backends + prepared xacts).
+LOCK_SETTINGS = ("max_locks_per_transaction", "max_connections", "autovacuum_max_workers",
+                 "max_worker_processes", "max_wal_senders", "max_prepared_transactions")
+
+
+def lock_capacity(conn: psycopg.Connection) -> tuple[int, dict[str, int]]:
+    """(lock slots the server has for all sessions together, the settings that size it)."""
+    values = {name: int(str(conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]))  # type: ignore[index]
+              for name in LOCK_SETTINGS}
+    backends = (values["max_connections"] + values["autovacuum_max_workers"] + 1
+                + values["max_worker_processes"] + values["max_wal_senders"])
+    return values["max_locks_per_transaction"] * (backends + values["max_prepared_transactions"]), values
+
+
+def count_objects(conn: psycopg.Connection) -> int:
+    return int(conn.execute(OBJECTS_SQL).fetchone()[0])  # type: ignore[index]
+
+
+# Run before the dump's SQL, inside the restore's transaction: every user schema and every large object
+# goes, so objects created after the backup cannot block or survive the restore. `public` itself stays (its
+# owner, privileges, comment and initial-privileges record, which pg_dump 14 and older compare its ACL with):
+# what is in it is dropped object by object; only if something is left that way is it dropped and made
+# again with the owner, privileges and comment it had. pg_dump then recreates everything else.
 WIPE_SQL = """
 DO $kkua_wipe$
 DECLARE
-  s record; g record;
-  pub_owner text; pub_acl aclitem[]; pub_comment text; had_public boolean;
+  s record; g record; pub oid; objs text[]; extensions text[]; left_over bigint;
+  pub_owner text; pub_acl aclitem[]; pub_comment text;
 BEGIN
-  SELECT nspowner::regrole::text, nspacl, obj_description(oid, 'pg_namespace'), true
-    INTO pub_owner, pub_acl, pub_comment, had_public
-    FROM pg_namespace WHERE nspname = 'public';
   FOR s IN SELECT nspname FROM pg_namespace
-           WHERE nspname NOT IN ('pg_catalog', 'information_schema')
+           WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'public')
              AND nspname NOT LIKE 'pg\\_toast%' AND nspname NOT LIKE 'pg\\_temp\\_%'
   LOOP
     EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname);
   END LOOP;
-  IF had_public THEN
-    EXECUTE format('CREATE SCHEMA public AUTHORIZATION %s', pub_owner);
-    REVOKE ALL ON SCHEMA public FROM PUBLIC;
-    FOR g IN SELECT * FROM aclexplode(pub_acl) LOOP
-      EXECUTE format('GRANT %s ON SCHEMA public TO %s', g.privilege_type,
-                     CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
-    END LOOP;
-    IF pub_comment IS NOT NULL THEN
-      EXECUTE format('COMMENT ON SCHEMA public IS %L', pub_comment);
-    END IF;
+  PERFORM pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata;
+  SELECT oid INTO pub FROM pg_namespace WHERE nspname = 'public';
+  IF pub IS NULL THEN
+    RETURN;
+  END IF;
+  SELECT array_agg(format('DROP EXTENSION IF EXISTS %I CASCADE', extname)) INTO extensions
+    FROM pg_extension WHERE extnamespace = pub;
+  FOR i IN 1 .. coalesce(array_length(extensions, 1), 0) LOOP
+    EXECUTE extensions[i];
+  END LOOP;
+  SELECT array_agg(format('DROP %s IF EXISTS %s CASCADE',
+                          CASE x.type WHEN 'composite type' THEN 'TYPE' WHEN 'statistics object' THEN 'STATISTICS'
+                                      ELSE upper(x.type) END, x.identity))
+    INTO objs
+    FROM pg_depend d, LATERAL pg_identify_object(d.classid, d.objid, 0) x
+   WHERE d.refclassid = 'pg_namespace'::regclass AND d.refobjid = pub AND d.deptype = 'n'
+     AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = d.classid AND e.objid = d.objid
+                     AND e.deptype IN ('e', 'i'));
+  FOR i IN 1 .. coalesce(array_length(objs, 1), 0) LOOP
+    BEGIN
+      EXECUTE objs[i];
+    EXCEPTION WHEN OTHERS THEN
+      NULL;  -- whatever cannot go this way makes the schema go as a whole below
+    END;
+  END LOOP;
+  SELECT count(*) INTO left_over FROM pg_depend WHERE refclassid = 'pg_namespace'::regclass AND refobjid = pub;
+  IF left_over = 0 THEN
+    RETURN;
+  END IF;
+  SELECT nspowner::regrole::text, nspacl, obj_description(oid, 'pg_namespace')
+    INTO pub_owner, pub_acl, pub_comment
+    FROM pg_namespace WHERE oid = pub;
+  DROP SCHEMA public CASCADE;
+  EXECUTE format('CREATE SCHEMA public AUTHORIZATION %s', pub_owner);
+  REVOKE ALL ON SCHEMA public FROM PUBLIC;
+  FOR g IN SELECT * FROM aclexplode(pub_acl) LOOP
+    EXECUTE format('GRANT %s ON SCHEMA public TO %s', g.privilege_type,
+                   CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+  END LOOP;
+  IF pub_comment IS NOT NULL THEN
+    EXECUTE format('COMMENT ON SCHEMA public IS %L', pub_comment);
   END IF;
 END
 $kkua_wipe$;
@@ -261,14 +330,60 @@ def candidate_bin_dirs(override: Path | None) -> dict[int, Path]:
 
 def find_bin_dir(pg: PostgresConfig, server: ServerInfo) -> Path:
     """The client folder matching the server; raises VersionTooNew saying what to install."""
+    return restore_bin_dir(pg, server)
+
+
+def restore_bin_dir(pg: PostgresConfig, server: ServerInfo, *, archive_major: int | None = None) -> Path:
+    """The client folder for a server and, when restoring, a backup made by pg_dump `archive_major`:
+    pg_dump must be at least as new as the server, pg_restore (and psql, for pg_dump's newer commands)
+    at least as new as the pg_dump that made the archive. Raises VersionTooNew saying what to install."""
+    need = max(server.major, archive_major or 0)
     candidates = candidate_bin_dirs(pg.bin_dir)
-    chosen = choose_bin_dir(server.major, candidates)
+    chosen = choose_bin_dir(need, candidates)
     if chosen is None:
         have = ", ".join(str(v) for v in sorted(candidates)) or "none"
-        raise VersionTooNew(
-            f"PostgreSQL server is version {server.major} but no pg_dump {server.major} or newer is installed"
-            f" (found: {have})", hint=f"install postgresql-client-{server.major}, or set postgres.bin_dir")
+        where = f"postgres.bin_dir ({pg.bin_dir})" if pg.bin_dir else f"{PG_LIB}/*/bin and PATH"
+        if archive_major and archive_major > server.major:
+            what = (f"the backup was made by pg_dump {archive_major} but no pg_restore/psql {archive_major} or "
+                    f"newer is installed (found: {have}; looked in {where})")
+        else:
+            what = (f"PostgreSQL server is version {server.major} but no pg_dump {server.major} or newer is "
+                    f"installed (found: {have}; looked in {where})")
+        raise VersionTooNew(what, hint=_client_hint(pg, need))
     return chosen
+
+
+def tool_major(bin_dir: Path) -> int | None:
+    return parse_tool_version(tool_version(bin_dir / "pg_dump"))
+
+
+def _client_hint(pg: PostgresConfig, need: int | None) -> str:
+    version = str(need) if need else "N"
+    return (f"install postgresql-client-{version} (it lands in {PG_LIB}/{version}/bin), or point postgres.bin_dir "
+            f"at a folder holding pg_dump, pg_restore and psql {version} or newer")
+
+
+def client_bin_dir(pg: PostgresConfig, made_by: int | None, *, doing: str) -> Path:
+    """The client folder for reading an archive without a server: the oldest one at least as new as the
+    pg_dump that made it (`made_by`), or the newest one when that is unknown. Raises VersionTooNew."""
+    candidates = candidate_bin_dirs(pg.bin_dir)
+    chosen = choose_bin_dir(made_by, candidates) if made_by else \
+        (candidates[max(candidates)] if candidates else None)
+    if chosen is None:
+        have = ", ".join(str(v) for v in sorted(candidates)) or "none"
+        where = f"postgres.bin_dir ({pg.bin_dir})" if pg.bin_dir else f"{PG_LIB}/*/bin and PATH"
+        made = f"it was made by pg_dump {made_by} but no pg_restore {made_by} or newer" if made_by else \
+            "no pg_restore"
+        raise VersionTooNew(f"cannot {doing}: {made} is installed (found: {have}; looked in {where})",
+                            hint=_client_hint(pg, made_by))
+    return chosen
+
+
+def archive_major_of(backup_set: BackupSet) -> int | None:
+    """The major version of the pg_dump that made a set (from its manifest; None when unknown)."""
+    if backup_set.manifest is None:
+        return None
+    return parse_tool_version(str(backup_set.manifest.details.get("pg_dump_version", "")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,19 +442,60 @@ def pg_restore_argv(bin_dir: Path, pg: PostgresConfig, dbname: str, archive: Pat
 # Table statistics
 
 
-def table_stats(conn: psycopg.Connection, *, checksums: bool) -> dict[str, dict[str, Any]]:
-    """Row count (and an order-independent content checksum) of every user table."""
+_PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_]*")
+STATS_BATCH = 100  # tables counted per transaction: each holds a lock on its tables until it ends
+TABLE_KEYS = "quoted"  # details.table_keys of manifests whose table keys quote odd names
+
+
+def table_key(schema: str, name: str, *, legacy: bool = False) -> str:
+    """A table's key in manifests: `schema.table`, each part double-quoted (quotes doubled) unless it is
+    a plain lower-case name, so `public."a.b"` and `"public.a".b` stay apart. Plain names read as
+    before, so manifests written before keys were quoted (`legacy`: parts joined as they are) still match
+    for them."""
+    if legacy:
+        return f"{schema}.{name}"
+
+    def ident(part: str) -> str:
+        return part if _PLAIN_IDENT.fullmatch(part) else '"' + part.replace('"', '""') + '"'
+    return f"{ident(schema)}.{ident(name)}"
+
+
+def legacy_keys(details: dict[str, Any] | None) -> bool:
+    """Whether a manifest's table keys were written before they were quoted."""
+    return bool(details) and details.get("table_keys") != TABLE_KEYS  # type: ignore[union-attr]
+
+
+def table_stats(conn: psycopg.Connection, *, checksums: bool, snapshot: str | None = None,
+                legacy: bool = False) -> dict[str, dict[str, Any]]:
+    """Row count (and an order-independent content checksum) of every user table.
+
+    Tables are counted STATS_BATCH at a time, each batch in a transaction of its own (importing
+    `snapshot` when given), so the locks held at once stay few however many tables there are:
+    pg_dump already holds one per table. `conn` must be in autocommit mode."""
+    tables = [(str(a), str(b)) for a, b in conn.execute(TABLES_SQL).fetchall()]
     stats: dict[str, dict[str, Any]] = {}
-    for schema, name in conn.execute(TABLES_SQL).fetchall():
-        ident = sql.Identifier(schema, name)
-        if checksums:
-            query = sql.SQL("SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 15))::bit(60)::bigint"
-                            "::numeric), 0)::text FROM ONLY {} AS t").format(ident)
-            rows, digest = conn.execute(query).fetchone()  # type: ignore[misc]
-            stats[f"{schema}.{name}"] = {"rows": int(rows), "checksum": digest}
-        else:
-            rows = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(ident)).fetchone()[0]  # type: ignore[index]
-            stats[f"{schema}.{name}"] = {"rows": int(rows)}
+    for first in range(0, len(tables), STATS_BATCH):
+        batch = tables[first:first + STATS_BATCH]
+        parts = []
+        for schema, name in batch:
+            ident = sql.Identifier(schema, name)
+            if checksums:
+                parts.append(sql.SQL("(SELECT ARRAY[count(*)::text, coalesce(sum(('x' || left(md5(t::text), 15))"
+                                     "::bit(60)::bigint::numeric), 0)::text] FROM ONLY {} AS t)").format(ident))
+            else:
+                parts.append(sql.SQL("(SELECT ARRAY[count(*)::text] FROM ONLY {})").format(ident))
+        query = sql.SQL("SELECT ") + sql.SQL(", ").join(parts)
+        with conn.transaction():
+            if snapshot:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            row = conn.execute(query).fetchone()
+        assert row is not None
+        for (schema, name), values in zip(batch, row, strict=True):
+            entry: dict[str, Any] = {"rows": int(values[0])}
+            if checksums:
+                entry["checksum"] = values[1]
+            stats[table_key(schema, name, legacy=legacy)] = entry
     return stats
 
 
@@ -392,21 +548,31 @@ class DumpResult:
     fmt: str
     compression: str
     roles: list[str]
+    problems: list[str] = field(default_factory=list)
+    objects: int = 0
 
 
 class _StatsThread(threading.Thread):
+    """Counts rows (and reads roles) in pg_dump's snapshot, on a connection of its own."""
+
     def __init__(self, conn: psycopg.Connection, checksums: bool) -> None:
         super().__init__(name="table-stats", daemon=True)
         self.conn = conn
         self.checksums = checksums
+        self.snapshot = ""
         self.result: dict[str, dict[str, Any]] = {}
         self.roles: list[str] = []
+        self.objects = 0
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.roles = referenced_roles(self.conn)
-            self.result = table_stats(self.conn, checksums=self.checksums)
+            with self.conn.transaction():
+                self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                self.conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
+                self.roles = referenced_roles(self.conn)
+                self.objects = count_objects(self.conn)
+            self.result = table_stats(self.conn, checksums=self.checksums, snapshot=self.snapshot)
         except BaseException as exc:  # reported by the caller
             self.error = exc
 
@@ -420,7 +586,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
     pg = ctx.config.postgres
     log = ctx.log
     snap_conn = connect(pg, dbname, autocommit=False)
-    stats = _StatsThread(snap_conn, checksums)
+    stats = _StatsThread(connect(pg, dbname), checksums)
     progress = Progress(f"pg_dump {dbname}", enabled=ctx.interactive)
     started = time.monotonic()
     try:
@@ -431,6 +597,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
         snap_conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         snap_conn.read_only = True
         snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+        stats.snapshot = snapshot
         set_id, created = new_set_id(folder, prefix)
         path = folder / data_file_name(prefix, set_id, EXTENSIONS[fmt], compression)
         log.info("dump started", database=dbname, file=path.name, server_version=server.version,
@@ -442,7 +609,8 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
             stats.start()
             assert child.stdout is not None
             compressor = make_compressor(compression, pg.compression_level, pg.threads)
-            uncompressed = compress_into(stream_chunks(child.read, progress), compressor, out)
+            scanner = SqlStream(refuse_meta=False) if fmt == "plain" else None
+            uncompressed = compress_into(_scanned(stream_chunks(child.read, progress), scanner), compressor, out)
             progress.clear()
             group.wait(child, what="pg_dump",
                        hint="the backup user needs read access to every object; see the lines above")
@@ -455,16 +623,28 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
     finally:
         progress.clear()
         if stats.is_alive():
-            snap_conn.cancel_safe()
+            stats.conn.cancel_safe()
             stats.join(timeout=10)
+        stats.conn.close()
         snap_conn.close()
     seconds = time.monotonic() - started
     log.info("dump finished", database=dbname, file=info.name, bytes=info.size, size=human_bytes(info.size),
              uncompressed=human_bytes(uncompressed), seconds=round(seconds, 2),
              rate=f"{human_bytes(uncompressed / max(seconds, 1e-6))}/s", tables=len(stats.result),
              rows=sum(t["rows"] for t in stats.result.values()))
+    problems = sql_problems(scanner, made_by_us=True) if scanner is not None else []
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
-                      fmt, compression, stats.roles)
+                      fmt, compression, stats.roles, problems, stats.objects)
+
+
+def _scanned(chunks: Iterable[bytes], scanner: SqlStream | None) -> Iterator[bytes]:
+    """The chunks unchanged, read by `scanner` on the way (what a restore would reject is found here)."""
+    for chunk in chunks:
+        if scanner is not None:
+            scanner.feed(chunk)
+        yield chunk
+    if scanner is not None:
+        scanner.finish()
 
 
 def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str, status: str = "ok",
@@ -473,7 +653,9 @@ def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str
     data = base_manifest(KIND, set_type, prefix, result.set_id, result.created)
     details: dict[str, Any] = {"database": dbname, "format": result.fmt, "compression": result.compression,
                                "server_version": result.server.version, "pg_dump_version": result.pg_dump_version,
-                               "uncompressed_bytes": result.uncompressed, "tables": result.tables,
+                               "uncompressed_bytes": result.uncompressed, "table_keys": TABLE_KEYS,
+                               "objects": result.objects,
+                               "tables": result.tables,
                                "roles": result.roles}
     details.update(extra or {})
     timings = {"dump_seconds": round(result.seconds, 3)}
@@ -504,16 +686,28 @@ def backup(ctx: JobContext, *, test_restore: bool | None = None) -> Manifest:
                       dbname=pg.database, checksums=want_test)
         extra: dict[str, Any] = {}
         status, error = "ok", None
-        if want_test:
+        unverified = None
+        if result.problems:
+            status, error = "failed", f"dump would not restore: {result.problems[0]}"
+        elif want_test:
             written = ManifestFile(name=result.file.name, size=result.file.size, sha256=result.file.sha256)
             outcome = _test_restore_file(ctx, folder / result.file.name, result.fmt, result.compression,
-                                         set_id=result.set_id, expected=result.tables, expected_file=written)
+                                         set_id=result.set_id, expected=result.tables, expected_file=written,
+                                         objects=result.objects)
             extra["test_restore"] = outcome
-            if not outcome["ok"]:
+            if not outcome["ok"] and not outcome["ran"]:
+                unverified = outcome["error"]
+            elif not outcome["ok"]:
                 status, error = "failed", f"test restore failed: {outcome['error']}"
         manifest = _manifest_for(result, set_type="backup", prefix=prefix, dbname=pg.database, status=status,
                                  error=error, extra=extra, total_seconds=time.monotonic() - started)
         write_manifest(folder, manifest)
+    if unverified is not None:
+        ctx.log.error("backup is ok but unverified: its test restore could not run", file=result.file.name,
+                      reason=unverified)
+        raise JobError(f"backup {result.file.name} is ok but unverified: its test restore could not run: "
+                       f"{unverified}", hint="the set stays usable; fix the cause, then run `kkua-backup verify "
+                                             f"{result.set_id} --restore-test`")
     if status != "ok":
         ctx.log.error("backup marked failed", file=result.file.name, reason=error)
         raise JobError(f"backup {result.file.name} was written but its {error}",
@@ -542,7 +736,7 @@ def _feed(chunks: Iterable[bytes], dest: Any, errors: list[BaseException], close
         errors.append(exc)
 
 
-def transaction_frame(nonce: str) -> tuple[bytes, bytes, bytes]:
+def transaction_frame(nonce: str, *, pending: bool = True) -> tuple[bytes, bytes, bytes]:
     """The SQL around a restored stream: (opening, closing, marker).
 
     The opening makes every transaction the SQL might start on its own read-only, opens ours read-write,
@@ -550,6 +744,9 @@ def transaction_frame(nonce: str) -> tuple[bytes, bytes, bytes]:
     COMMIT inside the file cannot make half a restore permanent. The closing gives that permission (and
     fails if the file ended our transaction with ROLLBACK), commits, and prints the marker, which psql
     prints only after a successful COMMIT: a file cut inside a COPY block swallows it.
+
+    The closing starts with `;` only when the SQL ends inside an unterminated statement (`pending`):
+    psql stops reading, and exits 0, at an empty statement right after a COPY data block.
     """
     opening = f"""SET default_transaction_read_only = on;
 BEGIN READ WRITE;
@@ -566,37 +763,61 @@ CREATE CONSTRAINT TRIGGER kkua_restore_guard AFTER INSERT ON pg_temp.kkua_restor
   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pg_temp.kkua_restore_guard();
 INSERT INTO pg_temp.kkua_restore_guard VALUES (true);
 """
-    closing = (f"\n;\nSELECT pg_catalog.set_config('kkua.restore_may_commit', '{nonce}', true) "
-               "FROM pg_temp.kkua_restore_guard;\nCOMMIT;\n")
+    closing = ("\n;\n" if pending else "\n") + (
+        f"SELECT pg_catalog.set_config('kkua.restore_may_commit', '{nonce}', true) "
+        "FROM pg_temp.kkua_restore_guard;\nCOMMIT;\n")
     marker = f"kkua-restore-committed-{nonce}"
     return opening.encode(), (closing + f"SELECT '{marker}';\n").encode(), marker.encode()
 
 
-def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool) -> None:
+def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool,
+             transactional: bool = True) -> None:
     """Run SQL into `dbname` in one transaction (see `transaction_frame`), with an optional wipe first;
     COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails and
-    JobError if the SQL did not run to its end; either way nothing was kept."""
+    JobError if the SQL did not run to its end; either way nothing was kept.
+
+    `transactional=False` (only for a new database, which the caller drops again on failure) runs the
+    statements as they come, for restores too big for one transaction's locks; the file's own
+    BEGIN/COMMIT pairs then stay as they are, and only the marker proves the SQL ran to its end."""
     pg = ctx.config.postgres
-    opening, closing, marker = transaction_frame(secrets.token_hex(8))
+    nonce = secrets.token_hex(8)
+    scanner = SqlStream(fold_transactions=transactional)
+    refused: MetaCommandRefused | None = None
     with execute.ProcessGroup(KIND) as group:
         child = group.spawn(psql_argv(bin_dir, pg, dbname), env=child_env(pg), stdin=execute.PIPE,
                             stdout=execute.PIPE, timeout=pg.restore_timeout)
         assert child.stdin is not None
         seen = threading.Event()
+        marker = f"kkua-restore-committed-{nonce}".encode()
         watcher = threading.Thread(target=_watch_for, args=(child, marker, seen), daemon=True)
         watcher.start()
         try:
-            child.stdin.write(opening)
+            if transactional:
+                child.stdin.write(transaction_frame(nonce)[0])
             if wipe:
                 child.stdin.write(WIPE_SQL.encode())
-            for chunk in sql_chunks:
-                child.stdin.write(chunk)
-            child.stdin.write(closing)  # only reached when the whole stream was read and sent
+            try:
+                for chunk in sql_chunks:
+                    child.stdin.write(scanner.feed(chunk))
+                child.stdin.write(scanner.finish())
+            except MetaCommandRefused as exc:
+                refused = exc
+            # only reached when the whole stream was read and sent, and it did not stop inside something
+            if refused is None and scanner.truncated is None:
+                if transactional:
+                    child.stdin.write(transaction_frame(nonce, pending=scanner.pending)[1])
+                else:
+                    child.stdin.write((";\n" if scanner.pending else "\n").encode()
+                                      + f"SELECT '{marker.decode()}';\n".encode())
             child.stdin.close()
         except BrokenPipeError:
             pass  # psql stopped at an error; its status and stderr say which
         group.wait(child, what="psql", hint="the transaction was rolled back")
         watcher.join(timeout=30)
+    if refused is not None:
+        raise JobError(f"{refused}; nothing was kept")
+    if scanner.truncated is not None:
+        raise JobError(f"{scanner.truncated}; nothing was kept")
     if not seen.is_set():
         raise JobError("psql reached the end of the SQL without committing it (the file is truncated inside a "
                        "data block, or ends the session itself); the transaction was rolled back")
@@ -629,7 +850,7 @@ def _script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: 
 
 def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,
                  wipe: bool, new_database: bool, expected: ManifestFile | None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, transactional: bool = True) -> None:
     """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
     going into a new database. The bytes are hashed as they are read; if they do not match `expected`
     the load stops before its COMMIT. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
@@ -637,8 +858,9 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
     raw = verified_chunks(path, expected.size if expected else None, expected.sha256 if expected else None,
                           progress)
     chunks = decompress(compression, raw, name=path.name)
+    transactional = transactional or not new_database  # only a new database may load statement by statement
     if fmt == "plain":
-        load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe)
+        load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe, transactional=transactional)
         return
     jobs = pg.restore_jobs or os.cpu_count() or 1
     if new_database and jobs > 1:
@@ -646,7 +868,8 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
         return
     with execute.ProcessGroup(KIND) as group:
         errors: list[BaseException] = []
-        load_sql(ctx, bin_dir, dbname, _script_from_archive(ctx, group, bin_dir, chunks, errors), wipe=wipe)
+        load_sql(ctx, bin_dir, dbname, _script_from_archive(ctx, group, bin_dir, chunks, errors), wipe=wipe,
+                 transactional=transactional)
 
 
 def _parallel_restore(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, chunks: Iterable[bytes],
@@ -689,30 +912,41 @@ def terminate_sessions(conn: psycopg.Connection, dbname: str) -> int:
 
 
 def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *, set_id: str,
-                       expected: dict[str, dict[str, Any]], expected_file: ManifestFile | None) -> dict[str, Any]:
+                       expected: dict[str, dict[str, Any]], expected_file: ManifestFile | None,
+                       legacy: bool = False, archive_major: int | None = None, objects: int = 0) -> dict[str, Any]:
     """Restore a file into a scratch database, compare its tables with `expected`, always drop it.
 
-    Returns {"ok", "database", "tables", "rows", "seconds", "problems", "error"}; never raises for a
-    failed restore (that is the result), only for a server that cannot be reached at all.
+    Returns {"ok", "ran", "database", "tables", "rows", "seconds", "problems", "error"}; never raises.
+    `ran` is False when the test could not run at all (server unreachable, no suitable client, no right
+    to create the scratch database): that says nothing about the backup, which then stays ok but
+    unverified. Only a restore that ran and failed, or a result that differs, is a failed test.
     """
     pg = ctx.config.postgres
     scratch = _scratch_name(set_id)
     started = time.monotonic()
-    outcome: dict[str, Any] = {"ok": False, "database": scratch, "error": None, "problems": []}
+    outcome: dict[str, Any] = {"ok": False, "ran": False, "database": scratch, "error": None, "problems": []}
     ctx.log.info("test restore started", file=path.name, scratch_database=scratch)
-    admin = connect_maintenance(pg)
+    admin: psycopg.Connection | None = None
     try:
-        bin_dir = find_bin_dir(pg, server_info(admin))
+        admin = connect_maintenance(pg)
+        bin_dir = restore_bin_dir(pg, server_info(admin), archive_major=archive_major)
+        create_database(admin, scratch)
+    except (KkuaError, psycopg.Error) as exc:
+        outcome["error"] = str(exc).strip().splitlines()[0]
+        if admin is not None:
+            admin.close()
+        admin = None
+    if admin is not None:
+        outcome["ran"] = True
         try:
-            create_database(admin, scratch)
             progress = Progress(f"test restore {path.name}", enabled=ctx.interactive)
             restore_into(ctx, bin_dir, scratch, path, fmt, compression, wipe=False, new_database=True,
-                         expected=expected_file,
-                         progress=progress)
+                         expected=expected_file, progress=progress,
+                         transactional=objects + 100 <= lock_capacity(admin)[0])
             progress.clear()
             checksums = any("checksum" in t for t in expected.values())
             with connect(pg, scratch) as conn:
-                found = table_stats(conn, checksums=checksums)
+                found = table_stats(conn, checksums=checksums, legacy=legacy)
             outcome["problems"] = compare_stats(expected, found)
             outcome.update(tables=len(found), rows=sum(t["rows"] for t in found.values()),
                            checksums=checksums)
@@ -726,16 +960,26 @@ def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, 
                 drop_database(admin, scratch)
             except psycopg.Error as exc:
                 ctx.log.error("scratch database could not be dropped", database=scratch, error=str(exc).strip())
-    finally:
-        admin.close()
+            admin.close()
     outcome["seconds"] = round(time.monotonic() - started, 2)
     if outcome["ok"]:
         ctx.log.info("test restore passed", file=path.name, tables=outcome["tables"], rows=outcome["rows"],
                      checksums="compared" if outcome.get("checksums") else "not recorded",
                      seconds=outcome["seconds"])
+    elif not outcome["ran"]:
+        ctx.log.error("test restore could not run", file=path.name, error=outcome["error"])
     else:
         ctx.log.error("test restore failed", file=path.name, error=outcome["error"])
     return outcome
+
+
+def sql_problems(scanner: SqlStream, *, made_by_us: bool) -> list[str]:
+    """What a restore of the SQL the scanner read would reject (empty when it would run to its end).
+    pg_dump ends every dump with its "dump complete" comment; one of ours without it was cut short."""
+    problems = list(scanner.problems)
+    if made_by_us and not scanner.complete and scanner.truncated is None:
+        problems.append("the SQL ends before pg_dump's closing comment: the dump is truncated")
+    return problems
 
 
 def set_format(backup_set: BackupSet) -> tuple[str, str]:
@@ -752,9 +996,72 @@ def set_format(backup_set: BackupSet) -> tuple[str, str]:
     raise UsageError(f"{name} is not a PostgreSQL backup (expected .sql, .sql.gz, .sql.zst or .dump)")
 
 
+class _Counted:
+    """The chunks of an iterable, counted as they pass."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self.chunks = chunks
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.size += len(chunk)
+            yield chunk
+
+
+def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compression: str,
+                   progress: Progress) -> tuple[CheckResult, SqlStream, str | None]:
+    """Read a custom archive as a restore does: decompressed into `pg_restore --file -`, whose SQL is read
+    by a SqlStream. Returns (size and sha256 of the file, the scanner, why pg_restore could not read the
+    archive or None). Raises VersionTooNew when no pg_restore at least as new as the archive's pg_dump is
+    installed (that says nothing against the set), IntegrityError when it does not decompress."""
+    pg = ctx.config.postgres
+    made_by = archive_major_of(backup_set)
+    bin_dir = client_bin_dir(pg, made_by, doing=f"check {path.name}")
+    source = HashedFile(path, progress)
+    archive = _Counted(decompress(compression, source, name=path.name))
+    scanner = SqlStream(refuse_meta=False)
+    errors: list[BaseException] = []
+    with execute.ProcessGroup(KIND) as group:
+        child = group.spawn(pg_restore_script_argv(bin_dir), stdin=execute.PIPE, timeout=pg.restore_timeout)
+
+        def feed() -> None:
+            try:
+                _feed(archive, child.stdin, errors, close=False)
+            finally:  # pg_restore must see the end of its input whatever happened here
+                with contextlib.suppress(OSError):
+                    child.stdin.close()  # type: ignore[union-attr]
+
+        feeder = threading.Thread(target=feed, name="archive-feed", daemon=True)
+        feeder.start()
+        for part in stream_chunks(child.read):
+            scanner.feed(part)
+        scanner.finish()
+        feeder.join()
+        try:
+            group.wait(child, what="pg_restore")
+        except StepTimeout:
+            raise
+        except CommandFailed as exc:
+            decode = [e for e in errors if not isinstance(e, BrokenPipeError)]
+            if decode:  # it stopped because the file did not decompress: that is the error to report
+                raise decode[0] from None
+            reason = " | ".join(line.strip() for line in exc.stderr_tail[-2:]) or exc.message
+            if "unsupported version" in reason:  # made by a newer pg_dump than the manifest says (or none)
+                raise VersionTooNew(f"cannot check {path.name}: pg_restore {tool_major(bin_dir)} cannot read it "
+                                    f"({reason})", hint=_client_hint(pg, None)) from None
+            return check_file(path, compression), scanner, reason  # the whole file's checksum decides first
+    if errors:
+        raise errors[0]
+    return CheckResult(source.size, source.digest.hexdigest(), archive.size), scanner, None
+
+
 def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
-    """Check every file of a set against its manifest (size, sha256) and decompress it fully; raises
-    IntegrityError on any difference. This is what gates a restore and what `verify` runs."""
+    """Check every file of a set against its manifest (size, sha256) and decompress it fully; a plain
+    dump's SQL is read as psql would read it, a custom archive is read to its end by pg_restore (and its
+    SQL read the same way). Raises IntegrityError on any difference or anything a restore would reject,
+    VersionTooNew when no pg_restore can read the archive. This is what gates a restore and what `verify`
+    runs."""
     results = []
     files = backup_set.manifest.files if backup_set.manifest else None
     targets = [(f.name, f.compression, f) for f in files] if files else \
@@ -767,17 +1074,36 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
             raise IntegrityError(f"{name} has {path.stat().st_size} bytes but its manifest says {expected.size}",
                                  hint="the file was truncated or replaced; use another backup")
         progress = Progress(f"checking {name}", total=path.stat().st_size, enabled=ctx.interactive)
-        result = check_file(path, compression, progress)
+        fmt = set_format(backup_set)[0]
+        if fmt == "plain":
+            source = HashedFile(path, progress)
+            scanner = SqlStream(refuse_meta=False)
+            uncompressed = 0
+            for part in decompress(compression, source, name=path.name):
+                uncompressed += len(part)
+                scanner.feed(part)
+            scanner.finish()
+            result = CheckResult(source.size, source.digest.hexdigest(), uncompressed)
+        else:
+            result, scanner, unreadable = _check_archive(ctx, backup_set, path, compression, progress)
         progress.clear()
         if expected is not None and result.sha256 != expected.sha256:
             raise IntegrityError(f"{name} does not match its checksum (sha256 {result.sha256[:12]}..., "
                                  f"manifest {expected.sha256[:12]}...)",
                                  hint="the file is corrupt; use another backup")
+        if fmt == "custom" and unreadable:
+            raise IntegrityError(f"{name} would not restore: pg_restore cannot read the archive: {unreadable}",
+                                 hint="nothing was changed; use another backup")
+        problems = sql_problems(scanner, made_by_us=expected is not None or fmt == "custom")
+        if problems:
+            raise IntegrityError(f"{name} would not restore: {problems[0]}",
+                                 hint="nothing was changed; use another backup")
         results.append({"name": name, "size": result.size, "sha256": result.sha256,
                         "uncompressed": result.uncompressed,
                         "checksum": "ok" if expected is not None else "no manifest"})
         ctx.log.info("file checked", file=name, size=human_bytes(result.size),
-                     checksum="ok" if expected is not None else "not recorded (no manifest)", decompress="ok")
+                     checksum="ok" if expected is not None else "not recorded (no manifest)", decompress="ok",
+                     **({"pg_restore": "reads it to its end"} if fmt == "custom" else {}))
     return {"files": results}
 
 
@@ -789,9 +1115,32 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
         with TargetLock(ctx.config.backup_dir, KIND, "verify --restore-test"):
             return _test_restore_file(
                 ctx, backup_set.path(), fmt, compression, set_id=backup_set.id or "adhoc", expected=expected,
+                legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None),
+                archive_major=archive_major_of(backup_set),
+                objects=int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0,
                 expected_file=backup_set.manifest.files[0] if backup_set.manifest else None)
 
-    return verify_report(backup_set, check_set(ctx, backup_set), test if restore_test else None)
+    try:
+        checked = check_set(ctx, backup_set)
+    except IntegrityError as exc:
+        if "would not restore" in exc.message:
+            _mark_failed(ctx, backup_set, exc.message)
+        raise
+    report = verify_report(backup_set, checked, test if restore_test else None)
+    outcome = report.get("restore_test")
+    if outcome and outcome.get("ran") and not outcome["ok"]:
+        _mark_failed(ctx, backup_set, f"test restore failed: {outcome['error']}")
+    return report
+
+
+def _mark_failed(ctx: JobContext, backup_set: BackupSet, reason: str) -> None:
+    """A set found unrestorable must not stay ok: its manifest says failed from now on."""
+    manifest = backup_set.manifest
+    if manifest is None or manifest.status == "failed":
+        return
+    with TargetLock(ctx.config.backup_dir, KIND, "verify"):
+        write_manifest(backup_set.folder, manifest.model_copy(update={"status": "failed", "error": reason}))
+    ctx.log.error("set marked failed", file=backup_set.name, reason=reason)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -848,7 +1197,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
         admin = connect_maintenance(pg)
         try:
             server = server_info(admin)
-            bin_dir = find_bin_dir(pg, server)
+            bin_dir = restore_bin_dir(pg, server, archive_major=archive_major_of(backup_set))
             exists = database_exists(admin, target)
             needed = backup_set.manifest.details.get("roles", []) if backup_set.manifest else []
             absent = missing_roles(admin, needed)
@@ -860,6 +1209,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
             if target_db and exists:
                 raise Refused(f"database {target!r} already exists",
                               hint="--target-db restores into a new database: choose another name or drop it")
+            transactional = _fits_one_transaction(ctx, admin, backup_set, target, in_place=exists)
             plan = _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
                          safety=safety_backup and target_db is None and exists)
             if plan.in_place and exists:
@@ -883,7 +1233,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
             try:
                 restore_into(ctx, bin_dir, target, backup_set.path(), fmt, compression, wipe=not created,
                              expected=backup_set.manifest.files[0] if backup_set.manifest else None,
-                             new_database=created, progress=progress)
+                             new_database=created, progress=progress, transactional=transactional or not created)
             except KkuaError as exc:
                 progress.clear()
                 if created:
@@ -909,6 +1259,38 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
                  rows=report["rows"], seconds=report["seconds"], verified="row counts match the backup"
                  if backup_set.manifest else "no manifest to compare with")
     return report
+
+
+def _fits_one_transaction(ctx: JobContext, admin: psycopg.Connection, backup_set: BackupSet, target: str, *,
+                          in_place: bool) -> bool:
+    """Whether the restore's locks fit in the server's lock table. A restore in place that does not fit is
+    refused here, before any change, naming the setting to raise; a new database that does not fit is
+    loaded statement by statement instead (it is dropped again if the load fails, so nothing is lost)."""
+    backup_objects = int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0
+    if not backup_objects:
+        return True
+    now = 0
+    if in_place:
+        with connect(ctx.config.postgres, target) as conn:
+            now = count_objects(conn)
+    needed = backup_objects + now + 100
+    capacity, settings = lock_capacity(admin)
+    if needed <= capacity:
+        return True
+    if not in_place:
+        ctx.log.info("the backup has more objects than one transaction can lock; loading the new database "
+                     "statement by statement (it is dropped again if the load fails)", objects=backup_objects,
+                     lock_slots=capacity)
+        return False
+    sessions = capacity // settings["max_locks_per_transaction"]
+    raise_to = -(-needed // sessions)
+    raise Refused(
+        f"restoring {backup_set.name} in place needs about {needed} locks in one transaction ({backup_objects} "
+        f"objects in the backup, {now} in {target!r} now) but the server's lock table has about {capacity} "
+        f"(max_locks_per_transaction {settings['max_locks_per_transaction']} x {sessions} sessions); "
+        "nothing was changed",
+        hint=f"set max_locks_per_transaction = {raise_to} (or more) in postgresql.conf and restart PostgreSQL, "
+             f"or restore into a new database with --target-db, which needs no single transaction")
 
 
 _MISSING_ROLE = re.compile(r'role "([^"]+)" does not exist')
@@ -965,7 +1347,8 @@ def _safety_backup(ctx: JobContext, dbname: str) -> dict[str, Any]:
 def _verify_restored(ctx: JobContext, backup_set: BackupSet, target: str) -> dict[str, Any]:
     pg = ctx.config.postgres
     with connect(pg, target) as conn:
-        found = table_stats(conn, checksums=False)
+        found = table_stats(conn, checksums=False,
+                            legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None))
     expected = backup_set.manifest.details.get("tables") if backup_set.manifest else None
     problems = compare_stats(expected, found) if expected is not None else []
     for line in problems:

@@ -1,0 +1,345 @@
+"""Following a SQL stream the way psql reads it, without buffering table data.
+
+A restore feeds psql a dump inside a transaction of its own. Three things in a dump need care there, and
+all three are found by reading the stream as psql does (statements, quotes, comments, COPY data blocks,
+backslash commands) while it passes through:
+
+- pg_dump wraps large-object data in its own `BEGIN; ... COMMIT;`. Inside the restore's transaction that
+  COMMIT would end it early, so a BEGIN/COMMIT pair written by the file is folded into the restore's
+  transaction (both statements become comments). A COMMIT, END, ROLLBACK or ABORT that the file did not
+  open with BEGIN is left alone: the restore's guard rejects it, and `problems` names it first.
+- psql 15-18 silently stops reading (and exits 0) at an empty statement (a lone `;`) that comes right
+  after a COPY data block. The restore's closing frame therefore adds a `;` only when the stream ends
+  inside an unterminated statement (`pending`).
+- A stream cut short (inside COPY data, a quoted string, a dollar-quoted body) is told apart from one
+  that ends cleanly, and psql backslash commands other than pg_dump's `\\restrict`/`\\unrestrict` are
+  refused: restored SQL never runs psql meta-commands (`\\!`, `\\connect`, `\\q`, ...).
+
+The scan is line by line outside COPY data (statements are short) and a plain byte search inside it,
+so a 1 GB row is never held in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+HOLD = 40  # significant bytes of a statement held back until it cannot be BEGIN/COMMIT any more
+DUMP_COMPLETE = b"-- PostgreSQL database dump complete"
+ALLOWED_META = frozenset({"restrict", "unrestrict"})
+
+_TOP = re.compile(rb"[;'\"$\\]|--|/\*")
+_DOLLAR_TAG = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
+_E_STRING = re.compile(rb"\\.|'", re.DOTALL)
+_BLOCK = re.compile(rb"/\*|\*/")
+_IDENT_CHAR = re.compile(rb"[A-Za-z0-9_$\x80-\xff]")
+_BEGIN = {"begin", "begin work", "begin transaction", "start transaction"}
+_COMMIT = {"commit", "commit work", "commit transaction", "end", "end work", "end transaction"}
+_ROLLBACK = {"rollback", "rollback work", "rollback transaction", "abort", "abort work", "abort transaction"}
+_FROM_STDIN = re.compile(rb"\bfrom\s+stdin\s*$", re.IGNORECASE)
+_COPY_TABLE = re.compile(rb"^\s*copy\s+(\S+)", re.IGNORECASE)
+
+
+class MetaCommandRefused(ValueError):
+    """Restored SQL tried to run a psql backslash command."""
+
+
+@dataclass
+class SqlStream:
+    """Pass a SQL stream through `feed` (and `finish` at its end) to get the stream psql should read.
+
+    `fold_transactions` folds the file's own BEGIN/COMMIT pairs into the surrounding transaction;
+    `refuse_meta` raises MetaCommandRefused at a backslash command other than \\restrict/\\unrestrict
+    (before passing it on). After `finish`: `problems` lists what a restore would reject, `pending` says
+    whether the last statement lacks its `;`, `truncated` whether the stream stopped inside something.
+    """
+
+    fold_transactions: bool = True
+    refuse_meta: bool = True
+    line_no: int = 1
+    problems: list[str] = field(default_factory=list)
+    copies: int = 0
+    folded: int = 0
+    complete: bool = False  # pg_dump's "dump complete" comment was seen
+    truncated: str | None = None
+    pending: bool = False
+    meta_commands: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._copy = False
+        self._copy_table = ""
+        self._copy_line = 0
+        self._bol = True  # in COPY data: at the start of a line
+        self._carry = b""  # in COPY data: the start of a line that may be the terminator
+        self._line = bytearray()  # outside COPY data: the current, incomplete line
+        self._quote: bytes | None = None  # ', E', ", $tag$ or /* (with _depth)
+        self._quote_line = 0
+        self._depth = 0
+        self._held = bytearray()
+        self._holding = True
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._stmt_line = 1
+        self._file_txn = False
+        self._copy_next = False
+
+    # ------------------------------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next piece of the stream; returns what to pass on to psql (maybe less, held back)."""
+        out = bytearray()
+        pos = 0
+        n = len(chunk)
+        while pos < n:
+            if self._copy:
+                pos += self._copy_data(chunk[pos:] if pos else chunk, out)
+                continue
+            nl = chunk.find(b"\n", pos)
+            if nl < 0:
+                self._line += chunk[pos:]
+                break
+            if self._line:
+                self._line += chunk[pos:nl + 1]
+                line = bytes(self._line)
+                self._line.clear()
+            else:
+                line = chunk[pos:nl + 1]
+            pos = nl + 1
+            self._sql_line(line, out)
+            self.line_no += 1
+            if self._copy_next:  # the data starts on the next line: pass the COPY line on whole
+                out += self._held
+                self._held.clear()
+                self._copy_next = False
+                self._copy = True
+                self._bol = True
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        out = bytearray()
+        if self._copy:
+            rest = self._carry
+            self._carry = b""
+            out += rest
+            if rest.rstrip(b"\r") != b"\\.":
+                self.truncated = (f"the SQL ends inside the data of COPY {self._copy_table} (line "
+                                  f"{self._copy_line}): the file is truncated")
+        else:
+            if self._line:
+                line = bytes(self._line)
+                self._line.clear()
+                self._sql_line(line, out)
+            if self._quote is not None:
+                tag = self._quote.decode(errors="replace")
+                what = {b"'": "a quoted string", b"E'": "a quoted string", b'"': "a quoted identifier",
+                        b"/*": "a comment"}.get(self._quote, f"a dollar-quoted body ({tag})")
+                self.truncated = f"the SQL ends inside {what} begun at line {self._quote_line}: the file is truncated"
+            elif self._copy_next:
+                self.truncated = (f"the SQL ends right after COPY {self._copy_table} (line {self._copy_line}) "
+                                  "without its data: the file is truncated")
+            self.pending = bool(self._head)
+            out += self._held
+            self._held.clear()
+        if self.truncated:
+            self.problems.append(self.truncated)
+        return bytes(out)
+
+    # ------------------------------------------------------------------------------------------
+    def _copy_data(self, data: bytes, out: bytearray) -> int:
+        """Pass COPY data on until its `\\.` line; returns how many bytes of `data` were used."""
+        if self._carry:
+            data = self._carry + data
+            carried = len(self._carry)
+            self._carry = b""
+        else:
+            carried = 0
+        pos = 0
+        n = len(data)
+        while True:
+            if not self._bol:
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    out += data[pos:]
+                    return n - carried
+                out += data[pos:nl + 1]
+                self.line_no += 1
+                pos = nl + 1
+                self._bol = True
+            head = data[pos:pos + 4]
+            for end in (b"\\.\n", b"\\.\r\n"):
+                if head.startswith(end):
+                    out += data[pos:pos + len(end)]
+                    self.line_no += 1
+                    self._copy = False
+                    return pos + len(end) - carried
+            if len(head) < 4 and (b"\\.\r\n".startswith(head) or b"\\.\n".startswith(head)):
+                self._carry = head
+                return n - carried
+            self._bol = False
+
+    def _flush(self, line: bytes, start: int, end: int, out: bytearray) -> None:
+        if self._holding:
+            self._held += line[start:end]
+        else:
+            out += line[start:end]
+
+    def _significant(self, text: bytes, line: bytes, out_from: int, pos: int, out: bytearray) -> int:
+        """Note statement text; once it cannot be a transaction statement, stop holding. Returns out_from."""
+        if not text.strip():
+            return out_from
+        if len(self._head) <= HOLD:
+            self._head += text[:HOLD + 1]
+        self._tail = (self._tail + text)[-64:]
+        if self._holding and len(self._head) > HOLD:
+            out += self._held
+            self._held.clear()
+            out += line[out_from:pos]
+            self._holding = False
+            return pos
+        return out_from
+
+    def _sql_line(self, line: bytes, out: bytearray) -> None:
+        pos = 0
+        out_from = 0
+        n = len(line)
+        if not self._head and self._quote is None and line.startswith(DUMP_COMPLETE):
+            self.complete = True
+        while pos < n:
+            q = self._quote
+            if q is not None:
+                if q == b"/*":
+                    m = _BLOCK.search(line, pos)
+                    if m is None:
+                        pos = n
+                        break
+                    self._depth += 1 if m.group() == b"/*" else -1
+                    pos = m.end()
+                    if self._depth == 0:
+                        self._quote = None
+                    continue
+                if q == b"E'":
+                    m = _E_STRING.search(line, pos)
+                    if m is None:
+                        out_from = self._significant(line[pos:], line, out_from, n, out)
+                        pos = n
+                        break
+                    end = m.end()
+                    out_from = self._significant(line[pos:end], line, out_from, end, out)
+                    pos = end
+                    if m.group() == b"'":
+                        if line[pos:pos + 1] == b"'":
+                            pos += 1
+                        else:
+                            self._quote = None
+                    continue
+                idx = line.find(q, pos)
+                if idx < 0:
+                    out_from = self._significant(line[pos:], line, out_from, n, out)
+                    pos = n
+                    break
+                end = idx + len(q)
+                out_from = self._significant(line[pos:end], line, out_from, end, out)
+                pos = end
+                if q in (b"'", b'"') and line[pos:pos + 1] == q:
+                    pos += 1  # a doubled quote stays inside
+                else:
+                    self._quote = None
+                continue
+            m = _TOP.search(line, pos)
+            if m is None:
+                out_from = self._significant(line[pos:], line, out_from, n, out)
+                pos = n
+                break
+            start = m.start()
+            tok = m.group()
+            if start > pos:
+                out_from = self._significant(line[pos:start], line, out_from, start, out)
+            if tok == b"--":
+                pos = n
+                break
+            if tok == b"/*":
+                self._quote, self._quote_line, self._depth = b"/*", self.line_no, 1
+                pos = m.end()
+                continue
+            if tok == b";":
+                self._flush(line, out_from, start + 1, out)
+                out_from = start + 1
+                self._end_statement(out)
+                pos = start + 1
+                continue
+            if tok == b"\\":
+                name = re.match(rb"\\([A-Za-z!?.]*)", line[start:])
+                command = (name.group(1) if name else b"").decode("ascii", "replace")
+                self.meta_commands.append(command)
+                if command not in ALLOWED_META:
+                    problem = (f"line {self.line_no} runs the psql command \\{command}: restored SQL may not run "
+                               "psql meta-commands")
+                    self.problems.append(problem)
+                    if self.refuse_meta:
+                        raise MetaCommandRefused(problem)
+                # psql runs it at once, whatever statement is pending: never fold it away with one
+                out += self._held
+                self._held.clear()
+                out += line[out_from:]
+                out_from = pos = n
+                break
+            if tok == b"$":
+                dm = _DOLLAR_TAG.match(line, start)
+                if dm is None or (start > 0 and _IDENT_CHAR.match(line, start - 1)):
+                    out_from = self._significant(b"$", line, out_from, start + 1, out)
+                    pos = start + 1
+                    continue
+                self._quote, self._quote_line = dm.group(), self.line_no
+                out_from = self._significant(dm.group(), line, out_from, dm.end(), out)
+                pos = dm.end()
+                continue
+            # a quote
+            if tok == b"'" and start > 0 and line[start - 1:start] in (b"E", b"e") and not (
+                    start > 1 and _IDENT_CHAR.match(line, start - 2)):
+                self._quote = b"E'"
+            else:
+                self._quote = tok
+            self._quote_line = self.line_no
+            out_from = self._significant(tok, line, out_from, start + 1, out)
+            pos = start + 1
+        self._flush(line, out_from, n, out)
+        if self._holding and not self._head and len(self._held) > 1 << 16:
+            out += self._held  # a long run of comments: nothing to fold there
+            self._held.clear()
+
+    def _end_statement(self, out: bytearray) -> None:
+        words = " ".join(bytes(self._head).decode("utf-8", "replace").lower().rstrip(";").split())
+        raw = bytes(self._held)
+        fold = None
+        if self._holding and words:
+            if words in _BEGIN:
+                if self.fold_transactions:
+                    fold = "BEGIN"
+                self._file_txn = True
+            elif words in _COMMIT:
+                if self._file_txn and self.fold_transactions:
+                    fold = "COMMIT"
+                elif not self._file_txn:
+                    self.problems.append(f"line {self.line_no}: {words.upper()} before the end of the SQL would "
+                                         "end the restore's transaction early")
+                self._file_txn = False
+            elif words in _ROLLBACK:
+                self.problems.append(f"line {self.line_no}: {words.upper()} would undo the restore's transaction")
+                self._file_txn = False
+        if fold is not None:
+            self.folded += 1
+            out += (f"/* kkua-backup: the file's {fold} is part of the restore's transaction */"
+                    + "\n" * raw.count(b"\n")).encode()
+        else:
+            out += raw
+        head = bytes(self._head).lstrip()
+        if head[:5].lower() in (b"copy ", b"copy\t", b"copy\n") and _FROM_STDIN.search(bytes(self._tail)):
+            table = _COPY_TABLE.match(bytes(self._head))
+            self._copy_table = table.group(1).decode("utf-8", "replace") if table else "?"
+            self._copy_line = self.line_no
+            self._copy_next = True
+            self.copies += 1
+        self._held = bytearray()
+        self._holding = True
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._stmt_line = self.line_no

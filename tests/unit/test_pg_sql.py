@@ -1,0 +1,90 @@
+"""The SQL stream follower used by PostgreSQL restores and checks (kkua_backupd.pg_sql)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kkua_backupd.jobs.postgres import table_key
+from kkua_backupd.pg_sql import MetaCommandRefused, SqlStream
+
+CASES = [
+    b"COPY t FROM stdin;\n1\n\\.\n",
+    b"BEGIN;\nSELECT pg_catalog.lo_open('1', 1);\nSELECT pg_catalog.lowrite(0, '\\x41;42');\nCOMMIT;\n",
+    b"CREATE FUNCTION f() RETURNS void AS $$\nBEGIN;\nCOMMIT;\n$$ LANGUAGE plpgsql;\n",
+    b"SELECT 1",
+    b"COPY t FROM stdin;\n1\n2",
+    b"SELECT E'it\\'s;' ; SELECT 'a''b;';\n",
+    b"\\restrict abc\nSELECT 1;\n\\unrestrict abc\n",
+    b"/* c ; /* n */ ; */ SELECT 1;\n-- PostgreSQL database dump complete\n",
+    b"COPY t (a, b) FROM stdin;\n\\.\nCOPY u FROM stdin;\nx\n\\.\r\n",
+    b"COPY t FROM stdin;\nCOMMIT;\n\\\\.\n\\.\nSELECT 'x\n;COMMIT;\n';\n",
+]
+
+
+def run(data: bytes, step: int | None = None) -> tuple[SqlStream, bytes]:
+    stream = SqlStream()
+    out = b""
+    for i in range(0, len(data), step or max(1, len(data))):
+        out += stream.feed(data[i:i + (step or len(data))])
+    return stream, out + stream.finish()
+
+
+@pytest.mark.parametrize("data", CASES)
+def test_any_chunking_gives_the_same_stream(data: bytes) -> None:
+    whole, out = run(data)
+    for step in (1, 2, 3, 7):
+        parts, out2 = run(data, step)
+        assert out2 == out
+        assert (parts.problems, parts.pending, parts.copies, parts.folded) == \
+            (whole.problems, whole.pending, whole.copies, whole.folded)
+
+
+def test_copy_data_passes_unchanged_and_nothing_is_pending() -> None:
+    stream, out = run(CASES[0])
+    assert out == CASES[0]
+    assert (stream.copies, stream.pending, stream.problems) == (1, False, [])
+
+
+def test_large_object_transaction_is_folded_but_keeps_its_lines() -> None:
+    stream, out = run(CASES[1])
+    assert stream.folded == 2 and stream.problems == []
+    assert b"BEGIN;" not in out and b"COMMIT;" not in out
+    assert out.count(b"\n") == CASES[1].count(b"\n")
+    assert b"lowrite(0, '\\x41;42');" in out
+
+
+def test_commit_inside_a_function_body_or_copy_data_is_left_alone() -> None:
+    for data in (CASES[2], CASES[9]):
+        stream, out = run(data)
+        assert out == data and stream.folded == 0 and stream.problems == []
+
+
+def test_a_commit_the_file_did_not_begin_is_a_problem() -> None:
+    stream, out = run(b"INSERT INTO t VALUES (1);\nCOMMIT;\nSELECT 2;\n")
+    assert out.count(b"COMMIT;") == 1
+    assert stream.problems == ["line 2: COMMIT before the end of the SQL would end the restore's transaction early"]
+
+
+def test_truncated_and_pending_streams() -> None:
+    assert run(CASES[3])[0].pending is True
+    truncated = run(CASES[4])[0].truncated
+    assert truncated is not None and "inside the data of COPY t" in truncated
+    assert "dollar-quoted" in str(run(b"CREATE FUNCTION f() AS $body$\nSELECT 1;\n")[0].truncated)
+
+
+def test_meta_commands_other_than_restrict_are_refused() -> None:
+    assert run(CASES[6])[0].problems == []
+    with pytest.raises(MetaCommandRefused, match=r"\\!"):
+        run(b"SELECT 1;\n\\! touch /tmp/x\n")
+    stream = SqlStream(refuse_meta=False)
+    stream.feed(b"\\connect other\n")
+    assert "\\connect" in stream.problems[0]
+
+
+def test_table_keys_never_collide() -> None:
+    assert table_key("public", "users") == "public.users"
+    assert table_key("public", "a.b") == 'public."a.b"'
+    assert table_key("public.a", "b") == '"public.a".b'
+    assert table_key("s", 'we"ird') == 's."we""ird"'
+    assert table_key("public", "User") == 'public."User"'
+    assert table_key("public", "a.b", legacy=True) == "public.a.b"
