@@ -67,8 +67,8 @@ import redis  # noqa: E402
 from redis.backoff import NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
-from kkua_backupd.redis_local import LocalRedis, find_redis_bin  # noqa: E402
-from kkua_backupd.redis_sample import databases, fill_bulk  # noqa: E402
+from kkua_backupd.demo.redis_sample import databases, fill_bulk  # noqa: E402
+from kkua_backupd.sources.redis.local import LocalRedis, find_redis_bin  # noqa: E402
 
 PASSWORD = "bench-redis-password"  # noqa: S105 (a throwaway server's)
 TARGETS = {"ours_vs_cli": 1.2, "peak_mib": 100.0, "flat_fraction": 0.10, "flat_mib": 5.0}

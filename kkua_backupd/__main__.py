@@ -1,5 +1,5 @@
 """`python -m kkua_backupd` runs the `kkua-backup` command line."""
 
-from .cli import run
+from kkua_backupd.cli import run
 
 run()

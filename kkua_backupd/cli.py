@@ -17,12 +17,14 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from . import __version__, logs, state
-from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
-from .errors import ConfigError, Interrupted, KkuaError, UsageError
-from .jobs import JobContext
-from .progress import human_bytes, interactive
-from .storage import KINDS, BackupSet, latest, list_sets, resolve, unmanaged_files
+from kkua_backupd import __version__
+from kkua_backupd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
+from kkua_backupd.core import state
+from kkua_backupd.core.context import JobContext
+from kkua_backupd.errors import ConfigError, Interrupted, KkuaError, UsageError
+from kkua_backupd.obs import logs
+from kkua_backupd.obs.progress import human_bytes, interactive
+from kkua_backupd.store.storage import KINDS, BackupSet, latest, list_sets, resolve, unmanaged_files
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
              "prune": "backup.log"}
@@ -178,14 +180,14 @@ def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) ->
     """One job (postgres, redis or retention), its start and end recorded for `status`."""
     with state.track(ctx.config, job, runner=runner) as record:
         if job == "postgres":
-            from .jobs import postgres as pg_job
+            from kkua_backupd.sources.postgres import job as pg_job
             test = True if getattr(args, "test_restore", False) else None
             manifest = pg_job.backup(ctx, test_restore=test)
         elif job == "redis":
-            from .jobs import redis as redis_job
+            from kkua_backupd.sources.redis import backup as redis_job
             manifest = redis_job.backup(ctx, aof=True if getattr(args, "aof", False) else None)
         else:
-            from .jobs import retention
+            from kkua_backupd.core import retention
             report = retention.prune(ctx, dry_run=False)
             record.finish(size=report.get("freed_bytes"), detail=f"{len(report['deleted'])} set(s) deleted")
             return report
@@ -197,7 +199,7 @@ def cmd_backup(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) 
     job = args.target if args.command == "backup" else args.job
     if job == "all":
         jobs = ["postgres", "redis"] + (["retention"] if args.command == "run" else [])
-        from . import workers
+        from kkua_backupd.proc import workers
         return workers.run_all(loaded.path, jobs, command=args.command, json_mode=ctx.json_mode,
                                extra_args=[a for a in ("--test-restore", "--aof")
                                            if getattr(args, a[2:].replace("-", "_"), False)])
@@ -210,7 +212,7 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
         return cmd_restore_redis(job_context(ctx.config, "redis", json_mode=ctx.json_mode), args)
     if args.flush or args.aof or args.mode:
         raise UsageError("--flush, --aof and --mode are for `restore redis`")
-    from .jobs import postgres as pg_job
+    from kkua_backupd.sources.postgres import job as pg_job
     report = pg_job.restore(ctx, args.file, force=args.force, target_db=args.target_db,
                             safety_backup=not args.no_safety_backup)
     safety = report.get("safety_backup")
@@ -228,7 +230,7 @@ def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
     if args.target_db:
         raise UsageError("--target-db is for `restore postgres`",
                          hint="to look at a Redis backup without touching the server, use `verify --restore-test`")
-    from .jobs import redis_restore
+    from kkua_backupd.sources.redis import restore as redis_restore
     report = redis_restore.restore(ctx, args.file, force=args.force, flush=args.flush, aof=args.aof,
                                    mode=args.mode, safety_backup=not args.no_safety_backup)
     counts = ", ".join(f"db{db}: {n}" for db, n in sorted(report.get("databases", {}).items(),
@@ -297,9 +299,9 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
     code = 0
     for backup_set in _sets_to_verify(ctx, args.which):
         if backup_set.kind == "postgres":
-            from .jobs import postgres as job
+            from kkua_backupd.sources.postgres import job
         else:
-            from .jobs import redis as job  # type: ignore[no-redef]
+            from kkua_backupd.sources.redis import backup as job  # type: ignore[no-redef]
         try:
             report = job.verify_set(job_context(ctx.config, backup_set.kind, json_mode=ctx.json_mode), backup_set,
                                     restore_test=args.restore_test)
@@ -319,12 +321,12 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def _install() -> Any:
-    from . import install
+    from kkua_backupd.install import common as install
     return install
 
 
 def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
-    from .jobs import retention
+    from kkua_backupd.core import retention
     report = retention.prune(ctx, dry_run=args.dry_run)
     if not ctx.json_mode:
         verb = "would delete" if args.dry_run else "deleted"

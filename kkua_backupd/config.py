@@ -27,8 +27,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from . import schedule
-from .errors import ConfigError
+from kkua_backupd import schedule
+from kkua_backupd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/kkua-backup/config.toml")
 CONFIG_ENV = "KKUA_BACKUP_CONFIG"

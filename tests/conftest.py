@@ -18,8 +18,8 @@ import psycopg
 import pytest
 import redis
 
-from kkua_backupd.redis_local import LocalRedis
-from kkua_backupd.sandbox import ThrowawayPostgres, create_sample_data, schema_dump, table_contents
+from kkua_backupd.demo.sandbox import ThrowawayPostgres, create_sample_data, schema_dump, table_contents
+from kkua_backupd.sources.redis.local import LocalRedis
 
 __all__ = ["schema_dump", "table_contents"]
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from kkua_backupd.redis_local import LocalRedis
+from kkua_backupd.sources.redis.local import LocalRedis
 
 
 @dataclass(frozen=True)

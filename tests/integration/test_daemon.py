@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from kkua_backupd.lock import holder_of
-from kkua_backupd.workers import descendants
+from kkua_backupd.proc.workers import descendants
+from kkua_backupd.store.lock import holder_of
 from tests.conftest import Env, RedisEnv
 from tests.helpers import wait_for
 

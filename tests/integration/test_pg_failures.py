@@ -26,8 +26,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kkua_backupd.lock import holder_of
-from kkua_backupd.sandbox import (
+from kkua_backupd.demo.sandbox import (
     ThrowawayPostgres,
     create_sample_data,
     fill_bulk,
@@ -35,7 +34,8 @@ from kkua_backupd.sandbox import (
     schema_dump,
     table_contents,
 )
-from kkua_backupd.workers import descendants
+from kkua_backupd.proc.workers import descendants
+from kkua_backupd.store.lock import holder_of
 
 from ..conftest import Env
 from ..helpers import alive, cmdline, describe, output, proc_stat, wait_for

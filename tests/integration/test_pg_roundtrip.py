@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kkua_backupd.sandbox import schema_dump, table_contents
+from kkua_backupd.demo.sandbox import schema_dump, table_contents
 
 from ..conftest import Env
 

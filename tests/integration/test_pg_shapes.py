@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kkua_backupd.sandbox import schema_dump
+from kkua_backupd.demo.sandbox import schema_dump
 
 from ..conftest import Env
 from ..helpers import describe, output

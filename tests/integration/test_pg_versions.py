@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kkua_backupd.sandbox import ThrowawayPostgres, create_sample_data, schema_dump, table_contents
+from kkua_backupd.demo.sandbox import ThrowawayPostgres, create_sample_data, schema_dump, table_contents
 
 from ..conftest import Env
 from ..helpers import describe, output

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import zstandard
 
-from kkua_backupd.lock import TargetLock
-from kkua_backupd.redis_local import free_port
-from kkua_backupd.redis_protocol import max_rdb_version
-from kkua_backupd.redis_sample import create_sample, databases, fill_bulk
-from kkua_backupd.workers import descendants
+from kkua_backupd.demo.redis_sample import create_sample, databases, fill_bulk
+from kkua_backupd.proc.workers import descendants
+from kkua_backupd.sources.redis.local import free_port
+from kkua_backupd.sources.redis.protocol import max_rdb_version
+from kkua_backupd.store.lock import TargetLock
 
 from ..conftest import REDIS_TEST_PASSWORD, RedisEnv
 from ..helpers import cmdline, describe, output, wait_for
@@ -413,7 +413,7 @@ def _config(world: RedisEnv, **keys: Any) -> Any:
 
 
 def test_bgsave_waits_for_a_save_in_progress_then_makes_its_own(redis_env: RedisEnv) -> None:
-    from kkua_backupd.redis_protocol import bgsave
+    from kkua_backupd.sources.redis.protocol import bgsave
 
     with redis_env.client() as client:
         fill_bulk(client, 5_000, seed=3)
@@ -434,7 +434,7 @@ def test_bgsave_waits_for_a_save_in_progress_then_makes_its_own(redis_env: Redis
 
 def test_bgsave_and_capture_timeouts(redis_env: RedisEnv) -> None:
     from kkua_backupd.errors import StepTimeout
-    from kkua_backupd.redis_protocol import bgsave, sync_rdb
+    from kkua_backupd.sources.redis.protocol import bgsave, sync_rdb
 
     with redis_env.client() as client:
         fill_bulk(client, 10_000, seed=4)
@@ -450,8 +450,8 @@ def test_bgsave_and_capture_timeouts(redis_env: RedisEnv) -> None:
 def test_failed_bgsave_is_reported_not_waited_for(workdir: Path) -> None:
     from kkua_backupd.config import RedisConfig
     from kkua_backupd.errors import JobError
-    from kkua_backupd.redis_local import LocalRedis
-    from kkua_backupd.redis_protocol import bgsave
+    from kkua_backupd.sources.redis.local import LocalRedis
+    from kkua_backupd.sources.redis.protocol import bgsave
 
     gone = workdir / "vanishing-dir"
     gone.mkdir()
@@ -492,10 +492,10 @@ def test_sigterm_mid_capture_removes_the_partial_file(redis_env: RedisEnv) -> No
 def test_capture_makes_an_rdb_only_safety_set(redis_env: RedisEnv, sample: dict[int, int]) -> None:
     """What a restore calls before its first change: one RDB and a manifest of type safety."""
     from kkua_backupd.config import load_config
-    from kkua_backupd.jobs import JobContext
-    from kkua_backupd.jobs.redis import capture
-    from kkua_backupd.logs import get_logger
-    from kkua_backupd.storage import PREFIXES
+    from kkua_backupd.core.context import JobContext
+    from kkua_backupd.obs.logs import get_logger
+    from kkua_backupd.sources.redis.backup import capture
+    from kkua_backupd.store.storage import PREFIXES
 
     settle(redis_env, **{"repl-diskless-sync-delay": "0"})
     config = load_config(str(redis_env.config_path), environ={}).config
@@ -513,9 +513,9 @@ def test_capture_makes_an_rdb_only_safety_set(redis_env: RedisEnv, sample: dict[
 def test_legacy_single_aof_file_is_archived_as_it_is(tmp_path: Path, redis_env: RedisEnv) -> None:
     """Redis < 7 keeps one appendonly.aof; it is compressed as it is (no tar)."""
     from kkua_backupd.config import load_config
-    from kkua_backupd.jobs import JobContext
-    from kkua_backupd.jobs.redis import AofSource, write_aof
-    from kkua_backupd.logs import get_logger
+    from kkua_backupd.core.context import JobContext
+    from kkua_backupd.obs.logs import get_logger
+    from kkua_backupd.sources.redis.backup import AofSource, write_aof
 
     aof = b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n" * 1000
     (tmp_path / "appendonly.aof").write_bytes(aof)

@@ -21,9 +21,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kkua_backupd.lock import TargetLock
-from kkua_backupd.redis_local import LocalRedis, free_port
-from kkua_backupd.redis_sample import compare, create_sample, snapshot
+from kkua_backupd.demo.redis_sample import compare, create_sample, snapshot
+from kkua_backupd.sources.redis.local import LocalRedis, free_port
+from kkua_backupd.store.lock import TargetLock
 from tests.conftest import REDIS_TEST_PASSWORD, RedisEnv
 from tests.helpers import wait_for
 from tests.integration.test_pg_failures import run_with_terminal

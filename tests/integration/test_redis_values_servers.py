@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import redis
 
-from kkua_backupd.redis_local import LocalRedis
-from kkua_backupd.redis_values import (
+from kkua_backupd.sources.redis.local import LocalRedis
+from kkua_backupd.sources.redis.values import (
     Decoded,
     NotPortable,
     _Reader,  # to look at quicklist nodes' string encodings

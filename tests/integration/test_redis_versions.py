@@ -27,9 +27,9 @@ import pytest
 import redis
 from redis.client import Pipeline
 
-from kkua_backupd.redis_local import LocalRedis
-from kkua_backupd.redis_sample import Snapshot, compare, create_sample, fill_bulk, scan_keys, snapshot
-from kkua_backupd.workers import descendants
+from kkua_backupd.demo.redis_sample import Snapshot, compare, create_sample, fill_bulk, scan_keys, snapshot
+from kkua_backupd.proc.workers import descendants
+from kkua_backupd.sources.redis.local import LocalRedis
 from tests.conftest import RedisEnv
 from tests.helpers import alive, cmdline, describe, output, wait_for
 from tests.redis_versions import BUILD_NAMES, ServerBuild, build, build_or_skip

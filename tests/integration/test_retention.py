@@ -25,8 +25,7 @@ from typing import Any
 
 import pytest
 
-from kkua_backupd.pipeline import write_atomic
-from kkua_backupd.storage import (
+from kkua_backupd.store.storage import (
     PREFIXES,
     Manifest,
     ManifestFile,
@@ -34,6 +33,7 @@ from kkua_backupd.storage import (
     now_local,
     write_manifest,
 )
+from kkua_backupd.stream.pipeline import write_atomic
 
 from ..helpers import describe
 
@@ -284,7 +284,7 @@ def test_backup_retention_days_in_the_environment_overrides_the_file(tree: Backu
 HOLD = """
 import sys
 from pathlib import Path
-from kkua_backupd.lock import TargetLock
+from kkua_backupd.store.lock import TargetLock
 lock = TargetLock(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
 lock.acquire()
 print("held", flush=True)

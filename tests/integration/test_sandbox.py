@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kkua_backupd.sandbox import (
+from kkua_backupd.demo.sandbox import (
     SAMPLE_LARGE_BYTEA_BYTES,
     SAMPLE_LARGE_TEXT_BYTES,
     SAMPLE_SEQUENCE_VALUE,

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from kkua_backupd import execute, logs
 from kkua_backupd.errors import CommandFailed, StepTimeout
+from kkua_backupd.obs import logs
+from kkua_backupd.proc import execute
 
 
 def test_failure_carries_the_last_stderr_lines() -> None:

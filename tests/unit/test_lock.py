@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from kkua_backupd.errors import LockHeld
-from kkua_backupd.lock import TargetLock, holder_of
+from kkua_backupd.store.lock import TargetLock, holder_of
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from kkua_backupd.lock import TargetLock
+from kkua_backupd.store.lock import TargetLock
 lock = TargetLock(Path(sys.argv[1]), "postgres", "backup postgres")
 lock.acquire()
 print("held", flush=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kkua_backupd.notify import Notifier, monotonic_usec, socket_address, watchdog_interval
+from kkua_backupd.daemon.notify import Notifier, monotonic_usec, socket_address, watchdog_interval
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kkua_backupd import pipeline
 from kkua_backupd.errors import IntegrityError, StorageError
+from kkua_backupd.stream import pipeline
 
 KINDS = ("gzip", "zstd", "none")
 

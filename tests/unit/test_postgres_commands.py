@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from kkua_backupd.config import PostgresConfig
-from kkua_backupd.jobs import postgres as pg
+from kkua_backupd.sources.postgres import job as pg
 
 PG = PostgresConfig(host="db", port=5433, database="kkua", user="app", password=SecretStr("pw-xyzzy"))
 BIN = Path("/usr/lib/postgresql/15/bin")

@@ -14,8 +14,14 @@ from pydantic import SecretStr
 
 from kkua_backupd.config import RedisConfig
 from kkua_backupd.errors import ConnectionFailed, IntegrityError, JobError, StepTimeout
-from kkua_backupd.jobs.redis import aof_manifest_files, compare_counts, conf_value, memory_document, render_config
-from kkua_backupd.redis_protocol import (
+from kkua_backupd.sources.redis.backup import (
+    aof_manifest_files,
+    compare_counts,
+    conf_value,
+    memory_document,
+    render_config,
+)
+from kkua_backupd.sources.redis.protocol import (
     _exactly,
     _Reader,
     _refusal,
@@ -26,7 +32,7 @@ from kkua_backupd.redis_protocol import (
     keyspace,
     max_rdb_version,
 )
-from kkua_backupd.redis_rdb import file_header, parse_header
+from kkua_backupd.sources.redis.rdb import file_header, parse_header
 
 
 def test_rdb_header_and_version() -> None:

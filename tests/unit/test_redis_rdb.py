@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kkua_backupd import redis_rdb
 from kkua_backupd.errors import IntegrityError
-from kkua_backupd.redis_rdb import RdbNotUnderstood, RdbScanner, crc64, module_type_name, parse_header
+from kkua_backupd.sources.redis import rdb as redis_rdb
+from kkua_backupd.sources.redis.rdb import RdbNotUnderstood, RdbScanner, crc64, module_type_name, parse_header
 
 
 def s(data: bytes) -> bytes:

@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from kkua_backupd.errors import IntegrityError
-from kkua_backupd.redis_values import (
+from kkua_backupd.sources.redis.values import (
     Decoded,
     NotPortable,
     crc64,

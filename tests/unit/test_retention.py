@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from kkua_backupd.config import RetentionConfig
-from kkua_backupd.jobs.retention import (
+from kkua_backupd.core.retention import (
     Candidate,
     Decision,
     Partial,

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from kkua_backupd import logs, state
 from kkua_backupd.config import Config
+from kkua_backupd.core import state
 from kkua_backupd.errors import JobError, LockHeld
-from kkua_backupd.lock import TargetLock
+from kkua_backupd.obs import logs
+from kkua_backupd.store.lock import TargetLock
 
 
 def make_config(tmp_path: Path, **schedule: object) -> Config:
@@ -92,7 +93,8 @@ def test_a_leftover_temp_file_does_not_block_writes(tmp_path: Path) -> None:
 WRITER = """
 import sys
 from pathlib import Path
-from kkua_backupd import logs, state
+from kkua_backupd.core import state
+from kkua_backupd.obs import logs
 from kkua_backupd.config import Config
 config = Config.model_validate({"backup_dir": sys.argv[1]})
 for _ in range(int(sys.argv[3])):

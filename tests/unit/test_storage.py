@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kkua_backupd import storage
 from kkua_backupd.errors import UsageError
-from kkua_backupd.pipeline import write_atomic
+from kkua_backupd.store import storage
+from kkua_backupd.stream.pipeline import write_atomic
 
 
 def make_set(folder: Path, set_id: str, *, set_type: str = "backup", status: str = "ok",

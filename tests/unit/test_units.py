@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kkua_backupd import install
 from kkua_backupd.config import Config
-from kkua_backupd.install import (
+from kkua_backupd.install import common as install
+from kkua_backupd.install.common import (
     BEGIN,
     END,
     NotExpressible,

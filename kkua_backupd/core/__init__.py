@@ -1,0 +1,1 @@
+"""What every job shares: the context a job is given, retention, the state behind `status`."""

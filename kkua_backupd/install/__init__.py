@@ -1,0 +1,1 @@
+"""`kkua-backup systemd …` and `kkua-backup cron …`: the installers."""

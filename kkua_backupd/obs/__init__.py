@@ -1,0 +1,1 @@
+"""What operators see: log lines (logs) and progress lines (progress)."""

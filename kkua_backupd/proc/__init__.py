@@ -1,0 +1,1 @@
+"""Child processes: every command run (execute), jobs as subprocess workers (workers)."""

@@ -1,0 +1,1 @@
+"""Data sources: one folder per kind of server backed up (postgres/, redis/)."""

@@ -1,0 +1,713 @@
+"""Redis restores: logical (streamed key by key into a live server) or file (place the RDB, restart).
+
+Both modes follow the PostgreSQL restore's safety rules, in the same order: the set is checked (sha256,
+full decompression, a full read of the RDB with its CRC-64) before anything changes; what the target
+cannot hold is refused; the operator confirms (or --force); a safety backup of the current data is taken;
+only then is the target changed. The report the CLI prints is built from key counts per database,
+compared with the counts the backup recorded.
+
+Logical mode (default, works over the network, any server version) streams the backup's RDB and sends
+every key with RESTORE ... ABSTTL REPLACE, re-encoding what an older target cannot read (`redis_copy`);
+no local redis-server is involved, except for an AOF backup, which is first loaded into a throwaway one.
+File mode (same host) stops the server through the configured command, puts the RDB (and, when AOF is on,
+an AOF built from it) in place and starts it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from pydantic import SecretStr
+
+from kkua_backupd.config import RedisConfig
+from kkua_backupd.core.context import JobContext, RestorePlan, check_restorable, confirm
+from kkua_backupd.errors import ConnectionFailed, IntegrityError, JobError, KkuaError, UsageError, VersionTooNew
+from kkua_backupd.obs.progress import Progress, human_bytes
+from kkua_backupd.proc import execute
+from kkua_backupd.sources.redis import protocol as redis_protocol
+from kkua_backupd.sources.redis.backup import capture, check_files, compare_counts
+from kkua_backupd.sources.redis.copy import Target as TargetInfo
+from kkua_backupd.sources.redis.copy import copy, describe_server, flush_databases, plan_copy
+from kkua_backupd.sources.redis.local import LocalRedis
+from kkua_backupd.sources.redis.rdb import NEWEST_REDIS_RDB, NEWEST_VALKEY_RDB, RdbScanner, RdbSummary, file_header
+from kkua_backupd.store.lock import TargetLock
+from kkua_backupd.store.storage import PREFIXES, BackupSet, ManifestFile, resolve
+from kkua_backupd.stream.pipeline import AtomicFile, decompress, file_chunks, fsync_dir
+
+KIND = "redis"
+_JOB = "redis-restore"
+_TAR_MAGIC_OFFSET = 257
+
+
+@dataclass(frozen=True)
+class Source:
+    """The file of the set a restore reads: the RDB, or the AOF with --aof."""
+
+    name: str
+    compression: str
+    aof: bool
+    expected: ManifestFile | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing and reading the backup file
+
+
+def _compression_of(name: str) -> str:
+    return "gzip" if name.endswith(".gz") else "zstd" if name.endswith(".zst") else "none"
+
+
+def choose_source(backup_set: BackupSet, spec: str, *, aof: bool) -> Source:
+    """The file to restore: the set's RDB, or its AOF with --aof (or when the AOF file was named).
+
+    Raises UsageError when the set has no such file.
+    """
+    named = Path(spec).name
+    manifest = backup_set.manifest
+    if manifest is None:
+        name = backup_set.name
+        is_aof = ".aof" in name
+        if aof and not is_aof:
+            raise UsageError(f"{name} is not an AOF backup", hint="name the .aof.gz file, or leave out --aof")
+        if not is_aof and ".rdb" not in name:
+            raise UsageError(f"{name} is not a Redis backup (expected .rdb, .rdb.gz, .aof or .aof.gz)")
+        return Source(name, _compression_of(name), is_aof, None)
+    aof_files = [f for f in manifest.files if f.role == "aof" or ".aof" in f.name]
+    if aof or any(f.name == named for f in aof_files):
+        if not aof_files:
+            raise UsageError(f"set {manifest.id} has no AOF file (it was taken with aof off)",
+                             hint="restore its RDB (leave out --aof), or choose a set taken with --aof")
+        chosen = aof_files[0]
+        return Source(chosen.name, chosen.compression, True, chosen)
+    rdbs = [f for f in manifest.files if f.role in ("rdb", "data") and ".rdb" in f.name] or \
+           [f for f in manifest.files if ".rdb" in f.name]
+    if not rdbs:
+        raise UsageError(f"set {manifest.id} has no RDB file", hint="see `kkua-backup list redis`")
+    return Source(rdbs[0].name, rdbs[0].compression, False, rdbs[0])
+
+
+def decompress_to(src: Path, compression: str, dest: Any, progress: Progress | None = None) -> int:
+    """Decompress `src` into the writable `dest` (a file or an AtomicFile); returns the bytes written."""
+    total = 0
+    for chunk in decompress(compression, file_chunks(src, progress), name=src.name):
+        dest.write(chunk)
+        total += len(chunk)
+    return total
+
+
+def _is_tar(path: Path) -> bool:
+    with path.open("rb") as fh:
+        fh.seek(_TAR_MAGIC_OFFSET)
+        return fh.read(5) == b"ustar"
+
+
+def unpack_aof(archive: Path, dest: Path) -> tuple[Path, str]:
+    """Unpack an AOF backup into `dest`: a tar of Redis 7's appendonlydir, or one legacy appendonly.aof.
+
+    Returns (the folder or file to install, the appendfilename it was made with). Raises IntegrityError
+    for a tar without an AOF manifest.
+    """
+    if not _is_tar(archive):
+        target = dest / "appendonly.aof"
+        archive.rename(target)
+        return target, "appendonly.aof"
+    unpacked = dest / "unpacked"
+    with tarfile.open(archive) as tar:
+        safe_extract(tar, unpacked, name=archive.name)
+    archive.unlink()
+    manifests = sorted(unpacked.rglob("*.manifest"))
+    if not manifests:
+        raise IntegrityError(f"{archive.name} holds no AOF manifest (*.manifest)",
+                             hint="this is not an archive of Redis 7's appendonlydir; use another backup")
+    folder = manifests[0].parent
+    return folder, manifests[0].name.removesuffix(".manifest")
+
+
+def safe_extract(tar: tarfile.TarFile, dest: Path, *, name: str) -> None:
+    """Extract an AOF archive: only regular files and folders, each strictly inside `dest` (no absolute
+    path, no `..`, no link, device or fifo), written 0640/0750. Raises IntegrityError naming the first
+    member that is not like that. (tarfile's own `filter=` is missing from Debian 12's Python 3.11.2.)"""
+    dest.mkdir(mode=0o750, exist_ok=True)
+    root = dest.resolve()
+    members = tar.getmembers()
+    for member in members:
+        target = (root / member.name).resolve()
+        if member.name.startswith("/") or ".." in Path(member.name).parts or not target.is_relative_to(root):
+            raise IntegrityError(f"{name} holds {member.name!r}, a path outside its folder; nothing was extracted",
+                                 hint="this is not an AOF archive made by kkua-backup; use another backup")
+        if not (member.isfile() or member.isdir()):
+            raise IntegrityError(f"{name} holds {member.name!r}, which is not a plain file or folder (a link or "
+                                 "device); nothing was extracted",
+                                 hint="this is not an AOF archive made by kkua-backup; use another backup")
+    for member in members:
+        target = root / member.name
+        if member.isdir():
+            target.mkdir(mode=0o750, parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        source = tar.extractfile(member)
+        assert source is not None
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        with source, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+
+
+# ----------------------------------------------------------------------------------------------
+# The target
+
+
+def _connect(rc: RedisConfig, db: int = 0) -> redis.Redis:
+    return redis_protocol.connect(rc, db=db, timeout=rc.connect_timeout)
+
+
+def _keyspace_counts(client: redis.Redis) -> dict[int, int]:
+    """Keys per database (databases with keys only), from INFO keyspace."""
+    return {int(db): c for db, c in redis_protocol.key_counts(client.info("keyspace")).items()}
+
+
+def _target_info(rc: RedisConfig) -> TargetInfo:
+    """Flavor, version, readable RDB version, databases, hash-field TTLs, largest bulk and key counts of the
+    target; raises ConnectionFailed."""
+    try:
+        with _connect(rc) as client:
+            flavor, version, rdb_max, hfe = describe_server(client.info("server"))
+            settings: dict[str, Any] = {}
+            for name in ("databases", "proto-max-bulk-len"):
+                with contextlib.suppress(redis.ResponseError):  # CONFIG may be denied to the restoring user
+                    settings.update(client.config_get(name))
+            keyspace = _keyspace_counts(client)
+    except (redis.RedisError, OSError) as exc:
+        raise redis_protocol.connection_error(rc, exc) from None
+    return TargetInfo(flavor, version, rdb_max, int(settings.get("databases", 16)), hfe,
+                      int(settings.get("proto-max-bulk-len", 512 << 20)), keyspace)
+
+
+def check_rdb_version(path: Path, source: Source, target: TargetInfo, mode: str = "file") -> int:
+    """The RDB version of the backup file; raises VersionTooNew when the target cannot read it: in file
+    mode when the server itself would load a newer RDB, in logical mode (which re-encodes what the target
+    lacks) only for a version newer than this tool reads. Raises IntegrityError when the file is not an RDB."""
+    magic, version = file_header(path, source.compression)
+    too_new_for_us = version > (NEWEST_VALKEY_RDB if magic == "VALKEY" else NEWEST_REDIS_RDB)
+    if too_new_for_us or (mode == "file" and (version > target.rdb_max or (magic == "VALKEY") != (
+            target.flavor == "valkey" and version >= 80))):
+        who = "neither this tool nor the server" if too_new_for_us else "the server"
+        raise VersionTooNew(f"{source.name} is RDB version {version} ({_rdb_release(version, magic)}) but {who} can "
+                            f"read it: the server is {target.name} (reads up to {target.rdb_max}); nothing was "
+                            "changed",
+                            hint="restore it into a server at least as new as the one it came from"
+                                 + ("" if too_new_for_us or mode == "logical" else
+                                    ", or use --mode logical, which carries it over key by key"))
+    return version
+
+
+def _rdb_release(version: int, magic: str = "REDIS") -> str:
+    """The server release that introduced an RDB version, for messages."""
+    if magic == "VALKEY":
+        return {80: "Valkey 9.0+", 81: "Valkey 9.2+"}.get(version, "a Valkey newer than 9.2")
+    releases = {13: "Redis 8.6+", 12: "Redis 7.4+", 11: "Redis 7.2+ or Valkey 7.2/8.x", 10: "Redis 7.0+",
+                9: "Redis 5.0+", 8: "Redis 4.0+", 7: "Redis 3.2+", 6: "Redis 2.6+"}
+    return releases.get(version, "a Redis newer than 8.6" if version > 13 else "an old Redis")
+
+
+def _counts(data: dict[Any, Any]) -> dict[int, int]:
+    """Manifest key counts ({"0": n} or {"db0": n} or {"db0": {"keys": n}}) as {0: n}."""
+    out: dict[int, int] = {}
+    for name, value in data.items():
+        db = int(str(name).removeprefix("db"))
+        out[db] = int(value["keys"] if isinstance(value, dict) else value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point
+
+
+def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, mode: str | None,
+            safety_backup: bool = True) -> dict[str, Any]:
+    """Restore a Redis backup set into the configured server; returns the report the CLI prints.
+
+    Raises UsageError (bad mode, missing stop/start commands, no such file), IntegrityError, VersionTooNew
+    and NotConfirmed before anything changes; LockHeld when another run holds the lock; ConnectionFailed
+    when the server cannot be reached; JobError when a step of the restore fails.
+    """
+    rc = ctx.config.redis
+    mode = mode or rc.restore_mode
+    if mode not in ("logical", "file"):
+        raise UsageError(f"unknown restore mode {mode!r}", hint="use --mode logical or --mode file")
+    if mode == "file":
+        missing = [f"redis.{name}" for name in ("stop_command", "start_command") if not getattr(rc, name)]
+        if missing:
+            raise UsageError(f"--mode file needs {' and '.join(missing)} in the config to stop and start Redis",
+                             hint='e.g. stop_command = ["systemctl", "stop", "redis-server"]; or use --mode logical')
+    backup_dir = ctx.config.backup_dir
+    backup_set = resolve(backup_dir, KIND, spec)
+    source = choose_source(backup_set, spec, aof=aof)
+    report: dict[str, Any] = {"kind": KIND, "file": source.name, "id": backup_set.id, "mode": mode,
+                              "aof": source.aof, "flush": flush, "safety_backup": None}
+    started = time.monotonic()
+    with TargetLock(backup_dir, KIND, f"restore redis {source.name}", read_only_ok=not safety_backup):
+        ctx.log.info("restore requested", file=source.name, mode=mode, flush=flush, host=rc.host, port=rc.port)
+        _check_status(ctx, backup_set)
+        path = backup_set.path(source.name)
+        target = _target_info(rc)
+        if not source.aof:
+            report["rdb_version"] = check_rdb_version(path, source, target, mode)
+        report["server_version"] = target.version
+        report["check"], summary = check_files(ctx, backup_set)
+        if mode == "logical":
+            _logical(ctx, backup_set, source, target, summary, report, force=force, flush=flush,
+                     safety_backup=safety_backup)
+        else:
+            _file_mode(ctx, backup_set, source, target, report, force=force, safety_backup=safety_backup)
+        _compare_counts(ctx, backup_set, report)
+    report["seconds"] = round(time.monotonic() - started, 2)
+    ctx.log.info("restore finished", file=source.name, mode=mode, keys=report["keys"],
+                 databases=report["databases"], seconds=report["seconds"],
+                 counts="match the backup" if report["counts_match"] else
+                 "not compared (no manifest)" if report["counts_match"] is None else "differ from the backup")
+    return report
+
+
+def _check_status(ctx: JobContext, backup_set: BackupSet) -> None:
+    check_restorable(ctx, backup_set, checks="a decompress test and its header")
+
+
+def _plan_lines(ctx: JobContext, backup_set: BackupSet, source: Source, target: TargetInfo, effect: str,
+                safety: bool) -> list[str]:
+    rc = ctx.config.redis
+    m = backup_set.manifest
+    made = m.created_at.strftime("%Y-%m-%d %H:%M:%S %z") if m else "unknown (no manifest)"
+    counts = _counts(m.details.get("keyspace", {})) if m else {}
+    now = ", ".join(f"db{db}: {n}" for db, n in sorted(target.keyspace.items())) or "empty"
+    lines = [f"Restore {source.name}",
+             f"  made:      {made}, {human_bytes(backup_set.size)}"
+             + (f", {sum(counts.values())} keys" if counts else ""),
+             f"  into:      Redis {target.version} at {rc.host}:{rc.port} (now {now})",
+             f"  effect:    {effect}",
+             "  safety:    " + ("a backup of the current data is taken first" if safety
+                                else "NO safety backup (--no-safety-backup)")]
+    ctx.log.info("restore plan", file=source.name, made=made, host=rc.host, port=rc.port, effect=effect,
+                 safety_backup=safety)
+    return lines
+
+
+def _confirm_and_protect(ctx: JobContext, backup_set: BackupSet, lines: list[str], report: dict[str, Any], *,
+                         force: bool, safety_backup: bool) -> None:
+    """Ask for `yes`, then take the safety backup: the last steps before the first change."""
+    rc = ctx.config.redis
+    where = f"{rc.host}:{rc.port}"
+    confirm(ctx, RestorePlan(backup_set, where, True, True, safety_backup, lines),
+            force=force or ctx.config.restore.force)
+    if not safety_backup:
+        ctx.log.warning("no safety backup taken (--no-safety-backup)", server=where)
+        return
+    folder = backup_set.folder
+    ctx.log.info("taking safety backup before restore", server=where)
+    try:
+        manifest = capture(ctx, folder, prefix=PREFIXES[KIND]["safety"], set_type="safety")
+    except KkuaError as exc:
+        raise JobError(f"the safety backup before the restore failed, so nothing was changed: {exc}",
+                       hint="fix what stopped it (see above), or pass --no-safety-backup if you are sure"
+                       ) from None
+    main = manifest.files[0]
+    report["safety_backup"] = {"file": main.name, "size": main.size, "sha256": main.sha256}
+    ctx.log.info("safety backup written", file=main.name, size=human_bytes(main.size))
+
+
+# ----------------------------------------------------------------------------------------------
+# Logical mode
+
+
+def _logical(ctx: JobContext, backup_set: BackupSet, source: Source, target: TargetInfo, summary: RdbSummary | None,
+             report: dict[str, Any], *, force: bool, flush: bool, safety_backup: bool) -> None:
+    """Stream the set's RDB into the target; an AOF is first loaded into a throwaway local server, whose
+    RDB is then streamed the same way (captured over the replication protocol)."""
+    if source.aof or summary is None:
+        with tempfile.TemporaryDirectory(prefix="kkua-redis-restore-") as tmp, \
+                _throwaway(ctx, backup_set, source, Path(tmp), target) as staging:
+            staged = RedisConfig(host="127.0.0.1", port=staging.port, password=SecretStr(staging.password or ""),
+                                 connect_timeout=ctx.config.redis.connect_timeout,
+                                 restore_timeout=ctx.config.redis.restore_timeout)
+            scanner = RdbScanner(f"the RDB of {source.name}")
+            redis_protocol.sync_rdb(staged, scanner.feed)
+            _copy_logical(ctx, backup_set, source, target, scanner.finish(),
+                          lambda sink: redis_protocol.sync_rdb(staged, sink).size, report, force=force, flush=flush,
+                          safety_backup=safety_backup)
+        return
+    path = backup_set.path(source.name)
+
+    def from_file(sink: Callable[[bytes], None]) -> int:
+        size = 0
+        for chunk in decompress(source.compression, file_chunks(path), name=source.name):
+            sink(chunk)
+            size += len(chunk)
+        return size
+
+    _copy_logical(ctx, backup_set, source, target, summary, from_file, report, force=force, flush=flush,
+                  safety_backup=safety_backup)
+
+
+def _copy_logical(ctx: JobContext, backup_set: BackupSet, source: Source, target: TargetInfo, summary: RdbSummary,
+                  rdb: Callable[[Callable[[bytes], None]], int], report: dict[str, Any], *, force: bool, flush: bool,
+                  safety_backup: bool) -> None:
+    rc = ctx.config.redis
+    plan = plan_copy(summary, target)  # refuses here, before any change, what the target cannot hold
+    written = sorted(summary.keys)
+    effect = (f"keys of db {', '.join(map(str, written)) or '(none)'} are replaced by the backup's; "
+              + (f"--flush empties db {', '.join(map(str, written))} first" if flush else
+                 "other keys stay (merge; the backup wins on conflicts)"))
+    lines = _plan_lines(ctx, backup_set, source, target, effect, safety_backup)
+    lines += [f"  note:      {note}" for note in plan.notes]
+    for note in plan.notes:
+        ctx.log.warning("restore note", note=note)
+    _confirm_and_protect(ctx, backup_set, lines, report, force=force, safety_backup=safety_backup)
+    if flush:
+        for db, removed in flush_databases(rc, written).items():
+            ctx.log.info("database emptied before restore (--flush)", db=db, keys_removed=removed)
+    copy_started = time.monotonic()
+    ctx.log.info("copying keys into the server", file=source.name, server=target.name,
+                 converted_types=", ".join(sorted({summary.type_name(t) for t, how in plan.how.items()
+                                                   if how != "native"})) or "none")
+    stats = copy(rc, rdb, target, plan, name=source.name, interactive=ctx.interactive)
+    seconds = max(time.monotonic() - copy_started, 1e-6)
+    total = sum(stats.restored.values())
+    report.update({"keys": total, "databases": {str(db): n for db, n in sorted(stats.restored.items())},
+                   "expired_skipped": stats.expired, "converted": stats.converted, "by_commands": stats.by_commands,
+                   "functions": stats.functions,
+                   "copy_seconds": round(seconds, 2), "keys_per_second": round(total / seconds),
+                   "flushed": written if flush else [], "notes": plan.notes})
+    ctx.log.info("keys copied", keys=total, expired_skipped=stats.expired, converted=stats.converted,
+                 size=human_bytes(stats.payload_bytes), seconds=round(seconds, 2),
+                 keys_per_second=round(total / seconds))
+
+
+@contextlib.contextmanager
+def _throwaway(ctx: JobContext, backup_set: BackupSet, source: Source, tmp: Path,
+               target: TargetInfo) -> Iterator[LocalRedis]:
+    """A local redis-server that has loaded the backup (RDB or AOF), stopped and removed afterwards."""
+    folder = tmp / "server"
+    folder.mkdir(mode=0o700)
+    recorded = _counts(backup_set.manifest.details.get("keyspace", {})) if backup_set.manifest else {}
+    # Enough databases to load every one the backup has; a target with fewer is refused afterwards.
+    settings = {"databases": str(max(16, target.databases, max(recorded, default=0) + 1)), "appendonly": "no",
+                "repl-diskless-sync-delay": "0"}
+    path = backup_set.path(source.name)
+    progress = Progress(f"unpacking {source.name}", enabled=ctx.interactive)
+    try:
+        if source.aof:
+            with (tmp / "aof.raw").open("wb") as out:
+                decompress_to(path, source.compression, out, progress)
+            installed, appendfilename = unpack_aof(tmp / "aof.raw", tmp)
+            if installed.is_dir():
+                installed.rename(folder / "appendonlydir")
+                settings.update({"appendonly": "yes", "appenddirname": "appendonlydir",
+                                 "appendfilename": appendfilename})
+            else:
+                # Redis 7 upgrades a single legacy appendonly.aof found in `dir` into appendonlydir.
+                installed.rename(folder / "appendonly.aof")
+                settings.update({"appendonly": "yes", "appendfilename": "appendonly.aof",
+                                 "appenddirname": "appendonlydir"})
+        else:
+            with (folder / "dump.rdb").open("wb") as out:
+                decompress_to(path, source.compression, out, progress)
+            settings["dbfilename"] = "dump.rdb"
+    finally:
+        progress.clear()
+    server = LocalRedis(folder, password=secrets.token_urlsafe(24), settings=settings, bin_dir=ctx.config.redis.bin_dir,
+                        ready_timeout=ctx.config.redis.restore_timeout, die_with_parent=True)
+    ctx.log.info("loading the backup into a local redis-server", file=source.name)
+    try:
+        server.start()
+    except JobError as exc:
+        raise JobError(f"the local redis-server could not load {source.name}: {exc.message}; nothing was changed",
+                       hint="the backup may be damaged or from a newer Redis; check it with `kkua-backup verify`"
+                       ) from None
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# File mode
+
+
+@dataclass
+class FileLayout:
+    """Where the server keeps its files (CONFIG GET), as seen from here."""
+
+    dir: Path
+    dbfilename: str
+    appendonly: bool
+    appenddirname: str | None
+    appendfilename: str
+
+
+def _layout(rc: RedisConfig) -> FileLayout:
+    """Read dir, dbfilename and the AOF settings; raises UsageError when they cannot be used from here."""
+    values: dict[str, str] = {}
+    try:
+        with _connect(rc) as client:
+            for name in ("dir", "dbfilename", "appendonly", "appenddirname", "appendfilename"):
+                reply = client.config_get(name)
+                if name in reply:
+                    values[name] = str(reply[name].decode() if isinstance(reply[name], bytes) else reply[name])
+    except redis.ResponseError as exc:
+        raise UsageError(f"--mode file needs CONFIG GET on {rc.host}:{rc.port}, which was refused: {exc}",
+                         hint="allow it to the restoring user (ACL +config|get) or use --mode logical") from None
+    except (redis.RedisError, OSError) as exc:
+        raise redis_protocol.connection_error(rc, exc) from None
+    folder = rc.data_dir or Path(values.get("dir", ""))
+    if not folder.is_dir():
+        raise UsageError(f"the server's data folder {folder} is not reachable from here",
+                         hint="--mode file runs on the Redis host; set redis.data_dir to where that folder is "
+                              "mounted, or use --mode logical")
+    return FileLayout(folder, values.get("dbfilename", "dump.rdb"), values.get("appendonly") == "yes",
+                      values.get("appenddirname"), values.get("appendfilename", "appendonly.aof"))
+
+
+def _file_mode(ctx: JobContext, backup_set: BackupSet, source: Source, target: TargetInfo,
+               report: dict[str, Any], *, force: bool, safety_backup: bool) -> None:
+    rc = ctx.config.redis
+    layout = _layout(rc)
+    if source.aof and not layout.appendonly:
+        raise UsageError("--aof --mode file needs appendonly yes on the server (with it off Redis loads the RDB "
+                         "and ignores the AOF)", hint="use --mode logical, or restore the RDB")
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    if source.aof:
+        how = "the backup's AOF is put in place of the server's AOF (moved aside)"
+    elif layout.appendonly:
+        how = ("AOF is on, so Redis would load its AOF and ignore the RDB: the AOF is moved aside and rebuilt "
+               "from the backup's RDB (installed as the new AOF base file)")
+    else:
+        how = "the RDB is put in place of the server's RDB"
+    effect = (f"Redis is stopped ({' '.join(rc.stop_command or [])}), everything in it is replaced by the "
+              f"backup; {how}; then it is started ({' '.join(rc.start_command or [])})")
+    lines = _plan_lines(ctx, backup_set, source, target, effect, safety_backup)
+    _confirm_and_protect(ctx, backup_set, lines, report, force=force, safety_backup=safety_backup)
+    path = backup_set.path(source.name)
+    # Stop first: a server stopped after the file is placed would save its own data over it (SIGTERM save).
+    _run_command(ctx, rc, rc.stop_command or [], "stop")
+    _wait_port_closed(rc)
+    ctx.log.info("redis stopped", host=rc.host, port=rc.port)
+    owner = _owner_of(layout)
+    moved: list[str] = []
+    if source.aof:
+        moved = _install_aof(ctx, path, source, layout, stamp, owner)
+        report["aof_handling"] = "backup AOF installed"
+    else:
+        _install_rdb(ctx, path, source, layout, stamp, owner)
+        if layout.appendonly:
+            moved = _rebuild_aof_from_rdb(ctx, layout, stamp, owner)
+            report["aof_handling"] = "AOF moved aside and rebuilt from the restored RDB (as its base file)"
+        else:
+            report["aof_handling"] = "AOF off; nothing to do"
+    report["moved_aside"] = moved
+    ctx.log.info("files in place", dir=str(layout.dir), aof=report["aof_handling"], moved_aside=", ".join(moved) or "-")
+    _run_command(ctx, rc, rc.start_command or [], "start")
+    _wait_loaded(rc)
+    try:
+        with _connect(rc) as client:
+            counts = _keyspace_counts(client)
+            persistence = client.info("persistence")
+    except (redis.RedisError, OSError) as exc:
+        raise redis_protocol.connection_error(rc, exc) from None
+    report.update({"keys": sum(counts.values()), "databases": {str(db): n for db, n in sorted(counts.items())},
+                   "expired_skipped": int(persistence.get("rdb_last_load_keys_expired", 0) or 0),
+                   "aof_enabled": bool(persistence.get("aof_enabled"))})
+    ctx.log.info("redis started with the restored data", keys=report["keys"], aof_enabled=report["aof_enabled"])
+
+
+def _owner_of(layout: FileLayout) -> tuple[int, int]:
+    """The uid/gid the server's files belong to (the RDB's, else its folder's), so Redis can read ours."""
+    for candidate in (layout.dir / layout.dbfilename, layout.dir):
+        with contextlib.suppress(OSError):
+            st = candidate.stat()
+            return st.st_uid, st.st_gid
+    return os.getuid(), os.getgid()
+
+
+def _chown(path: Path, owner: tuple[int, int]) -> None:
+    if (os.getuid(), os.getgid()) != owner:
+        with contextlib.suppress(PermissionError):
+            os.chown(path, *owner)
+
+
+def _install_rdb(ctx: JobContext, src: Path, source: Source, layout: FileLayout, stamp: str,
+                 owner: tuple[int, int]) -> None:
+    """Decompress the backup atomically to dir/dbfilename, keeping the old file as NAME.before-restore-ID."""
+    dest = layout.dir / layout.dbfilename
+    progress = Progress(f"writing {dest.name}", enabled=ctx.interactive)
+    with AtomicFile(dest) as out:
+        size = decompress_to(src, source.compression, out, progress)
+        progress.clear()
+        _chown(out.partial, owner)
+        if dest.exists():
+            kept = dest.with_name(f"{dest.name}.before-restore-{stamp}")
+            os.link(dest, kept)  # the old data stays, under another name
+            ctx.log.info("previous RDB kept", file=str(kept))
+        out.commit()
+    ctx.log.info("RDB placed", file=str(dest), size=human_bytes(size))
+
+
+def _aof_paths(layout: FileLayout) -> tuple[Path, Path]:
+    """(Redis 7's AOF folder, the legacy single AOF file)."""
+    return layout.dir / (layout.appenddirname or "appendonlydir"), layout.dir / layout.appendfilename
+
+
+def _move_aside(ctx: JobContext, layout: FileLayout, stamp: str) -> list[str]:
+    moved = []
+    for current in _aof_paths(layout):
+        if current.exists():
+            aside = current.with_name(f"{current.name}.before-restore-{stamp}")
+            current.rename(aside)
+            moved.append(aside.name)
+            ctx.log.info("previous AOF moved aside", was=str(current), now=str(aside))
+    fsync_dir(layout.dir)
+    return moved
+
+
+def _rebuild_aof_from_rdb(ctx: JobContext, layout: FileLayout, stamp: str, owner: tuple[int, int]) -> list[str]:
+    """With appendonly yes Redis loads the AOF and ignores the RDB, and with no AOF at all it starts EMPTY
+    (checked on 7.0.15). So the old AOF goes aside and a new one is made whose base is the restored RDB,
+    exactly what Redis itself writes after a rewrite; Redis before 7 reads an RDB-preamble AOF the same way."""
+    moved = _move_aside(ctx, layout, stamp)
+    rdb = layout.dir / layout.dbfilename
+    if layout.appenddirname is None:  # Redis 6: one file, loaded as an RDB preamble
+        target = layout.dir / layout.appendfilename
+        _link_or_copy(rdb, target)
+        _chown(target, owner)
+    else:
+        folder = layout.dir / layout.appenddirname
+        folder.mkdir(mode=0o750)
+        _chown(folder, owner)
+        base = f"{layout.appendfilename}.1.base.rdb"
+        _link_or_copy(rdb, folder / base)
+        manifest = folder / f"{layout.appendfilename}.manifest"
+        manifest.write_text(f"file {base} seq 1 type b\n")
+        manifest.chmod(0o640)
+        _chown(manifest, owner)
+        fsync_dir(folder)
+    fsync_dir(layout.dir)
+    ctx.log.info("AOF rebuilt from the restored RDB (it is the new AOF's base file)", dir=str(layout.dir))
+    return moved
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)  # same folder tree, same file system: no second copy of the data
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def _install_aof(ctx: JobContext, src: Path, source: Source, layout: FileLayout, stamp: str,
+                 owner: tuple[int, int]) -> list[str]:
+    """Put the backup's AOF (Redis 7's folder, or one legacy file) where the server looks for it."""
+    staging = Path(tempfile.mkdtemp(prefix=".kkua-aof-", dir=layout.dir))
+    try:
+        with (staging / "aof.raw").open("wb") as out:
+            decompress_to(src, source.compression, out)
+        installed, appendfilename = unpack_aof(staging / "aof.raw", staging)
+        if installed.is_dir() and appendfilename != layout.appendfilename:
+            ctx.log.warning("the backup's AOF files are named differently from appendfilename; Redis reads "
+                            "them through their manifest", backup=appendfilename, server=layout.appendfilename)
+        moved = _move_aside(ctx, layout, stamp)
+        folder, single = _aof_paths(layout)
+        dest = folder if installed.is_dir() else single
+        for path in [installed, *installed.rglob("*")] if installed.is_dir() else [installed]:
+            _chown(path, owner)
+        installed.rename(dest)
+        fsync_dir(layout.dir)
+        ctx.log.info("AOF placed", path=str(dest))
+        return moved
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run_command(ctx: JobContext, rc: RedisConfig, argv: list[str], what: str) -> None:
+    """Run the configured stop or start command; redis-cli gets the password in REDISCLI_AUTH only."""
+    env: dict[str, str] = {}
+    if rc.password is not None and Path(argv[0]).name == "redis-cli":
+        env["REDISCLI_AUTH"] = rc.password.get_secret_value()
+    ctx.log.info(f"running the {what} command", command=" ".join(argv))
+    try:
+        # A stop can take long: Redis saves its whole dataset before it exits (systemd's TimeoutStopSec
+        # bounds that on its side); restore_timeout bounds it on ours.
+        execute.run(argv, job=_JOB, env=env, timeout=rc.restore_timeout, what=f"redis.{what}_command")
+    except KkuaError as exc:
+        state = ("Redis was not stopped; nothing was changed" if what == "stop" else
+                 "the restored files are in place but Redis did not start; the previous files were kept "
+                 "with a .before-restore-* suffix")
+        raise JobError(f"{exc}; {state}", hint=f"check redis.{what}_command and the Redis log") from None
+
+
+def _wait_port_closed(rc: RedisConfig) -> None:
+    """Wait until nothing listens on the server's port any more (the stop command may return early)."""
+    deadline = time.monotonic() + rc.restore_timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((rc.host, rc.port), timeout=1):
+                pass
+        except OSError:
+            return
+        time.sleep(0.1)
+    raise JobError(f"Redis at {rc.host}:{rc.port} still accepts connections {rc.restore_timeout} s after the "
+                   "stop command; nothing was changed",
+                   hint="check redis.stop_command (is it stopping this server?)")
+
+
+def _wait_loaded(rc: RedisConfig) -> None:
+    """Wait until the restarted server answers with its dataset loaded (INFO persistence loading:0)."""
+    deadline = time.monotonic() + rc.restore_timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            with _connect(rc) as client:
+                if not int(client.info("persistence").get("loading", 1)):
+                    return
+                last = "still loading"
+        except ConnectionFailed as exc:
+            # Refused (not listening yet) and LOADING are waited out; a refused password is not.
+            if "password" in exc.message:
+                raise
+            last = exc.message
+        except redis.BusyLoadingError:
+            last = "still loading"
+        except (redis.RedisError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise ConnectionFailed(f"Redis at {rc.host}:{rc.port} was not ready {rc.restore_timeout} s after the start "
+                           f"command ({last})", hint="see the Redis log; the restored files are in place")
+
+
+# ----------------------------------------------------------------------------------------------
+# After
+
+
+def _compare_counts(ctx: JobContext, backup_set: BackupSet, report: dict[str, Any]) -> None:
+    """Compare key counts per database with what the backup recorded (a database may hold fewer keys by at
+    most its keys with a TTL: they expire); differences are reported, not fatal."""
+    m = backup_set.manifest
+    if m is None or "keyspace" not in m.details:
+        report["counts_match"] = None
+        report["differences"] = []
+        return
+    expected = {str(db): n for db, n in _counts(m.details["keyspace"]).items()}
+    expires = {str(db): n for db, n in _counts(m.details.get("expires_per_db", {})).items()}
+    differences = compare_counts(expected, expires, report["databases"])
+    report["counts_match"] = not differences
+    report["differences"] = differences
+    for line in differences:
+        ctx.log.warning("key count differs from the backup", detail=line)

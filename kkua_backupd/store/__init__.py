@@ -1,0 +1,1 @@
+"""The backup folder: sets and manifests (storage), per-target locks (lock)."""

@@ -1,0 +1,306 @@
+"""The backup folder: names, manifests, and finding backup sets.
+
+A backup set is one or more data files plus a manifest (`PREFIX+ID.manifest.json`) written last.
+Only sets with a readable manifest exist for `list`, `restore latest` and retention; files without one
+are shown by name only when asked for explicitly (backups made by the old shell scripts).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from kkua_backupd import __version__
+from kkua_backupd.errors import StorageError, UsageError
+from kkua_backupd.obs.logs import get_logger
+from kkua_backupd.stream.pipeline import DIR_MODE, EXTENSIONS, fsync_dir, storage_error, write_atomic
+
+Kind = Literal["postgres", "redis"]
+KINDS: tuple[Kind, ...] = ("postgres", "redis")
+ID_FORMAT = "%Y%m%d_%H%M%S"
+ID_RE = re.compile(r"^\d{8}_\d{6}$")
+MANIFEST_SUFFIX = ".manifest.json"
+PARTIAL_SUFFIX = ".partial"
+PREFIXES: dict[str, dict[str, str]] = {
+    "postgres": {"backup": "kkua_backup_", "safety": "safety_backup_before_restore_"},
+    "redis": {"backup": "redis_backup_", "safety": "safety_backup_before_restore_"},
+}
+_NAME_RE = re.compile(r"^(?P<prefix>[a-z_]+?_)(?P<id>\d{8}_\d{6})(?P<rest>[._].*)$")
+
+
+class ManifestFile(BaseModel):
+    """One data file of a set."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    size: int
+    sha256: str
+    role: str = "data"
+    compression: str = "none"
+
+
+class Manifest(BaseModel):
+    """The record of a backup set, written last; unknown fields from newer versions are kept."""
+
+    model_config = ConfigDict(extra="allow")
+    format_version: int = 1
+    kind: Kind
+    type: Literal["backup", "safety"] = "backup"
+    id: str
+    prefix: str
+    created_at: dt.datetime
+    finished_at: dt.datetime | None = None
+    status: Literal["ok", "failed"] = "ok"
+    error: str | None = None
+    files: list[ManifestFile]
+    tool: dict[str, Any] = {}
+    host: str = ""
+    details: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+
+    @field_validator("created_at", "finished_at")
+    @classmethod
+    def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
+        """A hand-written time without an offset is local time (sets must sort against each other)."""
+        return value if value is None or value.tzinfo else value.astimezone()
+
+
+@dataclass(frozen=True)
+class BackupSet:
+    """A set found in the backup folder: its manifest (None for a file made without one) and folder."""
+
+    folder: Path
+    manifest: Manifest | None
+    legacy_file: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind if self.manifest else self.folder.name
+
+    @property
+    def id(self) -> str:
+        if self.manifest:
+            return self.manifest.id
+        match = _NAME_RE.match(self.legacy_file or "")
+        return match.group("id") if match else ""
+
+    @property
+    def name(self) -> str:
+        """The main data file's name (what an operator types to restore it)."""
+        if self.manifest:
+            return self.manifest.files[0].name
+        return self.legacy_file or ""
+
+    @property
+    def manifest_path(self) -> Path | None:
+        if not self.manifest:
+            return None
+        return self.folder / f"{self.manifest.prefix}{self.manifest.id}{MANIFEST_SUFFIX}"
+
+    def path(self, name: str | None = None) -> Path:
+        return self.folder / (name or self.name)
+
+    @property
+    def missing_files(self) -> list[str]:
+        if not self.manifest:
+            return []
+        return [f.name for f in self.manifest.files if not (self.folder / f.name).is_file()]
+
+    @property
+    def status(self) -> str:
+        if not self.manifest:
+            return "unverified"
+        if self.missing_files:
+            return "incomplete"
+        return self.manifest.status
+
+    @property
+    def size(self) -> int:
+        if self.manifest:
+            return sum(f.size for f in self.manifest.files)
+        try:
+            return self.path().stat().st_size
+        except OSError:
+            return 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The set as `list --json` shows it."""
+        assert self.manifest is not None, "only sets with a manifest are listed"
+        data = self.manifest.model_dump(mode="json")
+        data["status"] = self.status
+        data["folder"] = str(self.folder)
+        return data
+
+
+def now_local() -> dt.datetime:
+    """The current time with the local UTC offset, to the second."""
+    return dt.datetime.now().astimezone().replace(microsecond=0)
+
+
+def ensure_folder(path: Path) -> Path:
+    """Create a backup or log folder (mode 0750) if missing; raises StorageError."""
+    try:
+        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, path, "create folder") from None
+    return path
+
+
+def kind_folder(backup_dir: Path, kind: str) -> Path:
+    """backup_dir/postgres or backup_dir/redis."""
+    return backup_dir / kind
+
+
+def manifest_name(prefix: str, set_id: str) -> str:
+    return f"{prefix}{set_id}{MANIFEST_SUFFIX}"
+
+
+def new_set_id(folder: Path, prefix: str, clock: Any = now_local) -> tuple[str, dt.datetime]:
+    """A fresh `YYYYMMDD_HHMMSS` id not yet used in `folder` (waits for the next second if needed)."""
+    for _ in range(5):
+        created = clock()
+        set_id = created.strftime(ID_FORMAT)
+        if not any(folder.glob(f"{prefix}{set_id}[._]*")):
+            return set_id, created
+        time.sleep(1.0 - (time.time() % 1.0) + 0.01)
+    raise StorageError(f"cannot find a free backup name in {folder}")
+
+
+def data_file_name(prefix: str, set_id: str, extension: str, compression: str) -> str:
+    """e.g. kkua_backup_20240115_020000.sql.gz"""
+    return f"{prefix}{set_id}{extension}{EXTENSIONS[compression]}"
+
+
+def remove_stale_partials(folder: Path) -> list[str]:
+    """Delete `*.partial` files left by a run that died (call only while holding the target's lock)."""
+    removed = []
+    for path in folder.glob(f"*{PARTIAL_SUFFIX}"):
+        if _NAME_RE.match(path.name):
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except OSError:
+                pass
+    if removed:
+        fsync_dir(folder)
+    return removed
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write the manifest atomically; this is what makes the set exist."""
+    path = folder / manifest_name(manifest.prefix, manifest.id)
+    body = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+    write_atomic(path, body.encode("utf-8"))
+    return path
+
+
+def base_manifest(kind: Kind, set_type: str, prefix: str, set_id: str, created: dt.datetime) -> dict[str, Any]:
+    """The fields every manifest shares."""
+    return {"kind": kind, "type": set_type, "prefix": prefix, "id": set_id, "created_at": created,
+            "tool": {"name": "kkua-backupd", "version": __version__}, "host": socket.gethostname()}
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Load one manifest; raises ValueError if it is unreadable or not a manifest."""
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError) as exc:
+        raise ValueError(f"{path.name}: {exc}") from exc
+
+
+def list_sets(backup_dir: Path, kind: str | None = None) -> list[BackupSet]:
+    """Every set with a readable manifest, newest first; unreadable manifests are logged and skipped."""
+    log = get_logger()
+    sets: list[BackupSet] = []
+    for k in (kind,) if kind else KINDS:
+        folder = kind_folder(backup_dir, k)
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(f"*{MANIFEST_SUFFIX}"):
+            try:
+                sets.append(BackupSet(folder, read_manifest(path)))
+            except ValueError as exc:
+                log.warning("manifest unreadable; set ignored", file=str(path), error=str(exc).splitlines()[0])
+    sets.sort(key=lambda s: (s.manifest.created_at if s.manifest else dt.datetime.min.replace(tzinfo=dt.UTC),
+                             s.id), reverse=True)
+    return sets
+
+
+def unmanaged_files(backup_dir: Path, kind: str) -> list[str]:
+    """Backup-like files in the kind's folder that no manifest names (made by the old scripts, copied in,
+    or cut short before their manifest): never listed, restorable by explicit name only."""
+    folder = kind_folder(backup_dir, kind)
+    if not folder.is_dir():
+        return []
+    named = {f.name for s in list_sets(backup_dir, kind) if s.manifest for f in s.manifest.files}
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and _NAME_RE.match(p.name) and p.name not in named
+                  and not p.name.endswith((PARTIAL_SUFFIX, MANIFEST_SUFFIX)))
+
+
+def latest(backup_dir: Path, kind: str) -> BackupSet | None:
+    """The newest good regular backup of `kind` (safety backups and failed sets are not candidates)."""
+    for s in list_sets(backup_dir, kind):
+        if s.manifest and s.manifest.type == "backup" and s.status == "ok":
+            return s
+    return None
+
+
+def resolve(backup_dir: Path, kind: str, spec: str) -> BackupSet:
+    """Find the set an operator named: `latest`, an id, a file name, or a path inside the kind's folder.
+
+    Raises UsageError for anything outside the folder (`../`, other paths) or not found there.
+    """
+    folder = kind_folder(backup_dir, kind)
+    if spec in ("", "latest"):
+        found = latest(backup_dir, kind)
+        if found is None:
+            raise UsageError(f"no complete {kind} backup in {folder}",
+                             hint=f"run `kkua-backup backup {kind}` first, or name a file")
+        return found
+    name = _inside(folder, spec)
+    sets = list_sets(backup_dir, kind)
+    if ID_RE.match(name):
+        for s in sets:
+            if s.id == name and s.manifest and s.manifest.type == "backup":
+                return s
+        for s in sets:
+            if s.id == name:
+                return s
+        raise UsageError(f"no {kind} backup with id {name} in {folder}", hint=f"see `kkua-backup list {kind}`")
+    for s in sets:
+        if s.manifest and (name in {f.name for f in s.manifest.files} or name == s.manifest_path.name):  # type: ignore[union-attr]
+            return s
+    if (folder / name).is_file() and not name.endswith((PARTIAL_SUFFIX, MANIFEST_SUFFIX)):
+        return BackupSet(folder, None, legacy_file=name)
+    raise UsageError(f"{spec} is not a backup in {folder}", hint=f"see `kkua-backup list {kind}`")
+
+
+def _inside(folder: Path, spec: str) -> str:
+    """The file name `spec` designates inside `folder`; raises UsageError for anything else."""
+    if "\x00" in spec:
+        raise UsageError("refusing a file name with a NUL byte")
+    candidate = Path(spec)
+    if ".." in candidate.parts:
+        raise UsageError(f"refusing {spec}: names with '..' are not allowed",
+                         hint=f"give a file name from {folder} (see `kkua-backup list`)")
+    if len(candidate.parts) == 1 and not candidate.is_absolute():
+        return spec
+    try:
+        resolved = (candidate if candidate.is_absolute() else Path.cwd() / candidate).resolve()
+        inside = resolved.parent == folder.resolve()
+    except OSError:
+        inside = False
+    if not inside:
+        raise UsageError(f"refusing {spec}: not a file in the backup folder {folder}",
+                         hint="copy the file into that folder first if you mean to restore it")
+    return resolved.name
+

@@ -1,0 +1,1 @@
+"""The byte chain: compression, sha256 and atomic files (pipeline)."""
