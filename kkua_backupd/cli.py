@@ -321,7 +321,7 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def _install() -> Any:
-    from kkua_backupd.install import common as install
+    from kkua_backupd import install
     return install
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kkua_backupd.install.common import BEGIN, END
+from kkua_backupd.install.cron import BEGIN, END
 
 BIN_DIR = Path(sys.executable).parent
 HAS_ANALYZE = shutil.which("systemd-analyze") is not None

@@ -12,18 +12,17 @@ import pytest
 
 from kkua_backupd.config import Config
 from kkua_backupd.install import common as install
-from kkua_backupd.install.common import (
+from kkua_backupd.install.cron import (
     BEGIN,
     END,
     NotExpressible,
-    UnitParams,
     find_block,
     oncalendar_to_cron,
     remove_block,
     render_cron_block,
-    rendered_files,
     replace_block,
 )
+from kkua_backupd.install.systemd import UnitParams, rendered_files
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_ANALYZE = shutil.which("systemd-analyze") is not None
