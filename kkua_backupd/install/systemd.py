@@ -378,7 +378,7 @@ def _clean_stale_stamps() -> None:
 def example_config() -> Path | None:
     """The shipped config.toml.example: share/kkua-backupd in the environment, or the source tree."""
     for candidate in (Path(sys.prefix) / "share" / "kkua-backupd" / "config.toml.example",
-                      Path(__file__).resolve().parents[1] / "packaging" / "config.toml.example"):
+                      Path(__file__).resolve().parents[2] / "packaging" / "config.toml.example"):
         if candidate.is_file():
             return candidate
     return None
