@@ -24,13 +24,12 @@ from kkua_backupd.core.context import JobContext
 from kkua_backupd.errors import ConfigError, Interrupted, KkuaError, UsageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes, interactive
-from kkua_backupd.store.storage import KINDS, BackupSet, latest, list_sets, resolve, unmanaged_files
+from kkua_backupd.sources import BACKUP_TARGETS, KINDS, RETENTION, RUN_JOBS, job_module
+from kkua_backupd.store.storage import BackupSet, latest, list_sets, resolve, unmanaged_files
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
              "prune": "backup.log"}
 REDIS_LOG_FILE = "redis_backup.log"
-BACKUP_TARGETS = ("postgres", "redis", "all")
-RUN_JOBS = ("postgres", "redis", "retention", "all")
 
 EPILOG = f"""\
 Config: --config PATH, else ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}.
@@ -198,7 +197,7 @@ def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) ->
 def cmd_backup(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> Any:
     job = args.target if args.command == "backup" else args.job
     if job == "all":
-        jobs = ["postgres", "redis"] + (["retention"] if args.command == "run" else [])
+        jobs = [*KINDS] + ([RETENTION] if args.command == "run" else [])
         from kkua_backupd.proc import workers
         return workers.run_all(loaded.path, jobs, command=args.command, json_mode=ctx.json_mode,
                                extra_args=[a for a in ("--test-restore", "--aof")
@@ -298,10 +297,7 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
     reports = []
     code = 0
     for backup_set in _sets_to_verify(ctx, args.which):
-        if backup_set.kind == "postgres":
-            from kkua_backupd.sources.postgres import job
-        else:
-            from kkua_backupd.sources.redis import backup as job  # type: ignore[no-redef]
+        job = job_module(backup_set.kind)
         try:
             report = job.verify_set(job_context(ctx.config, backup_set.kind, json_mode=ctx.json_mode), backup_set,
                                     restore_test=args.restore_test)

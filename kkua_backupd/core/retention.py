@@ -23,10 +23,10 @@ from typing import Any, Literal
 from kkua_backupd.config import RetentionConfig
 from kkua_backupd.core.context import JobContext
 from kkua_backupd.errors import LockHeld, StorageError
+from kkua_backupd.sources import KINDS
 from kkua_backupd.store.lock import TargetLock, holder_of
 from kkua_backupd.store.storage import (
     ID_RE,
-    KINDS,
     MANIFEST_SUFFIX,
     PARTIAL_SUFFIX,
     PREFIXES,

@@ -26,10 +26,10 @@ from kkua_backupd.errors import KkuaError, Refused, StorageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.obs.progress import human_bytes
+from kkua_backupd.sources import JOBS
 from kkua_backupd.store import lock
 from kkua_backupd.stream.pipeline import write_atomic
 
-JOBS = ("postgres", "redis", "retention")
 STATE_VERSION = 1
 DAEMON_FILE = "daemon.json"
 FOLDER_MODE = 0o750

@@ -37,8 +37,8 @@ from kkua_backupd.errors import ConfigError, KkuaError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes
 from kkua_backupd.proc.workers import Worker, spawn
+from kkua_backupd.sources import JOBS
 
-JOBS = state.JOBS
 # Exit statuses of a worker that another attempt would not change: bad config (2), refused (3).
 NOT_RETRIED = {2: "the configuration is invalid", 3: "refused (another run holds the lock, or a check refused it)"}
 # Even with nothing due, look at the wall clock this often, so a clock step (NTP, suspend) is noticed.

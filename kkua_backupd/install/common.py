@@ -28,10 +28,10 @@ from kkua_backupd.core.context import JobContext
 from kkua_backupd.errors import KkuaError, UsageError
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.proc import execute
+from kkua_backupd.sources import JOBS
 from kkua_backupd.stream.pipeline import write_atomic
 
 USER = "kkua-backup"
-JOBS = ("postgres", "redis", "retention")
 TIMERS = {"postgres": "kkua-postgres-backup.timer", "redis": "kkua-redis-backup.timer",
           "retention": "kkua-backup-retention.timer"}
 TEMPLATE = "kkua-backup@.service"

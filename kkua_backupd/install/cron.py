@@ -22,7 +22,6 @@ from kkua_backupd.core.context import JobContext
 from kkua_backupd.errors import CommandFailed, KkuaError, UsageError
 from kkua_backupd.install.common import (
     CRON_FILE,
-    JOBS,
     STOP_MARGIN,
     USER,
     Installation,
@@ -35,6 +34,7 @@ from kkua_backupd.install.common import (
     next_runs,
 )
 from kkua_backupd.proc import execute
+from kkua_backupd.sources import JOBS
 from kkua_backupd.stream.pipeline import write_atomic
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from kkua_backupd.install.common import (
     DAEMON,
     DEFAULT_BIN_DIR,
     DOCS,
-    JOBS,
     RECORD_FILE,
     RUN_UNIT,
     STAMP_DIR,
@@ -56,6 +55,7 @@ from kkua_backupd.install.common import (
     hardening_warnings,
     require_systemd,
 )
+from kkua_backupd.sources import JOBS
 from kkua_backupd.stream.pipeline import write_atomic
 
 # ----------------------------------------------------------------------------------------------------
