@@ -55,7 +55,8 @@ if str(ROOT) not in sys.path:
 
 from psycopg import sql  # noqa: E402
 
-from kkua_backupd.demo.sandbox import ThrowawayPostgres, create_sample_data, fill_bulk  # noqa: E402
+from kkua_backupd.demo.sandbox import ThrowawayPostgres, create_sample_data  # noqa: E402
+from tests.support.pg_bulk import fill_bulk  # noqa: E402
 
 DBNAME = "kkua_bench"
 MODES = (("plain", "gzip"), ("plain", "zstd"), ("custom", "gzip"), ("custom", "zstd"))

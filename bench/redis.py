@@ -6,7 +6,7 @@ Run from the repository root:
     .venv/bin/python bench/redis.py [--keys 1000000] [--sizes 250000,1000000] [--repeat 3]
 
 It starts its own throwaway redis-server (a free port on 127.0.0.1, password set, diskless sync with no
-delay), fills it with `redis_sample.fill_bulk` (mixed types: strings, hashes, lists, sets, sorted sets,
+delay), fills it with `tests/support/redis_bulk.fill_bulk` (mixed types: strings, hashes, lists, sets, sorted sets,
 10 % with a TTL), and at each size times, `--repeat` times, interleaved:
 
 * `redis-cli --rdb FILE` (the baseline: the same replication-protocol capture, uncompressed),
@@ -67,8 +67,9 @@ import redis  # noqa: E402
 from redis.backoff import NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
-from kkua_backupd.demo.redis_sample import databases, fill_bulk  # noqa: E402
+from kkua_backupd.demo.redis_sample import databases  # noqa: E402
 from kkua_backupd.sources.redis.local import LocalRedis, find_redis_bin  # noqa: E402
+from tests.support.redis_bulk import fill_bulk  # noqa: E402
 
 PASSWORD = "bench-redis-password"  # noqa: S105 (a throwaway server's)
 TARGETS = {"ours_vs_cli": 1.2, "peak_mib": 100.0, "flat_fraction": 0.10, "flat_mib": 5.0}

@@ -593,7 +593,7 @@ class _Tm:
 
     __slots__ = ("hour", "isdst", "mday", "min", "mon", "sec", "year")
 
-    def __init__(self, year: int, mon: int, mday: int, hour: int, minute: int, sec: int, isdst: int) -> None:
+    def __init__(self, year: int, mon: int, mday: int, hour: int, minute: int, sec: int, isdst: int) -> None:  # noqa: PLR0913, PLR0917 - systemd's struct tm, field by field
         self.year, self.mon, self.mday, self.hour, self.min, self.sec, self.isdst = (
             year, mon, mday, hour, minute, sec, isdst)
 
@@ -701,7 +701,7 @@ def _end_of_month(clock: _Clock, tm: _Tm, day: int) -> int:
     return t.mday if t.mon == tm.mon else -1
 
 
-def _match(spec: _Spec, chain: Chain, clock: _Clock, tm: _Tm, val: int, is_day: bool) -> tuple[int, int]:
+def _match(spec: _Spec, chain: Chain, clock: _Clock, tm: _Tm, val: int, is_day: bool) -> tuple[int, int]:  # noqa: PLR0913, PLR0917 - systemd's find_matching_component()
     """The earliest value >= `val` allowed by `chain`: (1 if changed else 0, value), or (-1, val) if none."""
     if not chain:
         return 0, val

@@ -154,7 +154,7 @@ def _cron_word(text: str) -> str:
     return shlex.quote(text).replace("%", "\\%")  # an unescaped % ends a cron command
 
 
-def render_cron_block(schedules: dict[str, str], *, bin_dir: Path, config_path: Path | None, log_dir: Path,
+def render_cron_block(schedules: dict[str, str], *, bin_dir: Path, config_path: Path | None, log_dir: Path,  # noqa: PLR0913 - keyword-only options of one rendering
                       randomized_delay: int, user: str | None) -> str:
     """The marked block: one line per job (`user` field only for /etc/cron.d); raises NotExpressible."""
     lines = [BEGIN,

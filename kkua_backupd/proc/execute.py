@@ -105,7 +105,7 @@ class ProcessGroup:
             if child.reader is not None:
                 child.reader.join(timeout=5)
 
-    def spawn(self, argv: Sequence[str], *, name: str | None = None, env: Mapping[str, str] | None = None,
+    def spawn(self, argv: Sequence[str], *, name: str | None = None, env: Mapping[str, str] | None = None,  # noqa: PLR0913 - keyword-only options of one child process
               stdin: int | IO[Any] | None = DEVNULL, stdout: int | IO[Any] | None = PIPE,
               timeout: float | None = None) -> Child:
         """Start `argv` in this job's process group; raises CommandFailed if it cannot be started."""
@@ -216,7 +216,7 @@ class ProcessGroup:
         return rc
 
 
-def run(argv: Sequence[str], *, job: str, env: Mapping[str, str] | None = None, timeout: float = 60,
+def run(argv: Sequence[str], *, job: str, env: Mapping[str, str] | None = None, timeout: float = 60,  # noqa: PLR0913 - keyword-only options of one child process
         input_bytes: bytes | None = None, what: str | None = None) -> bytes:
     """Run one command to completion and return its stdout; raises CommandFailed or StepTimeout."""
     with ProcessGroup(job) as group:

@@ -132,7 +132,7 @@ class Worker:
         self.popen.stdout.close()
 
 
-def spawn(job: str, config_path: Path | None, *, runner: str, command: str = "run", json_mode: bool = False,
+def spawn(job: str, config_path: Path | None, *, runner: str, command: str = "run", json_mode: bool = False,  # noqa: PLR0913 - keyword-only options of one worker's command line
           extra_args: Sequence[str] = ()) -> Worker:
     """Start a worker for `job`; with `json_mode` its stdout (one JSON document) is captured, otherwise it
     goes where ours goes. Raises CommandFailed when the process cannot be started."""

@@ -29,13 +29,13 @@ from psycopg import sql
 from kkua_backupd.demo.sandbox import (
     ThrowawayPostgres,
     create_sample_data,
-    fill_bulk,
     free_port,
     schema_dump,
     table_contents,
 )
 from kkua_backupd.proc.workers import descendants
 from kkua_backupd.store.lock import holder_of
+from tests.support.pg_bulk import fill_bulk
 
 from ..conftest import Env
 from ..helpers import alive, cmdline, describe, output, proc_stat, wait_for

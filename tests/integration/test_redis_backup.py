@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 import zstandard
 
-from kkua_backupd.demo.redis_sample import create_sample, databases, fill_bulk
+from kkua_backupd.demo.redis_sample import create_sample, databases
 from kkua_backupd.proc.workers import descendants
 from kkua_backupd.sources.redis.local import free_port
 from kkua_backupd.sources.redis.protocol import max_rdb_version
 from kkua_backupd.store.lock import TargetLock
+from tests.support.redis_bulk import fill_bulk
 
 from ..conftest import REDIS_TEST_PASSWORD, RedisEnv
 from ..helpers import cmdline, describe, output, wait_for

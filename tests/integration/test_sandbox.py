@@ -1,4 +1,4 @@
-"""Integration test for kkua_backupd.sandbox: a real throwaway PostgreSQL server, no mocks."""
+"""Integration test for kkua_backupd.demo.sandbox: a real throwaway PostgreSQL server, no mocks."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from kkua_backupd.demo.sandbox import (
     SAMPLE_SEQUENCE_VALUE,
     ThrowawayPostgres,
     create_sample_data,
-    fill_bulk,
     find_pg_bin_dir,
     free_port,
 )
+from tests.support.pg_bulk import fill_bulk
 
 pytestmark = pytest.mark.timeout(120)
 

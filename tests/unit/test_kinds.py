@@ -8,9 +8,9 @@ from kkua_backupd.store import storage
 
 def test_registry_is_the_folders_kinds_plus_retention() -> None:
     assert sources.KINDS == storage.KINDS == tuple(storage.PREFIXES)
-    assert sources.JOBS == (*storage.KINDS, "retention")
-    assert sources.BACKUP_TARGETS == (*storage.KINDS, "all")
-    assert sources.RUN_JOBS == (*sources.JOBS, "all")
+    assert (*storage.KINDS, "retention") == sources.JOBS
+    assert (*storage.KINDS, "all") == sources.BACKUP_TARGETS
+    assert (*sources.JOBS, "all") == sources.RUN_JOBS
 
 
 def test_every_kind_has_a_module_that_backs_up_and_verifies() -> None:

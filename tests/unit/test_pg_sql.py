@@ -1,4 +1,4 @@
-"""The SQL stream follower used by PostgreSQL restores and checks (kkua_backupd.pg_sql)."""
+"""The SQL stream follower used by PostgreSQL restores and checks (kkua_backupd.sources.postgres.pg_sql)."""
 
 from __future__ import annotations
 

@@ -575,7 +575,7 @@ class _StatsThread(threading.Thread):
             self.error = exc
 
 
-def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: str, dbname: str,
+def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: str, dbname: str,  # noqa: PLR0913 - keyword-only options, typed with the flows
          checksums: bool = False) -> DumpResult:
     """Dump `dbname` into a new file in `folder` (no manifest yet); raises a JobError subclass.
 
@@ -645,7 +645,7 @@ def _scanned(chunks: Iterable[bytes], scanner: SqlStream | None) -> Iterator[byt
         scanner.finish()
 
 
-def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str, status: str = "ok",
+def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str, status: str = "ok",  # noqa: PLR0913 - keyword-only fields, typed with the flows
                   error: str | None = None, extra: dict[str, Any] | None = None,
                   total_seconds: float | None = None) -> Manifest:
     data = base_manifest(KIND, set_type, prefix, result.set_id, result.created)
@@ -768,7 +768,7 @@ INSERT INTO pg_temp.kkua_restore_guard VALUES (true);
     return opening.encode(), (closing + f"SELECT '{marker}';\n").encode(), marker.encode()
 
 
-def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool,
+def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool,  # noqa: PLR0913 - keyword-only options, typed with the flows
              transactional: bool = True) -> None:
     """Run SQL into `dbname` in one transaction (see `transaction_frame`), with an optional wipe first;
     COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails and
@@ -846,7 +846,7 @@ def _script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: 
     group.wait(child, what="pg_restore")
 
 
-def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,
+def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,  # noqa: PLR0913, PLR0917 - grouped with the flows written once
                  wipe: bool, new_database: bool, expected: ManifestFile | None,
                  progress: Progress | None = None, transactional: bool = True) -> None:
     """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
@@ -870,7 +870,7 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
                  transactional=transactional)
 
 
-def _parallel_restore(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, chunks: Iterable[bytes],
+def _parallel_restore(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, chunks: Iterable[bytes],  # noqa: PLR0913, PLR0917 - grouped with the flows written once
                       jobs: int) -> None:
     pg = ctx.config.postgres
     # pg_restore -j needs a seekable archive: unpack it next to the backup. Its name ends in .partial, so
@@ -909,7 +909,7 @@ def terminate_sessions(conn: psycopg.Connection, dbname: str) -> int:
 # Test restore and verification
 
 
-def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *, set_id: str,
+def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *, set_id: str,  # noqa: PLR0913 - keyword-only, typed with the flows
                        expected: dict[str, dict[str, Any]], expected_file: ManifestFile | None,
                        legacy: bool = False, archive_major: int | None = None, objects: int = 0) -> dict[str, Any]:
     """Restore a file into a scratch database, compare its tables with `expected`, always drop it.
@@ -1279,7 +1279,7 @@ def restore_hint(exc: KkuaError) -> str:
     return "see restore.log for the failing statement"
 
 
-def _plan(ctx: JobContext, backup_set: BackupSet, target: str, *, in_place: bool, exists: bool,
+def _plan(ctx: JobContext, backup_set: BackupSet, target: str, *, in_place: bool, exists: bool,  # noqa: PLR0913 - keyword-only plan facts, typed with the flows
           safety: bool) -> RestorePlan:
     pg = ctx.config.postgres
     plan = RestorePlan(backup_set, target, in_place, exists, safety)

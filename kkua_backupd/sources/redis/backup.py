@@ -266,7 +266,7 @@ def _capture_rdb(ctx: JobContext, client: redis.Redis, path: Path, compression: 
         return capture
 
 
-def _write_rdb(ctx: JobContext, path: Path, compression: str, method: str,
+def _write_rdb(ctx: JobContext, path: Path, compression: str, method: str,  # noqa: PLR0913, PLR0917 - capture options, grouped with the stream stages
                source: Callable[[Callable[[bytes], None], dict[str, Any]], None],
                before: dict[str, dict[str, int]]) -> RdbCapture:
     cfg = ctx.config.redis
@@ -555,7 +555,7 @@ def write_aof(ctx: JobContext, source: AofSource, path: Path, compression: str) 
 # Backup
 
 
-def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want_aof: bool,
+def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want_aof: bool,  # noqa: PLR0913 - keyword-only options, typed with the flows
               extras: bool) -> Manifest:
     """Capture a set into `folder` and write its manifest; on failure, remove the files this run made."""
     cfg = ctx.config.redis
@@ -637,7 +637,7 @@ def _config_text(ctx: JobContext, client: redis.Redis, version: str, stamp: str)
                          problems=problems)
 
 
-def _manifest(prefix: str, set_type: str, set_id: str, created: Any, files: list[ManifestFile], rdb: RdbCapture,
+def _manifest(prefix: str, set_type: str, set_id: str, created: Any, files: list[ManifestFile], rdb: RdbCapture,  # noqa: PLR0913, PLR0917 - manifest fields, typed with the flows
               version: str, compression: str, aof: dict[str, Any] | None, *, timings: dict[str, float]) -> Manifest:
     summary: RdbSummary = rdb.check["summary"]
     # Counts per database come from the RDB itself: exactly what the backup holds (keys already past their

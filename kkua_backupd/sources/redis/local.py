@@ -65,7 +65,7 @@ class LocalRedis:
     placed in `folder` for the server to load at start. Use as a context manager or call start()/stop().
     """
 
-    def __init__(self, folder: Path | None = None, *, password: str | None = None,
+    def __init__(self, folder: Path | None = None, *, password: str | None = None,  # noqa: PLR0913 - keyword-only settings of a local redis-server
                  settings: Mapping[str, str] | None = None, acl_lines: list[str] | None = None,
                  bin_dir: Path | None = None, keep_folder: bool = False,
                  ready_timeout: float = _READY_TIMEOUT_S, die_with_parent: bool = False) -> None:
