@@ -33,6 +33,7 @@ from . import __version__, logs, schedule, state
 from .config import Config, LoadedConfig, load_config
 from .errors import ConfigError, KkuaError
 from .notify import Notifier, watchdog_interval
+from .pipeline import set_trusted_roots
 from .progress import human_bytes
 from .workers import Worker, spawn
 
@@ -187,6 +188,7 @@ class Daemon:
             self.log.error(f"reload failed; keeping the running configuration: {exc}")
         else:
             self.loaded = loaded
+            set_trusted_roots(*loaded.config.trusted_folders)
             moment = state.now()
             for slot in self.slots.values():
                 self._plan(slot, moment)
@@ -458,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KkuaError as exc:
         log.error(f"{exc}; not starting", exit_code=exc.exit_code)
         return exc.exit_code
+    set_trusted_roots(*loaded.config.trusted_folders)
     for section in (loaded.config.postgres, loaded.config.redis):
         if section.password is not None:  # the daemon never logs them; a worker's error line might
             sink.add_secret(section.password.get_secret_value())

@@ -429,13 +429,13 @@ def read_small(path: Path, limit: int = 64 << 20, *, root: Path | None = None) -
         return fh.read(limit)
 
 
-def folder_problems(path: Path) -> list[str]:
+def folder_problems(path: Path, *, root: Path | None = None) -> list[str]:
     """What makes an existing folder under the tool's care untrustworthy: a symlink below its configured
     root, a stranger as owner, or write access for group or others (on the folder and each one between it
     and its root; ancestors above the root only when others can write them without the sticky bit)."""
     problems: list[str] = []
     absolute = Path(os.path.abspath(path))
-    root = root_of(absolute) or absolute
+    root = root_of(absolute, root) or absolute
     for ancestor in reversed(root.parents):
         with contextlib.suppress(OSError):
             info = os.stat(ancestor)

@@ -241,6 +241,7 @@ def acl_user(redis_env: RedisEnv) -> str:
         client.acl_setuser("backup", enabled=True, passwords=[f"+{BACKUP_USER_PASSWORD}"], keys=["*"],
                            channels=["*"], commands=["+@all", "-sync", "-psync"])
     (redis_env.root / "backup.pass").write_text(BACKUP_USER_PASSWORD + "\n")
+    (redis_env.root / "backup.pass").chmod(0o600)  # a password file others can read is refused
     return "backup"
 
 

@@ -408,6 +408,7 @@ def test_acl_user_and_wrong_password(sample_env: RedisEnv) -> None:
     sample_env.client(0).acl_setuser("restorer", enabled=True, passwords=[f"+{user_pass}"], keys=["*"],
                                      channels=["*"], commands=["+@all"])
     (sample_env.root / "user.pass").write_text(user_pass + "\n")
+    (sample_env.root / "user.pass").chmod(0o600)  # a password file others can read is refused
     sample_env.write_config(username="restorer", password_file=str(sample_env.root / "user.pass"))
     before = snapshot(sample_env.server)
     backup(sample_env)
