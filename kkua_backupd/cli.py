@@ -20,12 +20,13 @@ from typing import Any
 from kkua_backupd import __version__
 from kkua_backupd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
 from kkua_backupd.core import state
-from kkua_backupd.core.context import JobContext
+from kkua_backupd.core.context import JobContext, clean_stale, refuse_untrusted
 from kkua_backupd.errors import ConfigError, Interrupted, KkuaError, UsageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes, interactive
+from kkua_backupd.safefs import folder_problems, set_trusted_roots
 from kkua_backupd.sources import BACKUP_TARGETS, KINDS, RETENTION, RUN_JOBS, job_module
-from kkua_backupd.store.storage import BackupSet, latest, list_sets, resolve, unmanaged_files
+from kkua_backupd.store.storage import LOCK_FOLDER_NAMES, BackupSet, latest, list_sets, resolve, unmanaged_files
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
              "prune": "backup.log"}
@@ -177,6 +178,8 @@ def job_context(config: Config, job: str, *, json_mode: bool) -> JobContext:
 
 def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) -> Any:
     """One job (postgres, redis or retention), its start and end recorded for `status`."""
+    if job in KINDS:
+        warn_future_sets(ctx, job)
     with state.track(ctx.config, job, runner=runner) as record:
         if job == "postgres":
             from kkua_backupd.sources.postgres import job as pg_job
@@ -194,6 +197,14 @@ def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) ->
         return manifest.model_dump(mode="json")
 
 
+def warn_future_sets(ctx: JobContext, kind: str | None = None) -> list[str]:
+    """Log (and return) a warning for each set dated in the future: a clock that is or was wrong."""
+    warnings = [s.future_warning() for s in list_sets(ctx.config.backup_dir, kind) if s.future]
+    for text in warnings:
+        ctx.log.warning(text)
+    return warnings
+
+
 def cmd_backup(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> Any:
     job = args.target if args.command == "backup" else args.job
     if job == "all":
@@ -207,6 +218,7 @@ def cmd_backup(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) 
 
 
 def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
+    clean_stale(ctx, args.target)  # a killed restore's safety backup, a scratch archive
     if args.target == "redis":
         return cmd_restore_redis(job_context(ctx.config, "redis", json_mode=ctx.json_mode), args)
     if args.flush or args.aof or args.mode:
@@ -262,11 +274,16 @@ def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             for r in rows:
                 _human(ctx, "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        for s in sets:
+            if s.problem:
+                _human(ctx, f"invalid: {s.kind} {s.id}: {s.problem}; verify and restore refuse it")
         for kind in (args.kind,) if args.kind else KINDS:
             others = unmanaged_files(ctx.config.backup_dir, kind)
             if others:
                 _human(ctx, f"{len(others)} {kind} file(s) without a manifest are not listed (e.g. {others[-1]}); "
                             f"restore one by name: kkua-backup restore {kind} FILE")
+    for text in warn_future_sets(ctx, args.kind):
+        _human(ctx, f"warning: {text}")
     return [s.to_json() for s in sets]
 
 
@@ -296,9 +313,14 @@ def _sets_to_verify(ctx: JobContext, which: str) -> list[BackupSet]:
 def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
     reports = []
     code = 0
+    for kind in KINDS:
+        clean_stale(ctx, kind)
     for backup_set in _sets_to_verify(ctx, args.which):
         job = job_module(backup_set.kind)
         try:
+            refuse_untrusted(backup_set)
+            if backup_set.future:
+                ctx.log.warning(backup_set.future_warning())
             report = job.verify_set(job_context(ctx.config, backup_set.kind, json_mode=ctx.json_mode), backup_set,
                                     restore_test=args.restore_test)
         except KkuaError as exc:
@@ -338,22 +360,43 @@ def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
 
 def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:
     report = state.status_report(ctx.config)
+    report["warnings"] = [s.future_warning() for s in list_sets(ctx.config.backup_dir) if s.future]
     if not ctx.json_mode:
         for line in state.format_status(report):
             _human(ctx, line)
+        for text in report["warnings"]:
+            _human(ctx, f"warning: {text}")
     return report
 
 
-def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> Any:
+def trust_problems(config: Config) -> list[str]:
+    """What in the tool's folders lets someone other than root and kkua-backup change backups or the tool's
+    files: group- or world-writable folders, strangers' folders, symlinks (docs/security.md)."""
+    found: list[str] = []
+    backup_dir = config.backup_dir
+    for folder, root in ([(backup_dir, backup_dir)]
+                         + [(backup_dir / name, backup_dir) for name in (*KINDS, *LOCK_FOLDER_NAMES)]
+                         + [(config.log_dir, config.log_dir), (config.state_file.parent, None)]):
+        found += [p for p in folder_problems(folder, root=root) if p not in found]
+    return found
+
+
+def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> tuple[Any, int]:
+    problems = trust_problems(ctx.config)
     doc = {"path": str(loaded.path) if loaded.path else None, "config": redacted(ctx.config),
-           "sources": loaded.sources}
+           "sources": loaded.sources, "problems": problems}
+    for problem in problems:
+        ctx.log.error(problem)
     if not ctx.json_mode:
         _human(ctx, f"config OK: {loaded.path or 'no file (built-in defaults and environment)'}")
         for line in _flatten(redacted(ctx.config)):
             key = line.split(" = ", 1)[0]
             source = loaded.sources.get(key)
             _human(ctx, f"{line}  # from {source}" if source and source != str(loaded.path) else line)
-    return doc
+        if problems:
+            _human(ctx, f"config is valid, but {len(problems)} folder problem(s) above: restores refuse to run "
+                        "until they are fixed (see docs/security.md)")
+    return doc, 2 if problems else 0
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[str]:
@@ -382,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = _load_config(args, log)
         config = loaded.config
+        set_trusted_roots(*config.trusted_folders)
         for section in (config.postgres, config.redis):
             if section.password is not None:
                 sink.add_secret(section.password.get_secret_value())

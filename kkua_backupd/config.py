@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -190,6 +191,11 @@ class Config(_Strict):
         """Where the last run of each job is recorded (by whichever runner ran it)."""
         return self.daemon.state_file or self.backup_dir / ".state" / "jobs.json"
 
+    @property
+    def trusted_folders(self) -> tuple[Path, ...]:
+        """The folders the tool owns: below them nothing is opened through a symlink (docs/security.md)."""
+        return (self.backup_dir, self.log_dir, self.state_file.parent)
+
 
 # The guide's environment variables: name -> (key path, type).
 ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], type]] = {
@@ -315,11 +321,9 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
         env_path = Path(env_file)
         if not env_path.is_absolute() and used_path is not None:
             env_path = used_path.parent / env_path  # relative to the config file, not to where we run
-        try:
-            for key, text in parse_env_file(env_path.read_text(encoding="utf-8")).items():
-                layered[key] = (text, str(env_path))
-        except OSError as exc:
-            problems.append(f"env_file: cannot read {env_file}: {exc.strerror} ({where})")
+        text = _read_secret_file(env_path, "env_file", problems, where=f" ({where})")
+        for key, raw_value in parse_env_file(text or "").items():
+            layered[key] = (raw_value, str(env_path))
     for key in (*ENV_OVERRIDES, *SECRET_ENV):
         if key in env:
             layered[key] = (env[key], "environment")
@@ -359,11 +363,34 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
     return LoadedConfig(config, used_path, sources)
 
 
-def _read_secret(path: Path, dotted: str, problems: list[str]) -> SecretStr | None:
+def secret_mode_problem(mode: int, path: Path) -> str | None:
+    """Why a file holding secrets is too open, with the fix (None when it is fine): as ssh does with keys,
+    nobody but its owner and group may write it, and others may not read it."""
+    mode = stat.S_IMODE(mode)
+    if not mode & 0o026:
+        return None
+    what = ("writable by group or others" if mode & 0o022 else "readable by others")
+    return (f"{path} is {what} (mode {mode:04o}); fix: chmod 600 {path} "
+            f"(or chmod 640 {path} and chown root:kkua-backup {path})")
+
+
+def _read_secret_file(path: Path, dotted: str, problems: list[str], where: str = "") -> str | None:
+    """The text of a file holding secrets, or None with a problem noted (unreadable, too open)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("r", encoding="utf-8") as fh:
+            problem = secret_mode_problem(os.fstat(fh.fileno()).st_mode, path)
+            if problem:
+                problems.append(f"{dotted}: {problem}{where}")
+                return None
+            return fh.read()
     except OSError as exc:
-        problems.append(f"{dotted}: cannot read {path}: {exc.strerror}")
+        problems.append(f"{dotted}: cannot read {path}: {exc.strerror}{where}")
+        return None
+
+
+def _read_secret(path: Path, dotted: str, problems: list[str]) -> SecretStr | None:
+    text = _read_secret_file(path, dotted, problems)
+    if text is None:
         return None
     secret = text.rstrip("\r\n")
     if not secret:

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kkua_backupd.config import Config
-from kkua_backupd.errors import NotConfirmed, Refused
-from kkua_backupd.store.storage import BackupSet
+from kkua_backupd.errors import LockHeld, NotConfirmed, Refused, StorageError
+from kkua_backupd.safefs import folder_problems
+from kkua_backupd.store.lock import TargetLock
+from kkua_backupd.store.storage import BackupSet, kind_folder, remove_stale_partials
 
 
 @dataclass(frozen=True)
@@ -23,9 +25,53 @@ class JobContext:
     json_mode: bool = False
 
 
+def refuse_untrusted(backup_set: BackupSet) -> None:
+    """Raise Refused (exit 3) when the set is invalid: a manifest naming anything but plain files of its own
+    directly in its kind's folder, a symlink, a stranger's file. What verify and restore load must pass."""
+    if backup_set.problem:
+        raise Refused(f"{backup_set.name} is invalid: {backup_set.problem}; it was not read",
+                      hint="kkua-backup only loads plain files it could have written, owned by root or "
+                           "kkua-backup; find out who made this set, then remove it (see docs/security.md)")
+
+
+def refuse_writable_folders(ctx: JobContext, kind: str) -> None:
+    """Raise Refused (exit 3) when the backup folder or the kind's folder can be written by others than root
+    and kkua-backup (group- or world-writable, a stranger's, a symlink): a backup in it could have been
+    replaced by anyone, and a restore would load it as root."""
+    problems = folder_problems(kind_folder(ctx.config.backup_dir, kind), root=ctx.config.backup_dir)
+    if problems:
+        raise Refused(f"restore refused: {problems[0]}",
+                      hint="only root and kkua-backup may write the backup folders; fix it, then check the "
+                           "sets in it (`kkua-backup verify all`) before restoring (see docs/security.md)")
+
+
+def clean_stale(ctx: JobContext, kind: str) -> None:
+    """Remove the kind's `.partial` files left by runs that died (a killed backup's, a killed restore's
+    safety backup, a restore's scratch archive), one log line each. Only while nobody holds the kind's
+    lock: a running backup or restore's partial files are alive."""
+    folder = kind_folder(ctx.config.backup_dir, kind)
+    if not folder.is_dir():
+        return
+    lock = TargetLock(ctx.config.backup_dir, kind, "clean partial files")
+    try:
+        lock.acquire()
+    except (LockHeld, StorageError):  # busy, or a read-only folder that nothing can have written to
+        return
+    try:
+        for name in remove_stale_partials(folder):
+            ctx.log.warning("removed a partial file left by an interrupted run", file=name, kind=kind)
+    finally:
+        lock.release()
+
+
 def check_restorable(ctx: JobContext, backup_set: BackupSet, *, checks: str) -> None:
-    """Say what an operator should know about the set about to be restored; raises Refused when files of
-    the set are missing. `checks` names what can still check a file without a manifest."""
+    """Say what an operator should know about the set about to be restored; raises Refused when the backup
+    folders can be written by strangers, when the set is invalid (refuse_untrusted) or when files of the
+    set are missing. `checks` names what can still check a file without a manifest."""
+    refuse_writable_folders(ctx, backup_set.folder.name)
+    refuse_untrusted(backup_set)
+    if backup_set.future:
+        ctx.log.warning(backup_set.future_warning())
     if backup_set.manifest is None:
         ctx.log.warning(f"this file has no manifest (not made by kkua-backup): only {checks} can check it",
                         file=backup_set.name)

@@ -26,15 +26,17 @@ from kkua_backupd.errors import LockHeld, StorageError
 from kkua_backupd.sources import KINDS
 from kkua_backupd.store.lock import TargetLock, holder_of
 from kkua_backupd.store.storage import (
-    ID_RE,
+    FUTURE_TOLERANCE,
     MANIFEST_SUFFIX,
     PARTIAL_SUFFIX,
-    PREFIXES,
     BackupSet,
+    file_problem,
     kind_folder,
     list_sets,
     manifest_name,
+    own_partial,
     read_manifest,
+    set_name_problem,
 )
 from kkua_backupd.stream.pipeline import fsync_dir, storage_error
 
@@ -116,32 +118,11 @@ def _over_text(age: dt.timedelta, limit: dt.timedelta) -> str:
 
 
 def name_problem(candidate: Candidate) -> str | None:
-    """Why the set's names forbid touching it (None when they are what kkua-backup writes).
-
-    Every file must be a plain name starting with the set's prefix+id, the prefix must be the one this
-    tool uses for the set's kind and type, and the manifest must be named after them too.
-    """
-    expected_prefix = PREFIXES.get(candidate.kind, {}).get(candidate.type)
-    if expected_prefix is None:
-        return f"unknown kind/type {candidate.kind}/{candidate.type} in the manifest; left alone"
-    if candidate.prefix != expected_prefix:
-        return (f"manifest prefix {candidate.prefix!r} is not {expected_prefix!r} for a {candidate.kind} "
-                f"{candidate.type}; left alone")
-    if not ID_RE.match(candidate.id):
-        return f"manifest id {candidate.id!r} is not YYYYMMDD_HHMMSS; left alone"
-    if candidate.manifest != manifest_name(candidate.prefix, candidate.id):
-        return f"manifest file {candidate.manifest} does not carry the set's name; left alone"
-    if not candidate.files:
-        return "manifest names no data file; left alone"
-    stem = candidate.prefix + candidate.id
-    for name in candidate.files:
-        plain = "/" not in name and "\x00" not in name
-        if not (plain and name.startswith(stem) and name[len(stem):len(stem) + 1] in (".", "_")
-                and not name.endswith((PARTIAL_SUFFIX, MANIFEST_SUFFIX))):
-            return f"manifest names {name!r}, which is not a {stem}* file; left alone"
-    if len(set(candidate.files)) != len(candidate.files):
-        return "manifest names the same file twice; left alone"
-    return None
+    """Why the set's names forbid touching it (None when they are what kkua-backup writes); the check
+    `list`, `verify` and `restore` make too (storage.set_name_problem)."""
+    problem = set_name_problem(candidate.kind, candidate.type, candidate.prefix, candidate.id, candidate.manifest,
+                               candidate.files)
+    return f"{problem}; left alone" if problem else None
 
 
 def _aware(moment: dt.datetime) -> dt.datetime:
@@ -180,7 +161,12 @@ def select(candidates: Iterable[Candidate], now: dt.datetime, config: RetentionC
         good_kept = 0  # good sets newer than the one at hand that stay
         for candidate in members:
             age = now - _aware(candidate.created_at)
-            if candidate.good and good_kept < keep_last:
+            if age < -FUTURE_TOLERANCE:
+                # Not counted toward keep_last: with a wrong clock it would otherwise stand in for a real
+                # recent set, and the sets it pushed out of keep_last could be deleted.
+                decisions.append(Decision(candidate, "keep", "created_at is in the future (clock changed?); "
+                                                             "kept until it is past, not counted toward keep_last"))
+            elif candidate.good and good_kept < keep_last:
                 good_kept += 1
                 decisions.append(Decision(candidate, "keep", f"one of the newest {keep_last} good {kind} "
                                                              f"{label}s ({age_text(age)} old)"))
@@ -225,13 +211,7 @@ def select_partials(partials: Iterable[Partial], now: dt.datetime) -> list[tuple
 
 def partial_name_ok(kind: str, name: str) -> bool:
     """Whether `name` is a partial file this tool would write in `kind`'s folder (PREFIX+ID... .partial)."""
-    if not name.endswith(PARTIAL_SUFFIX) or "/" in name:
-        return False
-    for prefix in PREFIXES.get(kind, {}).values():
-        rest = name[len(prefix):] if name.startswith(prefix) else ""
-        if ID_RE.match(rest[:15]) and rest[15:16] in (".", "_"):
-            return True
-    return False
+    return own_partial(kind, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +248,8 @@ def _candidate(kind: str, backup_set: BackupSet) -> Candidate:
         problem = f"manifest says kind {manifest.kind} but lies in the {kind} folder; left alone"
     elif mstat is not None and not stat.S_ISREG(mstat.st_mode):
         problem = f"{mname} is not a regular file (symlink?); left alone"
+    elif mstat is not None and file_problem(folder / mname):
+        problem = f"{file_problem(folder / mname)}; left alone"
     else:
         size += mstat.st_size if mstat else 0
     for entry in manifest.files:
@@ -278,6 +260,8 @@ def _candidate(kind: str, backup_set: BackupSet) -> Candidate:
             missing += 1
         elif not stat.S_ISREG(found.st_mode):
             problem = f"{entry.name} is a symlink or not a regular file (kkua-backup makes neither); left alone"
+        elif file_problem(folder / entry.name):
+            problem = f"{file_problem(folder / entry.name)}; left alone"
         else:
             size += found.st_size
             damaged += found.st_size != entry.size

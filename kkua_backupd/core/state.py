@@ -26,6 +26,7 @@ from kkua_backupd.errors import KkuaError, Refused, StorageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.obs.progress import human_bytes
+from kkua_backupd.safefs import FILE_MODE, open_file, open_folder, read_small
 from kkua_backupd.sources import JOBS
 from kkua_backupd.store import lock
 from kkua_backupd.stream.pipeline import write_atomic
@@ -79,7 +80,7 @@ def _read(path: Path, *, repair: bool) -> dict[str, Any]:
     """The state in `path` (empty when missing). A corrupt file is moved aside when `repair` (the caller
     holds the lock), else only reported; raises StorageError when the file cannot be read at all."""
     try:
-        raw = path.read_bytes()
+        raw = read_small(path, root=path.parent)  # never through a symlink (Refused, exit 3)
     except FileNotFoundError:
         return _empty()
     except OSError as exc:
@@ -110,8 +111,7 @@ def update(config: Config) -> Iterator[dict[str, Any]]:
     Raises StorageError when the folder, the lock or the file cannot be used."""
     path = config.state_file
     try:
-        path.parent.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-        fd = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = open_file(_lock_path(path), os.O_RDWR | os.O_CREAT, FILE_MODE, root=path.parent)  # folders made 0750
     except OSError as exc:
         raise StorageError(f"cannot use the state folder {path.parent}: {exc.strerror}",
                            hint="check that it is writable by the backup user") from None
@@ -122,9 +122,18 @@ def update(config: Config) -> Iterator[dict[str, Any]]:
         yield data
         # A writer killed between creating and renaming its temp file left it behind; it is ours
         # (we hold the lock) and would make the exclusive create fail.
-        with contextlib.suppress(FileNotFoundError):
-            path.with_name(path.name + ".partial").unlink()
+        _remove_partial(path)
         write_atomic(path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def _remove_partial(path: Path) -> None:
+    """Remove `path.partial` left by a writer killed before its rename (the folder is made if missing)."""
+    fd = open_folder(path.parent, create=True, root=path.parent)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.name + ".partial", dir_fd=fd)  # unlink never follows a symlink
     finally:
         os.close(fd)
 
@@ -277,9 +286,7 @@ def write_daemon_info(config: Config, info: dict[str, Any]) -> None:
     """Record that this daemon runs (pid, start time, config); raises StorageError."""
     path = daemon_path(config)
     try:
-        path.parent.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            path.with_name(path.name + ".partial").unlink()
+        _remove_partial(path)
     except OSError as exc:
         raise StorageError(f"cannot use the state folder {path.parent}: {exc.strerror}",
                            hint="check that it is writable by the backup user") from None
@@ -296,8 +303,8 @@ def clear_daemon_info(config: Config, pid: int) -> None:
 
 def _daemon_file(config: Config) -> dict[str, Any]:
     try:
-        data = json.loads(daemon_path(config).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(read_small(daemon_path(config), root=config.state_file.parent).decode("utf-8"))
+    except (OSError, ValueError, KkuaError):
         return {}
     return data if isinstance(data, dict) else {}
 

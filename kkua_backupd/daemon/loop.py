@@ -37,6 +37,7 @@ from kkua_backupd.errors import ConfigError, KkuaError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes
 from kkua_backupd.proc.workers import Worker, spawn
+from kkua_backupd.safefs import set_trusted_roots
 from kkua_backupd.sources import JOBS
 
 # Exit statuses of a worker that another attempt would not change: bad config (2), refused (3).
@@ -189,6 +190,7 @@ class Daemon:
             self.log.error(f"reload failed; keeping the running configuration: {exc}")
         else:
             self.loaded = loaded
+            set_trusted_roots(*loaded.config.trusted_folders)
             moment = state.now()
             for slot in self.slots.values():
                 self._plan(slot, moment)
@@ -460,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KkuaError as exc:
         log.error(f"{exc}; not starting", exit_code=exc.exit_code)
         return exc.exit_code
+    set_trusted_roots(*loaded.config.trusted_folders)
     for section in (loaded.config.postgres, loaded.config.redis):
         if section.password is not None:  # the daemon never logs them; a worker's error line might
             sink.add_secret(section.password.get_secret_value())

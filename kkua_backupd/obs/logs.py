@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from kkua_backupd.safefs import FILE_MODE, open_file
+
 PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3, "critical": 2}
 _SECRET_MASK = "<redacted>"  # noqa: S105 (the marker, not a secret)
 
@@ -64,13 +66,15 @@ class LogSink:
         return text
 
     def open_file(self, log_dir: Path, name: str) -> Path | None:
-        """Also append events to `log_dir/name` (0640, folder 0750); on failure warn on the console."""
+        """Also append events to `log_dir/name` (0640, folder 0750, whatever the umask); when it cannot be
+        opened warn on the console; raises Refused when it is a symlink or not the tool's file."""
         path = log_dir / name
         if name in self.files:
             return path
         try:
-            log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            # A symlink or a stranger's file is refused (Refused, exit 3): lines are never appended to
+            # whatever a log name points at (docs/security.md).
+            fd = open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE, root=log_dir)
         except OSError as exc:
             self._console_line("warning", f"log file {path} cannot be opened ({exc.strerror}); "
                                "logging to the console only", {})

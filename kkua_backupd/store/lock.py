@@ -15,8 +15,9 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
-from kkua_backupd.errors import LockHeld, StorageError
+from kkua_backupd.errors import KkuaError, LockHeld, StorageError
 from kkua_backupd.obs.logs import get_logger
+from kkua_backupd.safefs import FILE_MODE, open_file
 
 LOCK_DIR = ".locks"
 
@@ -25,6 +26,7 @@ class TargetLock:
     """An exclusive lock on one target (postgres, redis) for one purpose (backup, restore, ...)."""
 
     def __init__(self, backup_dir: Path, target: str, purpose: str, *, read_only_ok: bool = False) -> None:
+        self.backup_dir = backup_dir
         self.path = backup_dir / LOCK_DIR / f"{target}.lock"
         self.target = target
         self.purpose = purpose
@@ -34,8 +36,9 @@ class TargetLock:
     def acquire(self) -> None:
         """Take the lock or raise LockHeld naming the holder; raises StorageError if the file cannot be made."""
         try:
-            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            # No symlink, no stranger's file, no second hard link: a planted lock file cannot make this
+            # run truncate something else (docs/security.md); a refusal is Refused, exit 3.
+            fd = open_file(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE, root=self.backup_dir)
         except OSError as exc:
             if self.read_only_ok and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 # Nobody can write backups into a folder this run cannot even lock, so there is
@@ -102,8 +105,8 @@ def holder_of(backup_dir: Path, target: str) -> dict[str, object] | None:
     """Who holds the target's lock now, or None when it is free (for `status`)."""
     path = backup_dir / LOCK_DIR / f"{target}.lock"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        fd = open_file(path, os.O_RDONLY, root=backup_dir)
+    except (OSError, KkuaError):  # absent, or not ours to read (a symlink, a stranger's file)
         return None
     try:
         try:

@@ -7,10 +7,14 @@ are shown by name only when asked for explicitly (backups made by the old shell 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import json
+import os
 import re
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +23,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from kkua_backupd import __version__
-from kkua_backupd.errors import StorageError, UsageError
+from kkua_backupd.errors import KkuaError, Refused, StorageError, UsageError
 from kkua_backupd.obs.logs import get_logger
-from kkua_backupd.stream.pipeline import DIR_MODE, EXTENSIONS, fsync_dir, storage_error, write_atomic
+from kkua_backupd.safefs import open_folder, owner_problem, read_small
+from kkua_backupd.stream.pipeline import EXTENSIONS, storage_error, write_atomic
 
 Kind = Literal["postgres", "redis"]
 KINDS: tuple[Kind, ...] = ("postgres", "redis")
@@ -34,6 +39,56 @@ PREFIXES: dict[str, dict[str, str]] = {
     "redis": {"backup": "redis_backup_", "safety": "safety_backup_before_restore_"},
 }
 _NAME_RE = re.compile(r"^(?P<prefix>[a-z_]+?_)(?P<id>\d{8}_\d{6})(?P<rest>[._].*)$")
+# The tool's own folders in backup_dir besides the kinds' (lock.LOCK_DIR, the default state folder).
+LOCK_FOLDER_NAMES = (".locks", ".state")
+# The scratch archive a parallel pg_restore unpacks next to the backup (jobs/postgres.py).
+RESTORE_SCRATCH_PREFIX = "kkua_restore_"
+# A set dated later than now + this is "in the future" (clock skew, a hand-made manifest): warned about,
+# never `latest`, never counted toward keep_last (docs/security.md).
+FUTURE_TOLERANCE = dt.timedelta(minutes=5)
+
+
+def set_name_problem(kind: str, set_type: str, prefix: str, set_id: str, manifest_file: str,  # noqa: PLR0913, PLR0917 - the parts of a set name, as a manifest holds them
+                     files: list[str] | tuple[str, ...]) -> str | None:
+    """Why a manifest's names are not what kkua-backup writes (None when they are): every file must be a
+    plain name in the kind's folder starting with the set's prefix+id, the prefix the one this tool uses for
+    the kind and type, and the manifest named after them. Shared by list, verify, restore and retention."""
+    expected_prefix = PREFIXES.get(kind, {}).get(set_type)
+    if expected_prefix is None:
+        return f"unknown kind/type {kind}/{set_type} in the manifest"
+    if prefix != expected_prefix:
+        return f"manifest prefix {prefix!r} is not {expected_prefix!r} for a {kind} {set_type}"
+    if not ID_RE.match(set_id):
+        return f"manifest id {set_id!r} is not YYYYMMDD_HHMMSS"
+    if manifest_file != manifest_name(prefix, set_id):
+        return f"manifest file {manifest_file} does not carry the set's name"
+    if not files:
+        return "manifest names no data file"
+    stem = prefix + set_id
+    for name in files:
+        plain = "/" not in name and "\x00" not in name
+        if not (plain and name.startswith(stem) and name[len(stem):len(stem) + 1] in (".", "_")
+                and not name.endswith((PARTIAL_SUFFIX, MANIFEST_SUFFIX))):
+            return f"manifest names {name!r}, which is not a {stem}* file"
+    if len(set(files)) != len(files):
+        return "manifest names the same file twice"
+    return None
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a file of a set must not be used (None when it is a plain file with a trusted owner, or absent)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None  # missing: the set is incomplete, not invalid
+    except OSError as exc:
+        return f"{path.name} cannot be examined: {exc.strerror}"
+    if stat.S_ISLNK(info.st_mode):
+        return f"{path.name} is a symlink (kkua-backup never makes one)"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path.name} is not a regular file"
+    problem = owner_problem(info, Path(path.name))
+    return problem
 
 
 class ManifestFile(BaseModel):
@@ -110,12 +165,38 @@ class BackupSet:
 
     @property
     def missing_files(self) -> list[str]:
-        if not self.manifest:
+        if not self.manifest or self.problem:
             return []
-        return [f.name for f in self.manifest.files if not (self.folder / f.name).is_file()]
+        return [f.name for f in self.manifest.files if not os.path.lexists(self.folder / f.name)]
+
+    @functools.cached_property
+    def problem(self) -> str | None:
+        """Why the set must not be used at all (a status of `invalid`): names outside the kind's folder or
+        not the set's own, a symlink, something other than a plain file, a stranger as owner."""
+        if self.manifest is None:
+            return file_problem(self.folder / (self.legacy_file or ""))
+        m = self.manifest
+        if m.kind != self.folder.name:
+            return f"manifest says kind {m.kind} but lies in the {self.folder.name} folder"
+        names = [f.name for f in m.files]
+        problem = set_name_problem(m.kind, m.type, m.prefix, m.id, manifest_name(m.prefix, m.id), names)
+        if problem:
+            return problem
+        for name in [*names, manifest_name(m.prefix, m.id)]:
+            problem = file_problem(self.folder / name)
+            if problem:
+                return problem
+        return None
+
+    @property
+    def future(self) -> bool:
+        """Whether the set is dated later than now (beyond FUTURE_TOLERANCE): a clock that was wrong."""
+        return self.manifest is not None and self.manifest.created_at > now_local() + FUTURE_TOLERANCE
 
     @property
     def status(self) -> str:
+        if self.problem:
+            return "invalid"
         if not self.manifest:
             return "unverified"
         if self.missing_files:
@@ -136,8 +217,17 @@ class BackupSet:
         assert self.manifest is not None, "only sets with a manifest are listed"
         data = self.manifest.model_dump(mode="json")
         data["status"] = self.status
+        data["problem"] = self.problem
+        data["future"] = self.future
         data["folder"] = str(self.folder)
         return data
+
+    def future_warning(self) -> str:
+        """The warning for a set dated in the future."""
+        assert self.manifest is not None
+        return (f"{self.kind} set {self.id} is dated {self.manifest.created_at.isoformat(timespec='seconds')}, "
+                "in the future (clock wrong now or when it was made?): it is not `latest` and does not count "
+                "toward keep_last; check the clock, then restore it by name if it is the one you want")
 
 
 def now_local() -> dt.datetime:
@@ -146,9 +236,10 @@ def now_local() -> dt.datetime:
 
 
 def ensure_folder(path: Path) -> Path:
-    """Create a backup or log folder (mode 0750) if missing; raises StorageError."""
+    """Create a backup folder and its missing parents (0750 whatever the umask) if missing, by the
+    trusted-folder rules; raises StorageError, or Refused for a symlink or a stranger's folder."""
     try:
-        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        os.close(open_folder(path, create=True))
     except OSError as exc:
         raise storage_error(exc, path, "create folder") from None
     return path
@@ -179,18 +270,41 @@ def data_file_name(prefix: str, set_id: str, extension: str, compression: str) -
     return f"{prefix}{set_id}{extension}{EXTENSIONS[compression]}"
 
 
+def own_partial(kind: str, name: str) -> bool:
+    """Whether `name` is a `.partial` file this tool writes in `kind`'s folder: a backup, a safety backup
+    (a killed restore's) or a restore's scratch archive, each PREFIX+YYYYMMDD_HHMMSS then `.` or `_`."""
+    if not name.endswith(PARTIAL_SUFFIX) or "/" in name:
+        return False
+    prefixes = PREFIXES[kind].values() if kind in PREFIXES else [p for k in PREFIXES.values() for p in k.values()]
+    for prefix in (*prefixes, RESTORE_SCRATCH_PREFIX):
+        rest = name[len(prefix):] if name.startswith(prefix) else ""
+        if ID_RE.match(rest[:15]) and rest[15:16] in (".", "_"):
+            return True
+    return False
+
+
 def remove_stale_partials(folder: Path) -> list[str]:
-    """Delete `*.partial` files left by a run that died (call only while holding the target's lock)."""
+    """Delete the `*.partial` files this tool writes (own_partial) left in a kind's folder by a run that
+    died; call only while holding the kind's lock. Plain files with a trusted owner only: a symlink or a
+    stranger's file is left alone. Returns the names removed."""
     removed = []
-    for path in folder.glob(f"*{PARTIAL_SUFFIX}"):
-        if _NAME_RE.match(path.name):
-            try:
-                path.unlink()
-                removed.append(path.name)
-            except OSError:
-                pass
-    if removed:
-        fsync_dir(folder)
+    try:
+        fd = open_folder(folder)
+    except FileNotFoundError:
+        return []
+    try:
+        for name in sorted(os.listdir(fd)):
+            if not own_partial(folder.name, name) or file_problem(folder / name):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+                removed.append(name)
+        if removed:
+            os.fsync(fd)
+    except OSError as exc:
+        raise storage_error(exc, folder, "clean") from None
+    finally:
+        os.close(fd)
     return removed
 
 
@@ -211,8 +325,8 @@ def base_manifest(kind: Kind, set_type: str, prefix: str, set_id: str, created: 
 def read_manifest(path: Path) -> Manifest:
     """Load one manifest; raises ValueError if it is unreadable or not a manifest."""
     try:
-        return Manifest.model_validate_json(path.read_bytes())
-    except (OSError, ValidationError) as exc:
+        return Manifest.model_validate_json(read_small(path, root=path.parent))  # never through a symlink
+    except (OSError, ValidationError, KkuaError) as exc:
         raise ValueError(f"{path.name}: {exc}") from exc
 
 
@@ -247,9 +361,10 @@ def unmanaged_files(backup_dir: Path, kind: str) -> list[str]:
 
 
 def latest(backup_dir: Path, kind: str) -> BackupSet | None:
-    """The newest good regular backup of `kind` (safety backups and failed sets are not candidates)."""
+    """The newest good regular backup of `kind` (safety backups, failed or invalid sets and sets dated in
+    the future are not candidates)."""
     for s in list_sets(backup_dir, kind):
-        if s.manifest and s.manifest.type == "backup" and s.status == "ok":
+        if s.manifest and s.manifest.type == "backup" and s.status == "ok" and not s.future:
             return s
     return None
 
@@ -261,6 +376,14 @@ def resolve(backup_dir: Path, kind: str, spec: str) -> BackupSet:
     """
     folder = kind_folder(backup_dir, kind)
     if spec in ("", "latest"):
+        ahead = [s for s in list_sets(backup_dir, kind)
+                 if s.manifest and s.manifest.type == "backup" and s.status == "ok" and s.future]
+        if ahead:
+            # Neither the future-dated set nor an older one is picked silently: the clock is wrong now or
+            # was when it was made, and only the operator knows which set holds the data they want.
+            raise Refused(f"`latest` is ambiguous: {ahead[0].future_warning()}",
+                          hint=f"name the set to restore (kkua-backup restore {kind} ID; see `kkua-backup list "
+                               f"{kind}`)")
         found = latest(backup_dir, kind)
         if found is None:
             raise UsageError(f"no complete {kind} backup in {folder}",

@@ -34,6 +34,12 @@ except ImportError:  # no wheel for this platform: the standard zlib gives the s
 
 from kkua_backupd.errors import IntegrityError, StorageError
 from kkua_backupd.obs.progress import Progress
+from kkua_backupd.safefs import (
+    FILE_MODE,
+    open_at,
+    open_file,
+    open_folder,
+)
 
 Compression = Literal["gzip", "zstd", "none"]
 CHUNK = 1 << 20
@@ -41,8 +47,6 @@ GZIP_BLOCK = 4 << 20
 EXTENSIONS: dict[str, str] = {"gzip": ".gz", "zstd": ".zst", "none": ""}
 # zstd 1, not 3: on dump data it is as small (or smaller) for half the CPU (docs/decisions/0005).
 DEFAULT_LEVELS: dict[str, int] = {"gzip": 6, "zstd": 1, "none": 0}
-FILE_MODE = 0o640
-DIR_MODE = 0o750
 
 
 class Compressor(Protocol):
@@ -201,7 +205,7 @@ class FileInfo:
 
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename or unlink inside it survives a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -226,18 +230,25 @@ def storage_error(exc: OSError, path: Path, action: str = "write") -> StorageErr
 
 class AtomicFile:
     """A file that appears under its name only once complete: written to `NAME.partial`, fsynced,
-    renamed, and the folder fsynced. Leaving the `with` block on an error removes the partial file."""
+    renamed, and the folder fsynced. Leaving the `with` block on an error removes the partial file.
+    The folder is opened once by the trusted-folder rules and every step works relative to it, so a
+    folder swapped for a symlink meanwhile changes nothing; the file gets `mode` whatever the umask."""
 
     def __init__(self, path: Path, mode: int = FILE_MODE) -> None:
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
         self.size = 0
         self._hash = hashlib.sha256()
+        self._dir_fd: int | None = None
         try:
-            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-            os.fchmod(fd, mode)
+            self._dir_fd = open_folder(path.parent)
+            fd = open_at(self._dir_fd, self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         except OSError as exc:
+            self._close_dir()
             raise storage_error(exc, self.partial, "create") from None
+        except BaseException:
+            self._close_dir()
+            raise
         self._fh: IO[bytes] | None = os.fdopen(fd, "wb", buffering=CHUNK)
 
     def __enter__(self) -> AtomicFile:
@@ -247,6 +258,12 @@ class AtomicFile:
                  tb: TracebackType | None) -> None:
         if exc_type is not None or self._fh is not None:
             self.abort()
+
+    def _close_dir(self) -> None:
+        if self._dir_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._dir_fd)
+            self._dir_fd = None
 
     def write(self, data: bytes) -> None:
         """Append `data`, hashing it; raises StorageError (disk full, I/O error)."""
@@ -270,16 +287,17 @@ class AtomicFile:
 
     def commit(self) -> FileInfo:
         """fsync, rename into place and fsync the folder; returns the file's name, size and sha256."""
-        assert self._fh is not None
+        assert self._fh is not None and self._dir_fd is not None
         try:
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
             self._fh = None
-            os.rename(self.partial, self.path)
-            fsync_dir(self.path.parent)
+            os.rename(self.partial.name, self.path.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            os.fsync(self._dir_fd)
         except OSError as exc:
-            raise storage_error(exc, self.path) from None
+            raise storage_error(exc, self.path) from None  # the partial file goes in abort()
+        self._close_dir()
         return FileInfo(self.path.name, self.size, self._hash.hexdigest())
 
     def abort(self) -> None:
@@ -288,8 +306,10 @@ class AtomicFile:
             with contextlib.suppress(OSError):
                 self._fh.close()
             self._fh = None
-        with contextlib.suppress(FileNotFoundError):
-            self.partial.unlink()
+        if self._dir_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial.name, dir_fd=self._dir_fd)
+        self._close_dir()
 
 
 def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> FileInfo:
@@ -313,7 +333,7 @@ def stream_chunks(read: Callable[[int], bytes], progress: Progress | None = None
 def file_chunks(path: Path, progress: Progress | None = None) -> Iterator[bytes]:
     """Yield the bytes of a file in chunks; raises StorageError if it cannot be read."""
     try:
-        fh = path.open("rb", buffering=0)
+        fh = os.fdopen(open_file(path, os.O_RDONLY), "rb", buffering=0)
     except OSError as exc:
         raise storage_error(exc, path, "read") from None
     with fh:

@@ -57,6 +57,7 @@ def test_environment_overrides_file_and_env_file(tmp_path: Path) -> None:
     env_file.write_text('DATABASE_HOST=db\nDATABASE_PORT="6543"\nexport TEST_RESTORE=true\n'
                         "DATABASE_PASSWORD='from env file'\nBACKUP_RETENTION_DAYS=9 # comment\n"
                         "UNRELATED=$(rm -rf /)\n")
+    env_file.chmod(0o600)  # it holds a password: nobody else may read it
     path = write(tmp_path, f'env_file = "{env_file}"\n[postgres]\nhost = "filehost"\nport = 1111\n')
     loaded = load_config(path, {"DATABASE_PORT": "7777", "FORCE_RESTORE": "yes"})
     cfg = loaded.config
@@ -73,6 +74,7 @@ def test_environment_overrides_file_and_env_file(tmp_path: Path) -> None:
 def test_password_file_is_read_and_redacted(tmp_path: Path) -> None:
     secret = tmp_path / "pg.pass"
     secret.write_text("s3cret\n")
+    secret.chmod(0o600)
     path = write(tmp_path, f'[postgres]\npassword_file = "{secret}"\n')
     cfg = load_config(path, {}).config
     assert cfg.postgres.password is not None
@@ -117,6 +119,7 @@ def test_compression_level_must_fit_the_compression(tmp_path: Path, compression:
 
 def test_relative_env_file_is_next_to_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "app.env").write_text("DATABASE_NAME=from_env_file\n")
+    (tmp_path / "app.env").chmod(0o640)
     path = write(tmp_path, 'env_file = "app.env"\n')
     monkeypatch.chdir("/")
     assert load_config(path, {}).config.postgres.database == "from_env_file"

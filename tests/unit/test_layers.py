@@ -12,13 +12,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "kkua_backupd"
 NAME = "kkua_backupd"
 
-# Layers, top to bottom: cli -> install/daemon -> core -> sources -> config -> stream/store -> proc -> obs/errors.
+# Layers, top to bottom: cli -> install/daemon -> core -> sources -> config -> stream/store -> proc -> obs ->
+# safefs (opening files under the tool's folders without following symlinks) -> errors.
 # core.context (the frozen JobContext and the restore steps every source shares) is the one module of core that
 # sources see: it is what core hands a source, and it imports only config, store and errors.
 # config (with schedule) sits under sources: every layer above reads the typed config; it imports only
 # schedule and errors. `version` is kkua_backupd/__init__.py (the version string and nothing else).
 # demo is a front-end beside cli: it may use anything below, and nothing imports it.
-BELOW_CORE = {"core.context", "sources", "config", "schedule", "stream", "store", "proc", "obs", "errors",
+BELOW_CORE = {"core.context", "sources", "config", "schedule", "stream", "store", "proc", "obs", "safefs", "errors",
               "version"}
 ALLOWED: dict[str, set[str]] = {
     "cli": {"install", "daemon", "core", *BELOW_CORE},
@@ -26,14 +27,15 @@ ALLOWED: dict[str, set[str]] = {
     "install": {"core", *BELOW_CORE},
     "daemon": {"core", *BELOW_CORE},
     "core": set(BELOW_CORE),
-    "core.context": {"config", "schedule", "store", "stream", "obs", "errors", "version"},
-    "sources": {"core.context", "config", "schedule", "stream", "store", "proc", "obs", "errors", "version"},
-    "config": {"schedule", "errors"},
+    "core.context": {"config", "schedule", "store", "stream", "obs", "safefs", "errors", "version"},
+    "sources": {"core.context", "config", "schedule", "stream", "store", "proc", "obs", "safefs", "errors", "version"},
+    "config": {"schedule", "safefs", "errors"},
     "schedule": {"errors"},
-    "store": {"stream", "obs", "errors", "version"},
-    "stream": {"obs", "errors"},
-    "proc": {"obs", "errors"},
-    "obs": {"errors"},
+    "store": {"stream", "obs", "safefs", "errors", "version"},
+    "stream": {"obs", "safefs", "errors"},
+    "proc": {"obs", "safefs", "errors"},
+    "obs": {"safefs", "errors"},
+    "safefs": {"errors"},
     "errors": set(),
     "version": set(),
 }

@@ -266,3 +266,14 @@ def test_partials_older_than_a_day_go() -> None:
 ])
 def test_partial_names(kind: str, name: str, ok: bool) -> None:
     assert partial_name_ok(kind, name) is ok
+
+
+def test_a_future_dated_set_does_not_count_toward_keep_last() -> None:
+    # With a wrong clock a set dated next month would otherwise stand in for the newest good set and
+    # let the real newest one (10 days old) be deleted.
+    sets = [cand(-30), cand(10), cand(20)]
+    decisions = by_id(select(sets, NOW, RetentionConfig(days=7, keep_last=1)))
+    assert decisions[sets[0].id].action == "keep"
+    assert "not counted toward keep_last" in decisions[sets[0].id].reason
+    assert decisions[sets[1].id].action == "keep"
+    assert deleted(list(decisions.values())) == {sets[2].id}
