@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kkua_backupd.demo.sandbox import table_contents
 
 from ..conftest import Env, RedisEnv
