@@ -1,0 +1,77 @@
+"""Restored SQL cannot run psql meta-commands or change database (issue 11): a set whose SQL was given one,
+with its manifest's checksums rewritten to match (what someone who can write the folder could do), is refused
+by verify and by every restore path before any change, naming the meta-command; nothing it asks for runs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from ..conftest import Env
+from ..helpers import describe, output
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def meta_commands(proof: Path) -> dict[str, bytes]:
+    """Each meta-command the issue names, written so that running it would leave `proof` behind or escape
+    the restore's transaction."""
+    return {
+        "shell": b"\\! touch " + bytes(proof) + b"\n",
+        "connect": b"\\connect postgres\n",
+        "copy-to-program": b"\\copy (SELECT 1) TO PROGRAM 'touch " + bytes(proof) + b"'\n",
+        "output-to-pipe": b"\\o | touch " + bytes(proof) + b"\n",
+        "include": b"\\i /etc/passwd\n",
+        "gexec": b"SELECT 'CREATE TABLE public.escaped (x int)' \\gexec\n",
+        "on-error-stop-off": b"\\set ON_ERROR_STOP off\n",
+    }
+
+
+def plant(env: Env, manifest: dict[str, object], line: bytes) -> None:
+    """Put `line` into the set's SQL after its first COPY block, and make the manifest match the new bytes."""
+    files = manifest["files"]
+    assert isinstance(files, list)
+    path = env.folder / files[0]["name"]
+    text = gzip.decompress(path.read_bytes())
+    at = text.index(b"\n\\.\n") + len(b"\n\\.\n")
+    path.write_bytes(gzip.compress(text[:at] + line + text[at:]))
+    mpath = env.folder / f"kkua_backup_{manifest['id']}.manifest.json"
+    data = json.loads(mpath.read_text())
+    data["files"][0].update(size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    mpath.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("kind", list(meta_commands(Path("/x"))))
+def test_a_planted_meta_command_is_refused_before_any_change(env: Env, kind: str, contents: object,
+                                                             workdir: Path) -> None:
+    proof = workdir / "pwned"
+    line = meta_commands(proof)[kind]
+    env.write_config(format="plain", compression="gzip")
+    manifest = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    plant(env, manifest, line)
+    with env.connect() as conn:
+        conn.execute("CREATE TABLE public.after_backup (id int)")  # the data a restore would replace
+        before = contents(conn)  # type: ignore[operator]
+
+    verify = env.run("verify", "latest")
+    assert verify.returncode == 3, describe(verify)
+    assert "meta-command" in output(verify), describe(verify)
+
+    name = manifest["files"][0]["name"]  # type: ignore[index]
+    for args in (("restore", "postgres", name, "--force"),
+                 ("restore", "postgres", name, "--target-db", "kkua_meta_copy")):
+        result = env.run(*args)
+        assert result.returncode == 3, describe(result)
+        assert "meta-command" in output(result) and "nothing was changed" in output(result), describe(result)
+
+    assert not proof.exists(), "a planted meta-command ran"
+    with env.connect() as conn:
+        assert contents(conn) == before  # type: ignore[operator]
+        databases = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+        tables = {row[0] for row in conn.execute("SELECT relname FROM pg_class WHERE relname = 'escaped'")}
+    assert "kkua_meta_copy" not in databases and tables == set()
+    assert not list(env.folder.glob("safety_backup_*")), "refused before the safety backup"
