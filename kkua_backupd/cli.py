@@ -8,6 +8,7 @@ JSON document (the result, or {"error": ...}) and log lines go to stderr.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from typing import Any
 
 from . import __version__, logs, state
 from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
-from .errors import ConfigError, Interrupted, KkuaError, UsageError
+from .errors import ConfigError, Interrupted, JobError, KkuaError, UsageError
 from .jobs import JobContext
 from .progress import human_bytes, interactive
 from .storage import KINDS, BackupSet, latest, list_sets, resolve, unmanaged_files
@@ -211,8 +212,17 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
     if args.flush or args.aof or args.mode:
         raise UsageError("--flush, --aof and --mode are for `restore redis`")
     from .jobs import postgres as pg_job
-    report = pg_job.restore(ctx, args.file, force=args.force, target_db=args.target_db,
-                            safety_backup=not args.no_safety_backup)
+    started = dt.datetime.now(dt.UTC)
+    try:
+        report = pg_job.restore(ctx, args.file, force=args.force, target_db=args.target_db,
+                                safety_backup=not args.no_safety_backup)
+    except JobError as exc:  # after the safety backup: say where the data from before is
+        safety = _safety_made_since(ctx, "postgres", started)
+        if safety is None:
+            raise
+        note = f"the data from before is in {safety} (undo with: kkua-backup restore postgres {safety} --force)"
+        exc.hint = f"{exc.hint}; {note}" if exc.hint else note
+        raise
     safety = report.get("safety_backup")
     _human(ctx, f"Restored {report['file']} into database {report['database']!r}: {report['tables']} tables, "
                 f"{report['rows']} rows, {report['seconds']} s; row counts "
@@ -222,6 +232,15 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
         _human(ctx, f"The data from before is in {safety['file']} "
                     f"(undo with: kkua-backup restore postgres {safety['file']})")
     return report
+
+
+def _safety_made_since(ctx: JobContext, kind: str, since: dt.datetime) -> str | None:
+    """The safety backup of `kind` a restore started at `since` took, if it took one."""
+    for backup_set in list_sets(ctx.config.backup_dir, kind):
+        m = backup_set.manifest
+        if m is not None and m.type == "safety" and m.created_at >= since.replace(microsecond=0):
+            return backup_set.name
+    return None
 
 
 def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
@@ -337,11 +356,16 @@ def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
 
 
 def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:
+    from .jobs.redis_restore import interrupted_file_restore
     report = state.status_report(ctx.config)
+    notice = interrupted_file_restore(ctx.config)
+    report["redis_restore"] = notice
     if not ctx.json_mode:
         for line in state.format_status(report):
             _human(ctx, line)
-    return report
+        if notice:
+            _human(ctx, f"WARNING: {notice}")
+    return (report, 1) if notice and "was killed" in notice else report
 
 
 def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> Any:
@@ -366,9 +390,17 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[str]:
     return lines
 
 
+# What a SIGTERM leaves is said by the command it stops: a backup keeps no partial file; a restore's own
+# error says what the target holds and how to undo it (so no generic hint there).
+_SIGTERM_HINT = {"restore": None}
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(f"stopped by signal {signal.Signals(signum).name}",
-                      hint="no partial file was kept; run the job again")
+                      hint=_SIGTERM_HINT.get(_COMMAND[0], "no partial file was kept; run the job again"))
+
+
+_COMMAND = [""]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_mode = getattr(args, "json", False)
     sink = logs.setup(to_stderr=json_mode, verbose=getattr(args, "verbose", False))
     log = logs.get_logger()
+    _COMMAND[0] = args.command
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         loaded = _load_config(args, log)
