@@ -704,7 +704,8 @@ def _after_failure(ctx: JobContext, rc: RedisConfig, layout: FileLayout, undo: _
     safety = _safety_note(ctx)
     with _signals_deferred(ctx) as deferred:
         undone = ""
-        if not in_place and (undo.rdb is not None or undo.moved or undo.created):
+        changed = undo.rdb is not None or bool(undo.moved or undo.created)
+        if not in_place and changed:
             try:
                 undo.rollback(ctx)
             except OSError as problem:
@@ -721,7 +722,8 @@ def _after_failure(ctx: JobContext, rc: RedisConfig, layout: FileLayout, undo: _
                 start_error = _reason(second)
         up = start_error is None and _answers(rc)
     if not in_place and not undone and up:
-        state = f"{server} runs again with its previous data (the restore was undone)"
+        state = (f"{server} runs again with its previous data "
+                 + ("(the restore was undone)" if changed else "(no file had been changed yet)"))
         _clear_marker(ctx)
     elif up:
         state = (f"{server} runs with the restored data; the previous files are kept in {layout.dir} as "
@@ -734,7 +736,8 @@ def _after_failure(ctx: JobContext, rc: RedisConfig, layout: FileLayout, undo: _
                  f"{', '.join(undo.kept()) or '(none: there were none)'}")
         state = f"{server} is still DOWN ({start_error or 'it does not answer'}); {where}; start it with: {start}"
     message = f"the file-mode restore failed: {why}; {state}"
-    hint = (f"{safety}; see the Redis log" if safety else "see the Redis log")
+    back = not in_place and not undone and up  # nothing to undo: the server holds what it held
+    hint = f"{safety}; see the Redis log" if safety and not back else "see the Redis log"
     ctx.log.error("file-mode restore failed", error=why, state=state)
     if deferred or isinstance(exc, (Interrupted, KeyboardInterrupt)):
         return Interrupted(message, hint=hint)
