@@ -456,6 +456,9 @@ def _logical_failure(ctx: JobContext, target: TargetInfo, written: list[int], fl
         hint = f"{undo}; or run this restore again to finish it"
     else:
         hint = "no safety backup was taken (--no-safety-backup): run this restore again to finish it"
+    first = exc.hint if isinstance(exc, KkuaError) and not isinstance(exc, Interrupted) else None
+    if first:  # what to do about the cause (an ACL, memory) comes first; the undo is said here
+        hint = first.replace("; the safety backup holds the data from before", "") + f"; {hint}"
     message = f"the restore stopped before it finished: {why}; {state}"
     ctx.log.error("restore stopped midway", error=why, state=state)
     if isinstance(exc, (Interrupted, KeyboardInterrupt)):
