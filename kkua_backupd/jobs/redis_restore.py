@@ -56,7 +56,7 @@ from ..redis_rdb import NEWEST_REDIS_RDB, NEWEST_VALKEY_RDB, RdbScanner, RdbSumm
 from ..storage import PREFIXES, BackupSet, ManifestFile, resolve
 from . import JobContext, check_restorable
 from .postgres import RestorePlan, confirm
-from .redis import capture, check_files, compare_counts
+from .redis import capture, check_files, compare_counts, same_sha256
 from .redis_copy import Target as TargetInfo
 from .redis_copy import copy, describe_server, flush_databases, plan_copy
 
@@ -290,10 +290,18 @@ def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, 
             if earlier:
                 raise ConnectionFailed(f"{exc.message}; {earlier}", hint=exc.hint) from None
             raise
-        if not source.aof:
-            report["rdb_version"] = check_rdb_version(path, source, target, mode)
-        report["server_version"] = target.version
-        report["check"], summary = check_files(ctx, backup_set)
+        try:
+            if not source.aof:
+                report["rdb_version"] = check_rdb_version(path, source, target, mode)
+            report["server_version"] = target.version
+            report["check"], summary = check_files(ctx, backup_set)
+        except IntegrityError:
+            # A reader stopped at damage before any sha256 was complete: a file that is not the one the
+            # backup wrote is named as such first.
+            for entry in backup_set.manifest.files if backup_set.manifest else []:
+                if backup_set.path(entry.name).is_file():
+                    same_sha256(backup_set.path(entry.name), entry.name, entry.sha256)
+            raise
         if mode == "logical":
             _logical(ctx, backup_set, source, target, summary, report, force=force, flush=flush,
                      safety_backup=safety_backup)
