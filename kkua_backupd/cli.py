@@ -218,7 +218,11 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
         report = pg_job.restore(ctx, args.file, force=args.force, target_db=args.target_db,
                                 safety_backup=not args.no_safety_backup)
     except IntegrityError as exc:
-        raise _checksum_first(ctx, resolve(ctx.config.backup_dir, "postgres", args.file), exc) from None
+        try:
+            backup_set = resolve(ctx.config.backup_dir, "postgres", args.file)
+        except KkuaError:
+            raise exc from None
+        raise _checksum_first(ctx, backup_set, exc) from None
     except JobError as exc:  # after the safety backup: say where the data from before is
         safety = _safety_made_since(ctx, "postgres", started)
         if safety is None:
@@ -243,8 +247,8 @@ def _checksum_first(ctx: JobContext, backup_set: BackupSet, exc: IntegrityError)
     the file is not the one the backup wrote. (For PostgreSQL sets; Redis's check_files does it itself.)"""
     for entry in backup_set.manifest.files if backup_set.manifest else []:
         path = backup_set.path(entry.name)
-        if not path.is_file():
-            continue
+        if not path.is_file() or path.stat().st_size != entry.size:
+            return exc  # missing or truncated: `exc` says so exactly
         digest = hashlib.sha256()
         with path.open("rb") as fh:
             while chunk := fh.read(1 << 20):

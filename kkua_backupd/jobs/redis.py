@@ -31,7 +31,7 @@ import redis
 
 from .. import execute, redis_values
 from ..config import RedisConfig
-from ..errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError
+from ..errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError, VersionTooNew
 from ..lock import TargetLock
 from ..pipeline import (
     AtomicFile,
@@ -755,9 +755,9 @@ def check_files(ctx: JobContext, backup_set: BackupSet) -> tuple[dict[str, Any],
             else:
                 found = check_file(path, compression, progress)
                 entry = {"size": found.size, "sha256": found.sha256, "uncompressed": found.uncompressed}
-        except IntegrityError:
-            # The reader (gzip/zstd framing, the RDB's CRC-64) stops at a flipped byte before the sha256 is
-            # complete: a file that is not the one the backup wrote is named as such first.
+        except (IntegrityError, VersionTooNew):
+            # The reader (gzip/zstd framing, the RDB's CRC-64, a type byte it does not know) stops at a flipped
+            # byte before the sha256 is complete: a file that is not the one the backup wrote is named first.
             if expected is not None:
                 same_sha256(path, name, expected.sha256)
             raise

@@ -208,8 +208,8 @@ def _target_info(rc: RedisConfig) -> TargetInfo:
     if replication.get("role") == "slave":
         master = f"{replication.get('master_host', '?')}:{replication.get('master_port', '?')}"
         raise Refused(f"{rc.host}:{rc.port} is a read-only replica of {master}: what is restored into it would "
-                         "be replaced by its master's data; nothing was changed",
-                         hint=f"restore into its master ({master}); the replica copies it from there")
+                      "be replaced by its master's data; nothing was changed",
+                      hint=f"restore into its master ({master}); the replica copies it from there")
     return TargetInfo(flavor, version, rdb_max, int(settings.get("databases", 16)), hfe,
                       int(settings.get("proto-max-bulk-len", 512 << 20)), keyspace)
 
@@ -295,12 +295,13 @@ def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, 
                 report["rdb_version"] = check_rdb_version(path, source, target, mode)
             report["server_version"] = target.version
             report["check"], summary = check_files(ctx, backup_set)
-        except IntegrityError:
-            # A reader stopped at damage before any sha256 was complete: a file that is not the one the
-            # backup wrote is named as such first.
+        except (IntegrityError, VersionTooNew):
+            # A reader stopped at damage before any sha256 was complete: a file of the right size that is
+            # not the one the backup wrote is named as such first (a wrong size has its own message).
             for entry in backup_set.manifest.files if backup_set.manifest else []:
-                if backup_set.path(entry.name).is_file():
-                    same_sha256(backup_set.path(entry.name), entry.name, entry.sha256)
+                entry_path = backup_set.path(entry.name)
+                if entry_path.is_file() and entry_path.stat().st_size == entry.size:
+                    same_sha256(entry_path, entry.name, entry.sha256)
             raise
         if mode == "logical":
             _logical(ctx, backup_set, source, target, summary, report, force=force, flush=flush,
