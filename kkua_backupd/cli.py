@@ -8,6 +8,8 @@ JSON document (the result, or {"error": ...}) and log lines go to stderr.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import hashlib
 import json
 import os
 import signal
@@ -21,7 +23,7 @@ from kkua_backupd import __version__
 from kkua_backupd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
 from kkua_backupd.core import state
 from kkua_backupd.core.context import JobContext, clean_stale, refuse_untrusted
-from kkua_backupd.errors import ConfigError, Interrupted, KkuaError, UsageError
+from kkua_backupd.errors import ConfigError, IntegrityError, Interrupted, JobError, KkuaError, UsageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes, interactive
 from kkua_backupd.safefs import folder_problems, set_trusted_roots
@@ -224,8 +226,23 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
     if args.flush or args.aof or args.mode:
         raise UsageError("--flush, --aof and --mode are for `restore redis`")
     from kkua_backupd.sources.postgres import job as pg_job
-    report = pg_job.restore(ctx, args.file, force=args.force, target_db=args.target_db,
-                            safety_backup=not args.no_safety_backup)
+    started = dt.datetime.now(dt.UTC)
+    try:
+        report = pg_job.restore(ctx, args.file, force=args.force, target_db=args.target_db,
+                                safety_backup=not args.no_safety_backup)
+    except IntegrityError as exc:
+        try:
+            backup_set = resolve(ctx.config.backup_dir, "postgres", args.file)
+        except KkuaError:
+            raise exc from None
+        raise _checksum_first(ctx, backup_set, exc) from None
+    except JobError as exc:  # after the safety backup: say where the data from before is
+        safety = _safety_made_since(ctx, "postgres", started)
+        if safety is None:
+            raise
+        note = f"the data from before is in {safety} (undo with: kkua-backup restore postgres {safety} --force)"
+        exc.hint = f"{exc.hint}; {note}" if exc.hint else note
+        raise
     safety = report.get("safety_backup")
     _human(ctx, f"Restored {report['file']} into database {report['database']!r}: {report['tables']} tables, "
                 f"{report['rows']} rows, {report['seconds']} s; row counts "
@@ -235,6 +252,33 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
         _human(ctx, f"The data from before is in {safety['file']} "
                     f"(undo with: kkua-backup restore postgres {safety['file']})")
     return report
+
+
+def _checksum_first(ctx: JobContext, backup_set: BackupSet, exc: IntegrityError) -> IntegrityError:
+    """The checksum error when a file of the set differs from its manifest's sha256, else `exc`: a
+    decompressor stops at a flipped byte before the sha256 is complete, and the operator should read that
+    the file is not the one the backup wrote. (For PostgreSQL sets; Redis's check_files does it itself.)"""
+    for entry in backup_set.manifest.files if backup_set.manifest else []:
+        path = backup_set.path(entry.name)
+        if not path.is_file() or path.stat().st_size != entry.size:
+            return exc  # missing or truncated: `exc` says so exactly
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != entry.sha256:
+            return IntegrityError(f"{entry.name} does not match its checksum (sha256 {digest.hexdigest()[:12]}..., "
+                                  f"manifest {entry.sha256[:12]}...)", hint="the file is corrupt; use another backup")
+    return exc
+
+
+def _safety_made_since(ctx: JobContext, kind: str, since: dt.datetime) -> str | None:
+    """The safety backup of `kind` a restore started at `since` took, if it took one."""
+    for backup_set in list_sets(ctx.config.backup_dir, kind):
+        m = backup_set.manifest
+        if m is not None and m.type == "safety" and m.created_at >= since.replace(microsecond=0):
+            return backup_set.name
+    return None
 
 
 def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
@@ -324,6 +368,8 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
             report = job.verify_set(job_context(ctx.config, backup_set.kind, json_mode=ctx.json_mode), backup_set,
                                     restore_test=args.restore_test)
         except KkuaError as exc:
+            if isinstance(exc, IntegrityError) and backup_set.kind == "postgres":
+                exc = _checksum_first(ctx, backup_set, exc)
             ctx.log.error("verification failed", file=backup_set.name, error=str(exc))
             report = {"kind": backup_set.kind, "id": backup_set.id, "name": backup_set.name, "ok": False,
                       "error": str(exc)}
@@ -359,14 +405,19 @@ def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
 
 
 def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:
+    from kkua_backupd.sources.redis.restore import interrupted_file_restore
     report = state.status_report(ctx.config)
     report["warnings"] = [s.future_warning() for s in list_sets(ctx.config.backup_dir) if s.future]
+    notice = interrupted_file_restore(ctx.config)
+    report["redis_restore"] = notice
     if not ctx.json_mode:
         for line in state.format_status(report):
             _human(ctx, line)
         for text in report["warnings"]:
             _human(ctx, f"warning: {text}")
-    return report
+        if notice:
+            _human(ctx, f"WARNING: {notice}")
+    return (report, 1) if notice and "was killed" in notice else report
 
 
 def trust_problems(config: Config) -> list[str]:
@@ -409,9 +460,17 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[str]:
     return lines
 
 
+# What a SIGTERM leaves is said by the command it stops: a backup keeps no partial file; a restore's own
+# error says what the target holds and how to undo it (so no generic hint there).
+_SIGTERM_HINT = {"restore": None}
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(f"stopped by signal {signal.Signals(signum).name}",
-                      hint="no partial file was kept; run the job again")
+                      hint=_SIGTERM_HINT.get(_COMMAND[0], "no partial file was kept; run the job again"))
+
+
+_COMMAND = [""]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -421,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_mode = getattr(args, "json", False)
     sink = logs.setup(to_stderr=json_mode, verbose=getattr(args, "verbose", False))
     log = logs.get_logger()
+    _COMMAND[0] = args.command
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         loaded = _load_config(args, log)

@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # python3-venv: the system tests build /opt/kkua-backupd from Debian's python3, as operators do;
-# cron: `kkua-backup cron install --user` is tested against the real crontab command.
+# cron: `kkua-backup cron install --user` is tested against the real crontab command;
+# strace: tests/integration/test_commit_order.py stops a backup at each step of its commit.
 packages=(postgresql postgresql-client redis-server redis-tools gzip zstd util-linux procps systemd systemd-container
-          python3-venv cron)
+          python3-venv cron strace)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

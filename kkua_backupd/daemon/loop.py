@@ -92,6 +92,18 @@ def validate(config: Config) -> None:
         raise ConfigError("invalid schedule", problems=problems)
 
 
+def names_a_job(loaded: LoadedConfig) -> None:
+    """Raise ConfigError when the config names no server to back up: an empty or missing file, or one without
+    a [postgres] or [redis] section (nor DATABASE_*/REDIS_* settings). Every key has a default, so such a
+    file is valid, but at a reload it is far more likely a mistake (a truncated or wrong file) than a wish
+    to back up localhost's servers into /var/backups/kkua."""
+    named = any(key == kind or key.startswith(f"{kind}.") for key in loaded.sources for kind in ("postgres", "redis"))
+    if not named:
+        where = str(loaded.path) if loaded.path else "no config file (it is missing)"
+        raise ConfigError(f"the new configuration ({where}) names no job to run: it has no [postgres] or [redis] "
+                          "section", hint="fix the file and reload again")
+
+
 class Daemon:
     """The scheduler loop and its jobs."""
 
@@ -181,6 +193,7 @@ class Daemon:
         try:
             loaded = load_config(self.config_arg)
             validate(loaded.config)
+            names_a_job(loaded)
         except ConfigError as exc:
             self.log.error(f"reload failed; keeping the running configuration: {exc.message}",
                            problems=len(exc.problems))

@@ -9,6 +9,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -222,22 +224,51 @@ def test_cron_test_reports_each_job(world: tuple[Path, Path], tmp_path: Path) ->
     assert doc["jobs"]["retention"]["ok"] is True  # an empty backup folder: nothing to delete
 
 
-@pytest.mark.skipif(shutil.which("crontab") is None, reason="crontab is not installed (apt-get install cron)")
-def test_user_crontab(world: tuple[Path, Path], tmp_path: Path) -> None:
-    _, config = world
-    old = subprocess.run(["crontab", "-l"], capture_output=True, text=True, check=False)
+@pytest.fixture
+def throwaway_user() -> Iterator[str]:
+    """A system user made for this test and removed afterwards (its crontab with it): the test never
+    touches the crontab of a real user, root's included, even when it is killed midway."""
+    name = f"kkua-cron-{os.getpid()}"
+    made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                          capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a throwaway user here (needs root): {made.stderr.strip()}")
     try:
-        subprocess.run(["crontab", "-"], input="# mine\n", text=True, check=True)
-        assert cli("--config", str(config), "cron", "install", "--user").returncode == 0
-        text = subprocess.run(["crontab", "-l"], capture_output=True, text=True, check=True).stdout
-        assert text.startswith("# mine\n") and BEGIN in text and " kkua-backup " not in text.split(BEGIN)[1]
-        assert cli("--config", str(config), "cron", "uninstall", "--user").returncode == 0
-        assert subprocess.run(["crontab", "-l"], capture_output=True, text=True, check=True).stdout == "# mine\n"
+        yield name
     finally:
-        if old.returncode == 0:
-            subprocess.run(["crontab", "-"], input=old.stdout, text=True, check=True)
-        else:
-            subprocess.run(["crontab", "-r"], check=False)
+        subprocess.run(["crontab", "-u", name, "-r"], capture_output=True, check=False)
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+@pytest.mark.skipif(shutil.which("crontab") is None, reason="crontab is not installed (apt-get install cron)")
+def test_user_crontab(world: tuple[Path, Path], throwaway_user: str) -> None:
+    _, config = world
+    readable = Path(tempfile.mkdtemp(prefix="kkua-cron-"))  # pytest's tmp_path is root's alone
+    try:
+        readable.chmod(0o755)
+        shutil.copy(config, readable / "config.toml")
+        (readable / "config.toml").chmod(0o644)
+
+        def as_user(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["runuser", "-u", throwaway_user, "--", *args], input=stdin, capture_output=True,
+                                  text=True, timeout=120, check=False, cwd="/",
+                                  env={k: v for k, v in os.environ.items() if k != "KKUA_BACKUP_CONFIG"})
+
+        def crontab() -> str:
+            return as_user("crontab", "-l").stdout
+
+        assert as_user("crontab", "-", stdin="# mine\n").returncode == 0
+        installed = as_user(sys.executable, "-m", "kkua_backupd", "--config", str(readable / "config.toml"), "cron",
+                            "install", "--user")
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        text = crontab()
+        assert text.startswith("# mine\n") and BEGIN in text and " kkua-backup " not in text.split(BEGIN)[1]
+        removed = as_user(sys.executable, "-m", "kkua_backupd", "--config", str(readable / "config.toml"), "cron",
+                          "uninstall", "--user")
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        assert crontab() == "# mine\n"
+    finally:
+        shutil.rmtree(readable, ignore_errors=True)
 
 
 def test_uninstall_removes_nothing_the_record_cannot_have_written(world: tuple[Path, Path]) -> None:

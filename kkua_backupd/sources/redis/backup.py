@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import os
@@ -30,7 +31,7 @@ import redis
 
 from kkua_backupd.config import RedisConfig
 from kkua_backupd.core.context import JobContext, verify_report
-from kkua_backupd.errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError
+from kkua_backupd.errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError, VersionTooNew
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
 from kkua_backupd.sources.redis import values as redis_values
@@ -755,6 +756,12 @@ def check_files(ctx: JobContext, backup_set: BackupSet) -> tuple[dict[str, Any],
             else:
                 found = check_file(path, compression, progress)
                 entry = {"size": found.size, "sha256": found.sha256, "uncompressed": found.uncompressed}
+        except (IntegrityError, VersionTooNew):
+            # The reader (gzip/zstd framing, the RDB's CRC-64, a type byte it does not know) stops at a flipped
+            # byte before the sha256 is complete: a file that is not the one the backup wrote is named first.
+            if expected is not None:
+                same_sha256(path, name, expected.sha256)
+            raise
         finally:
             progress.clear()
         if expected is not None and entry["sha256"] != expected.sha256:
@@ -767,6 +774,18 @@ def check_files(ctx: JobContext, backup_set: BackupSet) -> tuple[dict[str, Any],
                      rdb_version=entry.get("rdb_version"), keys=entry.get("keys"), crc64=(entry.get("rdb") or {}).get(
                          "crc64"), redis_check_rdb=entry.get("redis_check_rdb"))
     return {"files": results, "rdb_version": version}, summary
+
+
+def same_sha256(path: Path, name: str, expected: str) -> None:
+    """Raise IntegrityError (the checksum message) when the file's sha256 differs from its manifest's."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    found = digest.hexdigest()
+    if found != expected:
+        raise IntegrityError(f"{name} does not match its checksum (sha256 {found[:12]}..., "
+                             f"manifest {expected[:12]}...)", hint="the file is corrupt; use another backup")
 
 
 @functools.lru_cache(maxsize=8)

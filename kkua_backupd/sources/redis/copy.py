@@ -399,6 +399,9 @@ class TargetWriter:
             what = f"key {owner[1]!r} in db {owner[0]}" if owner else "a command (SELECT, DEL or FUNCTION LOAD)"
             if "SELECT" in text or "DB index" in text:
                 what = "SELECT"
+            if text.startswith("READONLY"):
+                raise JobError(f"{self.rc.host}:{self.rc.port} is a read-only replica ({text})",
+                               hint="restore into its master; the replica copies it from there")
             raise JobError(f"{self.target.name} at {self.rc.host}:{self.rc.port} refused {what}: {text}",
                            hint="the restoring user needs RESTORE (ACL +restore), DEL and SELECT, and memory for the "
                                 "data; the safety backup holds the data from before")
@@ -446,6 +449,9 @@ def flush_databases(rc: RedisConfig, dbs: Iterator[int] | list[int]) -> dict[int
             with redis_protocol.connect(rc, db=db, timeout=rc.connect_timeout) as client:
                 removed[db] = int(client.dbsize())
                 client.flushdb()
+        except redis.ReadOnlyError as exc:
+            raise JobError(f"{rc.host}:{rc.port} is a read-only replica ({exc}); FLUSHDB on db {db} was refused",
+                           hint="restore into its master; the replica copies it from there") from None
         except redis.ResponseError as exc:
             raise JobError(f"FLUSHDB on db {db} was refused: {exc}",
                            hint="the restoring user needs the FLUSHDB command (ACL +flushdb)") from None

@@ -16,35 +16,49 @@ an AOF built from it) in place and starts it again.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import redis
 from pydantic import SecretStr
 
-from kkua_backupd.config import RedisConfig
+from kkua_backupd.config import Config, RedisConfig
 from kkua_backupd.core.context import JobContext, RestorePlan, check_restorable, confirm
-from kkua_backupd.errors import ConnectionFailed, IntegrityError, JobError, KkuaError, UsageError, VersionTooNew
+from kkua_backupd.errors import (
+    CommandFailed,
+    ConnectionFailed,
+    IntegrityError,
+    Interrupted,
+    JobError,
+    KkuaError,
+    Refused,
+    UsageError,
+    VersionTooNew,
+)
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
 from kkua_backupd.sources.redis import protocol as redis_protocol
-from kkua_backupd.sources.redis.backup import capture, check_files, compare_counts
+from kkua_backupd.sources.redis.backup import capture, check_files, compare_counts, same_sha256
 from kkua_backupd.sources.redis.copy import Target as TargetInfo
 from kkua_backupd.sources.redis.copy import copy, describe_server, flush_databases, plan_copy
 from kkua_backupd.sources.redis.local import LocalRedis
 from kkua_backupd.sources.redis.rdb import NEWEST_REDIS_RDB, NEWEST_VALKEY_RDB, RdbScanner, RdbSummary, file_header
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import PREFIXES, BackupSet, ManifestFile, resolve
-from kkua_backupd.stream.pipeline import AtomicFile, decompress, file_chunks, fsync_dir
+from kkua_backupd.stream.pipeline import AtomicFile, decompress, file_chunks, fsync_dir, write_atomic
 
 KIND = "redis"
 _JOB = "redis-restore"
@@ -188,8 +202,14 @@ def _target_info(rc: RedisConfig) -> TargetInfo:
                 with contextlib.suppress(redis.ResponseError):  # CONFIG may be denied to the restoring user
                     settings.update(client.config_get(name))
             keyspace = _keyspace_counts(client)
+            replication = client.info("replication")
     except (redis.RedisError, OSError) as exc:
         raise redis_protocol.connection_error(rc, exc) from None
+    if replication.get("role") == "slave":
+        master = f"{replication.get('master_host', '?')}:{replication.get('master_port', '?')}"
+        raise Refused(f"{rc.host}:{rc.port} is a read-only replica of {master}: what is restored into it would "
+                      "be replaced by its master's data; nothing was changed",
+                      hint=f"restore into its master ({master}); the replica copies it from there")
     return TargetInfo(flavor, version, rdb_max, int(settings.get("databases", 16)), hfe,
                       int(settings.get("proto-max-bulk-len", 512 << 20)), keyspace)
 
@@ -259,19 +279,38 @@ def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, 
     started = time.monotonic()
     with TargetLock(backup_dir, KIND, f"restore redis {source.name}", read_only_ok=not safety_backup):
         ctx.log.info("restore requested", file=source.name, mode=mode, flush=flush, host=rc.host, port=rc.port)
+        earlier = interrupted_file_restore(ctx.config)
+        if earlier:
+            ctx.log.warning(earlier)
         _check_status(ctx, backup_set)
         path = backup_set.path(source.name)
-        target = _target_info(rc)
-        if not source.aof:
-            report["rdb_version"] = check_rdb_version(path, source, target, mode)
-        report["server_version"] = target.version
-        report["check"], summary = check_files(ctx, backup_set)
+        try:
+            target = _target_info(rc)
+        except ConnectionFailed as exc:
+            if earlier:
+                raise ConnectionFailed(f"{exc.message}; {earlier}", hint=exc.hint) from None
+            raise
+        try:
+            if not source.aof:
+                report["rdb_version"] = check_rdb_version(path, source, target, mode)
+            report["server_version"] = target.version
+            report["check"], summary = check_files(ctx, backup_set)
+        except (IntegrityError, VersionTooNew):
+            # A reader stopped at damage before any sha256 was complete: a file of the right size that is
+            # not the one the backup wrote is named as such first (a wrong size has its own message).
+            for entry in backup_set.manifest.files if backup_set.manifest else []:
+                entry_path = backup_set.path(entry.name)
+                if entry_path.is_file() and entry_path.stat().st_size == entry.size:
+                    same_sha256(entry_path, entry.name, entry.sha256)
+            raise
         if mode == "logical":
             _logical(ctx, backup_set, source, target, summary, report, force=force, flush=flush,
                      safety_backup=safety_backup)
         else:
             _file_mode(ctx, backup_set, source, target, report, force=force, safety_backup=safety_backup)
         _compare_counts(ctx, backup_set, report)
+        if earlier:
+            _clear_marker(ctx)  # the server answered and holds what this restore put there
     report["seconds"] = round(time.monotonic() - started, 2)
     ctx.log.info("restore finished", file=source.name, mode=mode, keys=report["keys"],
                  databases=report["databases"], seconds=report["seconds"],
@@ -373,14 +412,20 @@ def _copy_logical(ctx: JobContext, backup_set: BackupSet, source: Source, target
     for note in plan.notes:
         ctx.log.warning("restore note", note=note)
     _confirm_and_protect(ctx, backup_set, lines, report, force=force, safety_backup=safety_backup)
-    if flush:
-        for db, removed in flush_databases(rc, written).items():
-            ctx.log.info("database emptied before restore (--flush)", db=db, keys_removed=removed)
-    copy_started = time.monotonic()
-    ctx.log.info("copying keys into the server", file=source.name, server=target.name,
-                 converted_types=", ".join(sorted({summary.type_name(t) for t, how in plan.how.items()
-                                                   if how != "native"})) or "none")
-    stats = copy(rc, rdb, target, plan, name=source.name, interactive=ctx.interactive)
+    flushed: list[int] = []
+    try:
+        if flush:
+            for db in written:
+                flushed.append(db)  # before the command: it may have run when its reply is lost
+                ctx.log.info("database emptied before restore (--flush)", db=db,
+                             keys_removed=flush_databases(rc, [db])[db])
+        copy_started = time.monotonic()
+        ctx.log.info("copying keys into the server", file=source.name, server=target.name,
+                     converted_types=", ".join(sorted({summary.type_name(t) for t, how in plan.how.items()
+                                                       if how != "native"})) or "none")
+        stats = copy(rc, rdb, target, plan, name=source.name, interactive=ctx.interactive)
+    except BaseException as exc:  # an error or a signal midway: say what the target holds and how to undo
+        raise _logical_failure(ctx, target, written, flushed, report, exc) from None
     seconds = max(time.monotonic() - copy_started, 1e-6)
     total = sum(stats.restored.values())
     report.update({"keys": total, "databases": {str(db): n for db, n in sorted(stats.restored.items())},
@@ -391,6 +436,48 @@ def _copy_logical(ctx: JobContext, backup_set: BackupSet, source: Source, target
     ctx.log.info("keys copied", keys=total, expired_skipped=stats.expired, converted=stats.converted,
                  size=human_bytes(stats.payload_bytes), seconds=round(seconds, 2),
                  keys_per_second=round(total / seconds))
+
+
+def _logical_failure(ctx: JobContext, target: TargetInfo, written: list[int], flushed: list[int],
+                     report: dict[str, Any], exc: BaseException) -> KkuaError:
+    """The error for a logical restore that stopped after its first change: what failed, what the target
+    holds now, and the exact command that puts back the data from before (the safety backup)."""
+    rc = ctx.config.redis
+    why = _reason(exc)
+    try:
+        with _connect(rc) as client:
+            now = _keyspace_counts(client)
+        holds = ", ".join(f"db{db}: {n} keys" for db, n in sorted(now.items())) or "no keys"
+        holds = f"it holds {holds} now"
+    except (redis.RedisError, OSError, KkuaError) as problem:
+        holds = f"what it holds now could not be read ({_reason(problem)})"
+    state = (f"{rc.host}:{rc.port} may be HALF-RESTORED: it stopped while writing the backup's keys of db "
+             f"{', '.join(map(str, written))}"
+             + (f" after db {', '.join(map(str, flushed))} had been emptied (--flush)" if flushed else
+                " over its previous data (the backup's keys replace those of the same name)")
+             + f"; {holds}")
+    safety = (report.get("safety_backup") or {}).get("file")
+    if safety:
+        undo = f"to undo, restore the data from before: {undo_command(safety)}"
+        fresh = [db for db in written if db not in target.keyspace]
+        if fresh:  # the undo empties only the databases the safety backup has keys in
+            undo += (f" (db {', '.join(map(str, fresh))} had no keys before: empty "
+                     f"{'it' if len(fresh) == 1 else 'them'} afterwards with FLUSHDB)")
+        hint = f"{undo}; or run this restore again to finish it"
+    else:
+        hint = "no safety backup was taken (--no-safety-backup): run this restore again to finish it"
+    first = exc.hint if isinstance(exc, KkuaError) and not isinstance(exc, Interrupted) else None
+    if first:  # what to do about the cause (an ACL, memory) comes first; the undo is said here
+        hint = first.replace("; the safety backup holds the data from before", "") + f"; {hint}"
+    message = f"the restore stopped before it finished: {why}; {state}"
+    ctx.log.error("restore stopped midway", error=why, state=state)
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        return Interrupted(message, hint=hint)
+    if isinstance(exc, IntegrityError):
+        return IntegrityError(message, hint=hint)
+    if isinstance(exc, ConnectionFailed):
+        return ConnectionFailed(message, hint=hint)
+    return JobError(message, hint=hint)
 
 
 @contextlib.contextmanager
@@ -498,26 +585,37 @@ def _file_mode(ctx: JobContext, backup_set: BackupSet, source: Source, target: T
     lines = _plan_lines(ctx, backup_set, source, target, effect, safety_backup)
     _confirm_and_protect(ctx, backup_set, lines, report, force=force, safety_backup=safety_backup)
     path = backup_set.path(source.name)
-    # Stop first: a server stopped after the file is placed would save its own data over it (SIGTERM save).
-    _run_command(ctx, rc, rc.stop_command or [], "stop")
-    _wait_port_closed(rc)
-    ctx.log.info("redis stopped", host=rc.host, port=rc.port)
-    owner = _owner_of(layout)
-    moved: list[str] = []
-    if source.aof:
-        moved = _install_aof(ctx, path, source, layout, stamp, owner)
-        report["aof_handling"] = "backup AOF installed"
-    else:
-        _install_rdb(ctx, path, source, layout, stamp, owner)
-        if layout.appendonly:
-            moved = _rebuild_aof_from_rdb(ctx, layout, stamp, owner)
-            report["aof_handling"] = "AOF moved aside and rebuilt from the restored RDB (as its base file)"
+    undo = _Undo(layout.dir)
+    # Written before the stop, removed once the server answers again: if we are killed (kill -9 runs no
+    # `finally`) while Redis is down, the next `restore` and `status` say so (interrupted_file_restore).
+    _write_marker(ctx, source, layout, report.get("safety_backup"))
+    in_place = False
+    try:
+        # Stop first: a server stopped after the file is placed would save its own data over it (SIGTERM save).
+        _run_command(ctx, rc, rc.stop_command or [], "stop")
+        _wait_port_closed(rc)
+        ctx.log.info("redis stopped", host=rc.host, port=rc.port)
+        owner = _owner_of(layout)
+        moved: list[str] = []
+        if source.aof:
+            moved = _install_aof(ctx, path, source, layout, stamp, owner, undo)
+            report["aof_handling"] = "backup AOF installed"
         else:
-            report["aof_handling"] = "AOF off; nothing to do"
-    report["moved_aside"] = moved
-    ctx.log.info("files in place", dir=str(layout.dir), aof=report["aof_handling"], moved_aside=", ".join(moved) or "-")
-    _run_command(ctx, rc, rc.start_command or [], "start")
-    _wait_loaded(rc)
+            _install_rdb(ctx, path, source, layout, stamp, owner, undo)
+            if layout.appendonly:
+                moved = _rebuild_aof_from_rdb(ctx, layout, stamp, owner, undo)
+                report["aof_handling"] = "AOF moved aside and rebuilt from the restored RDB (as its base file)"
+            else:
+                report["aof_handling"] = "AOF off; nothing to do"
+        report["moved_aside"] = moved
+        in_place = True
+        ctx.log.info("files in place", dir=str(layout.dir), aof=report["aof_handling"],
+                     moved_aside=", ".join(moved) or "-")
+        _run_command(ctx, rc, rc.start_command or [], "start")
+        _wait_loaded(rc)
+    except BaseException as exc:  # whatever stopped us, Redis must not stay down
+        raise _after_failure(ctx, rc, layout, undo, exc, in_place=in_place) from None
+    _clear_marker(ctx)
     try:
         with _connect(rc) as client:
             counts = _keyspace_counts(client)
@@ -528,6 +626,212 @@ def _file_mode(ctx: JobContext, backup_set: BackupSet, source: Source, target: T
                    "expired_skipped": int(persistence.get("rdb_last_load_keys_expired", 0) or 0),
                    "aof_enabled": bool(persistence.get("aof_enabled"))})
     ctx.log.info("redis started with the restored data", keys=report["keys"], aof_enabled=report["aof_enabled"])
+
+
+class _Undo:
+    """What a file-mode restore changed in the server's folder, so a failure before the new files are all
+    in place can put the previous ones back: the RDB kept under another name, AOFs moved aside, new paths."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.rdb: tuple[Path, Path | None] | None = None  # (dbfilename, its previous file kept as) once placed
+        self.moved: list[tuple[Path, Path]] = []  # (where it was, where it is now)
+        self.created: list[Path] = []
+
+    def kept(self) -> list[str]:
+        """The names the previous files are kept under."""
+        return ([self.rdb[1].name] if self.rdb and self.rdb[1] else []) + [aside.name for _, aside in self.moved]
+
+    def rollback(self, ctx: JobContext) -> None:
+        """Put the previous files back where they were; raises OSError when one cannot be."""
+        for path in reversed(self.created):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        for was, aside in reversed(self.moved):
+            aside.rename(was)
+        if self.rdb is not None:
+            dest, kept = self.rdb
+            if kept is not None:
+                os.replace(kept, dest)
+            else:
+                dest.unlink(missing_ok=True)
+        fsync_dir(self.folder)
+        ctx.log.info("the previous files were put back", dir=str(self.folder))
+        self.created, self.moved, self.rdb = [], [], None
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying what stopped a step (without the hint, which was about something else)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(exc, CommandFailed):
+        return exc.message + (": " + " | ".join(exc.stderr_tail[-3:]) if exc.stderr_tail else "")
+    if isinstance(exc, KkuaError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def _signals_deferred(ctx: JobContext) -> Iterator[list[int]]:
+    """SIGTERM and SIGINT are noted, not acted on, while a stopped server is being started again (the
+    start must not be cut short); the list holds the signals received."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        ctx.log.warning("signal received while Redis is being started again; stopping after that",
+                        signal=signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _answers(rc: RedisConfig) -> bool:
+    """Whether something accepts connections on the server's port."""
+    try:
+        with socket.create_connection((rc.host, rc.port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _after_failure(ctx: JobContext, rc: RedisConfig, layout: FileLayout, undo: _Undo, exc: BaseException, *,
+                   in_place: bool) -> KkuaError:
+    """A file-mode restore failed or was stopped: undo what is half done, start Redis again whatever happens
+    (the start command has its own timeout), and return the error saying what failed and in which state
+    the server is now, and where the previous files are."""
+    why = _reason(exc)
+    server = f"Redis at {rc.host}:{rc.port}"
+    start = " ".join(rc.start_command or [])
+    safety = _safety_note(ctx)
+    with _signals_deferred(ctx) as deferred:
+        undone = ""
+        changed = undo.rdb is not None or bool(undo.moved or undo.created)
+        if not in_place and changed:
+            try:
+                undo.rollback(ctx)
+            except OSError as problem:
+                undone = f"the previous files could not all be put back ({_reason(problem)})"
+        start_error = None
+        if _answers(rc):
+            ctx.log.info("redis answers", host=rc.host, port=rc.port)
+        else:
+            ctx.log.warning("starting Redis again after the failure", error=why)
+            try:
+                _run_command(ctx, rc, rc.start_command or [], "start")
+                _wait_loaded(rc)
+            except BaseException as second:  # reported in the message below
+                start_error = _reason(second)
+        up = start_error is None and _answers(rc)
+    if not in_place and not undone and up:
+        state = (f"{server} runs again with its previous data "
+                 + ("(the restore was undone)" if changed else "(no file had been changed yet)"))
+        _clear_marker(ctx)
+    elif up:
+        state = (f"{server} runs with the restored data; the previous files are kept in {layout.dir} as "
+                 f"{', '.join(undo.kept()) or '(none: there were none)'}")
+        _clear_marker(ctx)
+    else:
+        where = (f"{undone}; they are kept in {layout.dir} as {', '.join(undo.kept())}" if undone else
+                 f"its previous data is back in place in {layout.dir}" if not in_place else
+                 f"the restored files are in place in {layout.dir}; the previous ones are kept as "
+                 f"{', '.join(undo.kept()) or '(none: there were none)'}")
+        state = f"{server} is still DOWN ({start_error or 'it does not answer'}); {where}; start it with: {start}"
+    message = f"the file-mode restore failed: {why}; {state}"
+    back = not in_place and not undone and up  # nothing to undo: the server holds what it held
+    hint = f"{safety}; see the Redis log" if safety and not back else "see the Redis log"
+    ctx.log.error("file-mode restore failed", error=why, state=state)
+    if deferred or isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        return Interrupted(message, hint=hint)
+    return JobError(message, hint=hint)
+
+
+def _safety_note(ctx: JobContext) -> str:
+    """Where the data from before this restore is, with the command that brings it back, when known."""
+    marker = _read_marker(ctx.config)
+    name = (marker or {}).get("safety_backup")
+    if not name:
+        return ""
+    return f"the data from before is in {name} (undo with: {undo_command(name)})"
+
+
+def undo_command(safety_file: str) -> str:
+    """The command that puts back the data a safety backup holds."""
+    return f"kkua-backup restore redis {safety_file} --force --flush"
+
+
+# A file-mode restore in progress (or killed while Redis was stopped): written before the stop command,
+# removed once the server answers again.
+_MARKER = "redis-file-restore.json"
+
+
+def _marker_path(config: Config) -> Path:
+    return config.state_file.parent / _MARKER
+
+
+def _write_marker(ctx: JobContext, source: Source, layout: FileLayout, safety: dict[str, Any] | None) -> None:
+    rc = ctx.config.redis
+    path = _marker_path(ctx.config)
+    doc = {"pid": os.getpid(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "file": source.name,
+           "server": f"{rc.host}:{rc.port}", "dir": str(layout.dir), "start_command": rc.start_command or [],
+           "safety_backup": (safety or {}).get("file")}
+    try:
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(doc).encode())
+    except (OSError, KkuaError) as exc:  # only a notice for later; the restore itself does not need it
+        ctx.log.warning("cannot record the restore in progress", file=str(path), error=str(exc))
+
+
+def _read_marker(config: Config) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(_marker_path(config).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _clear_marker(ctx: JobContext) -> None:
+    with contextlib.suppress(OSError):
+        _marker_path(ctx.config).unlink(missing_ok=True)
+
+
+def interrupted_file_restore(config: Config) -> str | None:
+    """A line for `status` and `restore` when a file-mode restore was killed (kill -9 runs no cleanup)
+    after it may have stopped Redis, or None. Says that Redis may be down, how to start it, and where the
+    data from before is."""
+    marker = _read_marker(config)
+    if marker is None:
+        return None
+    pid = marker.get("pid")
+    if isinstance(pid, int) and Path(f"/proc/{pid}").exists() and _is_ours(pid):
+        return (f"a file-mode restore of {marker.get('file')} runs now (pid {pid}, since {marker.get('started_at')}); "
+                f"Redis at {marker.get('server')} may be stopped until it ends")
+    safety = marker.get("safety_backup")
+    return (f"a file-mode restore of {marker.get('file')} (pid {pid}, started {marker.get('started_at')}) was killed "
+            f"before it ended, after which Redis at {marker.get('server')} may be DOWN: if it is, start it with: "
+            f"{' '.join(marker.get('start_command') or [])}; files in {marker.get('dir')} named *.before-restore-* "
+            "are the previous ones"
+            + (f"; the data from before is in {safety} (undo with: {undo_command(safety)})" if safety else "")
+            + "; this notice goes away after the next successful restore")
+
+
+def _is_ours(pid: int) -> bool:
+    """Whether `pid` is still a kkua-backup process (a pid can be reused by anything after a kill)."""
+    try:
+        return b"kkua" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _owner_of(layout: FileLayout) -> tuple[int, int]:
@@ -546,7 +850,7 @@ def _chown(path: Path, owner: tuple[int, int]) -> None:
 
 
 def _install_rdb(ctx: JobContext, src: Path, source: Source, layout: FileLayout, stamp: str,
-                 owner: tuple[int, int]) -> None:
+                 owner: tuple[int, int], undo: _Undo) -> None:
     """Decompress the backup atomically to dir/dbfilename, keeping the old file as NAME.before-restore-ID."""
     dest = layout.dir / layout.dbfilename
     progress = Progress(f"writing {dest.name}", enabled=ctx.interactive)
@@ -554,11 +858,18 @@ def _install_rdb(ctx: JobContext, src: Path, source: Source, layout: FileLayout,
         size = decompress_to(src, source.compression, out, progress)
         progress.clear()
         _chown(out.partial, owner)
+        kept = None
         if dest.exists():
             kept = dest.with_name(f"{dest.name}.before-restore-{stamp}")
             os.link(dest, kept)  # the old data stays, under another name
             ctx.log.info("previous RDB kept", file=str(kept))
-        out.commit()
+        try:
+            out.commit()
+        except BaseException:
+            if kept is not None and dest.exists() and os.path.samefile(dest, kept):
+                kept.unlink()  # the old file was not replaced: no second name for it
+            raise
+        undo.rdb = (dest, kept)
     ctx.log.info("RDB placed", file=str(dest), size=human_bytes(size))
 
 
@@ -567,31 +878,35 @@ def _aof_paths(layout: FileLayout) -> tuple[Path, Path]:
     return layout.dir / (layout.appenddirname or "appendonlydir"), layout.dir / layout.appendfilename
 
 
-def _move_aside(ctx: JobContext, layout: FileLayout, stamp: str) -> list[str]:
+def _move_aside(ctx: JobContext, layout: FileLayout, stamp: str, undo: _Undo) -> list[str]:
     moved = []
     for current in _aof_paths(layout):
         if current.exists():
             aside = current.with_name(f"{current.name}.before-restore-{stamp}")
             current.rename(aside)
+            undo.moved.append((current, aside))
             moved.append(aside.name)
             ctx.log.info("previous AOF moved aside", was=str(current), now=str(aside))
     fsync_dir(layout.dir)
     return moved
 
 
-def _rebuild_aof_from_rdb(ctx: JobContext, layout: FileLayout, stamp: str, owner: tuple[int, int]) -> list[str]:
+def _rebuild_aof_from_rdb(ctx: JobContext, layout: FileLayout, stamp: str, owner: tuple[int, int],
+                          undo: _Undo) -> list[str]:
     """With appendonly yes Redis loads the AOF and ignores the RDB, and with no AOF at all it starts EMPTY
     (checked on 7.0.15). So the old AOF goes aside and a new one is made whose base is the restored RDB,
     exactly what Redis itself writes after a rewrite; Redis before 7 reads an RDB-preamble AOF the same way."""
-    moved = _move_aside(ctx, layout, stamp)
+    moved = _move_aside(ctx, layout, stamp, undo)
     rdb = layout.dir / layout.dbfilename
     if layout.appenddirname is None:  # Redis 6: one file, loaded as an RDB preamble
         target = layout.dir / layout.appendfilename
+        undo.created.append(target)
         _link_or_copy(rdb, target)
         _chown(target, owner)
     else:
         folder = layout.dir / layout.appenddirname
         folder.mkdir(mode=0o750)
+        undo.created.append(folder)
         _chown(folder, owner)
         base = f"{layout.appendfilename}.1.base.rdb"
         _link_or_copy(rdb, folder / base)
@@ -613,7 +928,7 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def _install_aof(ctx: JobContext, src: Path, source: Source, layout: FileLayout, stamp: str,
-                 owner: tuple[int, int]) -> list[str]:
+                 owner: tuple[int, int], undo: _Undo) -> list[str]:
     """Put the backup's AOF (Redis 7's folder, or one legacy file) where the server looks for it."""
     staging = Path(tempfile.mkdtemp(prefix=".kkua-aof-", dir=layout.dir))
     try:
@@ -623,12 +938,13 @@ def _install_aof(ctx: JobContext, src: Path, source: Source, layout: FileLayout,
         if installed.is_dir() and appendfilename != layout.appendfilename:
             ctx.log.warning("the backup's AOF files are named differently from appendfilename; Redis reads "
                             "them through their manifest", backup=appendfilename, server=layout.appendfilename)
-        moved = _move_aside(ctx, layout, stamp)
+        moved = _move_aside(ctx, layout, stamp, undo)
         folder, single = _aof_paths(layout)
         dest = folder if installed.is_dir() else single
         for path in [installed, *installed.rglob("*")] if installed.is_dir() else [installed]:
             _chown(path, owner)
         installed.rename(dest)
+        undo.created.append(dest)
         fsync_dir(layout.dir)
         ctx.log.info("AOF placed", path=str(dest))
         return moved
@@ -646,11 +962,12 @@ def _run_command(ctx: JobContext, rc: RedisConfig, argv: list[str], what: str) -
         # A stop can take long: Redis saves its whole dataset before it exits (systemd's TimeoutStopSec
         # bounds that on its side); restore_timeout bounds it on ours.
         execute.run(argv, job=_JOB, env=env, timeout=rc.restore_timeout, what=f"redis.{what}_command")
+    except Interrupted:
+        raise
     except KkuaError as exc:
-        state = ("Redis was not stopped; nothing was changed" if what == "stop" else
-                 "the restored files are in place but Redis did not start; the previous files were kept "
-                 "with a .before-restore-* suffix")
-        raise JobError(f"{exc}; {state}", hint=f"check redis.{what}_command and the Redis log") from None
+        # What state the server is in is said by the caller (_after_failure), which knows.
+        raise JobError(f"redis.{what}_command failed: {_reason(exc)}",
+                       hint=f"check redis.{what}_command and the Redis log") from None
 
 
 def _wait_port_closed(rc: RedisConfig) -> None:
