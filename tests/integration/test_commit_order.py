@@ -94,19 +94,35 @@ def test_commit_order_and_what_a_kill_at_each_step_leaves(world: tuple[Env | Red
     # The order, from the trace: every file of the set renamed into place, then the manifest written and
     # renamed, then the folder fsynced (an fsync of an fd opened on the folder with O_DIRECTORY).
     renames = [(i, args) for i, (name, args, _) in enumerate(calls) if name.startswith("rename")]
-    data_renames = [i for i, args in renames if any(f'{folder}/{n}"' in args.split(", ")[-1] for n in data_names)]
-    manifest_renames = [i for i, args in renames if args.split(", ")[-1].endswith('.manifest.json"')
-                        and folder in args]
+    # Renames name a path (rename) or a name relative to the folder's descriptor (renameat, as files under
+    # the backup folder are opened without following symlinks): match the new name either way.
+    def new_name(args: str) -> str:
+        return args.rsplit(", ", maxsplit=1)[-1].strip('"').rsplit("/", 1)[-1]
+
+    def dirfd(args: str) -> str:
+        return args.split(", ", maxsplit=1)[0]
+
+    data_renames = [i for i, args in renames if new_name(args) in data_names]
+    manifest_renames = [i for i, args in renames if new_name(args).endswith(".manifest.json")
+                        and (folder in args or dirfd(args) != "AT_FDCWD")]
     manifest_opens = [i for i, (name, args, _) in enumerate(calls)
                       if name == "openat" and ".manifest.json.partial" in args and "O_CREAT" in args]
     assert len(data_renames) == len(data_names) and len(manifest_renames) == 1 and len(manifest_opens) == 1, calls
     assert max(data_renames) < manifest_opens[0] < manifest_renames[0], "the manifest was written before the data"
     folder_fsync = next((i for i in range(manifest_renames[0] + 1, len(calls)) if calls[i][0] == "fsync"), None)
     assert folder_fsync is not None, "nothing was fsynced after the manifest's rename"
-    opened = [ret for name, args, ret in calls[manifest_renames[0] + 1:folder_fsync]
-              if name == "openat" and f'"{folder}"' in args and "O_DIRECTORY" in args]
-    assert opened and int(calls[folder_fsync][1]) == opened[-1], \
-        f"the first fsync after the manifest's rename is not the folder's: {calls[manifest_renames[0]:folder_fsync]}"
+    rename_dirfd = dirfd(calls[manifest_renames[0]][1])
+    between = calls[manifest_renames[0]:folder_fsync]
+    if rename_dirfd != "AT_FDCWD":  # the folder's own descriptor, opened by name with O_DIRECTORY
+        folder_fds = [ret for name, args, ret in calls[:manifest_renames[0]]
+                      if name == "openat" and f'"{env.folder.name}"' in args and "O_DIRECTORY" in args]
+        assert int(rename_dirfd) in folder_fds and int(calls[folder_fsync][1]) == int(rename_dirfd), \
+            f"the first fsync after the manifest's rename is not the folder's: {between}"
+    else:
+        opened = [ret for name, args, ret in calls[manifest_renames[0] + 1:folder_fsync]
+                  if name == "openat" and f'"{folder}"' in args and "O_DIRECTORY" in args]
+        assert opened and int(calls[folder_fsync][1]) == opened[-1], \
+            f"the first fsync after the manifest's rename is not the folder's: {between}"
 
     # Where to kill: counted in the main process's calls of one syscall, as strace's when= counts them.
     rename_name = calls[renames[0][0]][0]
