@@ -383,8 +383,10 @@ def test_sigterm_during_a_running_job(env: Env, start_daemon: Callable[..., Daem
 
 
 def test_a_hung_job_hits_its_timeout_and_is_retried(env: Env, start_daemon: Callable[..., Daemon]) -> None:
+    # 6 s: long enough that a loaded machine still reads the hung worker's environment before the timeout
+    # stops it (at 3 s a busy run once found it already gone).
     write_daemon_config(env, schedule={"postgres": once_at(at_utc(4))},
-                        daemon={"job_timeout": 3, "stop_grace": 2, "retries": 1, "retry_backoff": 1})
+                        daemon={"job_timeout": 6, "stop_grace": 2, "retries": 1, "retry_backoff": 1})
     with table_locked(env):
         daemon = start_daemon(watchdog_usec=1_000_000)
         daemon.wait_ready()
