@@ -1011,3 +1011,66 @@ def test_hung_dump_hits_its_timeout(env: Env) -> None:
     assert listed_sets(env) == []
     assert holder_of(env.backup_dir, "postgres") is None
     assert env.run("backup", "postgres").returncode == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 11: an unreadable schema or table is reported as what it is, not as a snapshot problem
+
+LIMITED_PASSWORD = "limited-Pass-7"
+
+
+@pytest.fixture
+def limited_role(env: Env) -> Iterator[str]:
+    """A login role that can connect to the test database and read `public`, but has no USAGE on the sample
+    data's `stats` schema (and so cannot read stats.daily_activity)."""
+    role = f"kkua_limited_{os.getpid()}"
+    with env.connect() as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role),
+                                                                        sql.Literal(LIMITED_PASSWORD)))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(env.database),
+                                                                          sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("REVOKE ALL ON SCHEMA stats FROM PUBLIC"))
+    pass_file = env.root / "limited.pass"
+    pass_file.write_text(LIMITED_PASSWORD + "\n")
+    pass_file.chmod(0o600)
+    env.write_config(user=role, password_file=str(pass_file))
+    try:
+        yield role
+    finally:
+        with env.server.connect() as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        with env.connect() as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        with env.server.connect() as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("unreadable", ["schema", "table"])
+def test_unreadable_schema_is_named_with_the_grant_that_fixes_it(env: Env, limited_role: str,
+                                                                 unreadable: str) -> None:
+    """The backup role lacks USAGE on a schema (or SELECT on one table): the one error line names the object
+    and the GRANT, and says nothing of snapshots; no set is written."""
+    if unreadable == "table":
+        with env.connect() as conn:
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA stats TO {}").format(sql.Identifier(limited_role)))
+    result = env.run("backup", "postgres")
+    text = output(result)
+    assert result.returncode == 1, describe(result)
+    assert "snapshot" not in text.lower(), describe(result)
+    errors = [line for line in text.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, describe(result)
+    line = errors[0]
+    if unreadable == "schema":
+        assert "may not read schema stats" in line and "permission denied for schema stats" in line, line
+        assert f"GRANT USAGE ON SCHEMA stats TO {limited_role}" in line, line
+        assert f"GRANT SELECT ON ALL TABLES IN SCHEMA stats TO {limited_role}" in line, line
+    else:
+        assert "may not read table stats.daily_activity" in line, line
+        assert f"GRANT SELECT ON stats.daily_activity TO {limited_role}" in line, line
+    assert "postgres.user" in line, line
+    assert not list(env.folder.glob("*.manifest.json")), "no set for a failed backup"
+    assert_no_partials(env.folder)

@@ -610,13 +610,25 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
             scanner = SqlStream(refuse_meta=False) if fmt == "plain" else None
             uncompressed = compress_into(_scanned(stream_chunks(child.read, progress), scanner), compressor, out)
             progress.clear()
-            group.wait(child, what="pg_dump",
-                       hint="the backup user needs read access to every object; see the lines above")
+            try:
+                group.wait(child, what="pg_dump",
+                           hint="the backup user needs read access to every object; see the lines above")
+            except CommandFailed as exc:
+                denied = permission_error(pg, dbname, " ".join(exc.stderr_tail))
+                if denied is not None:
+                    raise denied from None
+                raise
             stats.join()
             if stats.error is not None:
-                raise JobError(f"counting rows in {dbname} failed: {stats.error}")
+                denied = permission_error(pg, dbname, str(stats.error))
+                if denied is not None:
+                    raise denied
+                raise JobError(f"counting rows in {dbname} failed: {str(stats.error).strip()}")
             info = out.commit()
     except psycopg.Error as exc:
+        denied = permission_error(pg, dbname, str(exc))
+        if denied is not None:
+            raise denied from None
         raise JobError(f"PostgreSQL error during the backup of {dbname}: {str(exc).strip()}") from None
     finally:
         progress.clear()
@@ -633,6 +645,57 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
     problems = sql_problems(scanner, made_by_us=True) if scanner is not None else []
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
                       fmt, compression, stats.roles, problems, stats.objects)
+
+
+_DENIED = re.compile(r"permission denied for (schema|table|sequence|view|materialized view|foreign table|"
+                     r"large object|function|type|database) \"?([^\"\s|]+)\"?")
+_LOCKED = re.compile(r"LOCK TABLE (\S+) IN ")
+
+
+def _ident(name: str) -> str:
+    return name if _PLAIN_IDENT.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+def permission_error(pg: PostgresConfig, dbname: str, text: str) -> JobError | None:
+    """The one-line error for a backup role that may not read something (pg_dump's or the row counts'
+    `permission denied for schema|table|... NAME`), naming the object and the GRANT that fixes it; None when
+    `text` is not about a permission. What pg_dump read last (`Query was: LOCK TABLE s.t ...`) names the table
+    when the server names only its schema or its bare name."""
+    match = _DENIED.search(text)
+    if match is None:
+        return None
+    what, name = match.group(1), match.group(2)
+    locked = _LOCKED.search(text)
+    table = locked.group(1) if locked else None
+    role = _ident(pg.user)
+    alternative = ("or set postgres.user to a role that can read the whole database (its owner, or one in "
+                   "pg_read_all_data on PostgreSQL 14+)")
+    if what == "schema":
+        on = f" (at table {table})" if table else ""
+        schema = _ident(name)
+        grant = (f"GRANT USAGE ON SCHEMA {schema} TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO "
+                 f"{role}; GRANT SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role}")
+        obj = f"schema {name}{on}"
+    elif what == "database":
+        grant = f"GRANT CONNECT ON DATABASE {_ident(name)} TO {role}"
+        obj = f"database {name}"
+    elif what == "large object":
+        grant = f"GRANT SELECT ON LARGE OBJECT {name} TO {role}"
+        obj = f"large object {name}"
+    elif what == "function":
+        grant = f"GRANT EXECUTE ON FUNCTION {name} TO {role}"
+        obj = f"function {name}"
+    elif what == "type":
+        grant = f"GRANT USAGE ON TYPE {name} TO {role}"
+        obj = f"type {name}"
+    else:
+        qualified = table if table and table.rsplit(".", 1)[-1].strip('"') == name else name
+        keyword = "SEQUENCE " if what == "sequence" else ""
+        grant = f"GRANT SELECT ON {keyword}{qualified} TO {role}"
+        obj = f"{what} {qualified}"
+    return JobError(f"backup of {dbname} failed: the backup role {pg.user!r} may not read {obj} (permission denied "
+                    f"for {what} {name}); no backup was written",
+                    hint=f"as the object's owner or a superuser run: {grant}; {alternative}")
 
 
 def _scanned(chunks: Iterable[bytes], scanner: SqlStream | None) -> Iterator[bytes]:
