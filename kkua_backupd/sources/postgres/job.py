@@ -831,55 +831,112 @@ INSERT INTO pg_temp.kkua_restore_guard VALUES (true);
     return opening.encode(), (closing + f"SELECT '{marker}';\n").encode(), marker.encode()
 
 
+# psql releases that have `\restrict KEY` (which makes psql refuse every meta-command until
+# `\unrestrict KEY`): 13.22, 14.19, 15.14, 16.10, 17.6 and every 18 or newer.
+RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
+_warned_no_restrict: set[str] = set()
+
+
+def supports_restrict(version_text: str) -> bool:
+    """Whether the psql whose `--version` printed `version_text` knows `\\restrict`."""
+    match = _VERSION_RE.search(version_text)
+    if match is None:
+        return False
+    major, minor = int(match.group(1)), int(match.group(2) or 0)
+    if major >= 18:
+        return True
+    return major in RESTRICT_SINCE and minor >= RESTRICT_SINCE[major]
+
+
+def restrict_frame(key: str) -> tuple[bytes, bytes]:
+    """(first line, last line) of what a restore feeds psql: `\\restrict KEY` before any byte of the file,
+    so psql itself refuses every meta-command that follows (`\\!`, `\\connect`, `\\copy ... program`, ...),
+    and `\\unrestrict KEY` after the last one. `key` is random per restore, so the file cannot lift it."""
+    if not re.fullmatch(r"[A-Za-z0-9]+", key):
+        raise ValueError("a restrict key is letters and digits")
+    return f"\\restrict {key}\n".encode(), f"\n\\unrestrict {key}\n".encode()
+
+
+def run_psql(ctx: JobContext, bin_dir: Path, dbname: str, parts: Iterable[bytes], *, marker: bytes) -> bool:
+    """Feed `parts` to psql (ON_ERROR_STOP) on `dbname` inside the restrict frame (`restrict_frame`) when
+    this psql has it; returns whether psql printed `marker`. Raises CommandFailed when psql exits non-zero
+    (a failed statement, a refused meta-command), and whatever `parts` raises (psql is then stopped before
+    it reads the rest, so nothing the caller did not finish is committed). Every restore's SQL goes through
+    here; `load_sql` reads it first and refuses meta-commands before they are sent (the pre-scan)."""
+    pg = ctx.config.postgres
+    psql = bin_dir / "psql"
+    version = tool_version(psql)
+    frame = restrict_frame(secrets.token_hex(16)) if supports_restrict(version) else None
+    if frame is None and str(psql) not in _warned_no_restrict:
+        _warned_no_restrict.add(str(psql))
+        ctx.log.warning("this psql has no \\restrict (13.22+, 14.19+, 15.14+, 16.10+, 17.6+, 18+): restored SQL "
+                        "is kept from psql meta-commands by the tool's own reading of it only; upgrade the "
+                        "PostgreSQL client for psql to refuse them too", psql=str(psql), version=version)
+    with execute.ProcessGroup(KIND) as group:
+        child = group.spawn(psql_argv(bin_dir, pg, dbname), env=child_env(pg), stdin=execute.PIPE,
+                            stdout=execute.PIPE, timeout=pg.restore_timeout)
+        assert child.stdin is not None
+        seen = threading.Event()
+        watcher = threading.Thread(target=_watch_for, args=(child, marker, seen), daemon=True)
+        watcher.start()
+        try:
+            if frame is not None:
+                child.stdin.write(frame[0])
+            for part in parts:
+                child.stdin.write(part)
+            if frame is not None:
+                child.stdin.write(frame[1])
+            child.stdin.close()
+        except BrokenPipeError:
+            pass  # psql stopped at an error; its status and stderr say which
+        group.wait(child, what="psql", hint="the transaction was rolled back")
+        watcher.join(timeout=30)
+    return seen.is_set()
+
+
 def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool,  # noqa: PLR0913 - keyword-only options, typed with the flows
              transactional: bool = True) -> None:
     """Run SQL into `dbname` in one transaction (see `transaction_frame`), with an optional wipe first;
     COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails and
     JobError if the SQL did not run to its end; either way nothing was kept.
 
+    The SQL is read on its way (`SqlStream`): a psql meta-command other than pg_dump's own
+    `\\restrict`/`\\unrestrict` stops the load before it is sent, and those two are dropped, since
+    `run_psql` frames the whole stream in a `\\restrict` of its own.
+
     `transactional=False` (only for a new database, which the caller drops again on failure) runs the
     statements as they come, for restores too big for one transaction's locks; the file's own
     BEGIN/COMMIT pairs then stay as they are, and only the marker proves the SQL ran to its end."""
-    pg = ctx.config.postgres
     nonce = secrets.token_hex(8)
-    scanner = SqlStream(fold_transactions=transactional)
-    refused: MetaCommandRefused | None = None
-    with execute.ProcessGroup(KIND) as group:
-        child = group.spawn(psql_argv(bin_dir, pg, dbname), env=child_env(pg), stdin=execute.PIPE,
-                            stdout=execute.PIPE, timeout=pg.restore_timeout)
-        assert child.stdin is not None
-        seen = threading.Event()
-        marker = f"kkua-restore-committed-{nonce}".encode()
-        watcher = threading.Thread(target=_watch_for, args=(child, marker, seen), daemon=True)
-        watcher.start()
+    scanner = SqlStream(fold_transactions=transactional, drop_restrict=True)
+    refused: list[MetaCommandRefused] = []
+    marker = f"kkua-restore-committed-{nonce}".encode()
+
+    def parts() -> Iterator[bytes]:
+        if transactional:
+            yield transaction_frame(nonce)[0]
+        if wipe:
+            yield WIPE_SQL.encode()
         try:
+            for chunk in sql_chunks:
+                yield scanner.feed(chunk)
+            yield scanner.finish()
+        except MetaCommandRefused as exc:
+            refused.append(exc)
+            return
+        # only reached when the whole stream was read and sent, and it did not stop inside something
+        if scanner.truncated is None:
             if transactional:
-                child.stdin.write(transaction_frame(nonce)[0])
-            if wipe:
-                child.stdin.write(WIPE_SQL.encode())
-            try:
-                for chunk in sql_chunks:
-                    child.stdin.write(scanner.feed(chunk))
-                child.stdin.write(scanner.finish())
-            except MetaCommandRefused as exc:
-                refused = exc
-            # only reached when the whole stream was read and sent, and it did not stop inside something
-            if refused is None and scanner.truncated is None:
-                if transactional:
-                    child.stdin.write(transaction_frame(nonce, pending=scanner.pending)[1])
-                else:
-                    child.stdin.write((";\n" if scanner.pending else "\n").encode()
-                                      + f"SELECT '{marker.decode()}';\n".encode())
-            child.stdin.close()
-        except BrokenPipeError:
-            pass  # psql stopped at an error; its status and stderr say which
-        group.wait(child, what="psql", hint="the transaction was rolled back")
-        watcher.join(timeout=30)
-    if refused is not None:
-        raise JobError(f"{refused}; nothing was kept")
+                yield transaction_frame(nonce, pending=scanner.pending)[1]
+            else:
+                yield (";\n" if scanner.pending else "\n").encode() + f"SELECT '{marker.decode()}';\n".encode()
+
+    seen = run_psql(ctx, bin_dir, dbname, parts(), marker=marker)
+    if refused:
+        raise JobError(f"{refused[0]}; nothing was kept")
     if scanner.truncated is not None:
         raise JobError(f"{scanner.truncated}; nothing was kept")
-    if not seen.is_set():
+    if not seen:
         raise JobError("psql reached the end of the SQL without committing it (the file is truncated inside a "
                        "data block, or ends the session itself); the transaction was rolled back")
 
