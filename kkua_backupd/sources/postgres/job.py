@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import secrets
@@ -31,13 +32,16 @@ from kkua_backupd.errors import (
     IntegrityError,
     JobError,
     KkuaError,
+    LockHeld,
     Refused,
     StepTimeout,
+    StorageError,
     UsageError,
     VersionTooNew,
 )
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
+from kkua_backupd.safefs import list_folder, read_small, unlink_in
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import (
@@ -69,6 +73,7 @@ from kkua_backupd.stream.pipeline import (
     make_compressor,
     stream_chunks,
     verified_chunks,
+    write_atomic,
 )
 
 KIND: Kind = "postgres"
@@ -742,6 +747,7 @@ def backup(ctx: JobContext, *, test_restore: bool | None = None) -> Manifest:
     with TargetLock(ctx.config.backup_dir, KIND, "backup postgres"):
         for name in remove_stale_partials(folder):
             ctx.log.warning("removed a partial file left by an interrupted run", file=name)
+        drop_unfinished_databases(ctx, lock_held=True)
         prefix = PREFIXES[KIND]["backup"]
         result = dump(ctx, folder, prefix=prefix, fmt=pg.format, compression=pg.compression,
                       dbname=pg.database, checksums=want_test)
@@ -1014,6 +1020,167 @@ def create_database(conn: psycopg.Connection, name: str) -> None:
     conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
 
 
+# ----------------------------------------------------------------------------------------------
+# Databases a run creates (a --target-db restore, a test restore's scratch database, a lost database made
+# again): killed midway (kill -9 runs no cleanup), such a run leaves a half-made database behind. Before it
+# creates one, a run leaves a note in the state folder (NEW_DB_NOTE + pid + nonce + .json: the database, the
+# server, the pid, the time); the database is created under a name carrying the nonce, marked with a comment
+# carrying it too, and only then renamed to its real name, so a database with that name either does not
+# carry our mark (someone else's: never touched) or is ours from its first moment. A finished load removes
+# the mark, then the note. Every postgres command starts by dropping the marked databases of notes whose run
+# is gone (`drop_unfinished_databases`), one log line each.
+
+NEW_DB_NOTE = "postgres-new-database-"
+_MARK = "kkua-backup: unfinished restore {nonce}; dropped by the next kkua-backup run if this restore died"
+
+
+def _note_folder(ctx: JobContext) -> Path:
+    return ctx.config.state_file.parent
+
+
+class NewDatabase:
+    """A database this run creates and may leave half-made: `create`, then `finished` or `drop`."""
+
+    def __init__(self, ctx: JobContext, admin: psycopg.Connection, name: str, purpose: str) -> None:
+        self.ctx, self.admin, self.name, self.purpose = ctx, admin, name, purpose
+        self.nonce = secrets.token_hex(8)
+        self.mark = _MARK.format(nonce=self.nonce)
+        self.temp = f"kkua_new_{self.nonce}"
+        self.note = _note_folder(ctx) / f"{NEW_DB_NOTE}{os.getpid()}-{self.nonce}.json"
+
+    def create(self) -> None:
+        pg = self.ctx.config.postgres
+        doc = {"database": self.name, "temporary_name": self.temp, "server": f"{pg.host}:{pg.port}",
+               "pid": os.getpid(), "started_at": now_local().isoformat(timespec="seconds"), "nonce": self.nonce,
+               "purpose": self.purpose}
+        write_atomic(self.note, json.dumps(doc).encode())  # before the database exists: never a gap
+        create_database(self.admin, self.temp)
+        try:
+            self.admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(self.temp),
+                                                                              sql.Literal(self.mark)))
+            self.admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(self.temp),
+                                                                                sql.Identifier(self.name)))
+        except psycopg.Error:
+            drop_database(self.admin, self.temp)
+            self._forget()
+            raise
+
+    def finished(self) -> None:
+        """The load ran to its end: the database is the operator's now (mark, then note removed)."""
+        if _comment_of(self.admin, self.name) == self.mark:
+            self.admin.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(self.name)))
+        self._forget()
+
+    def drop(self) -> None:
+        drop_database(self.admin, self.name)
+        self._forget()
+
+    def _forget(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            unlink_in(self.note)
+
+
+def _comment_of(conn: psycopg.Connection, name: str) -> str | None:
+    row = conn.execute("SELECT coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database "
+                       "WHERE datname = %s", (name,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _run_alive(pid: object) -> bool:
+    """Whether `pid` is still a kkua-backup process (a pid can be reused by anything after a kill)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        return b"kkua" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _unfinished_notes(ctx: JobContext) -> list[tuple[Path, dict[str, Any]]]:
+    """The notes in the state folder whose run is gone and whose server is the configured one."""
+    folder = _note_folder(ctx)
+    pg = ctx.config.postgres
+    try:
+        names = sorted(n for n in list_folder(folder) if n.startswith(NEW_DB_NOTE) and n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:  # a state folder this user may not read: the runs that can will clean up
+        ctx.log.debug("cannot look for notes of databases restores created", folder=str(folder), error=str(exc))
+        return []
+    notes = []
+    for name in names:
+        path = folder / name
+        try:
+            doc = json.loads(read_small(path, 1 << 16, root=folder))
+        except (OSError, ValueError) as exc:
+            ctx.log.warning("unreadable note of a database a restore created; left alone", file=str(path),
+                            error=str(exc))
+            continue
+        if not isinstance(doc, dict) or doc.get("server") != f"{pg.host}:{pg.port}" or _run_alive(doc.get("pid")):
+            continue
+        notes.append((path, doc))
+    return notes
+
+
+def drop_unfinished_databases(ctx: JobContext, *, lock_held: bool = False) -> None:
+    """Drop the databases that runs killed midway created and did not finish (see NewDatabase), one log line
+    each; a database of the same name without the run's mark is never touched. Only while nobody holds the
+    postgres lock (`lock_held`: the caller does). Costs nothing when there is no note; a server that cannot be
+    reached is only a warning (the notes stay for the next run)."""
+    try:
+        notes = _unfinished_notes(ctx)
+    except KkuaError as exc:  # a symlink or a stranger's file in the state folder: said, not followed
+        ctx.log.warning("cannot read the notes of databases restores created", error=str(exc))
+        return
+    if not notes:
+        return
+    lock = None if lock_held else TargetLock(ctx.config.backup_dir, KIND, "drop unfinished databases")
+    if lock is not None:
+        try:
+            lock.acquire()
+        except (LockHeld, StorageError):
+            return  # a run holds the lock: its databases are alive; the next command looks again
+    try:
+        admin = connect_maintenance(ctx.config.postgres)
+    except KkuaError as exc:
+        ctx.log.warning("cannot check for databases left half-made by a killed restore", error=str(exc))
+        if lock is not None:
+            lock.release()
+        return
+    try:
+        for path, doc in notes:
+            _drop_unfinished(ctx, admin, doc)
+            with contextlib.suppress(FileNotFoundError):
+                unlink_in(path)
+    except psycopg.Error as exc:
+        ctx.log.warning("cannot drop a database left half-made by a killed restore", error=str(exc).strip())
+    finally:
+        admin.close()
+        if lock is not None:
+            lock.release()
+
+
+def _drop_unfinished(ctx: JobContext, admin: psycopg.Connection, doc: dict[str, Any]) -> None:
+    name, nonce = str(doc.get("database", "")), str(doc.get("nonce", ""))
+    mark = _MARK.format(nonce=nonce)
+    who = f"pid {doc.get('pid')}, started {doc.get('started_at')}"
+    temp = str(doc.get("temporary_name", ""))
+    if temp == f"kkua_new_{nonce}" and _comment_of(admin, temp) is not None:
+        drop_database(admin, temp)
+        ctx.log.warning("dropped a database a killed restore had begun to create", database=temp, meant_as=name,
+                        run=who)
+    comment = _comment_of(admin, name)
+    if comment is None:
+        return
+    if comment == mark:
+        drop_database(admin, name)
+        ctx.log.warning(f"dropped database {name!r}, left half-made by a restore that was killed ({who})",
+                        database=name)
+    else:
+        ctx.log.info(f"database {name!r} exists but is not the one a killed restore ({who}) was making; "
+                     "left alone", database=name)
+
+
 def drop_database(conn: psycopg.Connection, name: str) -> None:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
@@ -1048,7 +1215,8 @@ def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, 
     try:
         admin = connect_maintenance(pg)
         bin_dir = restore_bin_dir(pg, server_info(admin), archive_major=archive_major)
-        create_database(admin, scratch)
+        scratch_db = NewDatabase(ctx, admin, scratch, f"test restore of {path.name}")
+        scratch_db.create()
     except (KkuaError, psycopg.Error) as exc:
         outcome["error"] = str(exc).strip().splitlines()[0]
         if admin is not None:
@@ -1075,7 +1243,7 @@ def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, 
             outcome["error"] = str(exc).strip().splitlines()[0]
         finally:
             try:
-                drop_database(admin, scratch)
+                scratch_db.drop()
             except psycopg.Error as exc:
                 ctx.log.error("scratch database could not be dropped", database=scratch, error=str(exc).strip())
             admin.close()
@@ -1282,6 +1450,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
     started = time.monotonic()
     with TargetLock(backup_dir, KIND, f"restore postgres {backup_set.name}", read_only_ok=not safety_backup):
         ctx.log.info("restore requested", file=backup_set.name, database=target, host=pg.host, port=pg.port)
+        drop_unfinished_databases(ctx, lock_held=True)
         check_restorable(ctx, backup_set, checks="a decompress test")
         report["check"] = check_set(ctx, backup_set)
         admin = connect_maintenance(pg)
@@ -1308,10 +1477,10 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
                 report["safety_backup"] = _safety_backup(ctx, target)
             elif plan.in_place and exists:
                 ctx.log.warning("no safety backup taken (--no-safety-backup)", database=target)
-            created = False
+            created: NewDatabase | None = None
             if not exists:
-                create_database(admin, target)
-                created = True
+                created = NewDatabase(ctx, admin, target, f"restore of {backup_set.name}")
+                created.create()
                 ctx.log.info("database created", database=target)
             else:
                 ended = terminate_sessions(admin, target)
@@ -1321,18 +1490,21 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
                                 enabled=ctx.interactive)
             load_started = time.monotonic()
             try:
-                restore_into(ctx, bin_dir, target, backup_set.path(), fmt, compression, wipe=not created,
+                restore_into(ctx, bin_dir, target, backup_set.path(), fmt, compression, wipe=created is None,
                              expected=backup_set.manifest.files[0] if backup_set.manifest else None,
-                             new_database=created, progress=progress, transactional=transactional or not created)
+                             new_database=created is not None, progress=progress,
+                             transactional=transactional or created is None)
             except KkuaError as exc:
                 progress.clear()
-                if created:
-                    drop_database(admin, target)
+                if created is not None:
+                    created.drop()
                     raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
                                    f"the database was dropped again: {exc}") from None
                 raise JobError(f"restore of {backup_set.name} failed and was rolled back; database {target!r}"
                                f" still holds its previous data: {exc}", hint=restore_hint(exc)) from None
             progress.clear()
+            if created is not None:
+                created.finished()
             report["load_seconds"] = round(time.monotonic() - load_started, 2)
         except psycopg.Error as exc:
             raise JobError(f"PostgreSQL refused a step of the restore into {target!r}: {str(exc).strip()}",
