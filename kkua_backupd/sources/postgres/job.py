@@ -1053,7 +1053,11 @@ class NewDatabase:
         doc = {"database": self.name, "temporary_name": self.temp, "server": f"{pg.host}:{pg.port}",
                "pid": os.getpid(), "started_at": now_local().isoformat(timespec="seconds"), "nonce": self.nonce,
                "purpose": self.purpose}
-        write_atomic(self.note, json.dumps(doc).encode())  # before the database exists: never a gap
+        try:
+            write_atomic(self.note, json.dumps(doc).encode())  # before the database exists: never a gap
+        except (StorageError, OSError) as exc:  # a read-only state folder (--no-safety-backup from a copy)
+            self.ctx.log.warning(f"cannot note the new database {self.name!r} in the state folder; if this run "
+                                 f"is killed, nothing drops it: drop it by hand then", error=str(exc))
         create_database(self.admin, self.temp)
         try:
             self.admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(self.temp),
