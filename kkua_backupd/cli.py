@@ -302,7 +302,16 @@ def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
     return report
 
 
+def _drop_unfinished_databases(ctx: JobContext) -> None:
+    """Databases that a killed restore created and did not finish are dropped at the start of `list` and
+    `verify` too (backup and restore do it under their lock); nothing is asked of the server without a note."""
+    from kkua_backupd.sources.postgres import job as pg_job
+
+    pg_job.drop_unfinished_databases(ctx)
+
+
 def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
+    _drop_unfinished_databases(ctx)
     sets = list_sets(ctx.config.backup_dir, args.kind)
     if not ctx.json_mode:
         if not sets:
@@ -359,6 +368,7 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
     code = 0
     for kind in KINDS:
         clean_stale(ctx, kind)
+    _drop_unfinished_databases(ctx)
     for backup_set in _sets_to_verify(ctx, args.which):
         job = job_module(backup_set.kind)
         try:

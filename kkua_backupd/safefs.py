@@ -219,6 +219,24 @@ def read_small(path: Path, limit: int = 64 << 20, *, root: Path | None = None) -
         return fh.read(limit)
 
 
+def list_folder(path: Path, *, root: Path | None = None) -> list[str]:
+    """The names in folder `path`, opened by the rules above; raises FileNotFoundError, Refused, OSError."""
+    fd = open_folder(path, root=root if root is not None else path)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_in(path: Path) -> None:
+    """Remove the file `path` from its folder, opened by the rules above (unlink never follows a symlink)."""
+    fd = open_folder(path.parent, root=path.parent)
+    try:
+        os.unlink(path.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 def folder_problems(path: Path, *, root: Path | None = None) -> list[str]:
     """What makes an existing folder under the tool's care untrustworthy: a symlink below its configured
     root, a stranger as owner, or write access for group or others (on the folder and each one between it

@@ -1011,3 +1011,158 @@ def test_hung_dump_hits_its_timeout(env: Env) -> None:
     assert listed_sets(env) == []
     assert holder_of(env.backup_dir, "postgres") is None
     assert env.run("backup", "postgres").returncode == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 11: an unreadable schema or table is reported as what it is, not as a snapshot problem
+
+LIMITED_PASSWORD = "limited-Pass-7"
+
+
+@pytest.fixture
+def limited_role(env: Env) -> Iterator[str]:
+    """A login role that can connect to the test database and read `public`, but has no USAGE on the sample
+    data's `stats` schema (and so cannot read stats.daily_activity)."""
+    role = f"kkua_limited_{os.getpid()}"
+    with env.connect() as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role),
+                                                                        sql.Literal(LIMITED_PASSWORD)))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(env.database),
+                                                                          sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("REVOKE ALL ON SCHEMA stats FROM PUBLIC"))
+    pass_file = env.root / "limited.pass"
+    pass_file.write_text(LIMITED_PASSWORD + "\n")
+    pass_file.chmod(0o600)
+    env.write_config(user=role, password_file=str(pass_file))
+    try:
+        yield role
+    finally:
+        with env.server.connect() as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        with env.connect() as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        with env.server.connect() as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("unreadable", ["schema", "table"])
+def test_unreadable_schema_is_named_with_the_grant_that_fixes_it(env: Env, limited_role: str,
+                                                                 unreadable: str) -> None:
+    """The backup role lacks USAGE on a schema (or SELECT on one table): the one error line names the object
+    and the GRANT, and says nothing of snapshots; no set is written."""
+    if unreadable == "table":
+        with env.connect() as conn:
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA stats TO {}").format(sql.Identifier(limited_role)))
+    result = env.run("backup", "postgres")
+    text = output(result)
+    assert result.returncode == 1, describe(result)
+    assert "snapshot" not in text.lower(), describe(result)
+    errors = [line for line in text.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, describe(result)
+    line = errors[0]
+    if unreadable == "schema":
+        assert "may not read schema stats" in line and "permission denied for schema stats" in line, line
+        assert f"GRANT USAGE ON SCHEMA stats TO {limited_role}" in line, line
+        assert f"GRANT SELECT ON ALL TABLES IN SCHEMA stats TO {limited_role}" in line, line
+    else:
+        assert "may not read table stats.daily_activity" in line, line
+        assert f"GRANT SELECT ON stats.daily_activity TO {limited_role}" in line, line
+    assert "postgres.user" in line, line
+    assert not list(env.folder.glob("*.manifest.json")), "no set for a failed backup"
+    assert_no_partials(env.folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 11: a --target-db restore killed midway leaves a half-made database; the next command drops it
+
+
+def kill_target_db_restore_midway(env: Env, target: str) -> None:
+    """Start `restore postgres latest --target-db TARGET` and kill -9 it while psql loads rows into TARGET;
+    returns once its psql and session are gone (the half-made database stays)."""
+    proc = env.popen("restore", "postgres", "latest", "--target-db", target)
+
+    def loading() -> int | None:
+        if proc.poll() is not None:
+            pytest.fail(f"the restore ended (exit {proc.returncode}) before it could be killed: "
+                        f"{proc.communicate()}")
+        psqls = [p for p in descendants(proc.pid) if Path((cmdline(p) or [""])[0]).name == "psql"]
+        if not psqls:
+            return None
+        with env.server.connect("postgres") as conn:
+            copying = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
+                                   "application_name = 'kkua-backup' AND query LIKE 'COPY %%'",
+                                   (target,)).fetchone()[0]  # type: ignore[index]
+        return psqls[0] if copying else None
+
+    psql_pid = wait_for(loading, "psql to be loading rows into the new database")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+    def settled() -> bool:
+        with env.server.connect("postgres") as conn:
+            busy = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                (target,)).fetchone()[0]  # type: ignore[index]
+        state = proc_stat(psql_pid)
+        return busy == 0 and (state is None or state[0] in ("Z", "X"))
+
+    wait_for(settled, "psql and its session to end")
+
+
+def database_names(env: Env) -> set[str]:
+    with env.server.connect("postgres") as conn:
+        return {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+
+
+def notes(env: Env) -> list[Path]:
+    return sorted((env.backup_dir / ".state").glob("postgres-new-database-*.json"))
+
+
+def test_kill9_during_target_db_restore_the_next_command_drops_the_half_made_database(env: Env,
+                                                                                      big_db: str) -> None:
+    """A `--target-db` restore killed midway leaves a half-made database; the next `list` drops it with one
+    log line (and forgets its note). A database of that name that is not the one the killed restore made
+    (the operator dropped it and made their own) is never dropped."""
+    env.write_config(database=big_db)
+    make_backup(env)
+    target = f"{env.database}_half"  # the env fixture drops what is left
+
+    kill_target_db_restore_midway(env, target)
+    assert target in database_names(env), "the kill left the half-made database (what this test is about)"
+    assert len(notes(env)) == 1
+    listed = env.run("list", "postgres")
+    assert listed.returncode == 0, describe(listed)
+    dropped = [line for line in output(listed).splitlines() if "dropped database" in line]
+    assert len(dropped) == 1 and target in dropped[0] and "killed" in dropped[0], describe(listed)
+    assert target not in database_names(env)
+    assert notes(env) == []
+    assert not any(name.startswith("kkua_new_") for name in database_names(env))
+
+    # again, but the operator replaces the half-made database by one of their own with the same name
+    kill_target_db_restore_midway(env, target)
+    with env.server.connect("postgres") as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(target)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target)))
+    with env.server.connect(target) as conn:
+        conn.execute("CREATE TABLE mine (id int)")
+    result = env.run("backup", "postgres")
+    assert result.returncode == 0, describe(result)
+    assert "dropped database" not in output(result), describe(result)
+    assert "left alone" in output(result), describe(result)
+    assert target in database_names(env)
+    with env.server.connect(target) as conn:
+        assert conn.execute("SELECT count(*) FROM mine").fetchone() == (0,)
+    assert notes(env) == []
+
+    # a restore that finishes leaves no note and no mark
+    finished = f"{env.database}_done"
+    result = env.run("restore", "postgres", "latest", "--target-db", finished)
+    assert result.returncode == 0, describe(result)
+    assert notes(env) == []
+    with env.server.connect("postgres") as conn:
+        comment = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                               (finished,)).fetchone()
+    assert comment == (None,)

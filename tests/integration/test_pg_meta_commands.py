@@ -11,6 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from kkua_backupd.config import load_config
+from kkua_backupd.core.context import JobContext
+from kkua_backupd.errors import CommandFailed
+from kkua_backupd.obs.logs import get_logger
+from kkua_backupd.sources.postgres import job as pg_job
+
 from ..conftest import Env
 from ..helpers import describe, output
 
@@ -75,3 +81,30 @@ def test_a_planted_meta_command_is_refused_before_any_change(env: Env, kind: str
         tables = {row[0] for row in conn.execute("SELECT relname FROM pg_class WHERE relname = 'escaped'")}
     assert "kkua_meta_copy" not in databases and tables == set()
     assert not list(env.folder.glob("safety_backup_*")), "refused before the safety backup"
+
+
+def test_psql_itself_refuses_a_meta_command_inside_the_restore_frame(env: Env, workdir: Path) -> None:
+    """Defence in depth behind the pre-scan: what a restore feeds psql (`run_psql`, which every restore's SQL
+    goes through) starts with `\\restrict KEY`, so psql refuses any meta-command that got past the scan. Fed
+    straight through it (the scan bypassed), `\\! touch FILE` does not run and psql exits non-zero; the same
+    path without a meta-command runs."""
+    ctx = JobContext(config=load_config(str(env.config_path), environ={}).config, log=get_logger(job="postgres"))
+    with env.connect() as conn:
+        server = pg_job.server_info(conn)
+    bin_dir = pg_job.find_bin_dir(ctx.config.postgres, server)
+    assert pg_job.supports_restrict(pg_job.tool_version(bin_dir / "psql")), "the tested psql has \\restrict"
+    proof = workdir / "pwned"
+    marker = b"kkua-frame-test-marker"
+    body = [b"CREATE TABLE public.frame_before (x int);\n", b"\\! touch " + bytes(proof) + b"\n",
+            b"CREATE TABLE public.frame_after (x int);\n", b"SELECT '" + marker + b"';\n"]
+    with pytest.raises(CommandFailed) as failed:
+        pg_job.run_psql(ctx, bin_dir, env.database, body, marker=marker)
+    assert failed.value.returncode not in (None, 0)
+    assert "restricted" in " ".join(failed.value.stderr_tail), failed.value.stderr_tail
+    assert not proof.exists(), "psql ran a meta-command inside the restore's \\restrict frame"
+    with env.connect() as conn:
+        made = {row[0] for row in conn.execute("SELECT relname FROM pg_class WHERE relname LIKE 'frame_%'")}
+    assert made == {"frame_before"}, "psql stopped at the refused meta-command (ON_ERROR_STOP)"
+
+    # the frame itself is no obstacle to SQL
+    assert pg_job.run_psql(ctx, bin_dir, env.database, [b"SELECT '" + marker + b"';\n"], marker=marker)

@@ -88,3 +88,25 @@ def test_table_keys_never_collide() -> None:
     assert table_key("s", 'we"ird') == 's."we""ird"'
     assert table_key("public", "User") == 'public."User"'
     assert table_key("public", "a.b", legacy=True) == "public.a.b"
+
+
+def test_a_restore_drops_pg_dumps_own_restrict_lines_and_nothing_else() -> None:
+    """pg_dump 13.22+/14.19+/15.14+/16.10+/17.6+/18 wraps its dump in \\restrict KEY ... \\unrestrict KEY; a
+    restore frames the whole stream in a \\restrict of its own, where a second one would be refused."""
+    data = b"\\restrict abc\nSELECT 1;\nCOPY t FROM stdin;\n\\restrict x\n\\.\n\\unrestrict abc\n"
+    for step in (None, 1, 3):
+        stream = SqlStream(drop_restrict=True)
+        out = b""
+        for i in range(0, len(data), step or len(data)):
+            out += stream.feed(data[i:i + (step or len(data))])
+        out += stream.finish()
+        # the line inside COPY data is data, not a command: it stays
+        assert out == b"\nSELECT 1;\nCOPY t FROM stdin;\n\\restrict x\n\\.\n\n"
+        assert stream.dropped == 2 and not stream.problems
+    kept = SqlStream()
+    assert kept.feed(data) + kept.finish() == data
+
+
+def test_restrict_does_not_drop_the_statement_before_it_on_the_line() -> None:
+    stream = SqlStream(drop_restrict=True)
+    assert stream.feed(b"SELECT 1 \\restrict k\n;\n") + stream.finish() == b"SELECT 1 \n;\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pydantic import SecretStr
 
 from kkua_backupd.config import PostgresConfig
@@ -83,3 +84,33 @@ def test_connection_errors_say_what_to_check() -> None:
     err = pg.connection_error(PG, "kkua", Exception(
         'connection to server at "db" (10.0.0.1), port 5433 failed: Connection refused'))
     assert str(err).startswith("cannot reach PostgreSQL at db:5433: Connection refused")
+
+
+@pytest.mark.parametrize(("version", "has"), [
+    ("psql (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)", True),
+    ("psql (PostgreSQL) 15.14", True),
+    ("psql (PostgreSQL) 15.13", False),
+    ("psql (PostgreSQL) 13.22", True),
+    ("psql (PostgreSQL) 13.21", False),
+    ("psql (PostgreSQL) 14.19", True),
+    ("psql (PostgreSQL) 14.18", False),
+    ("psql (PostgreSQL) 16.10", True),
+    ("psql (PostgreSQL) 16.9", False),
+    ("psql (PostgreSQL) 17.6", True),
+    ("psql (PostgreSQL) 17.5", False),
+    ("psql (PostgreSQL) 18.0", True),
+    ("psql (PostgreSQL) 18beta1", True),
+    ("psql (PostgreSQL) 19devel", True),
+    ("psql (PostgreSQL) 12.22", False),
+    ("not psql", False),
+])
+def test_which_psql_has_restrict(version: str, has: bool) -> None:
+    assert pg.supports_restrict(version) is has
+
+
+def test_restrict_frame_opens_before_the_file_and_closes_after_it() -> None:
+    first, last = pg.restrict_frame("abc123")
+    assert first == b"\\restrict abc123\n"
+    assert last == b"\n\\unrestrict abc123\n"  # on a line of its own whatever the SQL ended with
+    with pytest.raises(ValueError, match="letters and digits"):
+        pg.restrict_frame("abc 123\n\\! id")

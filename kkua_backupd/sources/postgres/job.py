@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import secrets
@@ -31,13 +32,16 @@ from kkua_backupd.errors import (
     IntegrityError,
     JobError,
     KkuaError,
+    LockHeld,
     Refused,
     StepTimeout,
+    StorageError,
     UsageError,
     VersionTooNew,
 )
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
+from kkua_backupd.safefs import list_folder, read_small, unlink_in
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import (
@@ -69,6 +73,7 @@ from kkua_backupd.stream.pipeline import (
     make_compressor,
     stream_chunks,
     verified_chunks,
+    write_atomic,
 )
 
 KIND: Kind = "postgres"
@@ -610,13 +615,25 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
             scanner = SqlStream(refuse_meta=False) if fmt == "plain" else None
             uncompressed = compress_into(_scanned(stream_chunks(child.read, progress), scanner), compressor, out)
             progress.clear()
-            group.wait(child, what="pg_dump",
-                       hint="the backup user needs read access to every object; see the lines above")
+            try:
+                group.wait(child, what="pg_dump",
+                           hint="the backup user needs read access to every object; see the lines above")
+            except CommandFailed as exc:
+                denied = permission_error(pg, dbname, " ".join(exc.stderr_tail))
+                if denied is not None:
+                    raise denied from None
+                raise
             stats.join()
             if stats.error is not None:
-                raise JobError(f"counting rows in {dbname} failed: {stats.error}")
+                denied = permission_error(pg, dbname, str(stats.error))
+                if denied is not None:
+                    raise denied
+                raise JobError(f"counting rows in {dbname} failed: {str(stats.error).strip()}")
             info = out.commit()
     except psycopg.Error as exc:
+        denied = permission_error(pg, dbname, str(exc))
+        if denied is not None:
+            raise denied from None
         raise JobError(f"PostgreSQL error during the backup of {dbname}: {str(exc).strip()}") from None
     finally:
         progress.clear()
@@ -633,6 +650,57 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
     problems = sql_problems(scanner, made_by_us=True) if scanner is not None else []
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
                       fmt, compression, stats.roles, problems, stats.objects)
+
+
+_DENIED = re.compile(r"permission denied for (schema|table|sequence|view|materialized view|foreign table|"
+                     r"large object|function|type|database) \"?([^\"\s|]+)\"?")
+_LOCKED = re.compile(r"LOCK TABLE (\S+) IN ")
+
+
+def _ident(name: str) -> str:
+    return name if _PLAIN_IDENT.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+def permission_error(pg: PostgresConfig, dbname: str, text: str) -> JobError | None:
+    """The one-line error for a backup role that may not read something (pg_dump's or the row counts'
+    `permission denied for schema|table|... NAME`), naming the object and the GRANT that fixes it; None when
+    `text` is not about a permission. What pg_dump read last (`Query was: LOCK TABLE s.t ...`) names the table
+    when the server names only its schema or its bare name."""
+    match = _DENIED.search(text)
+    if match is None:
+        return None
+    what, name = match.group(1), match.group(2)
+    locked = _LOCKED.search(text)
+    table = locked.group(1) if locked else None
+    role = _ident(pg.user)
+    alternative = ("or set postgres.user to a role that can read the whole database (its owner, or one in "
+                   "pg_read_all_data on PostgreSQL 14+)")
+    if what == "schema":
+        on = f" (at table {table})" if table else ""
+        schema = _ident(name)
+        grant = (f"GRANT USAGE ON SCHEMA {schema} TO {role}; GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO "
+                 f"{role}; GRANT SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role}")
+        obj = f"schema {name}{on}"
+    elif what == "database":
+        grant = f"GRANT CONNECT ON DATABASE {_ident(name)} TO {role}"
+        obj = f"database {name}"
+    elif what == "large object":
+        grant = f"GRANT SELECT ON LARGE OBJECT {name} TO {role}"
+        obj = f"large object {name}"
+    elif what == "function":
+        grant = f"GRANT EXECUTE ON FUNCTION {name} TO {role}"
+        obj = f"function {name}"
+    elif what == "type":
+        grant = f"GRANT USAGE ON TYPE {name} TO {role}"
+        obj = f"type {name}"
+    else:
+        qualified = table if table and table.rsplit(".", 1)[-1].strip('"') == name else name
+        keyword = "SEQUENCE " if what == "sequence" else ""
+        grant = f"GRANT SELECT ON {keyword}{qualified} TO {role}"
+        obj = f"{what} {qualified}"
+    return JobError(f"backup of {dbname} failed: the backup role {pg.user!r} may not read {obj} (permission denied "
+                    f"for {what} {name}); no backup was written",
+                    hint=f"as the object's owner or a superuser run: {grant}; {alternative}")
 
 
 def _scanned(chunks: Iterable[bytes], scanner: SqlStream | None) -> Iterator[bytes]:
@@ -679,6 +747,7 @@ def backup(ctx: JobContext, *, test_restore: bool | None = None) -> Manifest:
     with TargetLock(ctx.config.backup_dir, KIND, "backup postgres"):
         for name in remove_stale_partials(folder):
             ctx.log.warning("removed a partial file left by an interrupted run", file=name)
+        drop_unfinished_databases(ctx, lock_held=True)
         prefix = PREFIXES[KIND]["backup"]
         result = dump(ctx, folder, prefix=prefix, fmt=pg.format, compression=pg.compression,
                       dbname=pg.database, checksums=want_test)
@@ -768,55 +837,112 @@ INSERT INTO pg_temp.kkua_restore_guard VALUES (true);
     return opening.encode(), (closing + f"SELECT '{marker}';\n").encode(), marker.encode()
 
 
+# psql releases that have `\restrict KEY` (which makes psql refuse every meta-command until
+# `\unrestrict KEY`): 13.22, 14.19, 15.14, 16.10, 17.6 and every 18 or newer.
+RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
+_warned_no_restrict: set[str] = set()
+
+
+def supports_restrict(version_text: str) -> bool:
+    """Whether the psql whose `--version` printed `version_text` knows `\\restrict`."""
+    match = _VERSION_RE.search(version_text)
+    if match is None:
+        return False
+    major, minor = int(match.group(1)), int(match.group(2) or 0)
+    if major >= 18:
+        return True
+    return major in RESTRICT_SINCE and minor >= RESTRICT_SINCE[major]
+
+
+def restrict_frame(key: str) -> tuple[bytes, bytes]:
+    """(first line, last line) of what a restore feeds psql: `\\restrict KEY` before any byte of the file,
+    so psql itself refuses every meta-command that follows (`\\!`, `\\connect`, `\\copy ... program`, ...),
+    and `\\unrestrict KEY` after the last one. `key` is random per restore, so the file cannot lift it."""
+    if not re.fullmatch(r"[A-Za-z0-9]+", key):
+        raise ValueError("a restrict key is letters and digits")
+    return f"\\restrict {key}\n".encode(), f"\n\\unrestrict {key}\n".encode()
+
+
+def run_psql(ctx: JobContext, bin_dir: Path, dbname: str, parts: Iterable[bytes], *, marker: bytes) -> bool:
+    """Feed `parts` to psql (ON_ERROR_STOP) on `dbname` inside the restrict frame (`restrict_frame`) when
+    this psql has it; returns whether psql printed `marker`. Raises CommandFailed when psql exits non-zero
+    (a failed statement, a refused meta-command), and whatever `parts` raises (psql is then stopped before
+    it reads the rest, so nothing the caller did not finish is committed). Every restore's SQL goes through
+    here; `load_sql` reads it first and refuses meta-commands before they are sent (the pre-scan)."""
+    pg = ctx.config.postgres
+    psql = bin_dir / "psql"
+    version = tool_version(psql)
+    frame = restrict_frame(secrets.token_hex(16)) if supports_restrict(version) else None
+    if frame is None and str(psql) not in _warned_no_restrict:
+        _warned_no_restrict.add(str(psql))
+        ctx.log.warning("this psql has no \\restrict (13.22+, 14.19+, 15.14+, 16.10+, 17.6+, 18+): restored SQL "
+                        "is kept from psql meta-commands by the tool's own reading of it only; upgrade the "
+                        "PostgreSQL client for psql to refuse them too", psql=str(psql), version=version)
+    with execute.ProcessGroup(KIND) as group:
+        child = group.spawn(psql_argv(bin_dir, pg, dbname), env=child_env(pg), stdin=execute.PIPE,
+                            stdout=execute.PIPE, timeout=pg.restore_timeout)
+        assert child.stdin is not None
+        seen = threading.Event()
+        watcher = threading.Thread(target=_watch_for, args=(child, marker, seen), daemon=True)
+        watcher.start()
+        try:
+            if frame is not None:
+                child.stdin.write(frame[0])
+            for part in parts:
+                child.stdin.write(part)
+            if frame is not None:
+                child.stdin.write(frame[1])
+            child.stdin.close()
+        except BrokenPipeError:
+            pass  # psql stopped at an error; its status and stderr say which
+        group.wait(child, what="psql", hint="the transaction was rolled back")
+        watcher.join(timeout=30)
+    return seen.is_set()
+
+
 def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool,  # noqa: PLR0913 - keyword-only options, typed with the flows
              transactional: bool = True) -> None:
     """Run SQL into `dbname` in one transaction (see `transaction_frame`), with an optional wipe first;
     COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails and
     JobError if the SQL did not run to its end; either way nothing was kept.
 
+    The SQL is read on its way (`SqlStream`): a psql meta-command other than pg_dump's own
+    `\\restrict`/`\\unrestrict` stops the load before it is sent, and those two are dropped, since
+    `run_psql` frames the whole stream in a `\\restrict` of its own.
+
     `transactional=False` (only for a new database, which the caller drops again on failure) runs the
     statements as they come, for restores too big for one transaction's locks; the file's own
     BEGIN/COMMIT pairs then stay as they are, and only the marker proves the SQL ran to its end."""
-    pg = ctx.config.postgres
     nonce = secrets.token_hex(8)
-    scanner = SqlStream(fold_transactions=transactional)
-    refused: MetaCommandRefused | None = None
-    with execute.ProcessGroup(KIND) as group:
-        child = group.spawn(psql_argv(bin_dir, pg, dbname), env=child_env(pg), stdin=execute.PIPE,
-                            stdout=execute.PIPE, timeout=pg.restore_timeout)
-        assert child.stdin is not None
-        seen = threading.Event()
-        marker = f"kkua-restore-committed-{nonce}".encode()
-        watcher = threading.Thread(target=_watch_for, args=(child, marker, seen), daemon=True)
-        watcher.start()
+    scanner = SqlStream(fold_transactions=transactional, drop_restrict=True)
+    refused: list[MetaCommandRefused] = []
+    marker = f"kkua-restore-committed-{nonce}".encode()
+
+    def parts() -> Iterator[bytes]:
+        if transactional:
+            yield transaction_frame(nonce)[0]
+        if wipe:
+            yield WIPE_SQL.encode()
         try:
+            for chunk in sql_chunks:
+                yield scanner.feed(chunk)
+            yield scanner.finish()
+        except MetaCommandRefused as exc:
+            refused.append(exc)
+            return
+        # only reached when the whole stream was read and sent, and it did not stop inside something
+        if scanner.truncated is None:
             if transactional:
-                child.stdin.write(transaction_frame(nonce)[0])
-            if wipe:
-                child.stdin.write(WIPE_SQL.encode())
-            try:
-                for chunk in sql_chunks:
-                    child.stdin.write(scanner.feed(chunk))
-                child.stdin.write(scanner.finish())
-            except MetaCommandRefused as exc:
-                refused = exc
-            # only reached when the whole stream was read and sent, and it did not stop inside something
-            if refused is None and scanner.truncated is None:
-                if transactional:
-                    child.stdin.write(transaction_frame(nonce, pending=scanner.pending)[1])
-                else:
-                    child.stdin.write((";\n" if scanner.pending else "\n").encode()
-                                      + f"SELECT '{marker.decode()}';\n".encode())
-            child.stdin.close()
-        except BrokenPipeError:
-            pass  # psql stopped at an error; its status and stderr say which
-        group.wait(child, what="psql", hint="the transaction was rolled back")
-        watcher.join(timeout=30)
-    if refused is not None:
-        raise JobError(f"{refused}; nothing was kept")
+                yield transaction_frame(nonce, pending=scanner.pending)[1]
+            else:
+                yield (";\n" if scanner.pending else "\n").encode() + f"SELECT '{marker.decode()}';\n".encode()
+
+    seen = run_psql(ctx, bin_dir, dbname, parts(), marker=marker)
+    if refused:
+        raise JobError(f"{refused[0]}; nothing was kept")
     if scanner.truncated is not None:
         raise JobError(f"{scanner.truncated}; nothing was kept")
-    if not seen.is_set():
+    if not seen:
         raise JobError("psql reached the end of the SQL without committing it (the file is truncated inside a "
                        "data block, or ends the session itself); the transaction was rolled back")
 
@@ -894,6 +1020,171 @@ def create_database(conn: psycopg.Connection, name: str) -> None:
     conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
 
 
+# ----------------------------------------------------------------------------------------------
+# Databases a run creates (a --target-db restore, a test restore's scratch database, a lost database made
+# again): killed midway (kill -9 runs no cleanup), such a run leaves a half-made database behind. Before it
+# creates one, a run leaves a note in the state folder (NEW_DB_NOTE + pid + nonce + .json: the database, the
+# server, the pid, the time); the database is created under a name carrying the nonce, marked with a comment
+# carrying it too, and only then renamed to its real name, so a database with that name either does not
+# carry our mark (someone else's: never touched) or is ours from its first moment. A finished load removes
+# the mark, then the note. Every postgres command starts by dropping the marked databases of notes whose run
+# is gone (`drop_unfinished_databases`), one log line each.
+
+NEW_DB_NOTE = "postgres-new-database-"
+_MARK = "kkua-backup: unfinished restore {nonce}; dropped by the next kkua-backup run if this restore died"
+
+
+def _note_folder(ctx: JobContext) -> Path:
+    return ctx.config.state_file.parent
+
+
+class NewDatabase:
+    """A database this run creates and may leave half-made: `create`, then `finished` or `drop`."""
+
+    def __init__(self, ctx: JobContext, admin: psycopg.Connection, name: str, purpose: str) -> None:
+        self.ctx, self.admin, self.name, self.purpose = ctx, admin, name, purpose
+        self.nonce = secrets.token_hex(8)
+        self.mark = _MARK.format(nonce=self.nonce)
+        self.temp = f"kkua_new_{self.nonce}"
+        self.note = _note_folder(ctx) / f"{NEW_DB_NOTE}{os.getpid()}-{self.nonce}.json"
+
+    def create(self) -> None:
+        pg = self.ctx.config.postgres
+        doc = {"database": self.name, "temporary_name": self.temp, "server": f"{pg.host}:{pg.port}",
+               "pid": os.getpid(), "started_at": now_local().isoformat(timespec="seconds"), "nonce": self.nonce,
+               "purpose": self.purpose}
+        try:
+            write_atomic(self.note, json.dumps(doc).encode())  # before the database exists: never a gap
+        except (StorageError, OSError) as exc:  # a read-only state folder (--no-safety-backup from a copy)
+            self.ctx.log.warning(f"cannot note the new database {self.name!r} in the state folder; if this run "
+                                 f"is killed, nothing drops it: drop it by hand then", error=str(exc))
+        create_database(self.admin, self.temp)
+        try:
+            self.admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(self.temp),
+                                                                              sql.Literal(self.mark)))
+            self.admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(self.temp),
+                                                                                sql.Identifier(self.name)))
+        except psycopg.Error:
+            drop_database(self.admin, self.temp)
+            self._forget()
+            raise
+
+    def finished(self) -> None:
+        """The load ran to its end: the database is the operator's now (mark, then note removed)."""
+        if _comment_of(self.admin, self.name) == self.mark:
+            self.admin.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(self.name)))
+        self._forget()
+
+    def drop(self) -> None:
+        drop_database(self.admin, self.name)
+        self._forget()
+
+    def _forget(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            unlink_in(self.note)
+
+
+def _comment_of(conn: psycopg.Connection, name: str) -> str | None:
+    row = conn.execute("SELECT coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database "
+                       "WHERE datname = %s", (name,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _run_alive(pid: object) -> bool:
+    """Whether `pid` is still a kkua-backup process (a pid can be reused by anything after a kill)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        return b"kkua" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _unfinished_notes(ctx: JobContext) -> list[tuple[Path, dict[str, Any]]]:
+    """The notes in the state folder whose run is gone and whose server is the configured one."""
+    folder = _note_folder(ctx)
+    pg = ctx.config.postgres
+    try:
+        names = sorted(n for n in list_folder(folder) if n.startswith(NEW_DB_NOTE) and n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:  # a state folder this user may not read: the runs that can will clean up
+        ctx.log.debug("cannot look for notes of databases restores created", folder=str(folder), error=str(exc))
+        return []
+    notes = []
+    for name in names:
+        path = folder / name
+        try:
+            doc = json.loads(read_small(path, 1 << 16, root=folder))
+        except (OSError, ValueError) as exc:
+            ctx.log.warning("unreadable note of a database a restore created; left alone", file=str(path),
+                            error=str(exc))
+            continue
+        if not isinstance(doc, dict) or doc.get("server") != f"{pg.host}:{pg.port}" or _run_alive(doc.get("pid")):
+            continue
+        notes.append((path, doc))
+    return notes
+
+
+def drop_unfinished_databases(ctx: JobContext, *, lock_held: bool = False) -> None:
+    """Drop the databases that runs killed midway created and did not finish (see NewDatabase), one log line
+    each; a database of the same name without the run's mark is never touched. Only while nobody holds the
+    postgres lock (`lock_held`: the caller does). Costs nothing when there is no note; a server that cannot be
+    reached is only a warning (the notes stay for the next run)."""
+    try:
+        notes = _unfinished_notes(ctx)
+    except KkuaError as exc:  # a symlink or a stranger's file in the state folder: said, not followed
+        ctx.log.warning("cannot read the notes of databases restores created", error=str(exc))
+        return
+    if not notes:
+        return
+    lock = None if lock_held else TargetLock(ctx.config.backup_dir, KIND, "drop unfinished databases")
+    if lock is not None:
+        try:
+            lock.acquire()
+        except (LockHeld, StorageError):
+            return  # a run holds the lock: its databases are alive; the next command looks again
+    try:
+        admin = connect_maintenance(ctx.config.postgres)
+    except KkuaError as exc:
+        ctx.log.warning("cannot check for databases left half-made by a killed restore", error=str(exc))
+        if lock is not None:
+            lock.release()
+        return
+    try:
+        for path, doc in notes:
+            _drop_unfinished(ctx, admin, doc)
+            with contextlib.suppress(FileNotFoundError):
+                unlink_in(path)
+    except psycopg.Error as exc:
+        ctx.log.warning("cannot drop a database left half-made by a killed restore", error=str(exc).strip())
+    finally:
+        admin.close()
+        if lock is not None:
+            lock.release()
+
+
+def _drop_unfinished(ctx: JobContext, admin: psycopg.Connection, doc: dict[str, Any]) -> None:
+    name, nonce = str(doc.get("database", "")), str(doc.get("nonce", ""))
+    mark = _MARK.format(nonce=nonce)
+    who = f"pid {doc.get('pid')}, started {doc.get('started_at')}"
+    temp = str(doc.get("temporary_name", ""))
+    if temp == f"kkua_new_{nonce}" and _comment_of(admin, temp) is not None:
+        drop_database(admin, temp)
+        ctx.log.warning("dropped a database a killed restore had begun to create", database=temp, meant_as=name,
+                        run=who)
+    comment = _comment_of(admin, name)
+    if comment is None:
+        return
+    if comment == mark:
+        drop_database(admin, name)
+        ctx.log.warning(f"dropped database {name!r}, left half-made by a restore that was killed ({who})",
+                        database=name)
+    else:
+        ctx.log.info(f"database {name!r} exists but is not the one a killed restore ({who}) was making; "
+                     "left alone", database=name)
+
+
 def drop_database(conn: psycopg.Connection, name: str) -> None:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
@@ -928,7 +1219,8 @@ def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, 
     try:
         admin = connect_maintenance(pg)
         bin_dir = restore_bin_dir(pg, server_info(admin), archive_major=archive_major)
-        create_database(admin, scratch)
+        scratch_db = NewDatabase(ctx, admin, scratch, f"test restore of {path.name}")
+        scratch_db.create()
     except (KkuaError, psycopg.Error) as exc:
         outcome["error"] = str(exc).strip().splitlines()[0]
         if admin is not None:
@@ -955,7 +1247,7 @@ def _test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, 
             outcome["error"] = str(exc).strip().splitlines()[0]
         finally:
             try:
-                drop_database(admin, scratch)
+                scratch_db.drop()
             except psycopg.Error as exc:
                 ctx.log.error("scratch database could not be dropped", database=scratch, error=str(exc).strip())
             admin.close()
@@ -1162,6 +1454,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
     started = time.monotonic()
     with TargetLock(backup_dir, KIND, f"restore postgres {backup_set.name}", read_only_ok=not safety_backup):
         ctx.log.info("restore requested", file=backup_set.name, database=target, host=pg.host, port=pg.port)
+        drop_unfinished_databases(ctx, lock_held=True)
         check_restorable(ctx, backup_set, checks="a decompress test")
         report["check"] = check_set(ctx, backup_set)
         admin = connect_maintenance(pg)
@@ -1188,10 +1481,10 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
                 report["safety_backup"] = _safety_backup(ctx, target)
             elif plan.in_place and exists:
                 ctx.log.warning("no safety backup taken (--no-safety-backup)", database=target)
-            created = False
+            created: NewDatabase | None = None
             if not exists:
-                create_database(admin, target)
-                created = True
+                created = NewDatabase(ctx, admin, target, f"restore of {backup_set.name}")
+                created.create()
                 ctx.log.info("database created", database=target)
             else:
                 ended = terminate_sessions(admin, target)
@@ -1201,18 +1494,21 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
                                 enabled=ctx.interactive)
             load_started = time.monotonic()
             try:
-                restore_into(ctx, bin_dir, target, backup_set.path(), fmt, compression, wipe=not created,
+                restore_into(ctx, bin_dir, target, backup_set.path(), fmt, compression, wipe=created is None,
                              expected=backup_set.manifest.files[0] if backup_set.manifest else None,
-                             new_database=created, progress=progress, transactional=transactional or not created)
+                             new_database=created is not None, progress=progress,
+                             transactional=transactional or created is None)
             except KkuaError as exc:
                 progress.clear()
-                if created:
-                    drop_database(admin, target)
+                if created is not None:
+                    created.drop()
                     raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
                                    f"the database was dropped again: {exc}") from None
                 raise JobError(f"restore of {backup_set.name} failed and was rolled back; database {target!r}"
                                f" still holds its previous data: {exc}", hint=restore_hint(exc)) from None
             progress.clear()
+            if created is not None:
+                created.finished()
             report["load_seconds"] = round(time.monotonic() - load_started, 2)
         except psycopg.Error as exc:
             raise JobError(f"PostgreSQL refused a step of the restore into {target!r}: {str(exc).strip()}",

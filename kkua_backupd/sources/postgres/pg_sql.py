@@ -50,12 +50,14 @@ class SqlStream:
 
     `fold_transactions` folds the file's own BEGIN/COMMIT pairs into the surrounding transaction;
     `refuse_meta` raises MetaCommandRefused at a backslash command other than \\restrict/\\unrestrict
-    (before passing it on). After `finish`: `problems` lists what a restore would reject, `pending` says
-    whether the last statement lacks its `;`, `truncated` whether the stream stopped inside something.
+    (before passing it on); `drop_restrict` leaves those two out of the output. After `finish`: `problems`
+    lists what a restore would reject, `pending` says whether the last statement lacks its `;`, `truncated`
+    whether the stream stopped inside something.
     """
 
     fold_transactions: bool = True
     refuse_meta: bool = True
+    drop_restrict: bool = False  # leave pg_dump's own \restrict/\unrestrict lines out (a restore frames its own)
     line_no: int = 1
     problems: list[str] = field(default_factory=list)
     copies: int = 0
@@ -64,6 +66,7 @@ class SqlStream:
     truncated: str | None = None
     pending: bool = False
     meta_commands: list[str] = field(default_factory=list)
+    dropped: int = 0  # \restrict/\unrestrict lines left out (drop_restrict)
 
     def __post_init__(self) -> None:
         self._copy = False
@@ -279,7 +282,13 @@ class SqlStream:
                 # psql runs it at once, whatever statement is pending: never fold it away with one
                 out += self._held
                 self._held.clear()
-                out += line[out_from:]
+                if self.drop_restrict and command in ALLOWED_META:
+                    out += line[out_from:start]
+                    if line.endswith(b"\n"):
+                        out += b"\n"
+                    self.dropped += 1
+                else:
+                    out += line[out_from:]
                 out_from = pos = n
                 break
             if tok == b"$":
