@@ -13,6 +13,8 @@ from kkua_backupd.errors import LockHeld, NotConfirmed, Refused, StorageError
 from kkua_backupd.safefs import folder_problems
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import BackupSet, kind_folder, remove_stale_partials
+from kkua_backupd.stream.chain import Stage
+from kkua_backupd.stream.stages import Reader
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,10 @@ class JobContext:
     log: Any
     interactive: bool = False  # a person at a terminal: progress lines and questions
     json_mode: bool = False
+    # The byte chain's slot after compression (stream/chain.py): every backup file is written through
+    # `stages` and read back through `readers` (encryption goes here); empty: compression only.
+    stages: tuple[Stage, ...] = ()
+    readers: tuple[Reader, ...] = ()
 
 
 def refuse_untrusted(backup_set: BackupSet) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kkua_backupd.errors import IntegrityError, StorageError
-from kkua_backupd.stream import pipeline
+from kkua_backupd.stream import chain, pipeline
 
 KINDS = ("gzip", "zstd", "none")
 
@@ -26,10 +26,10 @@ def sample(size: int = 9 << 20) -> bytes:
 
 def compress_file(tmp_path: Path, kind: str, data: bytes, chunk: int = 100_000) -> Path:
     path = tmp_path / f"out{pipeline.EXTENSIONS[kind]}"
-    with pipeline.AtomicFile(path) as out:
-        pipeline.compress_into((data[i:i + chunk] for i in range(0, len(data), chunk)),
-                               pipeline.make_compressor(kind, threads=2), out)
-        out.commit()
+    with chain.open_chain(path, kind, None, 2) as out:
+        for i in range(0, len(data), chunk):
+            out.write(data[i:i + chunk])
+        out.close()
     return path
 
 
@@ -38,7 +38,7 @@ def test_round_trip_and_check(tmp_path: Path, kind: str) -> None:
     data = sample()
     path = compress_file(tmp_path, kind, data)
     assert b"".join(pipeline.decompress(kind, pipeline.file_chunks(path))) == data
-    result = pipeline.check_file(path, kind)
+    result = chain.check_file(path, kind)
     assert result.uncompressed == len(data)
     assert result.size == path.stat().st_size
     assert oct(path.stat().st_mode & 0o777) == oct(0o640)
@@ -62,7 +62,7 @@ def test_zstd_is_readable_by_the_zstd_tool(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
 def test_empty_input_gives_a_valid_file(tmp_path: Path, kind: str) -> None:
     path = compress_file(tmp_path, kind, b"")
-    assert pipeline.check_file(path, kind).uncompressed == 0
+    assert chain.check_file(path, kind).uncompressed == 0
 
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
@@ -71,7 +71,7 @@ def test_truncated_file_is_detected(tmp_path: Path, kind: str) -> None:
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(IntegrityError, match="truncated|corrupt"):
-        pipeline.check_file(path, kind)
+        chain.check_file(path, kind)
 
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
@@ -81,16 +81,16 @@ def test_flipped_byte_is_detected(tmp_path: Path, kind: str) -> None:
     blob[len(blob) // 2] ^= 0x01
     path.write_bytes(bytes(blob))
     with pytest.raises(IntegrityError, match="corrupt"):
-        pipeline.check_file(path, kind)
+        chain.check_file(path, kind)
 
 
 def test_flipped_byte_in_uncompressed_file_changes_the_sha256(tmp_path: Path) -> None:
     path = compress_file(tmp_path, "none", b"abc" * 1000)
-    before = pipeline.check_file(path, "none").sha256
+    before = chain.check_file(path, "none").sha256
     blob = bytearray(path.read_bytes())
     blob[10] ^= 1
     path.write_bytes(bytes(blob))
-    assert pipeline.check_file(path, "none").sha256 != before
+    assert chain.check_file(path, "none").sha256 != before
 
 
 def test_atomic_file_leaves_nothing_on_error(tmp_path: Path) -> None:
@@ -136,16 +136,16 @@ def test_gzip_levels_map_onto_isal_levels() -> None:
     assert [pipeline.gzip_level(n) for n in range(1, 10)] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
 
 
-def test_verified_chunks_raise_after_the_last_chunk_when_the_file_changed(tmp_path: Path) -> None:
+def test_a_verified_read_raises_after_the_last_chunk_when_the_file_changed(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x" * 3_000_000)
-    info = pipeline.check_file(path, "none")
-    assert b"".join(pipeline.verified_chunks(path, info.size, info.sha256)) == b"x" * 3_000_000
+    info = chain.check_file(path, "none")
+    assert b"".join(chain.read_chain(path, "none", expected=info)) == b"x" * 3_000_000
     blob = bytearray(path.read_bytes())
     blob[-1] = ord("y")
     path.write_bytes(bytes(blob))
     received = []
     with pytest.raises(IntegrityError, match="changed while it was being read"):
-        for chunk in pipeline.verified_chunks(path, info.size, info.sha256):
+        for chunk in chain.read_chain(path, "none", expected=info):
             received.append(chunk)
     assert sum(map(len, received)) == info.size  # every byte was handed on, the verdict comes last

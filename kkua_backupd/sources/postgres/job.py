@@ -62,19 +62,15 @@ from kkua_backupd.store.storage import (
     resolve,
     write_manifest,
 )
-from kkua_backupd.stream.pipeline import (
-    AtomicFile,
+from kkua_backupd.stream.chain import (
     CheckResult,
-    FileInfo,
-    HashedFile,
     check_file,
-    compress_into,
-    decompress,
-    make_compressor,
-    stream_chunks,
-    verified_chunks,
-    write_atomic,
+    compression_of,
+    open_chain,
+    read_chain,
+    without_compression,
 )
+from kkua_backupd.stream.pipeline import AtomicFile, FileInfo, stream_chunks, write_atomic
 
 KIND: Kind = "postgres"
 PG_LIB = Path("/usr/lib/postgresql")
@@ -606,14 +602,16 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
         log.info("dump started", database=dbname, file=path.name, server_version=server.version,
                  pg_dump=str(bin_dir / "pg_dump"), format=fmt, compression=compression)
         started = time.monotonic()
-        with execute.ProcessGroup(KIND) as group, AtomicFile(path) as out:
+        with execute.ProcessGroup(KIND) as group, \
+                open_chain(path, compression, pg.compression_level, pg.threads, ctx.stages) as out:
             child = group.spawn(pg_dump_argv(bin_dir, pg, dbname=dbname, fmt=fmt, snapshot=snapshot),
                                 env=child_env(pg), timeout=pg.dump_timeout)
             stats.start()
             assert child.stdout is not None
-            compressor = make_compressor(compression, pg.compression_level, pg.threads)
             scanner = SqlStream(refuse_meta=False) if fmt == "plain" else None
-            uncompressed = compress_into(_scanned(stream_chunks(child.read, progress), scanner), compressor, out)
+            for chunk in _scanned(stream_chunks(child.read, progress), scanner):
+                out.write(chunk)
+            uncompressed = out.raw
             progress.clear()
             try:
                 group.wait(child, what="pg_dump",
@@ -629,7 +627,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
                 if denied is not None:
                     raise denied
                 raise JobError(f"counting rows in {dbname} failed: {str(stats.error).strip()}")
-            info = out.commit()
+            info = out.close()
     except psycopg.Error as exc:
         denied = permission_error(pg, dbname, str(exc))
         if denied is not None:
@@ -979,9 +977,7 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
     going into a new database. The bytes are hashed as they are read; if they do not match `expected`
     the load stops before its COMMIT. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
     pg = ctx.config.postgres
-    raw = verified_chunks(path, expected.size if expected else None, expected.sha256 if expected else None,
-                          progress)
-    chunks = decompress(compression, raw, name=path.name)
+    chunks = read_chain(path, compression, progress=progress, expected=expected, readers=ctx.readers)
     transactional = transactional or not new_database  # only a new database may load statement by statement
     if fmt == "plain":
         load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe, transactional=transactional)
@@ -1277,26 +1273,13 @@ def set_format(backup_set: BackupSet) -> tuple[str, str]:
     if backup_set.manifest is not None:
         return backup_set.manifest.details.get("format", "plain"), backup_set.manifest.files[0].compression
     name = backup_set.name
-    compression = "gzip" if name.endswith(".gz") else "zstd" if name.endswith(".zst") else "none"
-    stem = name.removesuffix(".gz").removesuffix(".zst")
+    compression = compression_of(name)
+    stem = without_compression(name)
     if stem.endswith(".sql"):
         return "plain", compression
     if stem.endswith(".dump"):
         return "custom", compression
     raise UsageError(f"{name} is not a PostgreSQL backup (expected .sql, .sql.gz, .sql.zst or .dump)")
-
-
-class _Counted:
-    """The chunks of an iterable, counted as they pass."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self.chunks = chunks
-        self.size = 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self.chunks:
-            self.size += len(chunk)
-            yield chunk
 
 
 def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compression: str,
@@ -1308,8 +1291,7 @@ def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compressi
     pg = ctx.config.postgres
     made_by = archive_major_of(backup_set)
     bin_dir = client_bin_dir(pg, made_by, doing=f"check {path.name}")
-    source = HashedFile(path, progress)
-    archive = _Counted(decompress(compression, source, name=path.name))
+    archive = read_chain(path, compression, progress=progress, readers=ctx.readers)
     scanner = SqlStream(refuse_meta=False)
     errors: list[BaseException] = []
     with execute.ProcessGroup(KIND) as group:
@@ -1340,10 +1322,11 @@ def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compressi
             if "unsupported version" in reason:  # made by a newer pg_dump than the manifest says (or none)
                 raise VersionTooNew(f"cannot check {path.name}: pg_restore {tool_major(bin_dir)} cannot read it "
                                     f"({reason})", hint=_client_hint(pg, None)) from None
-            return check_file(path, compression), scanner, reason  # the whole file's checksum decides first
+            # the whole file's checksum decides first
+            return check_file(path, compression, readers=ctx.readers), scanner, reason
     if errors:
         raise errors[0]
-    return CheckResult(source.size, source.digest.hexdigest(), archive.size), scanner, None
+    return CheckResult(archive.size, archive.sha256, archive.raw), scanner, None
 
 
 def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
@@ -1366,14 +1349,12 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
         progress = Progress(f"checking {name}", total=path.stat().st_size, enabled=ctx.interactive)
         fmt = set_format(backup_set)[0]
         if fmt == "plain":
-            source = HashedFile(path, progress)
+            source = read_chain(path, compression, progress=progress, readers=ctx.readers)
             scanner = SqlStream(refuse_meta=False)
-            uncompressed = 0
-            for part in decompress(compression, source, name=path.name):
-                uncompressed += len(part)
+            for part in source:
                 scanner.feed(part)
             scanner.finish()
-            result = CheckResult(source.size, source.digest.hexdigest(), uncompressed)
+            result = CheckResult(source.size, source.sha256, source.raw)
         else:
             result, scanner, unreadable = _check_archive(ctx, backup_set, path, compression, progress)
         progress.clear()

@@ -29,7 +29,6 @@ from typing import Any
 
 import redis
 
-from kkua_backupd.config import RedisConfig
 from kkua_backupd.core.context import JobContext, verify_report
 from kkua_backupd.errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError, VersionTooNew
 from kkua_backupd.obs.progress import Progress, human_bytes
@@ -66,19 +65,15 @@ from kkua_backupd.store.storage import (
     remove_stale_partials,
     write_manifest,
 )
-from kkua_backupd.stream.pipeline import (
-    AtomicFile,
-    Compressor,
-    FileInfo,
-    HashedFile,
+from kkua_backupd.stream.chain import (
+    ChainWriter,
     check_file,
-    compress_into,
-    decompress,
-    file_chunks,
-    make_compressor,
-    storage_error,
-    verified_chunks,
+    compression_of,
+    open_chain,
+    read_chain,
+    without_compression,
 )
+from kkua_backupd.stream.pipeline import AtomicFile, FileInfo, file_chunks, storage_error
 
 KIND: Kind = "redis"
 EXTENSIONS = {"rdb": ".rdb", "memory": "_memory.json", "config": "_config.conf", "aof": ".aof"}
@@ -202,17 +197,16 @@ class RdbChecker:
 
 
 class _RdbWriter:
-    """The sink of a capture: raw RDB bytes into the checker, the compressor and the atomic file."""
+    """The sink of a capture: raw RDB bytes into the checker and the byte chain."""
 
-    def __init__(self, out: AtomicFile, compressor: Compressor, checker: RdbChecker, progress: Progress) -> None:
+    def __init__(self, out: ChainWriter, checker: RdbChecker, progress: Progress) -> None:
         self.out = out
-        self.compressor = compressor
         self.checker = checker
         self.progress = progress
 
     def __call__(self, data: bytes) -> None:
         self.checker.feed(data)
-        self.out.write(self.compressor.compress(data))
+        self.out.write(data)
         self.progress.add(len(data))
 
 
@@ -274,17 +268,15 @@ def _write_rdb(ctx: JobContext, path: Path, compression: str, method: str,  # no
     state: dict[str, Any] = {"form": "file", "wait": 0.0, "keyspace": None}
     progress = Progress(f"RDB from {cfg.host}:{cfg.port}", enabled=ctx.interactive)
     started = time.monotonic()
-    with execute.ProcessGroup(KIND) as group, AtomicFile(path) as out:
+    with execute.ProcessGroup(KIND) as group, \
+            open_chain(path, compression, cfg.compression_level, cfg.threads, ctx.stages) as out:
         checker = RdbChecker(ctx, path.name, group, timeout=cfg.capture_timeout)
-        compressor = make_compressor(compression, cfg.compression_level, cfg.threads)
         try:
-            source(_RdbWriter(out, compressor, checker, progress), state)
-            out.write(compressor.flush())
+            source(_RdbWriter(out, checker, progress), state)
         finally:
-            compressor.close()
             progress.clear()
         check = checker.finish()
-        info = out.commit()
+        info = out.close()
     seconds = time.monotonic() - started
     return RdbCapture(file=info, compression=compression, method=method, form=state["form"],
                       raw_size=checker.size, rdb_version=int(check["rdb_version"]), check=check,
@@ -420,10 +412,11 @@ def _collect(ctx: JobContext, client: redis.Redis, what: str, call: Callable[[],
         return None, reason
 
 
-def _write_small(path: Path, data: bytes, compression: str, cfg: RedisConfig) -> FileInfo:
-    with AtomicFile(path) as out:
-        compress_into([data], make_compressor(compression, cfg.compression_level, cfg.threads), out)
-        return out.commit()
+def _write_small(ctx: JobContext, path: Path, data: bytes, compression: str) -> FileInfo:
+    cfg = ctx.config.redis
+    with open_chain(path, compression, cfg.compression_level, cfg.threads, ctx.stages) as out:
+        out.write(data)
+        return out.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,22 +487,19 @@ def aof_manifest_files(text: str) -> list[tuple[str, str]]:
     return found
 
 
-class _CompressingSink(io.RawIOBase):
-    """A write-only file object that compresses into an AtomicFile (for tarfile's stream mode)."""
+class _ChainFile(io.RawIOBase):
+    """A write-only file object over the byte chain (for tarfile's stream mode)."""
 
-    def __init__(self, out: AtomicFile, compressor: Compressor) -> None:
+    def __init__(self, out: ChainWriter) -> None:
         super().__init__()
         self.out = out
-        self.compressor = compressor
-        self.raw = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
         chunk = bytes(data)
-        self.raw += len(chunk)
-        self.out.write(self.compressor.compress(chunk))
+        self.out.write(chunk)
         return len(chunk)
 
 
@@ -518,18 +508,17 @@ def write_aof(ctx: JobContext, source: AofSource, path: Path, compression: str) 
     files it names), the single file as it is; raises JobError if the files change under us."""
     cfg = ctx.config.redis
     details: dict[str, Any] = {"form": source.form, "name": source.name}
-    with AtomicFile(path) as out:
-        compressor = make_compressor(compression, cfg.compression_level, cfg.threads)
+    with open_chain(path, compression, cfg.compression_level, cfg.threads, ctx.stages) as out:
         try:
             if source.form == "single":
-                details["bytes"] = compress_into(file_chunks(source.base / source.name), compressor, out)
+                for chunk in file_chunks(source.base / source.name):
+                    out.write(chunk)
             else:
-                sink = _CompressingSink(out, compressor)
                 folder = source.base / source.name
                 assert source.manifest is not None
                 manifest = (folder / source.manifest).read_bytes()
                 members = [source.manifest]
-                with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                with tarfile.open(fileobj=_ChainFile(out), mode="w|", format=tarfile.PAX_FORMAT) as tar:
                     entry = tarfile.TarInfo(f"{source.name}/{source.manifest}")
                     entry.size, entry.mtime, entry.mode = len(manifest), int(time.time()), 0o640
                     tar.addfile(entry, io.BytesIO(manifest))
@@ -543,13 +532,11 @@ def write_aof(ctx: JobContext, source: AofSource, path: Path, compression: str) 
                             raise JobError(f"AOF backup: {member} disappeared while it was archived (an AOF "
                                            "rewrite ran)", hint="run the backup again") from None
                         members.append(name)
-                out.write(compressor.flush())
-                details.update(members=members, bytes=sink.raw)
+                details["members"] = members
+            details["bytes"] = out.raw
         except OSError as exc:
             raise storage_error(exc, source.base / source.name, "read") from None
-        finally:
-            compressor.close()
-        return out.commit(), details
+        return out.close(), details
 
 
 # ----------------------------------------------------------------------------------------------
@@ -588,13 +575,13 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
             if extras:
                 stamp = now_local().isoformat()
                 doc = memory_document(server_info, info_error, stamp)
-                info = _write_small(name("memory"), (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(),
-                                    compression, cfg)
+                info = _write_small(ctx, name("memory"),
+                                    (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), compression)
                 made.append(folder / info.name)
                 files.append(ManifestFile(name=info.name, size=info.size, sha256=info.sha256, role="memory",
                                           compression=compression))
-                info = _write_small(name("config"), _config_text(ctx, client, version, stamp).encode("utf-8"),
-                                    compression, cfg)
+                info = _write_small(ctx, name("config"), _config_text(ctx, client, version, stamp).encode("utf-8"),
+                                    compression)
                 made.append(folder / info.name)
                 files.append(ManifestFile(name=info.name, size=info.size, sha256=info.sha256, role="config",
                                           compression=compression))
@@ -704,8 +691,8 @@ def set_files(backup_set: BackupSet) -> list[tuple[str, str, str, ManifestFile |
     if backup_set.manifest is not None:
         return [(f.name, f.role, f.compression, f) for f in backup_set.manifest.files]
     name = backup_set.name
-    compression = "gzip" if name.endswith(".gz") else "zstd" if name.endswith(".zst") else "none"
-    stem = name.removesuffix(".gz").removesuffix(".zst")
+    compression = compression_of(name)
+    stem = without_compression(name)
     role = {".rdb": "rdb", ".aof": "aof"}.get(Path(stem).suffix)
     if role is None:
         raise UsageError(f"{name} is not a Redis backup (expected .rdb, .rdb.gz, .rdb.zst or .aof.gz)")
@@ -713,13 +700,13 @@ def set_files(backup_set: BackupSet) -> list[tuple[str, str, str, ManifestFile |
 
 
 def _check_rdb_file(ctx: JobContext, path: Path, compression: str, progress: Progress) -> dict[str, Any]:
-    source = HashedFile(path, progress)
+    source = read_chain(path, compression, progress=progress, readers=ctx.readers)
     with execute.ProcessGroup(KIND) as group:
         checker = RdbChecker(ctx, path.name, group, timeout=ctx.config.redis.restore_timeout)
-        for chunk in decompress(compression, source, name=path.name):
+        for chunk in source:
             checker.feed(chunk)
         result = checker.finish()
-    result.update(size=source.size, sha256=source.digest.hexdigest(), uncompressed=checker.size)
+    result.update(size=source.size, sha256=source.sha256, uncompressed=checker.size)
     return result
 
 
@@ -754,7 +741,7 @@ def check_files(ctx: JobContext, backup_set: BackupSet) -> tuple[dict[str, Any],
                 summary = entry.pop("summary")
                 entry["rdb"] = summary.as_details()
             else:
-                found = check_file(path, compression, progress)
+                found = check_file(path, compression, progress, ctx.readers)
                 entry = {"size": found.size, "sha256": found.sha256, "uncompressed": found.uncompressed}
         except (IntegrityError, VersionTooNew):
             # The reader (gzip/zstd framing, the RDB's CRC-64, a type byte it does not know) stops at a flipped
@@ -849,8 +836,7 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
         valkey = summary.valkey if summary is not None else False
         decoder = _DecodeEverything(valkey)
         scanner = RdbScanner(name, decoder, examples=0)
-        for chunk in decompress(compression, verified_chunks(backup_set.path(name), expected.size if expected else None,
-                                                             expected.sha256 if expected else None), name=name):
+        for chunk in read_chain(backup_set.path(name), compression, expected=expected, readers=ctx.readers):
             scanner.feed(chunk)
         read = scanner.finish()
         found = {str(db): n for db, n in sorted(read.keys.items())}
@@ -865,7 +851,7 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
                                  f"to {readable}, this is {read.magic} {read.version}")
         else:
             with AtomicFile(folder / "dump.rdb", 0o600) as out:
-                for chunk in decompress(compression, file_chunks(backup_set.path(name)), name=name):
+                for chunk in read_chain(backup_set.path(name), compression, readers=ctx.readers):
                     out.write(chunk)
                 out.commit()
             ctx.log.info("test load started", file=name, server=f"redis-server {local}")

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anycrc
 
 from kkua_backupd.errors import IntegrityError, VersionTooNew
+
+if TYPE_CHECKING:
+    from kkua_backupd.stream.stages import Reader
 
 _CRC = anycrc.Model("CRC64-REDIS")
 
@@ -110,15 +114,13 @@ def parse_header(head: bytes, *, name: str = "RDB") -> tuple[str, int]:
                          hint="use another backup; this one is corrupt or is not an RDB")
 
 
-def file_header(path: Path, compression: str | None = None) -> tuple[str, int]:
-    """("REDIS" or "VALKEY", version) of an RDB file, compressed as `compression` (else as its name says:
-    .gz, .zst, or none); raises IntegrityError if it is not an RDB."""
-    from kkua_backupd.stream.pipeline import decompress, file_chunks  # late: the reader itself needs no files
+def file_header(path: Path, compression: str | None = None, readers: Sequence[Reader] = ()) -> tuple[str, int]:
+    """("REDIS" or "VALKEY", version) of an RDB file read back through the byte chain, compressed as
+    `compression` (else as its name says: .gz, .zst, or none); raises IntegrityError if it is not an RDB."""
+    from kkua_backupd.stream.chain import compression_of, read_chain  # late: the reader itself needs no files
 
-    kind = compression or ("gzip" if path.name.endswith(".gz") else "zstd" if path.name.endswith(".zst")
-                           else "none")
     head = bytearray()
-    stream = decompress(kind, file_chunks(path), name=path.name)
+    stream = iter(read_chain(path, compression or compression_of(path.name), readers=readers))
     try:
         for chunk in stream:
             head += chunk
