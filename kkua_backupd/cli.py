@@ -22,12 +22,12 @@ from typing import Any
 from kkua_backupd import __version__
 from kkua_backupd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
 from kkua_backupd.core import state
-from kkua_backupd.core.context import JobContext, clean_stale, refuse_untrusted
+from kkua_backupd.core.context import JobContext, clean_stale
 from kkua_backupd.errors import ConfigError, IntegrityError, Interrupted, JobError, KkuaError, UsageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes, interactive
 from kkua_backupd.safefs import folder_problems, set_trusted_roots
-from kkua_backupd.sources import BACKUP_TARGETS, KINDS, RETENTION, RUN_JOBS, job_module
+from kkua_backupd.sources import BACKUP_TARGETS, KINDS, RETENTION, RUN_JOBS, BackupOptions, job_target
 from kkua_backupd.store.storage import LOCK_FOLDER_NAMES, BackupSet, latest, list_sets, resolve, unmanaged_files
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
@@ -168,35 +168,18 @@ def _human(ctx: JobContext, text: str) -> None:
 
 def job_context(config: Config, job: str, *, json_mode: bool) -> JobContext:
     """The context of one job, its log lines carrying the job and its target."""
-    if job == "postgres":
-        target = f"{config.postgres.host}:{config.postgres.port}/{config.postgres.database}"
-    elif job == "redis":
-        target = f"{config.redis.host}:{config.redis.port}"
-    else:
-        target = str(config.backup_dir)
-    return JobContext(config=config, log=logs.get_logger(job=job, target=target),
+    return JobContext(config=config, log=logs.get_logger(job=job, target=job_target(config, job)),
                       interactive=interactive() and not json_mode, json_mode=json_mode)
 
 
 def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) -> Any:
-    """One job (postgres, redis or retention), its start and end recorded for `status`."""
+    """One job of the registry (a kind's backup or retention), its start and end recorded for `status`."""
+    from kkua_backupd.core import flows
     if job in KINDS:
         warn_future_sets(ctx, job)
-    with state.track(ctx.config, job, runner=runner) as record:
-        if job == "postgres":
-            from kkua_backupd.sources.postgres import job as pg_job
-            test = True if getattr(args, "test_restore", False) else None
-            manifest = pg_job.backup(ctx, test_restore=test)
-        elif job == "redis":
-            from kkua_backupd.sources.redis import backup as redis_job
-            manifest = redis_job.backup(ctx, aof=True if getattr(args, "aof", False) else None)
-        else:
-            from kkua_backupd.core import retention
-            report = retention.prune(ctx, dry_run=False)
-            record.finish(size=report.get("freed_bytes"), detail=f"{len(report['deleted'])} set(s) deleted")
-            return report
-        record.finish(size=sum(f.size for f in manifest.files), files=[f.name for f in manifest.files])
-        return manifest.model_dump(mode="json")
+    options = BackupOptions(test_restore=True if getattr(args, "test_restore", False) else None,
+                            aof=True if getattr(args, "aof", False) else None)
+    return flows.run_job(ctx, job, options, runner=runner)
 
 
 def warn_future_sets(ctx: JobContext, kind: str | None = None) -> list[str]:
@@ -210,9 +193,9 @@ def warn_future_sets(ctx: JobContext, kind: str | None = None) -> list[str]:
 def cmd_backup(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> Any:
     job = args.target if args.command == "backup" else args.job
     if job == "all":
-        jobs = [*KINDS] + ([RETENTION] if args.command == "run" else [])
         from kkua_backupd.proc import workers
-        return workers.run_all(loaded.path, jobs, command=args.command, json_mode=ctx.json_mode,
+        return workers.run_all(loaded.path, [[*KINDS], [RETENTION] if args.command == "run" else []],
+                               command=args.command, json_mode=ctx.json_mode,
                                extra_args=[a for a in ("--test-restore", "--aof")
                                            if getattr(args, a[2:].replace("-", "_"), False)])
     return run_job(job_context(ctx.config, job, json_mode=ctx.json_mode), job, args,
@@ -293,8 +276,7 @@ def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
     _human(ctx, f"Restored {report['file']} ({report['mode']} mode) into {ctx.config.redis.host}:"
                 f"{ctx.config.redis.port}: {report.get('keys', 0)} keys ({counts or 'none'}), {report['seconds']} s; "
                 + ("key counts match the backup." if report.get("counts_match") else
-                   "key counts differ from the backup: " + "; ".join(report.get("differences", []))
-                   if report.get("differences") else "key counts not compared (no manifest)."))
+                   "key counts not compared (no manifest)."))
     safety = report.get("safety_backup")
     if safety:
         _human(ctx, f"The data from before is in {safety['file']} "
@@ -369,14 +351,11 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
     for kind in KINDS:
         clean_stale(ctx, kind)
     _drop_unfinished_databases(ctx)
+    from kkua_backupd.core import flows
     for backup_set in _sets_to_verify(ctx, args.which):
-        job = job_module(backup_set.kind)
         try:
-            refuse_untrusted(backup_set)
-            if backup_set.future:
-                ctx.log.warning(backup_set.future_warning())
-            report = job.verify_set(job_context(ctx.config, backup_set.kind, json_mode=ctx.json_mode), backup_set,
-                                    restore_test=args.restore_test)
+            report = flows.verify(job_context(ctx.config, backup_set.kind, json_mode=ctx.json_mode), backup_set,
+                                  restore_test=args.restore_test)
         except KkuaError as exc:
             if isinstance(exc, IntegrityError) and backup_set.kind == "postgres":
                 exc = _checksum_first(ctx, backup_set, exc)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kkua_backupd.config import Config
-from kkua_backupd.errors import LockHeld, NotConfirmed, Refused, StorageError
+from kkua_backupd.errors import JobError, LockHeld, NotConfirmed, Refused, StorageError
 from kkua_backupd.safefs import folder_problems
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import BackupSet, kind_folder, remove_stale_partials
@@ -104,6 +104,19 @@ def verify_report(backup_set: BackupSet, checked: dict[str, Any],
         report["restore_test"] = outcome
         report["ok"] = report["ok"] and outcome["ok"]
     return report
+
+
+def refuse_different_result(ctx: JobContext, name: str, target: str, problems: list[str], hint: str) -> None:
+    """The one rule after every restore, whatever the source (docs/decisions/0011): when what the target holds
+    differs from what the backup recorded (tables or rows; keys per database, less those that expired), the
+    restore failed: each difference is logged as an error and JobError (exit 1) says so, with `hint` (where
+    the data from before is). The data stays as restored: undoing it is the operator's call."""
+    if not problems:
+        return
+    for line in problems:
+        ctx.log.error("restored data differs from the backup", detail=line)
+    raise JobError(f"restore of {name} into {target} finished, but the result differs from the backup: "
+                   f"{'; '.join(problems[:5])}", hint=hint)
 
 
 @dataclass

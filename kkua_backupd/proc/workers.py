@@ -189,17 +189,16 @@ def _wait_all(running: list[Worker], grace: float) -> dict[str, int]:
     return codes
 
 
-def run_all(config_path: Path | None, jobs: list[str], *, command: str, json_mode: bool,
+def run_all(config_path: Path | None, batches: list[list[str]], *, command: str, json_mode: bool,
             extra_args: list[str]) -> tuple[dict[str, Any], int]:
-    """Run `kkua-backup COMMAND JOB` for each job: the backups in parallel, then retention. Returns
+    """Run `kkua-backup COMMAND JOB` for each job: the batches one after the other, the jobs of a batch in
+    parallel (the caller's registry says which: the backups, then retention). Returns
     {"jobs": {job: {"exit_code": n, "result": doc-or-error}}} and the highest exit code. SIGTERM or
     Ctrl-C stops the workers (grace, then SIGKILL) and is re-raised."""
     runner = os.environ.get(RUNNER_ENV, "cli")
     log = get_logger()
     results: dict[str, Any] = {}
-    parallel = [j for j in jobs if j != "retention"]
-    after = [j for j in jobs if j == "retention"]
-    for batch in (parallel, after):
+    for batch in batches:
         if not batch:
             continue
         running = []

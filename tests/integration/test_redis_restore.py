@@ -441,6 +441,26 @@ def test_acl_user_and_wrong_password(sample_env: RedisEnv) -> None:
     unchanged(sample_env.server, marked)
 
 
+def test_a_result_that_differs_from_the_backup_fails_the_restore(sample_env: RedisEnv) -> None:
+    """The one rule after every restore (docs/decisions/0011, as for PostgreSQL): key counts that differ
+    from what the backup recorded make the restore fail (exit 1), naming each difference and the way back;
+    the data stays as restored."""
+    backup_set = backup(sample_env)
+    manifest_path = next(sample_env.folder.glob(f"*{backup_set['id']}.manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["details"]["keyspace"]["0"] == 106
+    manifest["details"]["keyspace"]["0"] = 200  # what the backup says it held; the RDB holds 106
+    manifest_path.write_text(json.dumps(manifest))
+    sample_env.client(0).flushall()
+    result = restore(sample_env, "latest", "--force")
+    assert result.returncode == 1, result.stdout
+    assert "finished, but the result differs from the backup: db0: 106 keys, expected 200" in result.stderr
+    assert "undo with: kkua-backup restore redis safety_backup_before_restore_" in result.stderr
+    assert sample_env.client(0).dbsize() == 106 and sample_env.client(5).dbsize() == 106
+    log = (sample_env.log_dir / "restore.log").read_text()
+    assert "restored data differs from the backup" in log and "restore finished" not in log
+
+
 def test_file_from_the_old_scripts_restores_by_name(sample_env: RedisEnv) -> None:
     """A plain .rdb without a manifest (what the old backup_redis.sh left) is restored when named."""
     before = snapshot(sample_env.server)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kkua_backupd import sources
+from kkua_backupd.config import Config
 from kkua_backupd.store import storage
 
 
@@ -13,8 +16,19 @@ def test_registry_is_the_folders_kinds_plus_retention() -> None:
     assert (*sources.JOBS, "all") == sources.RUN_JOBS
 
 
-def test_every_kind_has_a_module_that_backs_up_and_verifies() -> None:
-    assert tuple(sources.JOB_MODULES) == sources.KINDS
+def test_every_kind_has_a_source_that_backs_up_and_verifies() -> None:
+    assert tuple(sources.JOB_MODULES) == tuple(sources.REGISTRY) == sources.KINDS
     for kind in sources.KINDS:
-        module = sources.job_module(kind)
-        assert callable(module.backup) and callable(module.verify_set)
+        source = sources.source(kind)
+        assert source is sources.job_module(kind).SOURCE
+        assert source.kind == kind
+        assert callable(source.capture) and callable(source.finished) and callable(source.verify_set)
+
+
+def test_each_job_names_its_target_in_the_log(tmp_path: Path) -> None:
+    config = Config.model_validate({"backup_dir": str(tmp_path / "b"), "log_dir": str(tmp_path / "l"),
+                                    "postgres": {"host": "db", "port": 5433, "database": "kkua"},
+                                    "redis": {"host": "cache", "port": 6380}})
+    assert sources.job_target(config, "postgres") == "db:5433/kkua"
+    assert sources.job_target(config, "redis") == "cache:6380"
+    assert sources.job_target(config, sources.RETENTION) == str(tmp_path / "b")

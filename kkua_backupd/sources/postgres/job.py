@@ -25,7 +25,14 @@ import psycopg
 from psycopg import sql
 
 from kkua_backupd.config import PostgresConfig
-from kkua_backupd.core.context import JobContext, RestorePlan, check_restorable, confirm, verify_report
+from kkua_backupd.core.context import (
+    JobContext,
+    RestorePlan,
+    check_restorable,
+    confirm,
+    refuse_different_result,
+    verify_report,
+)
 from kkua_backupd.errors import (
     CommandFailed,
     ConnectionFailed,
@@ -42,6 +49,7 @@ from kkua_backupd.errors import (
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
 from kkua_backupd.safefs import list_folder, read_small, unlink_in
+from kkua_backupd.sources import BackupOptions
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import (
@@ -54,11 +62,9 @@ from kkua_backupd.store.storage import (
     ManifestFile,
     base_manifest,
     data_file_name,
-    ensure_folder,
     kind_folder,
     new_set_id,
     now_local,
-    remove_stale_partials,
     resolve,
     write_manifest,
 )
@@ -731,27 +737,23 @@ def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str
     return Manifest.model_validate(data)
 
 
-def backup(ctx: JobContext, *, test_restore: bool | None = None) -> Manifest:
-    """Back up the configured database (and test-restore it if asked); returns the written manifest.
+class PostgresSource:
+    """The PostgreSQL data source of the flows (core/flows.py): a pg_dump set, its row counts, and a test
+    restore when asked."""
 
-    Raises LockHeld when another run holds the postgres lock, JobError subclasses on failure; a
-    failed test restore still writes the set, marked failed, then raises JobError.
-    """
-    pg = ctx.config.postgres
-    want_test = pg.test_restore if test_restore is None else test_restore
-    ensure_folder(ctx.config.backup_dir)
-    folder = ensure_folder(kind_folder(ctx.config.backup_dir, KIND))
-    started = time.monotonic()
-    with TargetLock(ctx.config.backup_dir, KIND, "backup postgres"):
-        for name in remove_stale_partials(folder):
-            ctx.log.warning("removed a partial file left by an interrupted run", file=name)
+    kind: Kind = KIND
+
+    def capture(self, ctx: JobContext, folder: Path, options: BackupOptions, started: float) -> Manifest:
+        """Dump the configured database into `folder` (and test-restore it if asked) and write its manifest;
+        a failed test restore still writes the set, marked failed (`finished` raises for it)."""
+        pg = ctx.config.postgres
+        want_test = pg.test_restore if options.test_restore is None else options.test_restore
         drop_unfinished_databases(ctx, lock_held=True)
         prefix = PREFIXES[KIND]["backup"]
         result = dump(ctx, folder, prefix=prefix, fmt=pg.format, compression=pg.compression,
                       dbname=pg.database, checksums=want_test)
         extra: dict[str, Any] = {}
         status, error = "ok", None
-        unverified = None
         if result.problems:
             status, error = "failed", f"dump would not restore: {result.problems[0]}"
         elif want_test:
@@ -760,27 +762,37 @@ def backup(ctx: JobContext, *, test_restore: bool | None = None) -> Manifest:
                                          set_id=result.set_id, expected=result.tables, expected_file=written,
                                          objects=result.objects)
             extra["test_restore"] = outcome
-            if not outcome["ok"] and not outcome["ran"]:
-                unverified = outcome["error"]
-            elif not outcome["ok"]:
+            if outcome["ran"] and not outcome["ok"]:
                 status, error = "failed", f"test restore failed: {outcome['error']}"
         manifest = _manifest_for(result, set_type="backup", prefix=prefix, dbname=pg.database, status=status,
                                  error=error, extra=extra, total_seconds=time.monotonic() - started)
         write_manifest(folder, manifest)
-    if unverified is not None:
-        ctx.log.error("backup is ok but unverified: its test restore could not run", file=result.file.name,
-                      reason=unverified)
-        raise JobError(f"backup {result.file.name} is ok but unverified: its test restore could not run: "
-                       f"{unverified}", hint="the set stays usable; fix the cause, then run `kkua-backup verify "
-                                             f"{result.set_id} --restore-test`")
-    if status != "ok":
-        ctx.log.error("backup marked failed", file=result.file.name, reason=error)
-        raise JobError(f"backup {result.file.name} was written but its {error}",
-                       hint="the set is marked failed and is never used by `restore latest`")
-    ctx.log.info("backup finished", file=result.file.name, id=result.set_id, bytes=result.file.size,
-                 size=human_bytes(result.file.size), seconds=round(time.monotonic() - started, 2),
-                 sha256=result.file.sha256, test_restore="passed" if want_test else "skipped")
-    return manifest
+        return manifest
+
+    def finished(self, ctx: JobContext, manifest: Manifest, started: float) -> None:
+        """Raises JobError when the set is marked failed, or ok but unverified (its test restore could not
+        run); else logs the backup's end."""
+        file = manifest.files[0]
+        test = manifest.details.get("test_restore")
+        if test is not None and not test["ok"] and not test["ran"]:
+            ctx.log.error("backup is ok but unverified: its test restore could not run", file=file.name,
+                          reason=test["error"])
+            raise JobError(f"backup {file.name} is ok but unverified: its test restore could not run: "
+                           f"{test['error']}", hint="the set stays usable; fix the cause, then run `kkua-backup "
+                                                    f"verify {manifest.id} --restore-test`")
+        if manifest.status != "ok":
+            ctx.log.error("backup marked failed", file=file.name, reason=manifest.error)
+            raise JobError(f"backup {file.name} was written but its {manifest.error}",
+                           hint="the set is marked failed and is never used by `restore latest`")
+        ctx.log.info("backup finished", file=file.name, id=manifest.id, bytes=file.size,
+                     size=human_bytes(file.size), seconds=round(time.monotonic() - started, 2),
+                     sha256=file.sha256, test_restore="passed" if test is not None else "skipped")
+
+    def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
+        return verify_set(ctx, backup_set, restore_test=restore_test)
+
+
+SOURCE = PostgresSource()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1498,10 +1510,8 @@ def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str |
             admin.close()
         report.update(_verify_restored(ctx, backup_set, target))
     report["seconds"] = round(time.monotonic() - started, 2)
-    if not report["verified"]:
-        raise JobError(f"restore of {backup_set.name} into {target!r} finished, but the result differs from the "
-                       f"backup: {'; '.join(report['problems'][:5])}",
-                       hint="inspect the database; the safety backup holds the data from before")
+    refuse_different_result(ctx, backup_set.name, repr(target), report["problems"],
+                            hint="inspect the database; the safety backup holds the data from before")
     ctx.log.info("restore finished", file=backup_set.name, database=target, tables=report["tables"],
                  rows=report["rows"], seconds=report["seconds"], verified="row counts match the backup"
                  if backup_set.manifest else "no manifest to compare with")
@@ -1598,7 +1608,5 @@ def _verify_restored(ctx: JobContext, backup_set: BackupSet, target: str) -> dic
                             legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None))
     expected = backup_set.manifest.details.get("tables") if backup_set.manifest else None
     problems = compare_stats(expected, found) if expected is not None else []
-    for line in problems:
-        ctx.log.error("restored table differs from the backup", detail=line)
     return {"tables": len(found), "rows": sum(t["rows"] for t in found.values()), "problems": problems,
             "verified": not problems}

@@ -33,6 +33,7 @@ from kkua_backupd.core.context import JobContext, verify_report
 from kkua_backupd.errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError, VersionTooNew
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
+from kkua_backupd.sources import BackupOptions
 from kkua_backupd.sources.redis import values as redis_values
 from kkua_backupd.sources.redis.local import LocalRedis, find_redis_bin
 from kkua_backupd.sources.redis.protocol import (
@@ -49,7 +50,6 @@ from kkua_backupd.sources.redis.protocol import (
     where,
 )
 from kkua_backupd.sources.redis.rdb import RdbScanner, RdbSummary
-from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import (
     PREFIXES,
     BackupSet,
@@ -59,10 +59,8 @@ from kkua_backupd.store.storage import (
     base_manifest,
     data_file_name,
     ensure_folder,
-    kind_folder,
     new_set_id,
     now_local,
-    remove_stale_partials,
     write_manifest,
 )
 from kkua_backupd.stream.chain import (
@@ -648,30 +646,34 @@ def _manifest(prefix: str, set_type: str, set_id: str, created: Any, files: list
     return Manifest.model_validate(data)
 
 
-def backup(ctx: JobContext, *, aof: bool | None = None) -> Manifest:
-    """Back up the configured Redis server (RDB, INFO, CONFIG, and the AOF if asked); returns the manifest.
+class RedisSource:
+    """The Redis data source of the flows (core/flows.py): the RDB over the replication protocol (or BGSAVE),
+    INFO and CONFIG as side files, and the AOF when asked."""
 
-    Raises LockHeld when another run holds the redis lock, ConnectionFailed/JobError subclasses on failure;
-    a failed run leaves no file behind (a run killed outright leaves only `.partial` files, removed by the
-    next run)."""
-    cfg = ctx.config.redis
-    want_aof = cfg.aof if aof is None else aof
-    ensure_folder(ctx.config.backup_dir)
-    folder = ensure_folder(kind_folder(ctx.config.backup_dir, KIND))
-    started = time.monotonic()
-    with TargetLock(ctx.config.backup_dir, KIND, "backup redis"):
-        for name in remove_stale_partials(folder):
-            ctx.log.warning("removed a partial file left by an interrupted run", file=name)
-        manifest = _make_set(ctx, folder, prefix=PREFIXES[KIND]["backup"], set_type="backup", want_aof=want_aof,
-                             extras=True)
-    details = manifest.details
-    if details["capture"] == "bgsave":
-        ctx.log.warning("this backup used BGSAVE because SYNC is not allowed", reason=details.get("sync_refused"))
-    ctx.log.info("backup finished", file=manifest.files[0].name, id=manifest.id,
-                 bytes=sum(f.size for f in manifest.files), keys=details["keys"],
-                 databases=len(details["keyspace"]), capture=details["capture"], rdb_version=details["rdb_version"],
-                 seconds=round(time.monotonic() - started, 2))
-    return manifest
+    kind: Kind = KIND
+
+    def capture(self, ctx: JobContext, folder: Path, options: BackupOptions, started: float) -> Manifest:
+        """Back up the configured Redis server into `folder` (RDB, INFO, CONFIG, and the AOF if asked) and write
+        the manifest; a failed run leaves no file behind (a run killed outright leaves only `.partial` files,
+        removed by the next run)."""
+        want_aof = ctx.config.redis.aof if options.aof is None else options.aof
+        return _make_set(ctx, folder, prefix=PREFIXES[KIND]["backup"], set_type="backup", want_aof=want_aof,
+                         extras=True)
+
+    def finished(self, ctx: JobContext, manifest: Manifest, started: float) -> None:
+        details = manifest.details
+        if details["capture"] == "bgsave":
+            ctx.log.warning("this backup used BGSAVE because SYNC is not allowed", reason=details.get("sync_refused"))
+        ctx.log.info("backup finished", file=manifest.files[0].name, id=manifest.id,
+                     bytes=sum(f.size for f in manifest.files), keys=details["keys"],
+                     databases=len(details["keyspace"]), capture=details["capture"],
+                     rdb_version=details["rdb_version"], seconds=round(time.monotonic() - started, 2))
+
+    def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
+        return verify_set(ctx, backup_set, restore_test=restore_test)
+
+
+SOURCE = RedisSource()
 
 
 def capture(ctx: JobContext, folder: Path, *, prefix: str, set_type: str) -> Manifest:

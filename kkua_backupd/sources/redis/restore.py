@@ -36,7 +36,7 @@ import redis
 from pydantic import SecretStr
 
 from kkua_backupd.config import Config, RedisConfig
-from kkua_backupd.core.context import JobContext, RestorePlan, check_restorable, confirm
+from kkua_backupd.core.context import JobContext, RestorePlan, check_restorable, confirm, refuse_different_result
 from kkua_backupd.errors import (
     CommandFailed,
     ConnectionFailed,
@@ -306,10 +306,14 @@ def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, 
                      safety_backup=safety_backup)
         else:
             _file_mode(ctx, backup_set, source, target, report, force=force, safety_backup=safety_backup)
-        _compare_counts(ctx, backup_set, report)
+        _compare_counts(backup_set, report)
         if earlier:
             _clear_marker(ctx)  # the server answered and holds what this restore put there
     report["seconds"] = round(time.monotonic() - started, 2)
+    safety = (report["safety_backup"] or {}).get("file")
+    refuse_different_result(ctx, source.name, f"{rc.host}:{rc.port}", report["differences"],
+                            hint=f"the data from before is in {safety} (undo with: {undo_command(safety)})" if safety
+                            else "no safety backup was taken (--no-safety-backup)")
     ctx.log.info("restore finished", file=source.name, mode=mode, keys=report["keys"],
                  databases=report["databases"], seconds=report["seconds"],
                  counts="match the backup" if report["counts_match"] else
@@ -1011,9 +1015,10 @@ def _wait_loaded(rc: RedisConfig) -> None:
 # After
 
 
-def _compare_counts(ctx: JobContext, backup_set: BackupSet, report: dict[str, Any]) -> None:
+def _compare_counts(backup_set: BackupSet, report: dict[str, Any]) -> None:
     """Compare key counts per database with what the backup recorded (a database may hold fewer keys by at
-    most its keys with a TTL: they expire); differences are reported, not fatal."""
+    most its keys with a TTL: they expire); the differences go into the report (refuse_different_result
+    decides on them, as for every source)."""
     m = backup_set.manifest
     if m is None or "keyspace" not in m.details:
         report["counts_match"] = None
@@ -1024,5 +1029,3 @@ def _compare_counts(ctx: JobContext, backup_set: BackupSet, report: dict[str, An
     differences = compare_counts(expected, expires, report["databases"])
     report["counts_match"] = not differences
     report["differences"] = differences
-    for line in differences:
-        ctx.log.warning("key count differs from the backup", detail=line)

@@ -1,0 +1,71 @@
+"""The operations written once for every data source: a job as the timers and the daemon run it, a backup
+(folder, lock, partial files of killed runs, the source's capture through the byte chain, its manifest),
+and the verification of a set. A source (sources/<kind>/) supplies only what differs, as a `DataSource`
+found in the registry (sources/__init__.py)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kkua_backupd.core import retention, state
+from kkua_backupd.core.context import JobContext, refuse_untrusted
+from kkua_backupd.sources import KINDS, RETENTION, BackupOptions, source
+from kkua_backupd.store.lock import TargetLock
+from kkua_backupd.store.storage import BackupSet, Manifest, ensure_folder, kind_folder, remove_stale_partials
+
+
+def backup(ctx: JobContext, kind: str, options: BackupOptions) -> Manifest:
+    """Back up `kind`'s server into its folder; returns the written manifest. Raises LockHeld when another run
+    holds the kind's lock, JobError subclasses on failure (a set written but not good is kept, marked, and
+    still raises)."""
+    data_source = source(kind)
+    ensure_folder(ctx.config.backup_dir)
+    folder = ensure_folder(kind_folder(ctx.config.backup_dir, kind))
+    started = time.monotonic()
+    with TargetLock(ctx.config.backup_dir, kind, f"backup {kind}"):
+        for name in remove_stale_partials(folder):
+            ctx.log.warning("removed a partial file left by an interrupted run", file=name)
+        manifest = data_source.capture(ctx, folder, options, started)
+    data_source.finished(ctx, manifest, started)
+    return manifest
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What one job did, for `status` (`size`, `files`, `detail`) and for the command's JSON (`document`)."""
+
+    document: Any
+    size: int | None = None
+    files: list[str] | None = None
+    detail: str | None = None
+
+
+def _run(ctx: JobContext, job: str, options: BackupOptions) -> JobOutcome:
+    if job in KINDS:
+        manifest = backup(ctx, job, options)
+        return JobOutcome(manifest.model_dump(mode="json"), size=sum(f.size for f in manifest.files),
+                          files=[f.name for f in manifest.files])
+    if job != RETENTION:
+        raise ValueError(f"unknown job {job!r}")
+    report = retention.prune(ctx, dry_run=False)
+    return JobOutcome(report, size=report.get("freed_bytes"), detail=f"{len(report['deleted'])} set(s) deleted")
+
+
+def run_job(ctx: JobContext, job: str, options: BackupOptions, *, runner: str) -> Any:
+    """One job of the registry (a kind's backup, or retention), its start and end recorded for `status`;
+    returns its JSON document."""
+    with state.track(ctx.config, job, runner=runner) as record:
+        outcome = _run(ctx, job, options)
+        record.finish(size=outcome.size, files=outcome.files, detail=outcome.detail)
+        return outcome.document
+
+
+def verify(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
+    """`verify` of one set, whatever its kind: refused when the set is invalid, then its source's checks
+    and, if asked, a test restore."""
+    refuse_untrusted(backup_set)
+    if backup_set.future:
+        ctx.log.warning(backup_set.future_warning())
+    return source(backup_set.kind).verify_set(ctx, backup_set, restore_test=restore_test)
