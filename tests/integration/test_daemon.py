@@ -27,7 +27,7 @@ import pytest
 from kkua_backupd.proc.workers import descendants
 from kkua_backupd.store.lock import holder_of
 from tests.conftest import Env, RedisEnv
-from tests.helpers import wait_for
+from tests.support.helpers import wait_for
 
 UTC = dt.UTC
 SO_TIMESTAMPNS = 35  # Linux <asm-generic/socket.h>; also the ancillary type SCM_TIMESTAMPNS

@@ -13,8 +13,8 @@ import pytest
 
 from kkua_backupd.demo.redis_sample import create_sample, snapshot
 from tests.conftest import Env, RedisEnv
-from tests.helpers import describe, output
 from tests.integration.test_pg_failures import contents_of
+from tests.support.helpers import describe, output
 
 CHECKSUM = "does not match its checksum"
 

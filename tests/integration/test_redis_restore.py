@@ -26,8 +26,8 @@ from kkua_backupd.sources.redis.local import LocalRedis, free_port
 from kkua_backupd.sources.redis.protocol import max_rdb_version
 from kkua_backupd.store.lock import TargetLock
 from tests.conftest import REDIS_TEST_PASSWORD, RedisEnv
-from tests.helpers import wait_for
 from tests.integration.test_pg_failures import run_with_terminal
+from tests.support.helpers import wait_for
 
 SMALL = 64 * 1024  # the sample's large value, kept small where the test is not about size
 DEBUG = {"enable-debug-command": "yes"}

@@ -25,7 +25,6 @@ import redis
 from kkua_backupd.demo.redis_sample import create_sample
 from kkua_backupd.sources.redis.local import LocalRedis
 from tests.conftest import REDIS_TEST_PASSWORD, RedisEnv
-from tests.helpers import describe, output, wait_for
 from tests.integration.test_redis_restore import (
     DEBUG,
     SMALL,
@@ -37,6 +36,7 @@ from tests.integration.test_redis_restore import (
     restore,
     write_config,
 )
+from tests.support.helpers import describe, output, wait_for
 
 KILL_RUNS = 10
 FAST = {"repl-diskless-sync-delay": "0"}  # the safety backup's SYNC starts at once

@@ -24,7 +24,7 @@ from kkua_backupd.sources.redis.values import (
     stream_as_v1,
     value_commands,
 )
-from tests.redis_versions import BUILD_NAMES, BuildUnavailable, ServerBuild, build, local_redis, on_ci
+from tests.support.redis_versions import BUILD_NAMES, BuildUnavailable, ServerBuild, build, local_redis, on_ci
 
 Servers = dict[str, tuple[ServerBuild, LocalRedis]]
 TARGET_DB = 1

@@ -31,9 +31,9 @@ from kkua_backupd.demo.redis_sample import Snapshot, compare, create_sample, sca
 from kkua_backupd.proc.workers import descendants
 from kkua_backupd.sources.redis.local import LocalRedis
 from tests.conftest import RedisEnv
-from tests.helpers import alive, cmdline, describe, output, wait_for
-from tests.redis_versions import BUILD_NAMES, ServerBuild, build, build_or_skip
+from tests.support.helpers import alive, cmdline, describe, output, wait_for
 from tests.support.redis_bulk import fill_bulk
+from tests.support.redis_versions import BUILD_NAMES, ServerBuild, build, build_or_skip
 
 SMALL = 64 * 1024  # the sample's "large" value in the cross-version matrix (the full 5 MiB elsewhere)
 MONTH_MS = 30 * 24 * 3600 * 1000
