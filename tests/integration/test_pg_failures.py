@@ -35,10 +35,10 @@ from kkua_backupd.demo.sandbox import (
 )
 from kkua_backupd.proc.workers import descendants
 from kkua_backupd.store.lock import holder_of
+from tests.support.helpers import alive, cmdline, describe, output, proc_stat, wait_for
 from tests.support.pg_bulk import fill_bulk
 
 from ..conftest import Env
-from ..helpers import alive, cmdline, describe, output, proc_stat, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 

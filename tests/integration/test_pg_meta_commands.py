@@ -16,9 +16,9 @@ from kkua_backupd.core.context import JobContext
 from kkua_backupd.errors import CommandFailed
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.sources.postgres import job as pg_job
+from tests.support.helpers import describe, output
 
 from ..conftest import Env
-from ..helpers import describe, output
 
 pytestmark = pytest.mark.timeout(300)
 

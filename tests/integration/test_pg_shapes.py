@@ -17,9 +17,9 @@ import pytest
 from psycopg import sql
 
 from kkua_backupd.demo.sandbox import schema_dump
+from tests.support.helpers import describe, output
 
 from ..conftest import Env
-from ..helpers import describe, output
 
 pytestmark = pytest.mark.timeout(600)
 

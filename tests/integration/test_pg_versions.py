@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from kkua_backupd.demo.sandbox import ThrowawayPostgres, create_sample_data, schema_dump, table_contents
+from tests.support.helpers import describe, output
+from tests.support.pg_versions import DEBIAN_BIN, DEBIAN_MAJOR, MAJORS, build_or_skip
 
 from ..conftest import Env
-from ..helpers import describe, output
-from ..pg_versions import DEBIAN_BIN, DEBIAN_MAJOR, MAJORS, build_or_skip
 
 pytestmark = pytest.mark.timeout(600)
 

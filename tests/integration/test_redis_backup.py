@@ -21,10 +21,10 @@ from kkua_backupd.proc.workers import descendants
 from kkua_backupd.sources.redis.local import free_port
 from kkua_backupd.sources.redis.protocol import max_rdb_version
 from kkua_backupd.store.lock import TargetLock
+from tests.support.helpers import cmdline, describe, output, wait_for
 from tests.support.redis_bulk import fill_bulk
 
 from ..conftest import REDIS_TEST_PASSWORD, RedisEnv
-from ..helpers import cmdline, describe, output, wait_for
 
 BACKUP_USER_PASSWORD = "bkp-user-Secret-77"
 

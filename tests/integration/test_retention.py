@@ -34,8 +34,7 @@ from kkua_backupd.store.storage import (
     write_manifest,
 )
 from kkua_backupd.stream.pipeline import write_atomic
-
-from ..helpers import describe
+from tests.support.helpers import describe
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from kkua_backupd.demo.sandbox import table_contents
+from tests.support.helpers import describe, output
 
 from ..conftest import Env, RedisEnv
-from ..helpers import describe, output
 
 NOBODY = 65534
 
