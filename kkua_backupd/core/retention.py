@@ -335,12 +335,12 @@ def _delete_files(folder: Path, names: Sequence[str], log: Any) -> str | None:
     return None
 
 
-def _prune_kind(ctx: JobContext, kind: str, now: dt.datetime, dry_run: bool, report: dict[str, Any],
-                errors: list[str]) -> None:
+def _prune_kind(ctx: JobContext, kind: str, now: dt.datetime, report: dict[str, Any], *, dry_run: bool) -> list[str]:
     """Scan, decide and (unless dry_run) delete in one kind's folder; the caller holds the lock.
 
-    Deletion errors are appended to `errors` (the other sets are still handled); raises StorageError if
-    the folder cannot be read or synced."""
+    Returns the deletion errors (the other sets are still handled); raises StorageError if the folder
+    cannot be read or synced."""
+    errors: list[str] = []
     folder = kind_folder(ctx.config.backup_dir, kind)
     try:
         scan = scan_folder(ctx.config.backup_dir, kind)
@@ -397,6 +397,7 @@ def _prune_kind(ctx: JobContext, kind: str, now: dt.datetime, dry_run: bool, rep
             fsync_dir(folder)
         except OSError as exc:
             raise storage_error(exc, folder, "sync the folder") from None
+    return errors
 
 
 def prune(ctx: JobContext, *, dry_run: bool) -> dict[str, Any]:
@@ -435,7 +436,7 @@ def _prune(ctx: JobContext, *, dry_run: bool) -> dict[str, Any]:
                           f"a real prune would skip {kind} until it is free")
                 ctx.log.warning(reason, kind=kind)
                 report["skipped"].append({"path": str(folder), "reason": reason})
-            _prune_kind(ctx, kind, now, dry_run, report, errors)
+            errors += _prune_kind(ctx, kind, now, report, dry_run=dry_run)
             continue
         lock = TargetLock(backup_dir, kind, "retention")
         try:
@@ -446,7 +447,7 @@ def _prune(ctx: JobContext, *, dry_run: bool) -> dict[str, Any]:
             report["skipped"].append({"path": str(folder), "reason": reason})
             continue
         try:
-            _prune_kind(ctx, kind, now, dry_run, report, errors)
+            errors += _prune_kind(ctx, kind, now, report, dry_run=dry_run)
         finally:
             lock.release()
     ctx.log.info("retention would delete nothing" if dry_run and not report["deleted"] else

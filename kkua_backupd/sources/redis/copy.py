@@ -410,7 +410,7 @@ class TargetWriter:
         self.conn.close()
 
 
-def copy(rc: RedisConfig, rdb: Callable[[Callable[[bytes], None]], int], target: Target, plan: Plan, *, name: str,
+def copy(rc: RedisConfig, rdb: Callable[[Callable[[bytes], None]], int], target: Target, plan: Plan, *, name: str,  # noqa: PLR0913 - keyword-only: how the copy reports (the file's name in messages, progress on a terminal)
          interactive: bool) -> CopyStats:
     """Stream an RDB into the target: `rdb(sink)` passes the RDB's bytes to `sink` in chunks. Returns what
     was done; raises JobError/ConnectionFailed when the target refuses or goes away, IntegrityError if the

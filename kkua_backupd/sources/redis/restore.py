@@ -252,7 +252,22 @@ def _counts(data: dict[Any, Any]) -> dict[int, int]:
 # The entry point
 
 
-def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, mode: str | None,
+@dataclass(frozen=True)
+class _Request:
+    """One restore as asked and as checked: the set and the file chosen from it, the target as found, the
+    options, and the report being filled in."""
+
+    ctx: JobContext
+    backup_set: BackupSet
+    source: Source
+    target: TargetInfo
+    report: dict[str, Any]
+    force: bool
+    flush: bool
+    safety_backup: bool
+
+
+def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, mode: str | None,  # noqa: PLR0913 - keyword-only: one per command-line flag
             safety_backup: bool = True) -> dict[str, Any]:
     """Restore a Redis backup set into the configured server; returns the report the CLI prints.
 
@@ -301,11 +316,12 @@ def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, 
                 if entry_path.is_file() and entry_path.stat().st_size == entry.size:
                     same_sha256(entry_path, entry.name, entry.sha256)
             raise
+        request = _Request(ctx, backup_set, source, target, report, force=force, flush=flush,
+                           safety_backup=safety_backup)
         if mode == "logical":
-            _logical(ctx, backup_set, source, target, summary, report, force=force, flush=flush,
-                     safety_backup=safety_backup)
+            _logical(request, summary)
         else:
-            _file_mode(ctx, backup_set, source, target, report, force=force, safety_backup=safety_backup)
+            _file_mode(request)
         _compare_counts(backup_set, report)
         if earlier:
             _clear_marker(ctx)  # the server answered and holds what this restore put there
@@ -325,8 +341,8 @@ def _check_status(ctx: JobContext, backup_set: BackupSet) -> None:
     check_restorable(ctx, backup_set, checks="a decompress test and its header")
 
 
-def _plan_lines(ctx: JobContext, backup_set: BackupSet, source: Source, target: TargetInfo, effect: str,
-                safety: bool) -> list[str]:
+def _plan_lines(req: _Request, effect: str) -> list[str]:
+    ctx, backup_set, source, target, safety = req.ctx, req.backup_set, req.source, req.target, req.safety_backup
     rc = ctx.config.redis
     m = backup_set.manifest
     made = m.created_at.strftime("%Y-%m-%d %H:%M:%S %z") if m else "unknown (no manifest)"
@@ -344,9 +360,9 @@ def _plan_lines(ctx: JobContext, backup_set: BackupSet, source: Source, target: 
     return lines
 
 
-def _confirm_and_protect(ctx: JobContext, backup_set: BackupSet, lines: list[str], report: dict[str, Any], *,
-                         force: bool, safety_backup: bool) -> None:
+def _confirm_and_protect(req: _Request, lines: list[str]) -> None:
     """Ask for `yes`, then take the safety backup: the last steps before the first change."""
+    ctx, backup_set, report, force, safety_backup = req.ctx, req.backup_set, req.report, req.force, req.safety_backup
     rc = ctx.config.redis
     where = f"{rc.host}:{rc.port}"
     confirm(ctx, RestorePlan(backup_set, where, True, True, safety_backup, lines),
@@ -371,10 +387,10 @@ def _confirm_and_protect(ctx: JobContext, backup_set: BackupSet, lines: list[str
 # Logical mode
 
 
-def _logical(ctx: JobContext, backup_set: BackupSet, source: Source, target: TargetInfo, summary: RdbSummary | None,
-             report: dict[str, Any], *, force: bool, flush: bool, safety_backup: bool) -> None:
+def _logical(req: _Request, summary: RdbSummary | None) -> None:
     """Stream the set's RDB into the target; an AOF is first loaded into a throwaway local server, whose
     RDB is then streamed the same way (captured over the replication protocol)."""
+    ctx, backup_set, source, target = req.ctx, req.backup_set, req.source, req.target
     if source.aof or summary is None:
         with tempfile.TemporaryDirectory(prefix="kkua-redis-restore-") as tmp, \
                 _throwaway(ctx, backup_set, source, Path(tmp), target) as staging:
@@ -383,9 +399,7 @@ def _logical(ctx: JobContext, backup_set: BackupSet, source: Source, target: Tar
                                  restore_timeout=ctx.config.redis.restore_timeout)
             scanner = RdbScanner(f"the RDB of {source.name}")
             redis_protocol.sync_rdb(staged, scanner.feed)
-            _copy_logical(ctx, backup_set, source, target, scanner.finish(),
-                          lambda sink: redis_protocol.sync_rdb(staged, sink).size, report, force=force, flush=flush,
-                          safety_backup=safety_backup)
+            _copy_logical(req, scanner.finish(), lambda sink: redis_protocol.sync_rdb(staged, sink).size)
         return
     path = backup_set.path(source.name)
 
@@ -396,24 +410,22 @@ def _logical(ctx: JobContext, backup_set: BackupSet, source: Source, target: Tar
             size += len(chunk)
         return size
 
-    _copy_logical(ctx, backup_set, source, target, summary, from_file, report, force=force, flush=flush,
-                  safety_backup=safety_backup)
+    _copy_logical(req, summary, from_file)
 
 
-def _copy_logical(ctx: JobContext, backup_set: BackupSet, source: Source, target: TargetInfo, summary: RdbSummary,
-                  rdb: Callable[[Callable[[bytes], None]], int], report: dict[str, Any], *, force: bool, flush: bool,
-                  safety_backup: bool) -> None:
+def _copy_logical(req: _Request, summary: RdbSummary, rdb: Callable[[Callable[[bytes], None]], int]) -> None:
+    ctx, source, target, report, flush = req.ctx, req.source, req.target, req.report, req.flush
     rc = ctx.config.redis
     plan = plan_copy(summary, target)  # refuses here, before any change, what the target cannot hold
     written = sorted(summary.keys)
     effect = (f"keys of db {', '.join(map(str, written)) or '(none)'} are replaced by the backup's; "
               + (f"--flush empties db {', '.join(map(str, written))} first" if flush else
                  "other keys stay (merge; the backup wins on conflicts)"))
-    lines = _plan_lines(ctx, backup_set, source, target, effect, safety_backup)
+    lines = _plan_lines(req, effect)
     lines += [f"  note:      {note}" for note in plan.notes]
     for note in plan.notes:
         ctx.log.warning("restore note", note=note)
-    _confirm_and_protect(ctx, backup_set, lines, report, force=force, safety_backup=safety_backup)
+    _confirm_and_protect(req, lines)
     flushed: list[int] = []
     try:
         if flush:
@@ -427,7 +439,7 @@ def _copy_logical(ctx: JobContext, backup_set: BackupSet, source: Source, target
                                                        if how != "native"})) or "none")
         stats = copy(rc, rdb, target, plan, name=source.name, interactive=ctx.interactive)
     except BaseException as exc:  # an error or a signal midway: say what the target holds and how to undo
-        raise _logical_failure(ctx, target, written, flushed, report, exc) from None
+        raise _logical_failure(req, written, flushed, exc) from None
     seconds = max(time.monotonic() - copy_started, 1e-6)
     total = sum(stats.restored.values())
     report.update({"keys": total, "databases": {str(db): n for db, n in sorted(stats.restored.items())},
@@ -440,10 +452,10 @@ def _copy_logical(ctx: JobContext, backup_set: BackupSet, source: Source, target
                  keys_per_second=round(total / seconds))
 
 
-def _logical_failure(ctx: JobContext, target: TargetInfo, written: list[int], flushed: list[int],
-                     report: dict[str, Any], exc: BaseException) -> KkuaError:
+def _logical_failure(req: _Request, written: list[int], flushed: list[int], exc: BaseException) -> KkuaError:
     """The error for a logical restore that stopped after its first change: what failed, what the target
     holds now, and the exact command that puts back the data from before (the safety backup)."""
+    ctx, target, report = req.ctx, req.target, req.report
     rc = ctx.config.redis
     why = _reason(exc)
     try:
@@ -567,8 +579,8 @@ def _layout(rc: RedisConfig) -> FileLayout:
                       values.get("appenddirname"), values.get("appendfilename", "appendonly.aof"))
 
 
-def _file_mode(ctx: JobContext, backup_set: BackupSet, source: Source, target: TargetInfo,
-               report: dict[str, Any], *, force: bool, safety_backup: bool) -> None:
+def _file_mode(req: _Request) -> None:
+    ctx, backup_set, source, report = req.ctx, req.backup_set, req.source, req.report
     rc = ctx.config.redis
     layout = _layout(rc)
     if source.aof and not layout.appendonly:
@@ -584,8 +596,7 @@ def _file_mode(ctx: JobContext, backup_set: BackupSet, source: Source, target: T
         how = "the RDB is put in place of the server's RDB"
     effect = (f"Redis is stopped ({' '.join(rc.stop_command or [])}), everything in it is replaced by the "
               f"backup; {how}; then it is started ({' '.join(rc.start_command or [])})")
-    lines = _plan_lines(ctx, backup_set, source, target, effect, safety_backup)
-    _confirm_and_protect(ctx, backup_set, lines, report, force=force, safety_backup=safety_backup)
+    _confirm_and_protect(req, _plan_lines(req, effect))
     path = backup_set.path(source.name)
     undo = _Undo(layout.dir)
     # Written before the stop, removed once the server answers again: if we are killed (kill -9 runs no
@@ -598,12 +609,13 @@ def _file_mode(ctx: JobContext, backup_set: BackupSet, source: Source, target: T
         _wait_port_closed(rc)
         ctx.log.info("redis stopped", host=rc.host, port=rc.port)
         owner = _owner_of(layout)
+        install = _Install(ctx, layout, stamp, owner, undo)
         moved: list[str] = []
         if source.aof:
-            moved = _install_aof(ctx, path, source, layout, stamp, owner, undo)
+            moved = _install_aof(install, path, source)
             report["aof_handling"] = "backup AOF installed"
         else:
-            _install_rdb(ctx, path, source, layout, stamp, owner, undo)
+            _install_rdb(install, path, source)
             if layout.appendonly:
                 moved = _rebuild_aof_from_rdb(ctx, layout, stamp, owner, undo)
                 report["aof_handling"] = "AOF moved aside and rebuilt from the restored RDB (as its base file)"
@@ -616,7 +628,7 @@ def _file_mode(ctx: JobContext, backup_set: BackupSet, source: Source, target: T
         _run_command(ctx, rc, rc.start_command or [], "start")
         _wait_loaded(rc)
     except BaseException as exc:  # whatever stopped us, Redis must not stay down
-        raise _after_failure(ctx, rc, layout, undo, exc, in_place=in_place) from None
+        raise _after_failure(ctx, layout, undo, exc, in_place=in_place) from None
     _clear_marker(ctx)
     try:
         with _connect(rc) as client:
@@ -708,11 +720,12 @@ def _answers(rc: RedisConfig) -> bool:
         return False
 
 
-def _after_failure(ctx: JobContext, rc: RedisConfig, layout: FileLayout, undo: _Undo, exc: BaseException, *,
+def _after_failure(ctx: JobContext, layout: FileLayout, undo: _Undo, exc: BaseException, *,
                    in_place: bool) -> KkuaError:
     """A file-mode restore failed or was stopped: undo what is half done, start Redis again whatever happens
     (the start command has its own timeout), and return the error saying what failed and in which state
     the server is now, and where the previous files are."""
+    rc = ctx.config.redis
     why = _reason(exc)
     server = f"Redis at {rc.host}:{rc.port}"
     start = " ".join(rc.start_command or [])
@@ -851,9 +864,21 @@ def _chown(path: Path, owner: tuple[int, int]) -> None:
             os.chown(path, *owner)
 
 
-def _install_rdb(ctx: JobContext, src: Path, source: Source, layout: FileLayout, stamp: str,
-                 owner: tuple[int, int], undo: _Undo) -> None:
+@dataclass(frozen=True)
+class _Install:
+    """Where and how a file-mode restore puts files: the server's layout, the stamp of names moved aside,
+    the owner the server's files have, and the record of what to undo."""
+
+    ctx: JobContext
+    layout: FileLayout
+    stamp: str
+    owner: tuple[int, int]
+    undo: _Undo
+
+
+def _install_rdb(install: _Install, src: Path, source: Source) -> None:
     """Decompress the backup atomically to dir/dbfilename, keeping the old file as NAME.before-restore-ID."""
+    ctx, layout, stamp, owner, undo = install.ctx, install.layout, install.stamp, install.owner, install.undo
     dest = layout.dir / layout.dbfilename
     progress = Progress(f"writing {dest.name}", enabled=ctx.interactive)
     with AtomicFile(dest) as out:
@@ -929,9 +954,9 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def _install_aof(ctx: JobContext, src: Path, source: Source, layout: FileLayout, stamp: str,
-                 owner: tuple[int, int], undo: _Undo) -> list[str]:
+def _install_aof(install: _Install, src: Path, source: Source) -> list[str]:
     """Put the backup's AOF (Redis 7's folder, or one legacy file) where the server looks for it."""
+    ctx, layout, stamp, owner, undo = install.ctx, install.layout, install.stamp, install.owner, install.undo
     staging = Path(tempfile.mkdtemp(prefix=".kkua-aof-", dir=layout.dir))
     try:
         with (staging / "aof.raw").open("wb") as out:
