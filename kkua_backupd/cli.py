@@ -22,7 +22,7 @@ from typing import Any
 from kkua_backupd import __version__
 from kkua_backupd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
 from kkua_backupd.core import state
-from kkua_backupd.core.context import JobContext, clean_stale
+from kkua_backupd.core.context import JobContext, VerifyReport, clean_stale
 from kkua_backupd.errors import ConfigError, IntegrityError, Interrupted, JobError, KkuaError, UsageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes, interactive
@@ -360,16 +360,15 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
             if isinstance(exc, IntegrityError) and backup_set.kind == "postgres":
                 exc = _checksum_first(ctx, backup_set, exc)
             ctx.log.error("verification failed", file=backup_set.name, error=str(exc))
-            report = {"kind": backup_set.kind, "id": backup_set.id, "name": backup_set.name, "ok": False,
-                      "error": str(exc)}
+            report = VerifyReport.failed(backup_set, str(exc))
             code = max(code, exc.exit_code)
-        if not report["ok"]:
+        if not report.ok:
             code = max(code, 1)
-        _human(ctx, f"{'OK  ' if report['ok'] else 'FAIL'}  {report['name']}"
-                    + (f"  ({report['error']})" if report.get("error") else "")
-                    + (f"  restore test: {'passed' if report['restore_test']['ok'] else 'failed'}"
-                       if "restore_test" in report else ""))
-        reports.append(report)
+        _human(ctx, f"{'OK  ' if report.ok else 'FAIL'}  {report.name}"
+                    + (f"  ({report.error})" if report.error else "")
+                    + (f"  restore test: {'passed' if report.restore_test['ok'] else 'failed'}"
+                       if report.restore_test is not None else ""))
+        reports.append(report.to_json())
     return reports, code
 
 

@@ -89,21 +89,52 @@ def check_restorable(ctx: JobContext, backup_set: BackupSet, *, checks: str) -> 
                       hint=f"choose another backup (see `kkua-backup list {backup_set.kind}`)")
 
 
+@dataclass(frozen=True)
+class VerifyReport:
+    """`verify` of one set, for any kind: whether it passed, what its source's checks found (`checked`:
+    its files, per source), why it failed, and the test restore's outcome when one was asked for.
+    `to_json` is the document `verify --json` prints."""
+
+    kind: str
+    id: str
+    name: str
+    ok: bool
+    status: str | None = None
+    checked: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    restore_test: dict[str, Any] | None = None
+
+    @classmethod
+    def failed(cls, backup_set: BackupSet, error: str) -> VerifyReport:
+        """A set whose checks raised: `error` says why."""
+        return cls(kind=backup_set.kind, id=backup_set.id, name=backup_set.name, ok=False, error=error)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"kind": self.kind, "id": self.id, "name": self.name}
+        if self.status is not None:
+            doc["status"] = self.status
+        doc.update(self.checked)
+        doc["ok"] = self.ok
+        if self.error is not None:
+            doc["error"] = self.error
+        if self.restore_test is not None:
+            doc["restore_test"] = self.restore_test
+        return doc
+
+
 def verify_report(backup_set: BackupSet, checked: dict[str, Any],
-                  restore_test: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
+                  restore_test: Callable[[], dict[str, Any]] | None) -> VerifyReport:
     """`verify` of one set, for either kind: the file checks already done (`checked`), whether the set is
     marked good, and the outcome of `restore_test` when one is asked for."""
-    report: dict[str, Any] = {"kind": backup_set.kind, "id": backup_set.id, "name": backup_set.name,
-                              "status": backup_set.status}
-    report.update(checked)
-    report["ok"] = backup_set.status in ("ok", "unverified")
+    ok = backup_set.status in ("ok", "unverified")
+    error = None
     if backup_set.manifest is not None and backup_set.status != "ok":
-        report["error"] = f"marked {backup_set.status}: {backup_set.manifest.error or 'see its manifest'}"
-    if restore_test is not None:
-        outcome = restore_test()
-        report["restore_test"] = outcome
-        report["ok"] = report["ok"] and outcome["ok"]
-    return report
+        error = f"marked {backup_set.status}: {backup_set.manifest.error or 'see its manifest'}"
+    outcome = restore_test() if restore_test is not None else None
+    if outcome is not None:
+        ok = ok and outcome["ok"]
+    return VerifyReport(kind=backup_set.kind, id=backup_set.id, name=backup_set.name, ok=ok,
+                        status=backup_set.status, checked=checked, error=error, restore_test=outcome)
 
 
 def refuse_different_result(ctx: JobContext, name: str, target: str, problems: list[str], hint: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kkua_backupd.core import retention, state
-from kkua_backupd.core.context import JobContext, refuse_untrusted
+from kkua_backupd.core.context import JobContext, VerifyReport, refuse_untrusted
 from kkua_backupd.sources import KINDS, RETENTION, BackupOptions, source
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import BackupSet, Manifest, ensure_folder, kind_folder, remove_stale_partials
@@ -62,7 +62,7 @@ def run_job(ctx: JobContext, job: str, options: BackupOptions, *, runner: str) -
         return outcome.document
 
 
-def verify(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
+def verify(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
     """`verify` of one set, whatever its kind: refused when the set is invalid, then its source's checks
     and, if asked, a test restore."""
     refuse_untrusted(backup_set)

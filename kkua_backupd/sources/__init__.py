@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from kkua_backupd.store.storage import KINDS, Kind
 
 if TYPE_CHECKING:
     from kkua_backupd.config import Config
-    from kkua_backupd.core.context import JobContext
+    from kkua_backupd.core.context import JobContext, VerifyReport
     from kkua_backupd.store.storage import BackupSet, Manifest
 
 RETENTION: Final = "retention"
@@ -57,9 +57,9 @@ class DataSource(Protocol):
         good (marked failed, or unverified)."""
         ...
 
-    def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
+    def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
         """`verify` of one set: check its files (raising IntegrityError and the like) and, if asked, test
-        a restore of it; the report's "ok" says whether it passed."""
+        a restore of it; the report's `ok` says whether it passed."""
         ...
 
 

@@ -28,6 +28,7 @@ from kkua_backupd.config import PostgresConfig
 from kkua_backupd.core.context import (
     JobContext,
     RestorePlan,
+    VerifyReport,
     check_restorable,
     confirm,
     refuse_different_result,
@@ -788,7 +789,7 @@ class PostgresSource:
                      size=human_bytes(file.size), seconds=round(time.monotonic() - started, 2),
                      sha256=file.sha256, test_restore="passed" if test is not None else "skipped")
 
-    def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
+    def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
         return verify_set(ctx, backup_set, restore_test=restore_test)
 
 
@@ -1390,7 +1391,7 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
     return {"files": results}
 
 
-def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
+def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
     """`verify`: check the files and, if asked, restore them into a scratch database and compare."""
     def test() -> dict[str, Any]:
         fmt, compression = set_format(backup_set)
@@ -1410,7 +1411,7 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
             _mark_failed(ctx, backup_set, exc.message)
         raise
     report = verify_report(backup_set, checked, test if restore_test else None)
-    outcome = report.get("restore_test")
+    outcome = report.restore_test
     if outcome and outcome.get("ran") and not outcome["ok"]:
         _mark_failed(ctx, backup_set, f"test restore failed: {outcome['error']}")
     return report

@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from kkua_backupd.core.context import JobContext, verify_report
+from kkua_backupd.core.context import JobContext, VerifyReport, verify_report
 from kkua_backupd.errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError, VersionTooNew
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
@@ -669,7 +669,7 @@ class RedisSource:
                      databases=len(details["keyspace"]), capture=details["capture"],
                      rdb_version=details["rdb_version"], seconds=round(time.monotonic() - started, 2))
 
-    def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
+    def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
         return verify_set(ctx, backup_set, restore_test=restore_test)
 
 
@@ -879,7 +879,7 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
     return outcome
 
 
-def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
+def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
     """`verify`: check the files and, if asked, load the RDB into a throwaway server and compare key counts."""
     report, summary = check_files(ctx, backup_set)
     return verify_report(backup_set, report, (lambda: test_load(ctx, backup_set, summary)) if restore_test else None)
