@@ -258,7 +258,7 @@ def _skip_reason(longrepr: Any) -> str:
 
 
 def _fail_skip_on_ci(report: Any) -> None:
-    from tests.support.redis_versions import on_ci
+    from tests.support.wheels import on_ci
 
     if not report.skipped or hasattr(report, "wasxfail") or not on_ci():
         return

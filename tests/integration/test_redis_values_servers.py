@@ -24,7 +24,8 @@ from kkua_backupd.sources.redis.values import (
     stream_as_v1,
     value_commands,
 )
-from tests.support.redis_versions import BUILD_NAMES, BuildUnavailable, ServerBuild, build, local_redis, on_ci
+from tests.support.redis_versions import BUILD_NAMES, BuildUnavailable, ServerBuild, build, local_redis
+from tests.support.wheels import on_ci
 
 Servers = dict[str, tuple[ServerBuild, LocalRedis]]
 TARGET_DB = 1

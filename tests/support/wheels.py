@@ -3,10 +3,16 @@ one pinned `pip download`, with the reason in the error when it fails."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+T = TypeVar("T")
 
 DOWNLOAD_TIMEOUT_S = 600
 
@@ -30,3 +36,18 @@ def pip_download(package: str, dest: Path, what: str, extra: Sequence[str] = ())
         raise BuildUnavailable(f"{what}: pip download {package} failed (exit {result.returncode}): "
                                f"{tail or 'no wheel'}")
     return found
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def available_or_skip(make: Callable[[], T], what: str) -> T:
+    """make() for a test: when it raises BuildUnavailable, the test fails on CI (CI=true) and is skipped
+    elsewhere, saying `what` is unavailable and why."""
+    try:
+        return make()
+    except BuildUnavailable as exc:
+        if on_ci():
+            pytest.fail(f"{what} unavailable on CI: {exc}", pytrace=False)
+        pytest.skip(f"{what} unavailable: {exc}")
