@@ -763,9 +763,9 @@ def report(bench: Bench, started: float, main: int) -> dict[str, Any]:
           f"`bench/pg_backup.py --sizes {','.join(str(s) for s in sorted(summary))}`, {env['cpus']} CPUs, "
           f"PostgreSQL {env['server_version']}, Python {env['python']}, throwaway server on 127.0.0.1 "
           f"(fsync=off). Wall time is the median of {bench.args.repeat} runs; peak RSS is the highest "
-          "ru_maxrss of our CLI process alone (not pg_dump/psql). Sizes are MiB. Code: pipeline.py "
-          f"{env['code'].get('kkua_backupd/pipeline.py', '?')}, jobs/postgres.py "
-          f"{env['code'].get('kkua_backupd/jobs/postgres.py', '?')} (sha256 prefixes)"
+          "ru_maxrss of our CLI process alone (not pg_dump/psql). Sizes are MiB. Code: stream/chain.py "
+          f"{env['code'].get('kkua_backupd/stream/chain.py', '?')}, sources/postgres/job.py "
+          f"{env['code'].get('kkua_backupd/sources/postgres/job.py', '?')} (sha256 prefixes)"
           + (f"; WARNING: changed during the run: {', '.join(changed)}" if changed else "") + ".", ""]
     for size, info in sorted(bench.sizes_info.items()):
         md.append(f"- {size} MB: table with indexes {info['table_bytes'] / MIB:.0f} MiB, database "
