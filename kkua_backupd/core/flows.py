@@ -11,16 +11,16 @@ from typing import Any
 
 from kkua_backupd.core import retention, state
 from kkua_backupd.core.context import JobContext, VerifyReport, refuse_untrusted
-from kkua_backupd.sources import KINDS, RETENTION, BackupOptions, source
+from kkua_backupd.sources import KINDS, RETENTION, BackupOptions, DataSource, source
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import BackupSet, Manifest, ensure_folder, kind_folder, remove_stale_partials
 
 
-def backup(ctx: JobContext, kind: str, options: BackupOptions) -> Manifest:
-    """Back up `kind`'s server into its folder; returns the written manifest. Raises LockHeld when another run
-    holds the kind's lock, JobError subclasses on failure (a set written but not good is kept, marked, and
-    still raises)."""
-    data_source = source(kind)
+def backup(ctx: JobContext, data_source: DataSource, options: BackupOptions) -> Manifest:
+    """Back up a source's server into its kind's folder; returns the written manifest. Raises LockHeld when
+    another run holds the kind's lock, JobError subclasses on failure (a set written but not good is kept,
+    marked, and still raises)."""
+    kind = data_source.kind
     ensure_folder(ctx.config.backup_dir)
     folder = ensure_folder(kind_folder(ctx.config.backup_dir, kind))
     started = time.monotonic()
@@ -44,7 +44,7 @@ class JobOutcome:
 
 def _run(ctx: JobContext, job: str, options: BackupOptions) -> JobOutcome:
     if job in KINDS:
-        manifest = backup(ctx, job, options)
+        manifest = backup(ctx, source(job), options)
         return JobOutcome(manifest.model_dump(mode="json"), size=sum(f.size for f in manifest.files),
                           files=[f.name for f in manifest.files])
     if job != RETENTION:
