@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 # python3-venv: the system tests build /opt/kkua-backupd from Debian's python3, as operators do;
 # cron: `kkua-backup cron install --user` is tested against the real crontab command;
 # strace: tests/integration/test_commit_order.py stops a backup at each step of its commit.
+# fakeroot, binutils (strip), lintian: packaging/deb/build.sh and its test; debootstrap, buildah: the Debian 12
+# roots the package and container tests boot or build on (tests/system/test_deb.py, test_container.py).
 packages=(postgresql postgresql-client redis-server redis-tools gzip zstd util-linux procps systemd systemd-container
-          python3-venv cron strace)
+          python3-venv cron strace fakeroot binutils lintian debootstrap buildah)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
