@@ -46,8 +46,11 @@ TMPFILES_FILE = Path("etc/tmpfiles.d/kkua-backup.conf")
 CONFIG_FILE = Path(str(DEFAULT_CONFIG_PATH).lstrip("/"))
 RECORD_FILE = Path("var/lib/kkua-backup/install.json")
 CRON_FILE = Path("etc/cron.d/kkua-backup")
-# ProtectHome=yes hides these from the services.
-HIDDEN_PREFIXES = (Path("/home"), Path("/root"), Path("/run/user"))
+# What the services' sandbox hides from them, and the unit setting that does it: ProtectHome=yes the home
+# folders; PrivateTmp=yes gives them an empty /tmp and /var/tmp of their own (a config there is not seen).
+HIDDEN_PREFIXES = {Path("/home"): "ProtectHome=yes", Path("/root"): "ProtectHome=yes",
+                   Path("/run/user"): "ProtectHome=yes", Path("/tmp"): "PrivateTmp=yes",
+                   Path("/var/tmp"): "PrivateTmp=yes"}
 UNIT_MODE = 0o644
 SYSTEMCTL_TIMEOUT = 120.0
 # Where systemd keeps the last trigger of Persistent=true timers.
@@ -120,8 +123,9 @@ def _interpreter(script: Path) -> Path | None:
     return Path(words[0]) if words else None
 
 
-def _hidden(path: Path) -> bool:
-    return any(path.is_relative_to(prefix) for prefix in HIDDEN_PREFIXES)
+def _hidden(path: Path) -> Path | None:
+    """The folder of HIDDEN_PREFIXES that `path` is under, or None."""
+    return next((prefix for prefix in HIDDEN_PREFIXES if path.is_relative_to(prefix)), None)
 
 
 def _readable_by(path: Path, user: str) -> bool:
@@ -152,7 +156,8 @@ def _readable_by(path: Path, user: str) -> bool:
 
 
 def hardening_warnings(config: Config, install: Installation, *, check_access: bool) -> list[str]:
-    """What the services could not reach: paths under /home, /root or /run/user (ProtectHome=), and,
+    """What the services could not reach: paths under /home, /root or /run/user (ProtectHome=) or /tmp and
+    /var/tmp (PrivateTmp=), and,
     with `check_access`, files the kkua-backup user cannot read."""
     program = install.bin_dir / "kkua-backup"
     needed: list[tuple[str, Path]] = [("the program", program), ("the program (resolved)", program.resolve())]
@@ -174,12 +179,13 @@ def hardening_warnings(config: Config, install: Installation, *, check_access: b
         if path in seen:
             continue
         seen.add(path)
-        if _hidden(path):
+        hidden = _hidden(path)
+        if hidden is not None:
             fix = ("install into /opt from the system Python (/usr/bin/python3 -m venv /opt/kkua-backupd)"
                    if index < software else
                    "move it (files to /etc/kkua-backup, folders under /var) and change the config")
-            warnings.append(f"{what} {path} is under {next(p for p in HIDDEN_PREFIXES if path.is_relative_to(p))}, "
-                            f"which the services cannot see (ProtectHome=yes); {fix}")
+            warnings.append(f"{what} {path} is under {hidden}, which the services cannot see "
+                            f"({HIDDEN_PREFIXES[hidden]}); {fix}")
         elif check_access and what not in ("backup_dir", "log_dir") and path.exists() \
                 and not _readable_by(path, USER):
             warnings.append(f"{what} {path} is not readable by the {USER} user; the services will fail to "
