@@ -49,8 +49,8 @@ CRON_FILE = Path("etc/cron.d/kkua-backup")
 # What the services' sandbox hides from them, and the unit setting that does it: ProtectHome=yes the home
 # folders; PrivateTmp=yes gives them an empty /tmp and /var/tmp of their own (a config there is not seen).
 HIDDEN_PREFIXES = {Path("/home"): "ProtectHome=yes", Path("/root"): "ProtectHome=yes",
-                   Path("/run/user"): "ProtectHome=yes", Path("/tmp"): "PrivateTmp=yes",
-                   Path("/var/tmp"): "PrivateTmp=yes"}
+                   Path("/run/user"): "ProtectHome=yes", Path("/tmp"): "PrivateTmp=yes",  # noqa: S108 - names it, writes nothing
+                   Path("/var/tmp"): "PrivateTmp=yes"}  # noqa: S108 - names it, writes nothing
 UNIT_MODE = 0o644
 SYSTEMCTL_TIMEOUT = 120.0
 # Where systemd keeps the last trigger of Persistent=true timers.
