@@ -83,20 +83,47 @@ def _simple_commands(line: str) -> list[list[str]]:
     return [part for part in parts if part]
 
 
-def commands() -> list[DocCommand]:
-    """Every documented `kkua-backup` command, in the order the files show them."""
+def _inline_commands(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of inline code spans that start with `kkua-backup `, outside code blocks."""
+    found: list[tuple[int, str]] = []
+    fenced = False
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip().startswith("```"):
+            fenced = not fenced
+            continue
+        if not fenced:
+            found += [(number, span) for span in re.findall(r"`((?:sudo )?kkua-backup [^`]+)`", line)]
+    return found
+
+
+def _parse(source: str, line: str) -> list[DocCommand]:
+    found = []
+    for words in _simple_commands(line):
+        env = []
+        while words and ENV_WORD.match(words[0]):
+            key, value = words.pop(0).split("=", 1)
+            env.append((key, value))
+        rest = PREFIX.sub("", shlex.join(words))
+        match = PROGRAM.match(rest)
+        if match:
+            found.append(DocCommand(source, tuple(env), tuple(shlex.split(rest[match.end():]))))
+    return found
+
+
+def commands(paths: list[Path] | None = None) -> list[DocCommand]:
+    """Every `kkua-backup` command in the shell code blocks of these pages (default: doc_files()), in order."""
     found: list[DocCommand] = []
-    for path in doc_files():
+    for path in paths if paths is not None else doc_files():
         for number, line in _code_lines(path):
-            for words in _simple_commands(line):
-                env = []
-                while words and ENV_WORD.match(words[0]):
-                    key, value = words.pop(0).split("=", 1)
-                    env.append((key, value))
-                rest = PREFIX.sub("", shlex.join(words))
-                match = PROGRAM.match(rest)
-                if not match:
-                    continue
-                args = tuple(shlex.split(rest[match.end():]))
-                found.append(DocCommand(f"{path.relative_to(ROOT)}:{number}", tuple(env), args))
+            found += _parse(f"{path.relative_to(ROOT)}:{number}", line)
+    return found
+
+
+def commands_in(paths: list[Path]) -> list[tuple[str, tuple[str, ...]]]:
+    """(page, arguments) of every `kkua-backup` command these pages name: in code blocks and in inline code."""
+    found = [(command.source.rsplit(":", 1)[0], command.args) for command in commands(paths)]
+    for path in paths:
+        for number, span in _inline_commands(path):
+            found += [(str(path.relative_to(ROOT)), command.args)
+                      for command in _parse(f"{path.relative_to(ROOT)}:{number}", span)]
     return found
