@@ -5,8 +5,8 @@ both, and the daemon firing a schedule, logging on stdout. Needs root, buildah a
 with KKUA_REQUIRE_SYSTEM_TESTS=1, fails) saying which is missing.
 
 The buildah storage is kept in /var/cache/kkua-backupd-test/containers (or $KKUA_TEST_SERVER_CACHE/...), so
-the base image and the layer with Debian's packages are built once; each run builds the layers with the
-wheels anew and removes its image and the dangling layers afterwards."""
+the base image and the Containerfile's `base` stage (Debian's packages) are built once; each run builds the
+layers with the wheels anew and removes its image and the dangling layers afterwards."""
 
 from __future__ import annotations
 
@@ -93,8 +93,11 @@ def image() -> Iterator[tuple[Buildah, str]]:
         shutil.copytree(REPO / "packaging" / "container", context, ignore=shutil.ignore_patterns("wheels"))
         subprocess.run([str(REPO / "packaging" / "wheels.sh"), str(context / "wheels")], check=True,
                        capture_output=True, timeout=900)
-        buildah("bud", "--isolation", "chroot", "--format", "docker", "--layers", "--build-arg", f"BASE={base}",
-                "-t", tag, str(context), timeout=1200)
+        common = ["bud", "--isolation", "chroot", "--format", "docker", "--layers", "--build-arg", f"BASE={base}"]
+        # The `base` stage (Debian's packages) tagged, so its layers outlive the pruning below and the next
+        # run's build reuses them; only the layers with the wheels are built each time.
+        buildah(*common, "--target", "base", "-t", f"{BASE_IMAGE}-deps:latest", str(context), timeout=1200)
+        buildah(*common, "-t", tag, str(context), timeout=1200)
     try:
         yield buildah, tag
     finally:
