@@ -6,8 +6,10 @@ failure names the command or key and the English page that names it, so the Kore
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydantic import BaseModel
 
 from kkua_backupd.config import Config
@@ -97,17 +99,13 @@ def test_korean_pages_exist() -> None:
         assert (ROOT / name).is_file(), name
 
 
-def test_every_command_in_english_is_in_korean_and_back() -> None:
-    english, korean = named_commands(ENGLISH), named_commands(KOREAN)
-    assert len(english) > 30, english
-    problems = (_missing(english, korean, "command", "Korean (README.ko.md, docs/ko/)")
-                + _missing(korean, english, "command", "English (README.md, docs/*.md)"))
-    assert problems == [], "\n".join(problems)
-
-
-def test_every_config_key_and_variable_in_english_is_in_korean_and_back() -> None:
-    english, korean = named_keys(ENGLISH), named_keys(KOREAN)
-    assert len(english) > 40, english
-    problems = (_missing(english, korean, "config key", "Korean (README.ko.md, docs/ko/)")
-                + _missing(korean, english, "config key", "English (README.md, docs/*.md)"))
+@pytest.mark.parametrize(("what", "named", "at_least"), [("command", named_commands, 30),
+                                                        ("config key", named_keys, 40)])
+def test_every_name_in_english_is_in_korean_and_back(what: str, named: Callable[[list[Path]], dict[str, str]],
+                                                     at_least: int) -> None:
+    """Commands (with their options), then config keys and environment variables."""
+    english, korean = named(ENGLISH), named(KOREAN)
+    assert len(english) > at_least, english
+    problems = (_missing(english, korean, what, "Korean (README.ko.md, docs/ko/)")
+                + _missing(korean, english, what, "English (README.md, docs/*.md)"))
     assert problems == [], "\n".join(problems)
