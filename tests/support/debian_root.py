@@ -11,6 +11,7 @@ scratch folder renamed into place when complete, under a lock file, and is only 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -39,7 +40,7 @@ def bookworm_root(name: str) -> Path:
     debootstrap's last lines when it cannot be made (no debootstrap, no mirror, not root)."""
     include = ROOTS[name]
     version = "v1-" + "-".join(include or ("base",))  # a changed package list makes a new root
-    target = cache_dir() / f"bookworm-{name}-{_key(version)}"
+    target = cache_dir() / f"bookworm-{name}-{hashlib.sha256(version.encode()).hexdigest()[:12]}"
     if (target / "etc" / "debian_version").is_file():
         return target
     if shutil.which("debootstrap") is None:
@@ -74,8 +75,3 @@ def bookworm_root(name: str) -> Path:
             shutil.rmtree(scratch, ignore_errors=True)
     return target
 
-
-def _key(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
