@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 # python3-venv: the system tests build /opt/kkua-backupd from Debian's python3, as operators do;
 # cron: `kkua-backup cron install --user` is tested against the real crontab command;
 # strace: tests/integration/test_commit_order.py stops a backup at each step of its commit.
+# prometheus-node-exporter: tests scrape the metrics text file through its textfile collector; prometheus: its
+# promtool checks the alert rules of docs/monitoring.md (tests/unit/test_alert_rules.py).
 packages=(postgresql postgresql-client redis-server redis-tools gzip zstd util-linux procps systemd systemd-container
-          python3-venv cron strace)
+          python3-venv cron strace prometheus-node-exporter prometheus)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
