@@ -525,6 +525,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for section in (config.postgres, config.redis):
             if section.password is not None:
                 sink.add_secret(section.password.get_secret_value())
+        for url in (config.notify.healthchecks_url, config.notify.webhook_url):
+            if url is not None:
+                sink.add_secret(url.get_secret_value())
         main_job = {"backup": getattr(args, "target", ""), "run": getattr(args, "job", ""),
                     "restore": getattr(args, "target", ""), "prune": "retention"}.get(args.command, "")
         ctx = job_context(config, main_job or "postgres", json_mode=json_mode)

@@ -90,6 +90,7 @@ def record_outcome(config: Config, job: str, *, ok: bool, since: dt.datetime, no
         else:
             entry["failures_total"] = int(entry.get("failures_total") or 0) + 1
         entry.update(facts)
+        entry["outcome_recorded"] = entry.get("last_start")
         entry["failure_notified"] = entry.get("last_start") if notified else None
 
 
@@ -111,6 +112,7 @@ def observed(config: Config, job: str, *, runner: str) -> Iterator[Observation]:
     tell.send_in_background(Notice(job, "start", run_id, "started", at=state.iso(state.now()) or ""))
     started = state.now()
     clock = time.monotonic()
+    log.info("job started", runner=runner)
     try:
         with state.track(config, job, runner=runner) as record:
             yield Observation(record)
@@ -172,33 +174,46 @@ def journal_tail(unit: str, lines: int) -> list[str]:
     return [logs.sink().mask(line) for line in out.decode("utf-8", "replace").splitlines()][-lines:]
 
 
+def report_killed(config: Config, job: str, *, error: str, log_tail: list[str], details: dict[str, Any]) -> bool:
+    """Tell and count the failure of `job`'s last run when the run could not (killed); what it did tell is not
+    told again. Returns whether a notice was sent (or would have been, with no URL configured)."""
+    entry = state.load(config)["jobs"].get(job, {})
+    start = entry.get("last_start")
+    if entry.get("outcome_recorded") == start and entry.get("failure_notified") == start:
+        return False  # the run told its own failure
+    tell = notifier(config)
+    if entry.get("outcome_recorded") != start:
+        since = state.parse_iso(start) or state.now()
+        with contextlib.suppress(KkuaError, OSError):
+            record_outcome(config, job, ok=False, since=since, notified=tell.enabled)
+    tell.send(Notice(job, "failure", new_run_id(), f"failed: {error}", log_tail=log_tail,
+                     at=state.iso(state.now()) or "", details=details))
+    write_metrics(config)
+    return True
+
+
 def report_unit_failure(config: Config, unit: str) -> list[str]:
-    """Tell the failure of `unit` (what `OnFailure=` runs): for each of its jobs whose last run is not
-    already told as failed, close a run left `running` (killed) as failed, count it, send the failure
-    notice with the unit's last journal lines, rewrite the metrics. Returns what was told."""
-    log = logs.get_logger(job="notify")
+    """Tell the failure of `unit` (what `OnFailure=` runs): each of its jobs whose last run failed or was left
+    `running` (killed) and was not told is closed as failed, counted, and told with the unit's last journal
+    lines; with no job to blame (the daemon), the unit's failure is told. Returns the jobs told."""
     jobs = unit_jobs(unit)
-    tell = notifier(config, log)
     tail = journal_tail(unit, config.notify.log_lines)
     records = state.load(config)["jobs"]
     told: list[str] = []
-    for job in jobs or ["daemon"]:
+    for job in jobs:
         entry = records.get(job, {})
-        if job != "daemon":
-            result = entry.get("last_result")
-            if result == "failed" and entry.get("failure_notified") == entry.get("last_start"):
-                continue  # the run told its own failure
-            if result not in ("running", "failed"):
-                continue  # this job's run succeeded; another job of the unit failed
-        error = entry.get("error") or f"{unit} failed (killed by systemd: timeout, out of memory or watchdog?)"
         if entry.get("last_result") == "running":
             error = f"{unit} failed while the job ran; it did not record its end (killed by systemd?)"
             with contextlib.suppress(KkuaError, OSError):
-                if state.mark_ended(config, job, pid=int(entry.get("pid") or 0), error=error):
-                    since = state.parse_iso(entry.get("last_start")) or state.now()
-                    record_outcome(config, job, ok=False, since=since, notified=tell.enabled)
-        tell.send(Notice(job, "failure", new_run_id(), f"failed: {error}", log_tail=tail,
-                         at=state.iso(state.now()) or "", details={"unit": unit}))
-        told.append(job)
-    write_metrics(config, log)
+                state.mark_ended(config, job, pid=int(entry.get("pid") or 0), error=error)
+        elif entry.get("last_result") == "failed":
+            error = str(entry.get("error") or f"{unit} failed")
+        else:
+            continue  # this job's run succeeded; another job of the unit failed
+        if report_killed(config, job, error=error, log_tail=tail, details={"unit": unit}):
+            told.append(job)
+    if not jobs:
+        notifier(config).send(Notice("daemon", "failure", new_run_id(), f"failed: {unit} failed", log_tail=tail,
+                                     at=state.iso(state.now()) or "", details={"unit": unit}))
+        told.append("daemon")
     return told

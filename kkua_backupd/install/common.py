@@ -37,6 +37,7 @@ TIMERS = {"postgres": "kkua-postgres-backup.timer", "redis": "kkua-redis-backup.
           "retention": "kkua-backup-retention.timer"}
 TEMPLATE = "kkua-backup@.service"
 DAEMON = "kkua-backupd.service"
+FAILURE_UNIT = "kkua-backup-failure@.service"  # what OnFailure= starts: kkua-backup notify-failure UNIT
 RUN_UNIT = "kkua-backup@run.service"
 DOCS = "https://github.com/kkua/kkua-backupd/blob/main/docs/install.md"
 DEFAULT_BIN_DIR = Path("/opt/kkua-backupd/bin")

@@ -123,12 +123,12 @@ class Notifier:
                     reason = f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) else \
                         str(getattr(exc, "reason", exc)) or type(exc).__name__
                     if attempt == 1:
-                        self.log.warning(f"{target} notice failed; retrying once", event=notice.event,
+                        self.log.warning(f"{target} notice failed; retrying once", notice=notice.event,
                                          reason=logs.sink().mask(reason))
                         time.sleep(RETRY_PAUSE)
                     else:
                         self.log.warning(f"{target} notice failed again; the job goes on without it",
-                                         event=notice.event, reason=logs.sink().mask(reason))
+                                         notice=notice.event, reason=logs.sink().mask(reason))
 
     def send(self, notice: Notice) -> None:
         """Deliver `notice` now, after any notice still being sent in the background (so they arrive in

@@ -97,7 +97,8 @@ def unit_dir(tmp_path: Path) -> Path:
 
 
 UNITS_TO_CHECK = ("kkua-backupd.service", "kkua-backup@postgres.service", "kkua-backup@run.service",
-                  "kkua-postgres-backup.timer", "kkua-redis-backup.timer", "kkua-backup-retention.timer")
+                  "kkua-postgres-backup.timer", "kkua-redis-backup.timer", "kkua-backup-retention.timer",
+                  "kkua-backup-failure@kkua-backup@postgres.service")
 
 
 @needs_analyze
@@ -108,7 +109,8 @@ def test_systemd_analyze_verify_passes(unit_dir: Path) -> None:
 
 
 @needs_analyze
-@pytest.mark.parametrize("unit", ["kkua-backupd.service", "kkua-backup@postgres.service", "kkua-backup@run.service"])
+@pytest.mark.parametrize("unit", ["kkua-backupd.service", "kkua-backup@postgres.service", "kkua-backup@run.service",
+                                  "kkua-backup-failure@kkua-backup@postgres.service"])
 def test_exposure_stays_low(unit_dir: Path, unit: str) -> None:
     result = subprocess.run(["systemd-analyze", "security", "--offline=true", unit], capture_output=True,
                             text=True, env={"SYSTEMD_UNIT_PATH": f"{unit_dir}:", "PATH": "/usr/bin:/bin"},
