@@ -29,6 +29,8 @@ from prometheus_client.exposition import MetricsHandler
 from kkua_backupd.errors import StorageError
 
 PREFIX = "kkua_backup"
+# Not `job`: Prometheus sets `job` on every target (node_exporter's), and a scraped `job` would be renamed.
+LABEL = "backup_job"
 # The text file is read by node_exporter (user `prometheus`), not by the backup group: it holds no secret,
 # so it is world-readable, unlike everything else the tool writes (docs/decisions/0013-monitoring.md).
 TEXTFILE_MODE = 0o644
@@ -73,17 +75,17 @@ class JobsCollector:
     def collect(self) -> Iterator[Metric]:
         jobs = self.load()
         for name, help_text, key in _GAUGES:
-            family = GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=["job"])
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=[LABEL])
             for job, record in jobs.items():
                 value = _seconds(record.get(key))
                 if value is not None:
                     family.add_metric([job], value)
             yield family
         result = GaugeMetricFamily(f"{PREFIX}_last_run_success",
-                                   "1 if the job's last finished run succeeded, 0 if it failed.", labels=["job"])
-        running = GaugeMetricFamily(f"{PREFIX}_running", "1 while the job runs.", labels=["job"])
+                                   "1 if the job's last finished run succeeded, 0 if it failed.", labels=[LABEL])
+        running = GaugeMetricFamily(f"{PREFIX}_running", "1 while the job runs.", labels=[LABEL])
         test = GaugeMetricFamily(f"{PREFIX}_last_test_restore_success",
-                                 "1 if the last test restore passed, 0 if it failed or could not run.", labels=["job"])
+                                 "1 if the last test restore passed, 0 if it failed or could not run.", labels=[LABEL])
         for job, record in jobs.items():
             last = record.get("last_finished_result") or record.get("last_result")
             if last in ("ok", "failed"):
@@ -94,14 +96,14 @@ class JobsCollector:
         yield from (result, running, test)
         for name, help_text, key in (("runs", "Runs of the job that finished (ok or failed).", "runs_total"),
                                      ("failures", "Runs of the job that failed.", "failures_total")):
-            counter = CounterMetricFamily(f"{PREFIX}_{name}", help_text, labels=["job"])
+            counter = CounterMetricFamily(f"{PREFIX}_{name}", help_text, labels=[LABEL])
             for job, record in jobs.items():
                 count = record.get(key)
                 counter.add_metric([job], float(count if isinstance(count, int) else 0))
             yield counter
         if self.live:
             since = GaugeMetricFamily(f"{PREFIX}_since_last_completion_seconds",
-                                      "Seconds since the job's last successful run ended.", labels=["job"])
+                                      "Seconds since the job's last successful run ended.", labels=[LABEL])
             moment = time.time()
             for job, record in jobs.items():
                 value = _seconds(record.get("last_success"))

@@ -59,7 +59,7 @@ def no_token_anywhere(env: Env, *outputs: str) -> None:
 
 
 def value(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, job: str = "postgres") -> float:
-    return found[(name, (("job", job),))]
+    return found[(name, (("backup_job", job),))]
 
 
 def test_a_backup_pings_start_then_success_and_node_exporter_reads_its_metrics(

@@ -225,3 +225,13 @@ if __name__ == "__main__":  # regenerate the shipped files: .venv/bin/python tes
     for _rel, _text in rendered_files(_params).items():
         shipped(_rel).parent.mkdir(exist_ok=True)
         shipped(_rel).write_text(_text)
+
+
+def test_jobs_and_the_daemon_tell_their_failure_through_on_failure() -> None:
+    files = rendered_files(UnitParams())
+    for unit in ("kkua-backup@.service", "kkua-backupd.service"):
+        assert "\nOnFailure=kkua-backup-failure@%N.service\n" in files[install.UNIT_DIR / unit], unit
+    failure = files[install.UNIT_DIR / "kkua-backup-failure@.service"]
+    assert "\nExecStart=/opt/kkua-backupd/bin/kkua-backup notify-failure %i\n" in failure
+    assert "OnFailure=" not in failure  # a failing notice does not start another
+    assert "\nSupplementaryGroups=systemd-journal\n" in failure
