@@ -233,5 +233,5 @@ def test_jobs_and_the_daemon_tell_their_failure_through_on_failure() -> None:
         assert "\nOnFailure=kkua-backup-failure@%N.service\n" in files[install.UNIT_DIR / unit], unit
     failure = files[install.UNIT_DIR / "kkua-backup-failure@.service"]
     assert "\nExecStart=/opt/kkua-backupd/bin/kkua-backup notify-failure %i\n" in failure
-    assert "OnFailure=" not in failure  # a failing notice does not start another
+    assert "\nOnFailure=" not in failure  # a failing notice does not start another
     assert "\nSupplementaryGroups=systemd-journal\n" in failure
