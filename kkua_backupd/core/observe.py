@@ -196,6 +196,7 @@ def report_unit_failure(config: Config, unit: str) -> list[str]:
     """Tell the failure of `unit` (what `OnFailure=` runs): each of its jobs whose last run failed or was left
     `running` (killed) and was not told is closed as failed, counted, and told with the unit's last journal
     lines; with no job to blame (the daemon), the unit's failure is told. Returns the jobs told."""
+    unit = unit if unit.endswith(".service") else f"{unit}.service"  # OnFailure= passes %N, without it
     jobs = unit_jobs(unit)
     tail = journal_tail(unit, config.notify.log_lines)
     records = state.load(config)["jobs"]

@@ -511,6 +511,7 @@ def test_on_failure_tells_a_failed_job_once_and_a_job_killed_by_its_timeout(noti
 
     # 2. Killed by its timeout, with SIGKILL: the job says nothing; OnFailure= does.
     s.write_config(postgres={"port": HOLE_PORT, "connect_timeout": 120})
+    s.run("mkdir", "-p", DROPIN.rsplit("/", 1)[0])
     s.container.write(DROPIN, "[Service]\nTimeoutStartSec=4s\nKillSignal=SIGKILL\n")
     s.run("systemctl", "daemon-reload")
     props = run_failing(s, unit)
