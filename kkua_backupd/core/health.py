@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from kkua_backupd import schedule
 from kkua_backupd.config import Config
@@ -26,6 +26,7 @@ from kkua_backupd.safefs import folder_problems
 from kkua_backupd.sources import JOBS, KINDS
 from kkua_backupd.store.storage import LOCK_FOLDER_NAMES, latest, list_sets
 
+T = TypeVar("T")
 Level = Literal["OK", "WARN", "FAIL", "UNKNOWN"]
 EXIT_CODES: dict[Level, int] = {"OK": 0, "WARN": 1, "FAIL": 2, "UNKNOWN": 3}
 # A disk must hold the next backups with this margin (a set grows between two runs).
@@ -252,16 +253,23 @@ def check_backup_dir(config: Config) -> list[CheckResult]:
 # The servers, with the configured credentials
 
 
+def _connected(name: str, connect: Callable[[], T]) -> tuple[T | None, list[CheckResult]]:
+    """A connection from `connect`, or None and the FAIL line saying why (the connection error's own words)."""
+    try:
+        return connect(), []
+    except KkuaError as exc:
+        return None, [CheckResult(name, "FAIL", exc.message, exc.hint)]
+
+
 def check_postgres(config: Config) -> list[CheckResult]:
     """Connects; the client fits the server; the user can read every table (and create the scratch
     database when test restores are on)."""
     from kkua_backupd.sources.postgres import job as pg_job
 
     pg = config.postgres
-    try:
-        conn = pg_job.connect(pg)
-    except KkuaError as exc:
-        return [CheckResult("postgres.connect", "FAIL", exc.message, exc.hint)]
+    conn, failed = _connected("postgres.connect", lambda: pg_job.connect(pg))
+    if conn is None:
+        return failed
     with conn:
         server = pg_job.server_info(conn)
         results = [CheckResult("postgres.connect", "OK", f"{pg.user}@{pg.host}:{pg.port}/{pg.database}, "
@@ -309,10 +317,9 @@ def check_redis(config: Config) -> list[CheckResult]:
     from kkua_backupd.sources.redis import protocol
 
     cfg = config.redis
-    try:
-        client = protocol.connect_checked(cfg)
-    except KkuaError as exc:
-        return [CheckResult("redis.connect", "FAIL", exc.message, exc.hint)]
+    client, failed = _connected("redis.connect", lambda: protocol.connect_checked(cfg))
+    if client is None:
+        return failed
     with client:
         version = str(client.info("server").get("redis_version", "?"))
         results = [CheckResult("redis.connect", "OK", f"{protocol.where(cfg)}, server {version}")]

@@ -178,6 +178,14 @@ def check(env: Env) -> tuple[int, dict[str, dict[str, Any]], str]:
     return result.returncode, {c["name"]: c for c in doc["checks"]}, human.stdout
 
 
+def check_fails(env: Env, name: str, text: str) -> None:
+    """`check` exits 2 (critical) with check `name` FAIL saying `text`."""
+    code, checks, _ = check(env)
+    assert code == 2
+    assert checks[name]["level"] == "FAIL"
+    assert text in checks[name]["message"]
+
+
 def test_check_a_server_that_is_down(env: Env) -> None:
     env.write_config(port=free_port())
     code, checks, text = check(env)
@@ -240,17 +248,14 @@ def test_check_a_full_disk_and_the_backup_that_follows(env: Env, small_disk: Pat
     env.backup_dir = small_disk / "backups"
     env.write_config()
     first = json.loads(env.run("backup", "postgres", "--json", check=True).stdout)
-    code, checks, _ = check(env)
+    _, checks, _ = check(env)
     assert checks["backup-dir.space"]["level"] == "OK", checks["backup-dir.space"]
     # fill the disk but for less than the last set's size
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
     size = sum(f["size"] for f in first["files"])
     with (small_disk / "filler").open("wb") as fh:
         fh.write(b"\0" * max(0, free - size // 2))
-    code, checks, _ = check(env)
-    assert code == 2
-    assert checks["backup-dir.space"]["level"] == "FAIL"
-    assert "free, the next backups need about" in checks["backup-dir.space"]["message"]
+    check_fails(env, "backup-dir.space", "free, the next backups need about")
     result = env.run("backup", "postgres")
     assert result.returncode == 1
     sets = json.loads(env.run("list", "--json", check=True).stdout)
@@ -272,17 +277,14 @@ def age_state(env: Env, job: str, days: float) -> None:
 
 def test_a_stale_backup_fails_check_and_status(env: Env) -> None:
     env.run("backup", "postgres", check=True)
-    code, checks, _ = check(env)
+    _, checks, _ = check(env)
     assert checks["postgres.last-run"]["level"] == "OK"
     status = env.run("status", "--json")
     assert status.returncode == 0, status.stdout
     assert json.loads(status.stdout)["jobs"]["postgres"]["ok"] is True
 
     age_state(env, "postgres", 3)
-    code, checks, _ = check(env)
-    assert code == 2
-    assert checks["postgres.last-run"]["level"] == "FAIL"
-    assert "no successful run since" in checks["postgres.last-run"]["message"]
+    check_fails(env, "postgres.last-run", "no successful run since")
     status = env.run("status", "--json")
     assert status.returncode == 1
     doc = json.loads(status.stdout)
