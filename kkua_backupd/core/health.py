@@ -24,7 +24,7 @@ from kkua_backupd.errors import KkuaError
 from kkua_backupd.obs.progress import human_bytes
 from kkua_backupd.safefs import folder_problems
 from kkua_backupd.sources import JOBS, KINDS
-from kkua_backupd.store.storage import LOCK_FOLDER_NAMES, latest, list_sets
+from kkua_backupd.store.storage import LOCK_FOLDER_NAMES, list_sets
 
 T = TypeVar("T")
 Level = Literal["OK", "WARN", "FAIL", "UNKNOWN"]
@@ -80,22 +80,19 @@ def run_checks(config: Config, checks: list[Check]) -> list[CheckResult]:
 # Jobs: failed last run, overdue
 
 
-def last_success(config: Config, job: str, entry: dict[str, Any]) -> dt.datetime | None:
-    """When `job` last succeeded: from its state record, else (no record, an older state file) the newest
-    good set of its kind."""
+def last_success(entry: dict[str, Any]) -> dt.datetime | None:
+    """When a job last succeeded, from its record in the state file (None: never, as far as it knows; sets
+    copied in from elsewhere or made before the state file was are not runs of this host's schedule)."""
     when = state.parse_iso(entry.get("last_success"))
     if when is None and entry.get("last_result") == "ok":
         when = state.parse_iso(entry.get("last_end"))
-    if when is None and not entry and job in KINDS:
-        found = latest(config.backup_dir, job)
-        when = found.manifest.created_at if found is not None and found.manifest is not None else None
     return when
 
 
 def overdue_since(config: Config, job: str, entry: dict[str, Any], moment: dt.datetime) -> dt.datetime | None:
     """The scheduled run after `job`'s last success when it is more than schedule.overdue_after (plus the
     randomized delay) in the past without a newer success; None when the job is not overdue or never ran."""
-    success = last_success(config, job, entry)
+    success = last_success(entry)
     if success is None:
         return None
     try:
@@ -119,7 +116,7 @@ def job_problems(config: Config, jobs: dict[str, dict[str, Any]], moment: dt.dat
             problems.append(f"last run failed: {doc.get('error') or 'no reason recorded'}")
         since = overdue_since(config, job, records.get(job, {}), moment)
         if since is not None:
-            success = last_success(config, job, records.get(job, {}))
+            success = last_success(records.get(job, {}))
             problems.append(f"overdue: scheduled at {state.iso(since)} ({doc.get('schedule')}), no success since "
                             f"{state.iso(success)}")
         if problems:
@@ -160,7 +157,7 @@ def check_jobs(config: Config) -> list[CheckResult]:
         entry = records.get(job, {})
         name = f"{job}.last-run"
         since = overdue_since(config, job, entry, moment)
-        success = last_success(config, job, entry)
+        success = last_success(entry)
         if entry.get("last_result") == "failed":
             results.append(CheckResult(name, "FAIL", f"last run failed at {entry.get('last_end')}: "
                                                      f"{entry.get('error')}",

@@ -75,17 +75,19 @@ def _set_facts(config: Config, job: str, since: dt.datetime) -> dict[str, Any]:
 def record_outcome(config: Config, job: str, *, ok: bool, since: dt.datetime, notified: bool) -> None:
     """Add to the job's record what `state.track` does not keep: counters, the last success, the duration,
     what the set holds, whether the failure was already told (so `OnFailure=` does not tell it twice)."""
-    facts = _set_facts(config, job, since) if ok or job in KINDS else {}
+    facts = _set_facts(config, job, since)
+    if not ok:  # a failed run's set (a failed test restore) tells its test, not the last good rows or keys
+        facts = {key: value for key, value in facts.items() if key.startswith("test_restore")}
     with state.update(config) as data:
         entry = data["jobs"].setdefault(job, {})
-        end = state.parse_iso(entry.get("last_end")) or state.now()
+        # now, not last_end: that one is to the second, `since` to the microsecond (the run ended just now)
         entry["runs_total"] = int(entry.get("runs_total") or 0) + 1
         entry["last_finished_result"] = "ok" if ok else "failed"
-        entry["last_duration"] = round((end - since).total_seconds(), 3)
+        entry["last_duration"] = round(max(0.0, (state.now() - since).total_seconds()), 3)
         if ok:
             entry["failures_total"] = int(entry.get("failures_total") or 0)
-            entry["last_success"] = state.iso(end)
-            if isinstance(entry.get("size"), int):
+            entry["last_success"] = entry.get("last_end") or state.iso(state.now())
+            if job in KINDS and isinstance(entry.get("size"), int):  # retention's size is what it freed
                 entry["last_size"] = entry["size"]
         else:
             entry["failures_total"] = int(entry.get("failures_total") or 0) + 1
@@ -112,7 +114,7 @@ def observed(config: Config, job: str, *, runner: str) -> Iterator[Observation]:
     tell.send_in_background(Notice(job, "start", run_id, "started", at=state.iso(state.now()) or ""))
     started = state.now()
     clock = time.monotonic()
-    log.info("job started", runner=runner)
+    log.info("run started", runner=runner)
     try:
         with state.track(config, job, runner=runner) as record:
             yield Observation(record)

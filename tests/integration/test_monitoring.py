@@ -107,10 +107,10 @@ def test_a_failed_backup_sends_fail_with_the_log_tail(env: Env, receiver: Receiv
     assert [p.path.removeprefix(f"/hc/{TOKEN}") for p in pings] == ["/start", "", "/start", "/fail"]
     failure = pings[-1].body.decode()
     assert "refused user 'postgres'" in failure  # the error line
-    assert "INFO job started job=postgres runner=cli" in failure  # and the log lines before it
+    assert "INFO run started job=postgres runner=cli" in failure  # and the log lines before it
     doc = json.loads(receiver.under("webhook")[-1].body)
     assert doc["event"] == "failure" and "refused user 'postgres'" in doc["message"]
-    assert any("job started" in line for line in doc["log_tail"])
+    assert any("run started" in line for line in doc["log_tail"])
 
     found = samples((textfile_dir / "kkua_backup.prom").read_text(), "kkua_backup")
     assert value(found, "kkua_backup_last_run_success") == 0

@@ -522,7 +522,7 @@ def test_on_failure_tells_a_failed_job_once_and_a_job_killed_by_its_timeout(noti
     assert [r["path"].split("?")[0] for r in got] == [f"/hc/{TOKEN}/start", f"/hc/{TOKEN}/fail"], got
     body = got[-1]["body"]
     assert f"{unit} failed while the job ran; it did not record its end" in body, body
-    assert "job started" in body, body  # a line of the killed job's journal
+    assert "run started" in body, body  # a line of the killed job's journal
     status = json.loads(s.kkua("status", "--json", check=False).stdout)
     assert status["jobs"]["postgres"]["last_result"] == "failed"
     assert status["jobs"]["postgres"]["problems"][0].startswith("last run failed: kkua-backup@postgres.service")
