@@ -113,22 +113,30 @@ class Notifier:
         with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - http(s) only
             response.read(65536)
 
+    def _deliver_one(self, target: str, url: str, body: bytes, content_type: str, event: Event) -> None:
+        for attempt in (1, 2):
+            try:
+                self._post(url, body, content_type)
+                return
+            except (OSError, urllib.error.URLError, ValueError) as exc:  # HTTPError, timeouts: OSErrors
+                reason = f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) else \
+                    str(getattr(exc, "reason", exc)) or type(exc).__name__
+                if attempt == 1:
+                    self.log.warning(f"{target} notice failed; retrying once", notice=event,
+                                     reason=logs.sink().mask(reason))
+                    time.sleep(RETRY_PAUSE)
+                else:
+                    self.log.warning(f"{target} notice failed again; the job goes on without it",
+                                     notice=event, reason=logs.sink().mask(reason))
+
     def _deliver(self, notice: Notice) -> None:
-        for target, url, body, content_type in self._targets(notice):
-            for attempt in (1, 2):
-                try:
-                    self._post(url, body, content_type)
-                    break
-                except (OSError, urllib.error.URLError, ValueError) as exc:  # HTTPError, timeouts: OSErrors
-                    reason = f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) else \
-                        str(getattr(exc, "reason", exc)) or type(exc).__name__
-                    if attempt == 1:
-                        self.log.warning(f"{target} notice failed; retrying once", notice=notice.event,
-                                         reason=logs.sink().mask(reason))
-                        time.sleep(RETRY_PAUSE)
-                    else:
-                        self.log.warning(f"{target} notice failed again; the job goes on without it",
-                                         notice=notice.event, reason=logs.sink().mask(reason))
+        """Every URL at once (a hanging one does not hold up the other), each tried at most twice."""
+        threads = [threading.Thread(target=self._deliver_one, args=(*target, notice.event), name="notify", daemon=True)
+                   for target in self._targets(notice)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=2 * self.timeout + RETRY_PAUSE + 1)
 
     def send(self, notice: Notice) -> None:
         """Deliver `notice` now, after any notice still being sent in the background (so they arrive in
