@@ -124,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted, and why")
 
     command("status", "last result and next run of each job, and whether the daemon runs",
-            "Show, per job: schedule, next run, last start, end, result and size; and the daemon's state.")
+            "Show, per job: schedule, next run, last start, end, result and size; and the daemon's state.\n"
+            "Times are in the schedule's zone (schedule.timezone, else local), named on the first line.\n"
+            "Exits 1 when a job's last run failed or a job is overdue (no success within its schedule plus\n"
+            "schedule.overdue_after); --json says which in each job's `problems`.")
 
     p = command("systemd", "install, remove or inspect the systemd units and timers",
                 "install: write the units (ExecStart= is this installation), create the user and folders,\n"

@@ -117,8 +117,9 @@ def job_problems(config: Config, jobs: dict[str, dict[str, Any]], moment: dt.dat
         since = overdue_since(config, job, records.get(job, {}), moment)
         if since is not None:
             success = last_success(records.get(job, {}))
+            zone = schedule.resolve_zone(config.schedule.timezone)
             problems.append(f"overdue: scheduled at {state.iso(since)} ({doc.get('schedule')}), no success since "
-                            f"{state.iso(success)}")
+                            f"{_in_zone(state.iso(success), zone)}")
         if problems:
             found[job] = problems
     return found
@@ -152,6 +153,12 @@ def check_jobs(config: Config) -> list[CheckResult]:
     """Each job's last run: OK, failed, overdue, never succeeded."""
     records = state.load(config)["jobs"]
     moment = state.now()
+    zone = schedule.resolve_zone(config.schedule.timezone)
+
+    def shown(when: object) -> object:  # in the schedule's zone, as `status` shows times
+        return _in_zone(when if isinstance(when, str) else state.iso(when) if isinstance(when, dt.datetime)
+                        else when, zone)
+
     results = []
     for job in JOBS:
         entry = records.get(job, {})
@@ -159,19 +166,19 @@ def check_jobs(config: Config) -> list[CheckResult]:
         since = overdue_since(config, job, entry, moment)
         success = last_success(entry)
         if entry.get("last_result") == "failed":
-            results.append(CheckResult(name, "FAIL", f"last run failed at {entry.get('last_end')}: "
+            results.append(CheckResult(name, "FAIL", f"last run failed at {shown(entry.get('last_end'))}: "
                                                      f"{entry.get('error')}",
                                        f"fix the cause, then `kkua-backup run {job}` (logs: journalctl -u "
                                        f"kkua-backup@{job} or {config.log_dir})"))
         elif since is not None:
-            results.append(CheckResult(name, "FAIL", f"no successful run since {state.iso(success)}; the run "
-                                       f"scheduled at {state.iso(since)} did not succeed",
+            results.append(CheckResult(name, "FAIL", f"no successful run since {shown(success)}; the run "
+                                       f"scheduled at {shown(since)} did not succeed",
                                        "is the timer or the daemon running? see `kkua-backup systemd status`"))
         elif success is None:
             results.append(CheckResult(name, "WARN", "has never succeeded",
                                        f"run it once: kkua-backup run {job}"))
         else:
-            results.append(CheckResult(name, "OK", f"last success {state.iso(success)}"))
+            results.append(CheckResult(name, "OK", f"last success {shown(success)}"))
     return results
 
 
