@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env
+from tests.conftest import Env, RedisEnv
 from tests.support.node_exporter import NodeExporter, free_port, samples
 from tests.support.receiver import Receiver
 
@@ -307,3 +307,29 @@ def test_status_after_a_failed_run(env: Env) -> None:
     assert problems and problems[0].startswith("last run failed: PostgreSQL at")
     offsets = {doc["jobs"]["postgres"][k][-6:] for k in ("last_run", "last_end", "next_run")}
     assert len(offsets) == 1  # one zone
+
+
+def test_check_redis_sync_refused_and_redis_down(redis_env: RedisEnv) -> None:
+    """A backup user whose ACL refuses SYNC: WARN (the BGSAVE fallback is on) or FAIL (fallback off); a Redis
+    that is down: FAIL, with the fix."""
+    password = "backup-user-pass-1"
+    redis_env.client().execute_command("ACL", "SETUSER", "backup", "on", f">{password}", "~*", "&*", "+@all", "-sync",
+                                       "-psync")
+    user_pass = redis_env.root / "backup.pass"
+    user_pass.write_text(password + "\n")
+    user_pass.chmod(0o600)
+    redis_env.write_config(username="backup", password_file=str(user_pass))
+    checks = {c["name"]: c for c in json.loads(redis_env.run("check", "--json").stdout)["checks"]}
+    assert checks["redis.connect"]["level"] == "OK"
+    assert checks["redis.sync"]["level"] == "WARN", checks["redis.sync"]
+    assert checks["redis.sync"]["fix"] == "ACL SETUSER backup +sync"
+    redis_env.write_config(username="backup", password_file=str(user_pass), sync_fallback="none")
+    checks = {c["name"]: c for c in json.loads(redis_env.run("check", "--json").stdout)["checks"]}
+    assert checks["redis.sync"]["level"] == "FAIL"
+
+    redis_env.write_config(port=free_port())
+    result = redis_env.run("check", "--json")
+    assert result.returncode == 2
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["redis.connect"]["level"] == "FAIL" and "cannot reach Redis" in checks["redis.connect"]["message"]
+    assert "is redis-server running?" in checks["redis.connect"]["fix"]
