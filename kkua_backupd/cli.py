@@ -21,14 +21,14 @@ from typing import Any
 
 from kkua_backupd import __version__
 from kkua_backupd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
-from kkua_backupd.core import state
+from kkua_backupd.core import health, observe, state
 from kkua_backupd.core.context import JobContext, clean_stale, refuse_untrusted
 from kkua_backupd.errors import ConfigError, IntegrityError, Interrupted, JobError, KkuaError, UsageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes, interactive
-from kkua_backupd.safefs import folder_problems, set_trusted_roots
+from kkua_backupd.safefs import set_trusted_roots
 from kkua_backupd.sources import BACKUP_TARGETS, KINDS, RETENTION, RUN_JOBS, job_module
-from kkua_backupd.store.storage import LOCK_FOLDER_NAMES, BackupSet, latest, list_sets, resolve, unmanaged_files
+from kkua_backupd.store.storage import BackupSet, latest, list_sets, resolve, unmanaged_files
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
              "prune": "backup.log"}
@@ -124,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted, and why")
 
     command("status", "last result and next run of each job, and whether the daemon runs",
-            "Show, per job: schedule, next run, last start, end, result and size; and the daemon's state.")
+            "Show, per job: schedule, next run, last start, end, result and size; and the daemon's state.\n"
+            "Times are in the schedule's zone (schedule.timezone, else local), named on the first line.\n"
+            "Exits 1 when a job's last run failed or a job is overdue (no success within its schedule plus\n"
+            "schedule.overdue_after); --json says which in each job's `problems`.")
 
     p = command("systemd", "install, remove or inspect the systemd units and timers",
                 "install: write the units (ExecStart= is this installation), create the user and folders,\n"
@@ -150,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("config", "check the configuration", "Validate the config and print it, secrets redacted.")
     p.add_argument("action", choices=("check",))
+
+    command("check", "connect to everything configured and check it; Nagios exit codes",
+            "Connect to PostgreSQL and Redis with the configured credentials and check the client versions,\n"
+            "table permissions, SYNC, backup_dir (owner, modes, room for the next backups), the last runs, the\n"
+            "metrics folder, and that the timers or the daemon are enabled. One line per check:\n"
+            "OK, WARN, FAIL or UNKNOWN, with the fix. Exit codes (Nagios): 0 all OK, 1 a warning,\n"
+            "2 a failure, 3 a check could not tell.")
+
+    p = command("notify-failure", "tell the failure of a systemd unit (what OnFailure= runs)",
+                "Send the failure notice ([notify]) for UNIT, with its last journal lines, unless its job already\n"
+                "did; a run it left `running` (killed) is recorded as failed. Run by kkua-backup-failure@.service.")
+    p.add_argument("unit", help="the unit that failed, e.g. kkua-backup@postgres.service")
     return parser
 
 
@@ -182,7 +197,8 @@ def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) ->
     """One job (postgres, redis or retention), its start and end recorded for `status`."""
     if job in KINDS:
         warn_future_sets(ctx, job)
-    with state.track(ctx.config, job, runner=runner) as record:
+    with observe.observed(ctx.config, job, runner=runner) as seen:
+        record = seen.record
         if job == "postgres":
             from kkua_backupd.sources.postgres import job as pg_job
             test = True if getattr(args, "test_restore", False) else None
@@ -420,30 +436,43 @@ def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:
     report["warnings"] = [s.future_warning() for s in list_sets(ctx.config.backup_dir) if s.future]
     notice = interrupted_file_restore(ctx.config)
     report["redis_restore"] = notice
+    problems = health.mark_problems(ctx.config, report)
     if not ctx.json_mode:
+        _human(ctx, f"times in {report['timezone']}")
         for line in state.format_status(report):
             _human(ctx, line)
         for text in report["warnings"]:
             _human(ctx, f"warning: {text}")
         if notice:
             _human(ctx, f"WARNING: {notice}")
-    return (report, 1) if notice and "was killed" in notice else report
+        for job, found in problems.items():
+            for text in found:
+                _human(ctx, f"PROBLEM: {job}: {text}")
+    return (report, 1) if problems or (notice and "was killed" in notice) else report
 
 
-def trust_problems(config: Config) -> list[str]:
-    """What in the tool's folders lets someone other than root and kkua-backup change backups or the tool's
-    files: group- or world-writable folders, strangers' folders, symlinks (docs/security.md)."""
-    found: list[str] = []
-    backup_dir = config.backup_dir
-    for folder, root in ([(backup_dir, backup_dir)]
-                         + [(backup_dir / name, backup_dir) for name in (*KINDS, *LOCK_FOLDER_NAMES)]
-                         + [(config.log_dir, config.log_dir), (config.state_file.parent, None)]):
-        found += [p for p in folder_problems(folder, root=root) if p not in found]
-    return found
+def cmd_check(ctx: JobContext) -> tuple[Any, int]:
+    """`kkua-backup check`: every check of core.health.CHECKS and the installation's, one line each."""
+    from kkua_backupd.install.common import check_installed
+    results = health.run_checks(ctx.config, [*health.CHECKS, check_installed])
+    code = health.exit_code(results)
+    for result in results:
+        _human(ctx, result.line())
+    _human(ctx, {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}[code]
+           + f": {sum(r.level == 'OK' for r in results)} of {len(results)} checks OK")
+    return {"status": code, "checks": [r.to_json() for r in results]}, code
+
+
+def cmd_notify_failure(ctx: JobContext, args: argparse.Namespace) -> Any:
+    """What `OnFailure=` runs: tell the failure of UNIT unless its job already did."""
+    told = observe.report_unit_failure(ctx.config, args.unit)
+    _human(ctx, f"failure of {args.unit} told for: {', '.join(told)}" if told else
+           f"{args.unit}: its jobs already told their failure (or none failed)")
+    return {"unit": args.unit, "told": told}
 
 
 def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> tuple[Any, int]:
-    problems = trust_problems(ctx.config)
+    problems = health.trust_problems(ctx.config)
     doc = {"path": str(loaded.path) if loaded.path else None, "config": redacted(ctx.config),
            "sources": loaded.sources, "problems": problems}
     for problem in problems:
@@ -499,6 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for section in (config.postgres, config.redis):
             if section.password is not None:
                 sink.add_secret(section.password.get_secret_value())
+        for url in (config.notify.healthchecks_url, config.notify.webhook_url):
+            if url is not None:
+                sink.add_secret(url.get_secret_value())
         main_job = {"backup": getattr(args, "target", ""), "run": getattr(args, "job", ""),
                     "restore": getattr(args, "target", ""), "prune": "retention"}.get(args.command, "")
         ctx = job_context(config, main_job or "postgres", json_mode=json_mode)
@@ -517,6 +549,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "systemd": lambda: _install().systemd_command(ctx, args, loaded),
             "cron": lambda: _install().cron_command(ctx, args, loaded),
             "config": lambda: cmd_config(ctx, args, loaded),
+            "check": lambda: cmd_check(ctx),
+            "notify-failure": lambda: cmd_notify_failure(ctx, args),
         }
         result = handlers[args.command]()
         code = 0

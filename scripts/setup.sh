@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 # strace: tests/integration/test_commit_order.py stops a backup at each step of its commit.
 # fakeroot, binutils (strip), lintian: packaging/deb/build.sh and its test; debootstrap, buildah: the Debian 12
 # roots the package and container tests boot or build on (tests/system/test_deb.py, test_container.py).
+# prometheus-node-exporter: tests scrape the metrics text file through its textfile collector; prometheus: its
+# promtool checks the alert rules of docs/monitoring.md (tests/unit/test_alert_rules.py).
 packages=(postgresql postgresql-client redis-server redis-tools gzip zstd util-linux procps systemd systemd-container
-          python3-venv cron strace fakeroot binutils lintian debootstrap buildah)
+          python3-venv cron strace fakeroot binutils lintian debootstrap buildah prometheus-node-exporter prometheus)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

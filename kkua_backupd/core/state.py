@@ -159,6 +159,11 @@ def _pid_alive(pid: object) -> bool:
         return True
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line, secrets masked, that a failed run records (and its failure notice says)."""
+    return _error_line(exc)
+
+
 def _error_line(exc: BaseException) -> str:
     if isinstance(exc, KkuaError):
         text = str(exc).splitlines()[0]

@@ -30,11 +30,12 @@ from types import FrameType
 from typing import Any
 
 from kkua_backupd import __version__, schedule
-from kkua_backupd.config import Config, LoadedConfig, load_config
-from kkua_backupd.core import state
+from kkua_backupd.config import Config, LoadedConfig, load_config, split_listen
+from kkua_backupd.core import observe, state
 from kkua_backupd.daemon.notify import Notifier, watchdog_interval
 from kkua_backupd.errors import ConfigError, KkuaError
 from kkua_backupd.obs import logs
+from kkua_backupd.obs.metrics import MetricsServer
 from kkua_backupd.obs.progress import human_bytes
 from kkua_backupd.proc.workers import Worker, spawn
 from kkua_backupd.safefs import set_trusted_roots
@@ -303,6 +304,9 @@ class Daemon:
         if rc != 0:
             try:  # a killed worker could not write its own end
                 state.mark_ended(self.config, slot.job, pid=worker.pid, error=reason, override=slot.timed_out)
+                if rc < 0 or slot.timed_out:  # nor, maybe, tell its failure
+                    observe.report_killed(self.config, slot.job, error=reason, log_tail=[],
+                                          details={"runner": "daemon", "seconds": seconds})
             except KkuaError as exc:
                 self.log.error("cannot record the end of the run in the state file", job=slot.job, error=str(exc))
         self._read_last_runs()
@@ -480,9 +484,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if section.password is not None:  # the daemon never logs them; a worker's error line might
             sink.add_secret(section.password.get_secret_value())
     daemon = Daemon(args.config, loaded, notifier)
+    server: MetricsServer | None = None
     try:
         daemon.install_signals()
         daemon.start()
+        if loaded.config.metrics.listen is not None:  # a reload does not move it: restart to change it
+            host, port = split_listen(loaded.config.metrics.listen)
+            server = MetricsServer(host, port, lambda: observe.job_records(daemon.config))
+            server.start()
+            log.info("serving /metrics", listen=f"{host}:{port}")
         status = daemon.status_text()
         notifier.ready(status)
         daemon.last_status = status
@@ -501,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 slot.worker.stop(daemon.config.daemon.stop_grace)
         return 1
     finally:
+        if server is not None:
+            server.stop()
         with contextlib.suppress(OSError):
             state.clear_daemon_info(daemon.config, os.getpid())
         notifier.close()

@@ -25,6 +25,7 @@ from typing import Any
 from kkua_backupd import __version__, schedule
 from kkua_backupd.config import DEFAULT_CONFIG_PATH, Config, resolve_config_path
 from kkua_backupd.core.context import JobContext
+from kkua_backupd.core.health import CheckResult
 from kkua_backupd.errors import KkuaError, UsageError
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.proc import execute
@@ -36,6 +37,7 @@ TIMERS = {"postgres": "kkua-postgres-backup.timer", "redis": "kkua-redis-backup.
           "retention": "kkua-backup-retention.timer"}
 TEMPLATE = "kkua-backup@.service"
 DAEMON = "kkua-backupd.service"
+FAILURE_UNIT = "kkua-backup-failure@.service"  # what OnFailure= starts: kkua-backup notify-failure UNIT
 RUN_UNIT = "kkua-backup@run.service"
 DOCS = "https://github.com/kkua/kkua-backupd/blob/main/docs/install.md"
 DEFAULT_BIN_DIR = Path("/opt/kkua-backupd/bin")
@@ -327,3 +329,32 @@ def _check_paths(config: Config) -> None:
 def _log() -> Any:
     return get_logger(job="install")
 
+
+
+def check_installed(config: Config) -> list[CheckResult]:
+    """For `kkua-backup check`: the timers or the daemon are installed and enabled (or the cron block)."""
+    fix = "kkua-backup systemd install (or --daemon; or kkua-backup cron install without systemd)"
+    cron = Path("/") / CRON_FILE
+    if shutil.which("systemctl") is None or not Path("/run/systemd/system").is_dir():
+        if cron.is_file():
+            return [CheckResult("installed", "OK", f"cron entries in {cron} (no systemd here)")]
+        return [CheckResult("installed", "WARN", "no systemd here and no cron entries: nothing runs the jobs "
+                                                 "unless kkua-backupd runs under another supervisor", fix)]
+    units = [DAEMON, *(TIMERS[job] for job in JOBS)]
+    try:
+        states = {unit: _show(unit, ("UnitFileState", "ActiveState")) for unit in units}
+    except KkuaError as exc:
+        return [CheckResult("installed", "UNKNOWN", f"systemctl show failed: {exc.message}")]
+    enabled = {unit for unit, props in states.items() if props.get("UnitFileState") == "enabled"}
+    timers = [TIMERS[job] for job in JOBS]
+    if DAEMON in enabled:
+        active = states[DAEMON].get("ActiveState")
+        return [CheckResult("installed", "OK" if active == "active" else "FAIL",
+                            f"{DAEMON} is enabled and {active}",
+                            None if active == "active" else f"systemctl start {DAEMON}; see journalctl -u {DAEMON}")]
+    missing = [t for t in timers if t not in enabled]
+    if not missing:
+        return [CheckResult("installed", "OK", f"timers enabled: {', '.join(timers)}")]
+    if cron.is_file():
+        return [CheckResult("installed", "OK", f"cron entries in {cron}")]
+    return [CheckResult("installed", "WARN", f"not enabled: {', '.join(missing)}; nothing runs those jobs", fix)]
