@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 # python3-venv: the system tests build /opt/kkua-backupd from Debian's python3, as operators do;
 # cron: `kkua-backup cron install --user` is tested against the real crontab command;
 # strace: tests/integration/test_commit_order.py stops a backup at each step of its commit.
+# openssh-client, rsync: SSH remotes (docs/remotes.md); openssh-server: the SSH host the remote tests start.
 packages=(postgresql postgresql-client redis-server redis-tools gzip zstd util-linux procps systemd systemd-container
-          python3-venv cron strace)
+          python3-venv cron strace openssh-client openssh-server rsync)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
