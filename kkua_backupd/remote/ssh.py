@@ -46,7 +46,7 @@ def rsync_argv(config: RemoteConfig, local: Path, remote_path: str, *, timeout: 
     """`rsync` of one local file to `remote_path` on the host, through ssh_options."""
     user, host, _port, _folder = config.sftp_parts()
     shell = " ".join(shlex.quote(part) for part in ("ssh", *ssh_options(config, timeout=timeout)))
-    return ("rsync", "--times", "--chmod=F640", "--perms", f"--timeout={max(int(timeout), 30)}",
+    return ("rsync", "--times", "--chmod=D750,F640", "--perms", "--mkpath", f"--timeout={max(int(timeout), 30)}",
             "--protect-args", "-e", shell, "--", str(local), f"{user}@{host}:{remote_path}")
 
 
@@ -90,20 +90,20 @@ class SshRemote:
     def put(self, local: Path, key: str, *, size: int, sha256: str) -> PutResult:
         final = self.path(key)
         temp = final + TEMP_SUFFIX
-        self._run(f"mkdir -p -- {shlex.quote(final.rsplit('/', 1)[0])}", f"create the folder for {key}")
         try:
             execute.run(rsync_argv(self.config, local, temp, timeout=self.timeout), job=f"remote:{self.name}",
                         timeout=UPLOAD_TIMEOUT, what=f"rsync to remote {self.name}")
         except CommandFailed as exc:
             raise self._error(exc, f"upload {key}") from None
+        # One connection checks the temporary file and renames it only when it is what we sent.
         q_temp, q_final = shlex.quote(temp), shlex.quote(final)
-        found = self._run(f"stat -c %s -- {q_temp} && sha256sum < {q_temp}", f"check {key}",
-                          timeout=UPLOAD_TIMEOUT).split()
-        if len(found) < 2 or found[0] != str(size) or found[1] != sha256:
-            self._run(f"rm -f -- {q_temp}", f"remove {key}{TEMP_SUFFIX}")
-            raise RemoteError(f"remote {self.name}: {key} arrived as {found[:2]}, not {size} bytes with sha256 "
+        found = self._run(f"set -e; s=$(stat -c %s -- {q_temp}); h=$(sha256sum < {q_temp}); h=${{h%% *}}; "
+                          f"if [ \"$s $h\" = {shlex.quote(f'{size} {sha256}')} ]; then mv -f -- {q_temp} {q_final}; "
+                          f"echo renamed; else rm -f -- {q_temp}; echo \"$s $h\"; fi",
+                          f"check {key}", timeout=UPLOAD_TIMEOUT).strip()
+        if found != "renamed":
+            raise RemoteError(f"remote {self.name}: {key} arrived as {found[:80]!r}, not {size} bytes with sha256 "
                               f"{sha256[:12]}...", hint="the bytes were changed on the way; push again")
-        self._run(f"mv -f -- {q_temp} {q_final}", f"rename {key} into place")
         return PutResult(key, size, "size+sha256")
 
     def stat(self, key: str) -> RemoteObject | None:
@@ -143,6 +143,6 @@ class SshRemote:
             execute.run(ssh_argv(self.config, f"rm -f -- {shlex.quote(self.path(key))}", timeout=self.timeout),
                         job=f"remote:{self.name}", timeout=self.timeout * 2, what=f"ssh to remote {self.name}")
         except CommandFailed as exc:
-            if any(word in line for line in exc.stderr_tail for word in _DENIED):
+            if any(word in line and "(publickey" not in line for line in exc.stderr_tail for word in _DENIED):
                 raise DeleteRefused(f"remote {self.name} refused to delete {key}: {exc.stderr_tail[-1]}") from None
             raise self._error(exc, f"delete {key}") from None

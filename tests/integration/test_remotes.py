@@ -1,0 +1,282 @@
+"""Remote copies against real servers: an S3 store (`rclone serve s3`, which checks SigV4 and Content-MD5) and
+an SSH host (Debian's sshd), both started here. Round trips of PostgreSQL and Redis sets through each remote
+(back up, delete the local folder, restore from the remote, compare), and the bad days: a wrong S3 secret, an
+unknown host key, a remote that is down or whose disk is full, kill -9 mid-upload, a tampered remote object,
+retention on a remote that refuses deletes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kkua_backupd.demo.redis_sample import create_sample, databases
+from kkua_backupd.demo.sandbox import table_contents
+from tests.support.redis_bulk import fill_bulk
+from tests.support.remotes import S3_SECRET_KEY, RcloneS3, Sshd, add_remotes
+
+from ..conftest import Env, RedisEnv
+from ..helpers import describe, output, wait_for
+
+
+@pytest.fixture
+def s3(workdir: Path) -> Iterator[RcloneS3]:
+    with RcloneS3(workdir) as server:
+        yield server
+
+
+@pytest.fixture
+def sshd(workdir: Path) -> Iterator[Sshd]:
+    with Sshd(workdir) as server:
+        yield server
+
+
+def remote_sets(world: Env | RedisEnv, name: str) -> list[dict[str, Any]]:
+    result = world.run("--json", "list", "--remote", name)
+    assert result.returncode == 0, describe(result)
+    sets: list[dict[str, Any]] = json.loads(result.stdout)
+    return sets
+
+
+def local_sets(world: Env | RedisEnv) -> list[dict[str, Any]]:
+    sets: list[dict[str, Any]] = json.loads(world.run("--json", "list", check=True).stdout)
+    return sets
+
+
+def remote_status(world: Env | RedisEnv) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(world.run("--json", "status").stdout)["remotes"]
+    return doc
+
+
+def test_postgres_round_trip_through_each_remote(env: Env, s3: RcloneS3, sshd: Sshd, workdir: Path) -> None:
+    add_remotes(env.config_path, s3.remote_toml("offsite", workdir), sshd.remote_toml("box"))
+    with env.connect() as conn:
+        before = table_contents(conn)
+    made = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    for name in ("offsite", "box"):
+        [found] = remote_sets(env, name)
+        assert (found["id"], found["status"]) == (made["id"], "ok")
+        assert [f["sha256"] for f in found["files"]] == [f["sha256"] for f in made["files"]]
+    assert f"kkua/postgres/{made['prefix']}{made['id']}.manifest.json" in s3.objects()
+    assert not [k for k in sshd.files() if k.endswith(".partial")]
+    for name in ("offsite", "box"):
+        shutil.rmtree(env.folder)  # the host lost its backups
+        target = f"{env.database}_from_{name}"
+        result = env.run("restore", "postgres", "latest", "--from", name, "--force", "--target-db", target)
+        assert result.returncode == 0, describe(result)
+        assert f"Fetched postgres set {made['id']} from remote {name}" in result.stdout
+        with env.connect(target) as conn:
+            assert table_contents(conn) == before
+        assert [s["id"] for s in local_sets(env)] == [made["id"]]  # the fetched set is a local set again
+        assert not list((env.backup_dir / ".remote-staging" / "postgres").iterdir())
+
+
+def test_redis_round_trip_through_each_remote(redis_env: RedisEnv, s3: RcloneS3, sshd: Sshd, workdir: Path) -> None:
+    world = redis_env
+    add_remotes(world.config_path, s3.remote_toml("offsite", workdir), sshd.remote_toml("box"))
+    create_sample(world.server)
+    with world.client() as client:
+        counts = databases(client)
+        value = client.get("user:1:profile") if client.exists("user:1:profile") else None
+    made = json.loads(world.run("--json", "backup", "redis", check=True).stdout)
+    for name in ("offsite", "box"):
+        shutil.rmtree(world.folder)
+        with world.client() as client:
+            client.flushall()
+        result = world.run("restore", "redis", made["id"], "--from", name, "--force", "--flush",
+                           "--no-safety-backup")
+        assert result.returncode == 0, describe(result)
+        with world.client() as client:
+            assert databases(client) == counts
+            if value is not None:
+                assert client.get("user:1:profile") == value
+        verify = world.run("verify", "--remote", name, "--download")
+        assert verify.returncode == 0, describe(verify)
+        assert "OK" in verify.stdout
+
+
+def test_wrong_s3_secret_keeps_the_local_set_and_marks_it_pending(env: Env, s3: RcloneS3, workdir: Path) -> None:
+    base = env.config_path.read_text()
+    add_remotes(env.config_path, s3.remote_toml("offsite", workdir, secret="not-the-secret-0000000000"))
+    result = env.run("backup", "postgres")
+    assert result.returncode == 1, describe(result)
+    text = output(result)
+    assert "ok locally" in text and "offsite" in text and "credentials" in text
+    assert "not-the-secret" not in text  # a secret, even a wrong one, is never printed
+    [local] = local_sets(env)
+    assert local["status"] == "ok"
+    assert s3.objects() == {}
+    pending = remote_status(env)["offsite"]
+    assert [p["set"] for p in pending["pending"]] == [f"postgres/{local['id']}"]
+    assert pending["last_error"] and pending["pending_since"]
+    status = env.run("status")
+    assert "pending   1 set(s) since" in status.stdout, describe(status)
+
+    env.config_path.write_text(base)
+    add_remotes(env.config_path, s3.remote_toml("offsite", workdir))
+    pushed = env.run("push")
+    assert pushed.returncode == 0, describe(pushed)
+    assert [s["id"] for s in remote_sets(env, "offsite")] == [local["id"]]
+    assert remote_status(env)["offsite"]["pending"] == []
+    for log in env.log_dir.iterdir():
+        assert S3_SECRET_KEY not in log.read_text()
+
+
+def test_unknown_host_key_is_refused(env: Env, sshd: Sshd, workdir: Path) -> None:
+    other = workdir / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    sshd.known_hosts.write_text(f"[127.0.0.1]:{sshd.port} " + " ".join(Path(f"{other}.pub").read_text().split()[:2])
+                                + "\n")
+    add_remotes(env.config_path, sshd.remote_toml("box"))
+    result = env.run("backup", "postgres")
+    assert result.returncode == 1, describe(result)
+    assert "host's key is not in" in output(result) or "Host key verification failed" in output(result)
+    assert sshd.files() == {}
+    assert local_sets(env)[0]["status"] == "ok"
+    assert remote_status(env)["box"]["pending"]
+
+
+def test_remote_down_then_back(env: Env, s3: RcloneS3, workdir: Path) -> None:
+    add_remotes(env.config_path, s3.remote_toml("offsite", workdir))
+    s3.stop()
+    result = env.run("backup", "postgres")
+    assert result.returncode == 1, describe(result)
+    assert "pending" in output(result)
+    [local] = local_sets(env)
+    assert local["status"] == "ok"
+    s3.start()
+    second = env.run("--json", "backup", "postgres", check=True)  # the next run sends what was pending too
+    ids = {s["id"] for s in remote_sets(env, "offsite")}
+    assert ids == {local["id"], json.loads(second.stdout)["id"]}
+    assert remote_status(env)["offsite"]["pending"] == []
+
+
+@pytest.fixture
+def small_disk(sshd: Sshd) -> Iterator[Path]:
+    """The SSH remote's folder on a 1 MiB tmpfs: a disk that fills up."""
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(sshd.folder)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+    yield sshd.folder
+    subprocess.run(["umount", str(sshd.folder)], check=False)
+
+
+def test_disk_full_on_the_remote(redis_env: RedisEnv, sshd: Sshd, small_disk: Path) -> None:
+    world = redis_env
+    with world.client() as client:
+        fill_bulk(client, 20000, seed=7)  # about 2 MiB of gzip that does not fit in 1 MiB
+    add_remotes(world.config_path, sshd.remote_toml("box"))
+    result = world.run("backup", "redis")
+    assert result.returncode == 1, describe(result)
+    assert "No space left on device" in output(result) or "disk is full" in output(result)
+    [local] = local_sets(world)
+    assert local["status"] == "ok"
+    assert remote_sets(world, "box") == []
+    assert not [k for k in sshd.files() if k.endswith(".manifest.json")]
+    assert remote_status(world)["box"]["pending"]
+
+
+def test_kill_9_mid_upload_leaves_no_remote_set_and_push_completes(redis_env: RedisEnv, workdir: Path) -> None:
+    world = redis_env
+    with world.client() as client:
+        fill_bulk(client, 40000, seed=11)
+    with RcloneS3(workdir, bwlimit="1M") as s3:
+        add_remotes(world.config_path, s3.remote_toml("offsite", workdir))
+        proc = world.popen("backup", "redis")
+        wait_for(lambda: any(p.is_file() for p in s3.bucket_dir.rglob("*")) or None, "an upload to begin",
+                 timeout=120)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert remote_sets(world, "offsite") == []
+        assert not [k for k in s3.objects() if k.endswith(".manifest.json")]
+        [local] = local_sets(world)
+        assert local["status"] == "ok"
+        pushed = world.run("push", "offsite", timeout=600)
+        assert pushed.returncode == 0, describe(pushed)
+        assert [s["id"] for s in remote_sets(world, "offsite")] == [local["id"]]
+        verify = world.run("verify", "--remote", "offsite", "--download", timeout=600)
+        assert verify.returncode == 0, describe(verify)
+
+
+def test_tampered_remote_object_is_refused_before_any_change(env: Env, s3: RcloneS3, sshd: Sshd,
+                                                            workdir: Path) -> None:
+    add_remotes(env.config_path, s3.remote_toml("offsite", workdir), sshd.remote_toml("box"))
+    made = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    data_name = made["files"][0]["name"]
+    for stored in (s3.objects()[f"kkua/postgres/{data_name}"], sshd.files()[f"postgres/{data_name}"]):
+        raw = bytearray(stored.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        stored.write_bytes(bytes(raw))
+    with env.connect() as conn:
+        conn.execute("UPDATE users SET nickname = 'after-backup' WHERE id = 1")
+        before = table_contents(conn)
+    for name in ("offsite", "box"):
+        shutil.rmtree(env.folder)
+        result = env.run("restore", "postgres", "latest", "--from", name, "--force")
+        assert result.returncode == 3, describe(result)
+        assert "does not match its manifest" in output(result) and "nothing was restored" in output(result)
+        with env.connect() as conn:
+            assert table_contents(conn) == before
+        assert local_sets(env) == []
+        verify = env.run("verify", "--remote", name, "--download")
+        assert verify.returncode == 3, describe(verify)
+        assert "sha256" in verify.stdout
+
+
+def test_remote_retention_and_a_remote_that_refuses_deletes(env: Env, s3: RcloneS3, workdir: Path) -> None:
+    add_remotes(env.config_path, s3.remote_toml("offsite", workdir, keep_last=1, days=1))
+    first = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    second = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    # The older set's manifest on the remote says it is 3 days old (the remote's own manifests decide).
+    stored = s3.objects()[f"kkua/postgres/{first['prefix']}{first['id']}.manifest.json"]
+    doc = json.loads(stored.read_text())
+    doc["created_at"] = "2000-01-01T00:00:00+00:00"
+    stored.write_text(json.dumps(doc))
+
+    s3.stop()
+    read_only = RcloneS3(workdir)
+    read_only.port = s3.port
+    read_only.start_argv_extra = ["--read-only"]  # type: ignore[attr-defined]
+    with _read_only(read_only):
+        refused = env.run("prune", "--remote", "offsite")
+        assert refused.returncode == 0, describe(refused)
+        assert "skipped" in refused.stdout
+        assert len(remote_sets(env, "offsite")) == 2
+    s3.start()
+    dry = env.run("prune", "--remote", "offsite", "--dry-run", check=True)
+    assert f"would delete  offsite: {first['files'][0]['name']}" in dry.stdout
+    pruned = env.run("--json", "run", "retention", check=True)
+    assert json.loads(pruned.stdout)["remotes"]["offsite"]["deleted"][0]["id"] == first["id"]
+    assert [s["id"] for s in remote_sets(env, "offsite")] == [second["id"]]
+    assert not [k for k in s3.objects() if first["id"] in k]
+    assert {s["id"] for s in local_sets(env)} == {first["id"], second["id"]}  # local retention is its own
+
+
+class _read_only:
+    """Serve the same bucket folder with `rclone serve s3 --read-only`: a store that refuses deletes."""
+
+    def __init__(self, server: RcloneS3) -> None:
+        self.server = server
+
+    def __enter__(self) -> RcloneS3:
+        server = self.server
+        server.bucket_dir.mkdir(parents=True, exist_ok=True)
+        from tests.support.remotes import S3_ACCESS_KEY, rclone_binary
+        argv = [str(rclone_binary()), "serve", "s3", "--read-only", "--auth-key", f"{S3_ACCESS_KEY},{S3_SECRET_KEY}",
+                "--addr", f"127.0.0.1:{server.port}", "--config", "/dev/null", str(server.data)]
+        with server.log.open("ab") as log:
+            server.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        from tests.support.remotes import _wait_port
+        _wait_port(server.port, server.proc, "rclone serve s3 --read-only", server.log)
+        return server
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
