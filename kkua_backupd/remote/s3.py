@@ -31,10 +31,31 @@ _MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 _MULTI_RE = re.compile(r"^[0-9a-f]{32}-\d+$")
 
 
+_STATUS_RE = re.compile(r"status code: (\d{3})")
+_CODE_RE = re.compile(r"<Code>([^<]{1,80})</Code>")
+_MESSAGE_RE = re.compile(r"<Message>([^<]{1,300})</Message>")
+_DENIED_CODES = ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken")
+
+
 def _first_line(exc: BaseException) -> str:
+    """The store's answer in one line: `HTTP 403 SignatureDoesNotMatch: ...` when it sent one, else the
+    client's own first line (a refused connection, a timeout)."""
     text = str(exc).strip().split("\n\nDebug source", 1)[0]
+    status, code, message = _STATUS_RE.search(text), _CODE_RE.search(text), _MESSAGE_RE.search(text)
+    if status or code:
+        return " ".join(part for part in (f"HTTP {status.group(1)}" if status else "",
+                                          f"{code.group(1)}:" if code else "",
+                                          message.group(1) if message else "") if part).rstrip(":")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " ".join(lines)[:400] or type(exc).__name__
+    return " ".join(lines)[:300] or type(exc).__name__
+
+
+def _denied(exc: BaseException) -> bool:
+    """Whether the store refused our credentials or the operation (HTTP 401/403, an S3 access error code)."""
+    if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+        return True
+    text = str(exc)
+    return any(f"status code: {code}" in text for code in (401, 403)) or any(c in text for c in _DENIED_CODES)
 
 
 def etag_of(raw: str | None) -> str | None:
@@ -101,7 +122,7 @@ class S3Remote:
         return f"{where} at {self.endpoint}" if self.endpoint else where
 
     def _error(self, exc: Exception, action: str) -> RemoteError:
-        if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+        if _denied(exc):
             return RemoteError(f"remote {self.name} ({self.describe()}) refused {action}: {_first_line(exc)}",
                                hint="check the keys in its credentials_file (or AWS_ACCESS_KEY_ID/"
                                     "AWS_SECRET_ACCESS_KEY) and the bucket's policy")
@@ -184,7 +205,7 @@ class S3Remote:
             obstore.delete(self.store, key)
         except FileNotFoundError:
             return
-        except (PermissionDeniedError, UnauthenticatedError) as exc:
-            raise DeleteRefused(f"remote {self.name} refused to delete {key}: {_first_line(exc)}") from None
         except (BaseError, OSError) as exc:
+            if _denied(exc):
+                raise DeleteRefused(f"remote {self.name} refused to delete {key}: {_first_line(exc)}") from None
             raise self._error(exc, f"delete {key}") from None

@@ -94,6 +94,11 @@ class SshRemote:
             execute.run(rsync_argv(self.config, local, temp, timeout=self.timeout), job=f"remote:{self.name}",
                         timeout=UPLOAD_TIMEOUT, what=f"rsync to remote {self.name}")
         except CommandFailed as exc:
+            free = self._free_bytes()
+            if free is not None and free < size:
+                raise RemoteError(f"remote {self.name} ({self.describe()}): cannot upload {key}: the remote's disk is "
+                                  f"full ({free} bytes free, the file has {size})",
+                                  hint="free space there, then `kkua-backup push`; the local set is kept") from None
             raise self._error(exc, f"upload {key}") from None
         # One connection checks the temporary file and renames it only when it is what we sent.
         q_temp, q_final = shlex.quote(temp), shlex.quote(final)
@@ -105,6 +110,15 @@ class SshRemote:
             raise RemoteError(f"remote {self.name}: {key} arrived as {found[:80]!r}, not {size} bytes with sha256 "
                               f"{sha256[:12]}...", hint="the bytes were changed on the way; push again")
         return PutResult(key, size, "size+sha256")
+
+    def _free_bytes(self) -> int | None:
+        """Free bytes in the remote's folder (after a failed upload: was the disk full?); None if unknown."""
+        try:
+            out = self._run(f"df -P -k -- {shlex.quote(self.folder)} | tail -n 1", "look at the free space")
+        except RemoteError:
+            return None
+        fields = out.split()
+        return int(fields[3]) * 1024 if len(fields) >= 4 and fields[3].isdigit() else None
 
     def stat(self, key: str) -> RemoteObject | None:
         q = shlex.quote(self.path(key))

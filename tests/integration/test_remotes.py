@@ -108,7 +108,7 @@ def test_wrong_s3_secret_keeps_the_local_set_and_marks_it_pending(env: Env, s3: 
     result = env.run("backup", "postgres")
     assert result.returncode == 1, describe(result)
     text = output(result)
-    assert "ok locally" in text and "offsite" in text and "credentials" in text
+    assert "ok locally" in text and "offsite" in text and "credentials" in text, text
     assert "not-the-secret" not in text  # a secret, even a wrong one, is never printed
     [local] = local_sets(env)
     assert local["status"] == "ok"
@@ -176,7 +176,7 @@ def test_disk_full_on_the_remote(redis_env: RedisEnv, sshd: Sshd, small_disk: Pa
     add_remotes(world.config_path, sshd.remote_toml("box"))
     result = world.run("backup", "redis")
     assert result.returncode == 1, describe(result)
-    assert "No space left on device" in output(result) or "disk is full" in output(result)
+    assert "No space left on device" in output(result) or "disk is full" in output(result), output(result)
     [local] = local_sets(world)
     assert local["status"] == "ok"
     assert remote_sets(world, "box") == []
@@ -242,10 +242,7 @@ def test_remote_retention_and_a_remote_that_refuses_deletes(env: Env, s3: Rclone
     stored.write_text(json.dumps(doc))
 
     s3.stop()
-    read_only = RcloneS3(workdir)
-    read_only.port = s3.port
-    read_only.start_argv_extra = ["--read-only"]  # type: ignore[attr-defined]
-    with _read_only(read_only):
+    with RcloneS3(workdir, read_only=True, port=s3.port):
         refused = env.run("prune", "--remote", "offsite")
         assert refused.returncode == 0, describe(refused)
         assert "skipped" in refused.stdout
@@ -259,24 +256,3 @@ def test_remote_retention_and_a_remote_that_refuses_deletes(env: Env, s3: Rclone
     assert not [k for k in s3.objects() if first["id"] in k]
     assert {s["id"] for s in local_sets(env)} == {first["id"], second["id"]}  # local retention is its own
 
-
-class _read_only:
-    """Serve the same bucket folder with `rclone serve s3 --read-only`: a store that refuses deletes."""
-
-    def __init__(self, server: RcloneS3) -> None:
-        self.server = server
-
-    def __enter__(self) -> RcloneS3:
-        server = self.server
-        server.bucket_dir.mkdir(parents=True, exist_ok=True)
-        from tests.support.remotes import S3_ACCESS_KEY, rclone_binary
-        argv = [str(rclone_binary()), "serve", "s3", "--read-only", "--auth-key", f"{S3_ACCESS_KEY},{S3_SECRET_KEY}",
-                "--addr", f"127.0.0.1:{server.port}", "--config", "/dev/null", str(server.data)]
-        with server.log.open("ab") as log:
-            server.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        from tests.support.remotes import _wait_port
-        _wait_port(server.port, server.proc, "rclone serve s3 --read-only", server.log)
-        return server
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.stop()

@@ -71,15 +71,18 @@ class _Server:
 
 
 class RcloneS3(_Server):
-    """`rclone serve s3` over `root`, one bucket folder inside; `bwlimit` slows transfers (kill tests)."""
+    """`rclone serve s3` over `root`, one bucket folder inside; `bwlimit` slows transfers (kill tests);
+    `read_only` makes a store that refuses writes and deletes (an immutable bucket)."""
 
-    def __init__(self, root: Path, *, bwlimit: str | None = None) -> None:
+    def __init__(self, root: Path, *, bwlimit: str | None = None, read_only: bool = False,
+                 port: int | None = None) -> None:
         self.root = root
         self.data = root / "s3-data"
         self.bucket_dir = self.data / S3_BUCKET
         self.log = root / "rclone.log"
-        self.port = free_port()
+        self.port = port or free_port()
         self.bwlimit = bwlimit
+        self.read_only = read_only
 
     @property
     def endpoint(self) -> str:
@@ -91,6 +94,8 @@ class RcloneS3(_Server):
                 "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null", str(self.data)]
         if self.bwlimit:
             argv[2:2] = ["--bwlimit", self.bwlimit]
+        if self.read_only:
+            argv[2:2] = ["--read-only"]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _wait_port(self.port, self.proc, "rclone serve s3", self.log)
