@@ -229,6 +229,8 @@ def _push_one(ctx: JobContext, remote_cfg: RemoteConfig, local: list[BackupSet],
     pending = set(wanted_keys if made is None else [*wanted_keys, set_key(made.kind, made.id)])
     error: str | None = None
     listed = False
+    if made is not None:
+        state.mark_pending(config, remote_cfg.name, [set_key(made.kind, made.id)])
     try:
         there = {set_key(s.kind, s.id) for s in remote_sets(remote) if s.status in ("ok", "failed")}
         listed = True
@@ -409,8 +411,9 @@ def fetch(ctx: JobContext, name: str, kind: str, spec: str) -> BackupSet:
 
 def prune_remote(ctx: JobContext, name: str, *, dry_run: bool) -> dict[str, Any]:
     """Retention on one remote, decided from the remote's own manifests with its `keep_last` and `days`:
-    the manifest goes first (the set stops existing), then its files. A remote that refuses deletes makes
-    retention skip it with a log line; raises RemoteError when the remote cannot be reached."""
+    the manifest goes first (the set stops existing), then its files. A remote that refuses or fails a
+    delete makes retention stop there with a log line (`skipped` in the report), never an error; raises
+    RemoteError only when the remote cannot be listed."""
     remote_cfg = remote_config(ctx.config, name)
     remote = open_remote(remote_cfg)
     sets = remote_sets(remote)
@@ -430,8 +433,9 @@ def prune_remote(ctx: JobContext, name: str, *, dry_run: bool) -> dict[str, Any]
             try:
                 for key in [c.manifest, *c.files]:
                     remote.delete(f"{c.kind}/{key}")
-            except DeleteRefused as exc:
-                ctx.log.warning("remote refuses deletes; its retention is skipped", remote=name, error=str(exc))
+            except RemoteError as exc:  # DeleteRefused (403: an immutable bucket), or a store that cannot delete
+                what = "refuses deletes" if isinstance(exc, DeleteRefused) else "could not delete"
+                ctx.log.warning(f"remote {what}; its retention is skipped until it can", remote=name, error=str(exc))
                 report["skipped"] = str(exc)
                 break
             ctx.log.info("remote set deleted", remote=name, set=set_key(c.kind, c.id), reason=decision.reason)

@@ -349,6 +349,18 @@ def record_push(config: Config, remote: str, *, sent: list[str], pending: list[s
     _safely(f"push to remote {remote}", "push", change)
 
 
+def mark_pending(config: Config, remote: str, sets: list[str]) -> None:
+    """Note `sets` as pending on `remote` before their upload starts, so a push killed midway leaves them
+    pending in `status` (each keeps the time it first became pending)."""
+    def change() -> None:
+        with update(config) as data:
+            entry = data.setdefault("remotes", {}).setdefault(remote, {})
+            before = _dict(entry.get("pending"))
+            stamp = iso(now())
+            entry["pending"] = dict(sorted({**{key: stamp for key in sets}, **before}.items()))
+    _safely(f"pending upload to remote {remote}", "push", change)
+
+
 def _mask(text: str) -> str:
     return logs.sink().mask(text)
 

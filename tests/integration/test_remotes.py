@@ -19,11 +19,12 @@ import pytest
 
 from kkua_backupd.demo.redis_sample import create_sample, databases
 from kkua_backupd.demo.sandbox import table_contents
+from kkua_backupd.proc.workers import descendants
 from tests.support.redis_bulk import fill_bulk
 from tests.support.remotes import S3_SECRET_KEY, RcloneS3, Sshd, add_remotes
 
 from ..conftest import Env, RedisEnv
-from ..helpers import describe, output, wait_for
+from ..helpers import cmdline, describe, output, wait_for
 
 
 @pytest.fixture
@@ -204,6 +205,22 @@ def test_kill_9_mid_upload_leaves_no_remote_set_and_push_completes(redis_env: Re
         assert [s["id"] for s in remote_sets(world, "offsite")] == [local["id"]]
         verify = world.run("verify", "--remote", "offsite", "--download", timeout=600)
         assert verify.returncode == 0, describe(verify)
+
+
+def test_kill_9_during_an_ssh_upload_leaves_no_remote_set_and_push_completes(env: Env, sshd: Sshd) -> None:
+    add_remotes(env.config_path, sshd.remote_toml("box"))
+    proc = env.popen("backup", "postgres")
+    wait_for(lambda: any("rsync" in cmdline(pid)[:1][0] for pid in descendants(proc.pid) if cmdline(pid)) or None,
+             "rsync to start", timeout=120)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert remote_sets(env, "box") == []
+    [local] = local_sets(env)
+    assert [p["set"] for p in remote_status(env)["box"]["pending"]] == [f"postgres/{local['id']}"]
+    pushed = env.run("push")
+    assert pushed.returncode == 0, describe(pushed)
+    assert [s["id"] for s in remote_sets(env, "box")] == [local["id"]]
+    assert not [k for k in sshd.files() if k.endswith(".partial")]
 
 
 def test_tampered_remote_object_is_refused_before_any_change(env: Env, s3: RcloneS3, sshd: Sshd,

@@ -95,7 +95,7 @@ class RcloneS3(_Server):
         if self.bwlimit:
             argv[2:2] = ["--bwlimit", self.bwlimit]
         if self.read_only:
-            argv[2:2] = ["--read-only"]
+            argv[3:3] = ["--read-only"]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _wait_port(self.port, self.proc, "rclone serve s3", self.log)
