@@ -68,14 +68,15 @@ def test_credentials_file_readable_by_others_is_refused(tmp_path: Path) -> None:
 
 
 def test_sftp_remote_parts(tmp_path: Path) -> None:
-    loaded = load_config(str(write(tmp_path, '[[remote]]\nname = "box"\nurl = "sftp://backup@db-2.example:2222/srv/kkua/"\n'
-                                              'identity_file = "/etc/kkua-backup/id_ed25519"\n'
-                                              'known_hosts = "/etc/kkua-backup/known_hosts"\n')), {})
+    body = ('[[remote]]\nname = "box"\nurl = "sftp://backup@db-2.example:2222/srv/kkua/"\n'
+            'identity_file = "/etc/kkua-backup/id_ed25519"\nknown_hosts = "/etc/kkua-backup/known_hosts"\n')
+    loaded = load_config(str(write(tmp_path, body)), {})
     remote = loaded.config.remote[0]
     assert remote.sftp_parts() == ("backup", "db-2.example", 2222, "/srv/kkua")
     argv = ssh_argv(remote, "true", timeout=10)
     assert argv[argv.index("-p") + 1] == "2222" and "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv
-    assert "UserKnownHostsFile=/etc/kkua-backup/known_hosts" in argv and argv[-3:] == ("backup@db-2.example", "--", "true")
+    assert "UserKnownHostsFile=/etc/kkua-backup/known_hosts" in argv
+    assert argv[-3:] == ("backup@db-2.example", "--", "true")
     rsync = rsync_argv(remote, Path("/b/postgres/f.sql.gz"), "/srv/kkua/postgres/f.sql.gz.partial", timeout=10)
     assert rsync[-1] == "backup@db-2.example:/srv/kkua/postgres/f.sql.gz.partial"
     assert "IdentitiesOnly=yes" in rsync[rsync.index("-e") + 1]
@@ -114,6 +115,6 @@ def test_multipart_etag_is_the_md5_of_the_parts_md5s() -> None:
     digests = _Digests()
     for start in range(0, len(data), 3 << 20):  # chunk sizes that do not divide the part size
         digests.update(data[start:start + (3 << 20)])
-    parts = [hashlib.md5(data[:PART_SIZE], usedforsecurity=False).digest(), hashlib.md5(data[PART_SIZE:], usedforsecurity=False).digest()]
+    parts = [hashlib.md5(part, usedforsecurity=False).digest() for part in (data[:PART_SIZE], data[PART_SIZE:])]
     assert digests.etags() == {hashlib.md5(data, usedforsecurity=False).hexdigest(), multipart_etag(parts)}
     assert multipart_etag(parts).endswith("-2")
