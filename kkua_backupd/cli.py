@@ -230,7 +230,11 @@ def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) ->
                 report["remotes"] = remotes.prune_remotes(ctx, dry_run=False)
             return report
         record.finish(size=sum(f.size for f in manifest.files), files=[f.name for f in manifest.files])
-        remotes.after_backup(ctx, BackupSet(kind_folder(ctx.config.backup_dir, job), manifest))
+        try:
+            remotes.after_backup(ctx, BackupSet(kind_folder(ctx.config.backup_dir, job), manifest))
+        except KkuaError:
+            record.detail = remotes.UPLOAD_PENDING  # the daemon retries this run as a push
+            raise
         return manifest.model_dump(mode="json")
 
 

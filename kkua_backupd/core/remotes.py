@@ -49,6 +49,9 @@ from kkua_backupd.stream.pipeline import AtomicFile, fsync_dir
 
 STAGING_FOLDER = ".remote-staging"
 MANIFEST_LIMIT = 4 << 20  # a manifest is a few KiB; a bigger object under that name is not one of ours
+# The `detail` a backup run records when its set is ok locally and only its upload failed: the daemon then
+# retries with `kkua-backup push` instead of another backup.
+UPLOAD_PENDING = "set ok locally; upload to a remote pending"
 PUSH_LOCK_WAIT = 3600.0  # seconds a push waits for another push to the same remote
 
 

@@ -38,8 +38,9 @@ DEFAULT_GRACE = 30.0
 
 def worker_argv(job: str, config_path: Path | None, *, command: str = "run", json_mode: bool = False,
                 extra_args: Sequence[str] = ()) -> tuple[str, ...]:
-    """The command line of a worker: `python -m kkua_backupd COMMAND JOB [--config PATH] ...`."""
-    argv: list[str] = [sys.executable, "-m", "kkua_backupd", command, job]
+    """The command line of a worker: `python -m kkua_backupd COMMAND [JOB] [--config PATH] ...` (no JOB for a
+    command that takes none, such as `push`)."""
+    argv: list[str] = [sys.executable, "-m", "kkua_backupd", command, *([job] if job else [])]
     if config_path is not None:
         argv += ["--config", str(config_path)]
     argv += list(extra_args)

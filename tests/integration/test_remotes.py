@@ -11,7 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ from tests.support.remotes import S3_SECRET_KEY, RcloneS3, Sshd, add_remotes
 
 from ..conftest import Env, RedisEnv
 from ..helpers import cmdline, describe, output, wait_for
+
+# The daemon test's fixtures (a real kkua-backupd and its notify socket), used here by name.
+from .test_daemon import Daemon, at_utc, notify_socket, once_at, start_daemon, write_daemon_config  # noqa: F401
 
 
 @pytest.fixture
@@ -273,3 +276,23 @@ def test_remote_retention_and_a_remote_that_refuses_deletes(env: Env, s3: Rclone
     assert not [k for k in s3.objects() if first["id"] in k]
     assert {s["id"] for s in local_sets(env)} == {first["id"], second["id"]}  # local retention is its own
 
+
+
+def test_the_daemon_retries_a_failed_upload_as_a_push_with_backoff(
+        env: Env, s3: RcloneS3, workdir: Path,
+        start_daemon: Callable[..., Daemon]) -> None:  # noqa: F811 - the fixture imported above
+    write_daemon_config(env, schedule={"postgres": once_at(at_utc(3))}, daemon={"retries": 4, "retry_backoff": 2},
+                        extra=s3.remote_toml("offsite", workdir))
+    s3.stop()
+    daemon = start_daemon()
+    daemon.wait_ready()
+    daemon.wait_log("job will be retried job=postgres attempt=2", timeout=120)
+    [local] = local_sets(env)
+    assert [p["set"] for p in remote_status(env)["offsite"]["pending"]] == [f"postgres/{local['id']}"]
+    s3.start()
+    daemon.wait_log("pending uploads sent", timeout=120)
+    assert len(daemon.lines("push_only=True")) >= 1
+    assert [s["id"] for s in local_sets(env)] == [local["id"]]  # retried as a push, not as another backup
+    assert [s["id"] for s in remote_sets(env, "offsite")] == [local["id"]]
+    assert remote_status(env)["offsite"]["pending"] == []
+    assert daemon.stop() == 0
