@@ -139,9 +139,11 @@ class S3Remote:
                         digests.update(data)
                         yield data
                 try:
-                    if size <= PART_SIZE:
-                        body = b"".join(chunks())
+                    if size <= PART_SIZE:  # one PUT: the file is read once into one buffer (no join of chunks)
+                        body = fh.read(size + 1)
+                        digests.update(body)
                         result = obstore.put(self.store, key, body, use_multipart=False)
+                        del body
                     else:
                         result = obstore.put(self.store, key, chunks(), chunk_size=PART_SIZE, max_concurrency=1)
                 except (BaseError, OSError) as exc:
