@@ -8,6 +8,7 @@ JSON document (the result, or {"error": ...}) and log lines go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -358,10 +359,11 @@ def _drop_unfinished_databases(ctx: JobContext) -> None:
 def cmd_list_remote(ctx: JobContext, args: argparse.Namespace) -> Any:
     from kkua_backupd.remote import open_remote
     name = args.remote
-    remote = open_remote(remotes.remote_config(ctx.config, name))
-    sets = remotes.remote_sets(remote, args.kind)
+    with contextlib.closing(open_remote(remotes.remote_config(ctx.config, name))) as remote:
+        sets = remotes.remote_sets(remote, args.kind)
+        where = remote.describe()
     if not sets:
-        _human(ctx, f"no backup sets on remote {name} ({remote.describe()})")
+        _human(ctx, f"no backup sets on remote {name} ({where})")
     else:
         rows = [("KIND", "ID", "CREATED", "STATUS", "SIZE", "FILE")]
         rows += [(s.kind, s.id, s.manifest.created_at.strftime("%Y-%m-%d %H:%M:%S %z"), s.status,

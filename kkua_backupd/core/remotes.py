@@ -196,8 +196,8 @@ def push(ctx: JobContext, names: Iterable[str] | None = None, *, made: BackupSet
     local = list_sets(config.backup_dir)
     report: dict[str, Any] = {"remotes": {}, "failed": []}
     for remote_cfg in chosen:
-        with _push_lock(ctx, remote_cfg.name):
-            _push_one(ctx, remote_cfg, local, made, push_all, report)
+        with _push_lock(ctx, remote_cfg.name), contextlib.closing(open_remote(remote_cfg)) as remote:
+            _push_one(ctx, remote, remote_cfg, local, made, push_all, report)
     return report
 
 
@@ -221,10 +221,9 @@ def _push_lock(ctx: JobContext, name: str) -> Iterator[None]:
         lock.release()
 
 
-def _push_one(ctx: JobContext, remote_cfg: RemoteConfig, local: list[BackupSet], made: BackupSet | None,  # noqa: PLR0913, PLR0917 - one remote's share of push(), which owns these
-              push_all: bool, report: dict[str, Any]) -> None:
+def _push_one(ctx: JobContext, remote: Remote, remote_cfg: RemoteConfig, local: list[BackupSet],  # noqa: PLR0913, PLR0917 - one remote's share of push(), which owns these
+              made: BackupSet | None, push_all: bool, report: dict[str, Any]) -> None:
     config = ctx.config
-    remote = open_remote(remote_cfg)
     done: list[dict[str, Any]] = []
     wanted = [s for s in local if s.manifest is not None and s.manifest.type == "backup" and s.status == "ok"] \
         if push_all else _wanted(local, remote_cfg, now_local())
@@ -274,7 +273,11 @@ def after_backup(ctx: JobContext, made: BackupSet) -> None:
 def verify_remote(ctx: JobContext, name: str, *, download: bool) -> tuple[list[dict[str, Any]], int]:
     """Check every set on remote `name`: sizes (and the remote's own sha256 where it computes one), or with
     `download` every byte hashed here. Returns the reports and the exit code (0, 1 or 3 for a mismatch)."""
-    remote = open_remote(remote_config(ctx.config, name))
+    with contextlib.closing(open_remote(remote_config(ctx.config, name))) as remote:
+        return _verify(remote, name, download=download)
+
+
+def _verify(remote: Remote, name: str, *, download: bool) -> tuple[list[dict[str, Any]], int]:
     reports = []
     code = 0
     for remote_set in remote_sets(remote):
@@ -357,7 +360,11 @@ def fetch(ctx: JobContext, name: str, kind: str, spec: str) -> BackupSet:
     folder (data files, then the manifest) and return it as a local set. A set of the same id already there
     is used when its files are the same. Raises IntegrityError (exit 3) for a file that does not match:
     nothing is moved, nothing restored."""
-    remote = open_remote(remote_config(ctx.config, name))
+    with contextlib.closing(open_remote(remote_config(ctx.config, name))) as remote:
+        return _fetch(ctx, remote, name, kind, spec)
+
+
+def _fetch(ctx: JobContext, remote: Remote, name: str, kind: str, spec: str) -> BackupSet:
     chosen = choose(remote_sets(remote, kind), kind, spec, name)
     manifest = chosen.manifest
     backup_dir = ctx.config.backup_dir
@@ -418,7 +425,12 @@ def prune_remote(ctx: JobContext, name: str, *, dry_run: bool) -> dict[str, Any]
     delete makes retention stop there with a log line (`skipped` in the report), never an error; raises
     RemoteError only when the remote cannot be listed."""
     remote_cfg = remote_config(ctx.config, name)
-    remote = open_remote(remote_cfg)
+    with contextlib.closing(open_remote(remote_cfg)) as remote:
+        return _prune_remote(ctx, remote, remote_cfg, dry_run=dry_run)
+
+
+def _prune_remote(ctx: JobContext, remote: Remote, remote_cfg: RemoteConfig, *, dry_run: bool) -> dict[str, Any]:
+    name = remote_cfg.name
     sets = remote_sets(remote)
     candidates = [Candidate(kind=s.kind, type=s.manifest.type, prefix=s.manifest.prefix, id=s.id,
                             created_at=s.manifest.created_at, status=s.status,

@@ -82,9 +82,13 @@ class Remote(Protocol):
         """Delete `key` (absent is fine); raises DeleteRefused when not allowed, else RemoteError."""
         ...
 
+    def close(self) -> None:
+        """Let go of connections kept for this remote's calls (an SSH master connection)."""
+        ...
+
 
 def open_remote(config: RemoteConfig, *, timeout: float = 60.0) -> Remote:
-    """The remote a [[remote]] entry describes (nothing is contacted yet)."""
+    """The remote a [[remote]] entry describes (nothing is contacted yet); use it in `contextlib.closing`."""
     if config.scheme == "s3":
         from kkua_backupd.remote.s3 import S3Remote
         return S3Remote(config, timeout=timeout)

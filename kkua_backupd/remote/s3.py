@@ -202,6 +202,9 @@ class S3Remote:
         except (BaseError, OSError) as exc:
             raise self._error(exc, f"download {key}") from None
 
+    def close(self) -> None:
+        """Nothing to let go: obstore's HTTP connections go with the store."""
+
     def delete(self, key: str) -> None:
         try:
             obstore.delete(self.store, key)

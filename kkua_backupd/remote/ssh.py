@@ -10,8 +10,14 @@ The host needs a POSIX shell with coreutils, find and rsync (any Debian or Ubunt
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,27 +31,38 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _DENIED = ("Permission denied", "Read-only file system", "Operation not permitted")
 
 
-def ssh_options(config: RemoteConfig, *, timeout: float) -> tuple[str, ...]:
-    """The options of every ssh call: no config file, no prompt, only our key, only our known_hosts."""
+def ssh_options(config: RemoteConfig, *, timeout: float, control: str | None = None) -> tuple[str, ...]:
+    """The options of every ssh call: no config file, no prompt, only our key, only our known_hosts; with
+    `control`, through the master connection listening there (one handshake for a whole push)."""
     assert config.identity_file is not None and config.known_hosts is not None
     _user, _host, port, _folder = config.sftp_parts()
-    return ("-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+    shared = ("-o", f"ControlPath={control}", "-o", "ControlMaster=no") if control else ()
+    return (*shared, "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
             "-o", f"UserKnownHostsFile={config.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-i", str(config.identity_file),
             "-o", f"ConnectTimeout={max(int(timeout), 1)}", "-o", "ServerAliveInterval=15",
             "-o", "ServerAliveCountMax=4", "-o", "LogLevel=ERROR", "-p", str(port))
 
 
-def ssh_argv(config: RemoteConfig, command: str, *, timeout: float) -> tuple[str, ...]:
+def ssh_argv(config: RemoteConfig, command: str, *, timeout: float, control: str | None = None) -> tuple[str, ...]:
     """`ssh ... user@host -- COMMAND` (COMMAND is one string the host's shell reads)."""
     user, host, _port, _folder = config.sftp_parts()
-    return ("ssh", *ssh_options(config, timeout=timeout), f"{user}@{host}", "--", command)
+    return ("ssh", *ssh_options(config, timeout=timeout, control=control), f"{user}@{host}", "--", command)
 
 
-def rsync_argv(config: RemoteConfig, local: Path, remote_path: str, *, timeout: float) -> tuple[str, ...]:
+def master_argv(config: RemoteConfig, control: str, *, timeout: float) -> tuple[str, ...]:
+    """The master connection: it serves the other calls through `control` and runs `read` on the host, so
+    it ends when we close its stdin, or when we die (no ssh process outlives a killed push)."""
+    user, host, _port, _folder = config.sftp_parts()
+    return ("ssh", *ssh_options(config, timeout=timeout), "-M", "-o", f"ControlPath={control}",
+            "-o", "ControlPersist=no", f"{user}@{host}", "--", "read _")
+
+
+def rsync_argv(config: RemoteConfig, local: Path, remote_path: str, *, timeout: float,
+               control: str | None = None) -> tuple[str, ...]:
     """`rsync` of one local file to `remote_path` on the host, through ssh_options."""
     user, host, _port, _folder = config.sftp_parts()
-    shell = " ".join(shlex.quote(part) for part in ("ssh", *ssh_options(config, timeout=timeout)))
+    shell = " ".join(shlex.quote(part) for part in ("ssh", *ssh_options(config, timeout=timeout, control=control)))
     return ("rsync", "--times", "--chmod=D750,F640", "--perms", "--mkpath", f"--timeout={max(int(timeout), 30)}",
             "--protect-args", "-e", shell, "--", str(local), f"{user}@{host}:{remote_path}")
 
@@ -59,6 +76,40 @@ class SshRemote:
         self.timeout = timeout
         user, host, port, self.folder = config.sftp_parts()
         self.where = f"{user}@{host}:{port}{self.folder}"
+        self._group: execute.ProcessGroup | None = None
+        self._master: execute.Child | None = None
+        self._control_dir: str | None = None
+
+    def _control(self) -> str | None:
+        """The master connection's socket, started on first use; None when it could not start (then every
+        call connects on its own and reports the real error)."""
+        if self._control_dir is None:
+            self._control_dir = tempfile.mkdtemp(prefix="kkua-ssh-")  # 0700: only we reach the socket
+            control = os.path.join(self._control_dir, "master")
+            self._group = execute.ProcessGroup(f"remote:{self.name}")
+            try:
+                self._master = self._group.spawn(master_argv(self.config, control, timeout=self.timeout),
+                                                 stdin=execute.PIPE, stdout=execute.DEVNULL)
+            except CommandFailed:
+                return None
+            deadline = time.monotonic() + self.timeout
+            while not os.path.exists(control) and self._master.popen.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        control = os.path.join(self._control_dir, "master")
+        return control if os.path.exists(control) else None
+
+    def close(self) -> None:
+        """End the master connection (its stdin closes, `read` ends) and remove its socket's folder."""
+        if self._master is not None and self._master.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._master.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._master.popen.wait(timeout=10)
+        if self._group is not None:
+            self._group.__exit__(None, None, None)
+        if self._control_dir is not None:
+            shutil.rmtree(self._control_dir, ignore_errors=True)
+        self._master = self._group = None
 
     def describe(self) -> str:
         return f"sftp://{self.where}"
@@ -81,7 +132,8 @@ class SshRemote:
 
     def _run(self, command: str, action: str, *, timeout: float | None = None) -> str:
         try:
-            out = execute.run(ssh_argv(self.config, command, timeout=self.timeout), job=f"remote:{self.name}",
+            out = execute.run(ssh_argv(self.config, command, timeout=self.timeout, control=self._control()),
+                              job=f"remote:{self.name}",
                               timeout=timeout or self.timeout * 2, what=f"ssh to remote {self.name}")
         except CommandFailed as exc:
             raise self._error(exc, action) from None
@@ -91,7 +143,8 @@ class SshRemote:
         final = self.path(key)
         temp = final + TEMP_SUFFIX
         try:
-            execute.run(rsync_argv(self.config, local, temp, timeout=self.timeout), job=f"remote:{self.name}",
+            execute.run(rsync_argv(self.config, local, temp, timeout=self.timeout, control=self._control()),
+                        job=f"remote:{self.name}",
                         timeout=UPLOAD_TIMEOUT, what=f"rsync to remote {self.name}")
         except CommandFailed as exc:
             free = self._free_bytes()
@@ -142,7 +195,8 @@ class SshRemote:
         return sorted(found, key=lambda o: o.key)
 
     def read(self, key: str) -> Iterator[bytes]:
-        argv = ssh_argv(self.config, f"cat -- {shlex.quote(self.path(key))}", timeout=self.timeout)
+        argv = ssh_argv(self.config, f"cat -- {shlex.quote(self.path(key))}", timeout=self.timeout,
+                        control=self._control())
         try:
             with execute.ProcessGroup(f"remote:{self.name}") as group:
                 child = group.spawn(argv, timeout=UPLOAD_TIMEOUT)
@@ -154,7 +208,8 @@ class SshRemote:
 
     def delete(self, key: str) -> None:
         try:
-            execute.run(ssh_argv(self.config, f"rm -f -- {shlex.quote(self.path(key))}", timeout=self.timeout),
+            execute.run(ssh_argv(self.config, f"rm -f -- {shlex.quote(self.path(key))}", timeout=self.timeout,
+                                 control=self._control()),
                         job=f"remote:{self.name}", timeout=self.timeout * 2, what=f"ssh to remote {self.name}")
         except CommandFailed as exc:
             if any(word in line and "(publickey" not in line for line in exc.stderr_tail for word in _DENIED):
