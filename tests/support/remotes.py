@@ -4,6 +4,7 @@ host key, authorized key and config), both on free ports of 127.0.0.1 in tempora
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import shutil
@@ -44,7 +45,9 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path, t
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s: {log.read_text()[-2000:]}")
 
 
-class _Server:
+class _Server(abc.ABC):
+    """A server process this module starts (`start`) and stops (SIGTERM, then SIGKILL)."""
+
     proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> _Server:
@@ -55,8 +58,9 @@ class _Server:
                  tb: TracebackType | None) -> None:
         self.stop()
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Start the server and return once it listens; raises RuntimeError when it does not."""
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL); a stopped server is a remote that is down."""
@@ -91,7 +95,9 @@ class RcloneS3(_Server):
     def start(self) -> None:
         self.bucket_dir.mkdir(parents=True, exist_ok=True)
         argv = [str(rclone_binary()), "serve", "s3", "--auth-key", f"{S3_ACCESS_KEY},{S3_SECRET_KEY}",
-                "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null", str(self.data)]
+                "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null",
+                # Tests and the benchmark change files behind the server's back (tampering, emptying).
+                "--dir-cache-time", "0s", str(self.data)]
         if self.bwlimit:
             argv[2:2] = ["--bwlimit", self.bwlimit]
         if self.read_only:
