@@ -140,6 +140,19 @@ def remote_sets(remote: Remote, kind: str | None = None) -> list[RemoteSet]:
 # ---------------------------------------------------------------------------------------------- push
 
 
+def sets_present(remote: Remote) -> set[str]:
+    """The sets `remote` holds, from the names of its manifests alone (no download): a manifest is uploaded
+    only after every file of its set was checked there, so its presence means the set is complete."""
+    found = set()
+    for kind in KINDS:
+        for obj in remote.list(kind):
+            name = obj.key.rsplit("/", 1)[-1]
+            stem = name[:-len(MANIFEST_SUFFIX)] if name.endswith(MANIFEST_SUFFIX) else ""
+            if ID_RE.match(stem[-15:]) and obj.size <= MANIFEST_LIMIT:
+                found.add(set_key(kind, stem[-15:]))
+    return found
+
+
 def _wanted(local: list[BackupSet], config: RemoteConfig, now: dt.datetime) -> list[BackupSet]:
     """The local sets a remote should hold: good regular backups that its own retention would keep (a set
     pushed only to be pruned again would go back and forth), newest first."""
@@ -234,7 +247,7 @@ def _push_one(ctx: JobContext, remote: Remote, remote_cfg: RemoteConfig, local: 
     if made is not None:
         state.mark_pending(config, remote_cfg.name, [set_key(made.kind, made.id)])
     try:
-        there = {set_key(s.kind, s.id) for s in remote_sets(remote) if s.status in ("ok", "failed")}
+        there = sets_present(remote)
         listed = True
         pending -= there
         for backup_set in reversed(wanted):  # oldest first: a later failure leaves the newest pending

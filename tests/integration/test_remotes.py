@@ -162,6 +162,26 @@ def test_remote_down_then_back(env: Env, s3: RcloneS3, workdir: Path) -> None:
     assert remote_status(env)["offsite"]["pending"] == []
 
 
+def test_remote_down_during_the_upload(env: Env, workdir: Path) -> None:
+    with RcloneS3(workdir, bwlimit="512K") as s3:
+        add_remotes(env.config_path, s3.remote_toml("offsite", workdir))
+        proc = env.popen("backup", "postgres")
+        wait_for(lambda: any(p.is_file() for p in s3.bucket_dir.rglob("*")) or None, "an upload to begin",
+                 timeout=120)
+        s3.stop()  # the store goes away in the middle of the upload
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, out + err
+        assert "ok locally" in out + err and "pending" in out + err
+        [local] = local_sets(env)
+        assert local["status"] == "ok"
+        s3.start()
+        assert remote_sets(env, "offsite") == []
+        assert [p["set"] for p in remote_status(env)["offsite"]["pending"]] == [f"postgres/{local['id']}"]
+        pushed = env.run("push", timeout=600)
+        assert pushed.returncode == 0, describe(pushed)
+        assert [s["id"] for s in remote_sets(env, "offsite")] == [local["id"]]
+
+
 @pytest.fixture
 def small_disk(sshd: Sshd) -> Iterator[Path]:
     """The SSH remote's folder on a 1 MiB tmpfs: a disk that fills up."""
