@@ -603,7 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for secret in secrets_of(config):
             sink.add_secret(secret)
         main_job = {"backup": getattr(args, "target", ""), "run": getattr(args, "job", ""),
-                    "restore": getattr(args, "target", ""), "prune": "retention"}.get(args.command, "")
+                    "restore": getattr(args, "target", ""), "prune": "retention",
+                    "push": "push"}.get(args.command, "")
         ctx = job_context(config, main_job or "postgres", json_mode=json_mode)
         if args.command in LOG_FILES:
             log_file = REDIS_LOG_FILE if args.command in ("backup", "run") and main_job == "redis" \
