@@ -6,6 +6,7 @@ retention on a remote that refuses deletes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -177,15 +178,25 @@ def test_remote_down_during_the_upload(env: Env, workdir: Path) -> None:
         assert [s["id"] for s in remote_sets(env, "offsite")] == [local["id"]]
 
 
-@pytest.fixture
-def small_disk(sshd: Sshd) -> Iterator[Path]:
-    """The SSH remote's folder on a 1 MiB tmpfs: a disk that fills up."""
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(sshd.folder)],
+@contextlib.contextmanager
+def tiny_disk(folder: Path) -> Iterator[Path]:
+    """`folder` on a 1 MiB tmpfs: a disk that fills up (root only; skips saying why elsewhere)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
-    yield sshd.folder
-    subprocess.run(["umount", str(sshd.folder)], check=False)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(sshd: Sshd) -> Iterator[Path]:
+    """The SSH remote's folder on a 1 MiB tmpfs."""
+    with tiny_disk(sshd.folder) as folder:
+        yield folder
 
 
 def test_disk_full_on_the_remote(redis_env: RedisEnv, sshd: Sshd, small_disk: Path) -> None:
@@ -201,6 +212,21 @@ def test_disk_full_on_the_remote(redis_env: RedisEnv, sshd: Sshd, small_disk: Pa
     assert remote_sets(world, "box") == []
     assert not [k for k in sshd.files() if k.endswith(".manifest.json")]
     assert remote_status(world)["box"]["pending"]
+
+
+def test_disk_full_on_the_s3_store(redis_env: RedisEnv, workdir: Path) -> None:
+    world = redis_env
+    with world.client() as client:
+        fill_bulk(client, 20000, seed=7)
+    with tiny_disk(workdir / "s3-data"), RcloneS3(workdir) as s3:
+        add_remotes(world.config_path, s3.remote_toml("offsite", workdir))
+        result = world.run("backup", "redis")
+        assert result.returncode == 1, describe(result)
+        assert "ok locally" in output(result) and "offsite" in output(result)
+        [local] = local_sets(world)
+        assert local["status"] == "ok"
+        assert remote_sets(world, "offsite") == []
+        assert remote_status(world)["offsite"]["pending"]
 
 
 def test_kill_9_mid_upload_leaves_no_remote_set_and_push_completes(redis_env: RedisEnv, workdir: Path) -> None:
