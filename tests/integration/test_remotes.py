@@ -337,3 +337,24 @@ def test_the_daemon_retries_a_failed_upload_as_a_push_with_backoff(
     assert [s["id"] for s in remote_sets(env, "offsite")] == [local["id"]]
     assert remote_status(env)["offsite"]["pending"] == []
     assert daemon.stop() == 0
+
+
+def test_restore_from_a_remote_uses_an_identical_local_set_and_refuses_a_different_one(
+        env: Env, s3: RcloneS3, workdir: Path) -> None:
+    add_remotes(env.config_path, s3.remote_toml("offsite", workdir))
+    made = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    same = env.run("restore", "postgres", "latest", "--from", "offsite", "--force", "--target-db",
+                   f"{env.database}_same")
+    assert same.returncode == 0, describe(same)
+    assert "the local set is the same as the remote's" in output(same)
+    stored = s3.objects()[f"kkua/postgres/{made['prefix']}{made['id']}.manifest.json"]
+    doc = json.loads(stored.read_text())
+    doc["files"][0]["sha256"] = "0" * 64
+    stored.write_text(json.dumps(doc))
+    different = env.run("restore", "postgres", made["id"], "--from", "offsite", "--force", "--target-db",
+                        f"{env.database}_different")
+    assert different.returncode == 3, describe(different)
+    assert f"a different local postgres set {made['id']} exists" in output(different)
+    with env.connect("postgres") as conn:
+        assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                            (f"{env.database}_different",)).fetchone() is None
