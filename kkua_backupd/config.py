@@ -224,6 +224,92 @@ class RestoreConfig(_Strict):
     force: bool = False
 
 
+REMOTE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_S3_URL_RE = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>[^?#]*))?$")
+_SFTP_URL_RE = re.compile(r"^sftp://(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])"
+                          r"(?::(?P<port>[0-9]{1,5}))?(?P<path>/[^?#]*)$")
+_SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._/-]*$")
+S3_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                      "AWS_DEFAULT_REGION")
+
+
+class RemoteConfig(_Strict):
+    """One place every complete set is copied to: an S3 (or S3-compatible) bucket or an SSH host
+    (docs/remotes.md). The S3 keys are read by the loader from `credentials_file` or the environment."""
+
+    name: str
+    url: str
+    endpoint: str | None = None
+    credentials_file: PathValue | None = None
+    identity_file: PathValue | None = None
+    known_hosts: PathValue | None = None
+    keep_last: int = Field(7, ge=1)
+    days: int = Field(30, ge=1)
+    # Filled by the loader (credentials_file, else the environment); never read from the TOML file.
+    access_key_id: str | None = Field(None, exclude=True)
+    secret_access_key: SecretStr | None = Field(None, exclude=True)
+    session_token: SecretStr | None = Field(None, exclude=True)
+    region: str | None = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not REMOTE_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a remote name: use 1-32 of a-z, 0-9, '-', '_', starting with a "
+                             "letter or digit")
+        return value
+
+    @property
+    def scheme(self) -> Literal["s3", "sftp"]:
+        return "s3" if self.url.startswith("s3://") else "sftp"
+
+    def s3_parts(self) -> tuple[str, str]:
+        """Bucket and prefix (without slashes at either end) of an s3:// url."""
+        match = _S3_URL_RE.match(self.url)
+        assert match is not None
+        return match.group("bucket"), (match.group("prefix") or "").strip("/")
+
+    def sftp_parts(self) -> tuple[str, str, int, str]:
+        """User, host, port and folder of an sftp:// url."""
+        match = _SFTP_URL_RE.match(self.url)
+        assert match is not None
+        return (match.group("user"), match.group("host").strip("[]"), int(match.group("port") or 22),
+                match.group("path").rstrip("/") or "/")
+
+    @model_validator(mode="after")
+    def _url_fits_keys(self) -> RemoteConfig:
+        if self.url.startswith("s3://"):
+            match = _S3_URL_RE.match(self.url)
+            if not match:
+                raise ValueError(f"url {self.url!r} is not s3://BUCKET/PREFIX (bucket: 3-63 of a-z, 0-9, '.', '-')")
+            prefix = match.group("prefix") or ""
+            if not _SAFE_PATH_RE.match(prefix) or ".." in prefix.split("/"):
+                raise ValueError(f"url {self.url!r}: the prefix may hold only A-Z, a-z, 0-9, '.', '_', '-', '/' "
+                                 "and no '..'")
+            wrong = [k for k in ("identity_file", "known_hosts") if getattr(self, k) is not None]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} are for sftp:// remotes, not s3://")
+            if self.endpoint is not None and not re.match(r"^https?://[^/?#\s]+/?$", self.endpoint):
+                raise ValueError(f"endpoint {self.endpoint!r} is not http(s)://HOST[:PORT]")
+        elif self.url.startswith("sftp://"):
+            match = _SFTP_URL_RE.match(self.url)
+            if not match or not 1 <= int(match.group("port") or 22) <= 65535:
+                raise ValueError(f"url {self.url!r} is not sftp://USER@HOST[:PORT]/ABSOLUTE/PATH")
+            if not _SAFE_PATH_RE.match(match.group("path")) or ".." in match.group("path").split("/"):
+                raise ValueError(f"url {self.url!r}: the path may hold only A-Z, a-z, 0-9, '.', '_', '-', '/' "
+                                 "and no '..'")
+            wrong = [k for k in ("endpoint", "credentials_file") if getattr(self, k) is not None]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} are for s3:// remotes, not sftp://")
+            missing = [k for k in ("identity_file", "known_hosts") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"sftp:// remotes need {' and '.join(missing)} (the key file, and the host's "
+                                 "key in a known_hosts file: hosts are never trusted on first use)")
+        else:
+            raise ValueError(f"url {self.url!r} must start with s3:// or sftp://")
+        return self
+
+
 class Config(_Strict):
     """The whole effective configuration."""
 
@@ -238,6 +324,19 @@ class Config(_Strict):
     daemon: DaemonConfig = DaemonConfig()
     metrics: MetricsConfig = MetricsConfig()
     notify: NotifyConfig = NotifyConfig()
+    remote: list[RemoteConfig] = []
+
+    @model_validator(mode="after")
+    def _remote_names_unique(self) -> Config:
+        names = [r.name for r in self.remote]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"remote names must be unique; {', '.join(twice)} appears more than once")
+        return self
+
+    def remote_named(self, name: str) -> RemoteConfig | None:
+        """The [[remote]] entry called `name`, if there is one."""
+        return next((r for r in self.remote if r.name == name), None)
 
     @property
     def state_file(self) -> Path:
@@ -451,6 +550,7 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
 
     config = _with_secrets(config, layered, problems, sources)
     config = _with_notify_urls(config, env, problems, sources)
+    config = _with_remote_credentials(config, env, problems)
     if problems:
         raise ConfigError(f"invalid configuration in {where}", problems=problems)
     return LoadedConfig(config, used_path, sources)
@@ -527,6 +627,47 @@ def _with_notify_urls(config: Config, env: Mapping[str, str], problems: list[str
                 continue
             updates[key] = url
     return config.model_copy(update={"notify": config.notify.model_copy(update=updates)}) if updates else config
+def _with_remote_credentials(config: Config, env: Mapping[str, str], problems: list[str]) -> Config:
+    """S3 remotes get their keys from `credentials_file` (AWS_ACCESS_KEY_ID=..., AWS_SECRET_ACCESS_KEY=...,
+    read as data like .env) or else from the environment; a remote without both is a config problem."""
+    remotes: list[RemoteConfig] = []
+    for index, remote in enumerate(config.remote):
+        if remote.scheme != "s3":
+            remotes.append(remote)
+            continue
+        dotted = f"remote.{index}.credentials_file"
+        values: Mapping[str, str] = env
+        origin = "the environment"
+        if remote.credentials_file is not None:
+            text = _read_secret_file(remote.credentials_file, dotted, problems)
+            if text is None:
+                remotes.append(remote)
+                continue
+            values, origin = parse_env_file(text), str(remote.credentials_file)
+        key_id, secret = values.get("AWS_ACCESS_KEY_ID", ""), values.get("AWS_SECRET_ACCESS_KEY", "")
+        if not key_id or not secret:
+            absent = " and ".join(k for k, v in (("AWS_ACCESS_KEY_ID", key_id), ("AWS_SECRET_ACCESS_KEY", secret))
+                                  if not v)
+            problems.append(f"remote.{index} ({remote.name}): no {absent} in {origin}; write both into "
+                            "credentials_file (mode 0600), or set them in the environment")
+            remotes.append(remote)
+            continue
+        token = values.get("AWS_SESSION_TOKEN") or None
+        region = values.get("AWS_REGION") or values.get("AWS_DEFAULT_REGION") or None
+        remotes.append(remote.model_copy(update={
+            "access_key_id": key_id, "secret_access_key": SecretStr(secret),
+            "session_token": SecretStr(token) if token else None, "region": region}))
+    return config.model_copy(update={"remote": remotes}) if config.remote else config
+
+
+def secrets_of(config: Config) -> list[str]:
+    """Every secret the config holds (for the log sink to mask)."""
+    found = [s.password.get_secret_value() for s in (config.postgres, config.redis) if s.password is not None]
+    for remote in config.remote:
+        found += [v.get_secret_value() for v in (remote.secret_access_key, remote.session_token) if v is not None]
+    found += [url.get_secret_value() for url in (config.notify.healthchecks_url, config.notify.webhook_url)
+              if url is not None]
+    return found
 
 
 def redacted(config: Config) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any
 from kkua_backupd import __version__, schedule
 from kkua_backupd.config import Config, LoadedConfig, load_config, split_listen
 from kkua_backupd.core import observe, state
+from kkua_backupd.core.remotes import UPLOAD_PENDING
 from kkua_backupd.daemon.notify import Notifier, watchdog_interval
 from kkua_backupd.errors import ConfigError, KkuaError
 from kkua_backupd.obs import logs
@@ -58,6 +59,7 @@ class Slot:
     worker: Worker | None = None
     attempt: int = 0  # attempts made for the current trigger
     retry_at: float | None = None  # monotonic
+    push_only: bool = False  # the running retry only pushes the set the job made (core/remotes.py)
     deadline: float | None = None  # monotonic: job_timeout
     kill_at: float | None = None  # monotonic: end of stop_grace after SIGTERM
     timed_out: bool = False
@@ -261,8 +263,13 @@ class Daemon:
         slot.attempt += 1
         slot.timed_out = False
         slot.kill_at = None
+        # A backup whose set is ok locally and only failed to reach a remote is retried as a push: another
+        # backup would only add a set to the pile waiting for the same remote.
+        push_only = slot.attempt > 1 and self.last_runs.get(slot.job, {}).get("detail") == UPLOAD_PENDING
+        slot.push_only = push_only
         try:
-            slot.worker = spawn(slot.job, self.config_path, runner="daemon")
+            slot.worker = spawn("" if push_only else slot.job, self.config_path, runner="daemon",
+                                command="push" if push_only else "run")
         except KkuaError as exc:
             self.log.error("job failed to start", job=slot.job, error=str(exc))
             self._after_failure(slot, str(exc))
@@ -270,6 +277,7 @@ class Daemon:
         slot.started_wall = state.now()
         slot.deadline = time.monotonic() + self.config.daemon.job_timeout
         self.log.info("job started", job=slot.job, pid=slot.worker.pid,
+                      push_only=True if push_only else None,
                       attempt=slot.attempt if slot.attempt > 1 else None)
 
     def _after_failure(self, slot: Slot, reason: str) -> None:
@@ -313,6 +321,10 @@ class Daemon:
         if rc == 0:
             entry = self.last_runs.get(slot.job, {})
             size = entry.get("size")
+            if slot.push_only:
+                self.log.info("pending uploads sent; the job's set is on every remote now", job=slot.job,
+                              seconds=seconds)
+                return
             self.log.info("job ended", job=slot.job, result="ok", seconds=seconds,
                           size=human_bytes(size) if isinstance(size, int) else None)
         elif self.stopping:
