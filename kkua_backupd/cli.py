@@ -38,7 +38,6 @@ from kkua_backupd.obs.progress import human_bytes, interactive
 from kkua_backupd.safefs import set_trusted_roots
 from kkua_backupd.sources import BACKUP_TARGETS, KINDS, RETENTION, RUN_JOBS, job_module
 from kkua_backupd.store.storage import (
-    LOCK_FOLDER_NAMES,
     BackupSet,
     kind_folder,
     latest,

@@ -30,8 +30,8 @@ from kkua_backupd.proc.execute import child_environment
 RUNNER_ENV = "KKUA_BACKUP_RUNNER"
 # child_environment withholds these (they are secrets), but a worker needs them when the operator gave
 # them this way; the environment of the child is an allowed channel, argv never is.
-_PASSED_SECRETS = ("DATABASE_PASSWORD", "REDIS_PASSWORD", "KKUA_HEALTHCHECKS_URL", "KKUA_WEBHOOK_URL", "AWS_SECRET_ACCESS_KEY",
-                   "AWS_SESSION_TOKEN")
+_PASSED_SECRETS = ("DATABASE_PASSWORD", "REDIS_PASSWORD", "KKUA_HEALTHCHECKS_URL", "KKUA_WEBHOOK_URL",
+                   "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # How long `backup all` gives its workers after SIGTERM/Ctrl-C before killing them (the daemon uses
 # daemon.stop_grace from the config).
 DEFAULT_GRACE = 30.0

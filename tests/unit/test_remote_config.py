@@ -93,7 +93,7 @@ def test_sftp_remote_parts(tmp_path: Path) -> None:
     ('url = "s3://bucket"\nknown_hosts = "/h"', "for sftp:// remotes"),
     ('url = "s3://bucket"\nendpoint = "127.0.0.1:9000"', "is not http(s)://HOST[:PORT]"),
     ('url = "s3://bucket"\nkeep_last = 0', "keep_last"),
-    ('url = "s3://bucket"\nbucket = "x"', "remote.0.bucket: Extra inputs are not permitted"),
+    ('url = "s3://bucket"\nbucket = "x"', "remote.0.bucket: unknown key"),
 ])
 def test_bad_remote_entries_name_the_key(tmp_path: Path, body: str, expected: str) -> None:
     found = problems(tmp_path, f'[[remote]]\nname = "offsite"\n{body}\n',
