@@ -8,6 +8,7 @@ JSON document (the result, or {"error": ...}) and log lines go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -20,18 +21,32 @@ from types import FrameType
 from typing import Any
 
 from kkua_backupd import __version__
-from kkua_backupd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, LoadedConfig, load_config, redacted
-from kkua_backupd.core import state
+from kkua_backupd.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    Config,
+    LoadedConfig,
+    load_config,
+    redacted,
+    secrets_of,
+)
+from kkua_backupd.core import health, observe, remotes, state
 from kkua_backupd.core.context import JobContext, VerifyReport, clean_stale
 from kkua_backupd.errors import ConfigError, IntegrityError, Interrupted, JobError, KkuaError, UsageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes, interactive
-from kkua_backupd.safefs import folder_problems, set_trusted_roots
+from kkua_backupd.safefs import set_trusted_roots
 from kkua_backupd.sources import BACKUP_TARGETS, KINDS, RETENTION, RUN_JOBS, BackupOptions, job_target
-from kkua_backupd.store.storage import LOCK_FOLDER_NAMES, BackupSet, latest, list_sets, resolve, unmanaged_files
+from kkua_backupd.store.storage import (
+    BackupSet,
+    latest,
+    list_sets,
+    resolve,
+    unmanaged_files,
+)
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
-             "prune": "backup.log"}
+             "prune": "backup.log", "push": "backup.log"}
 REDIS_LOG_FILE = "redis_backup.log"
 
 EPILOG = f"""\
@@ -106,25 +121,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("logical", "file"), default=None,
                    help="Redis: logical (default: copy every key over the network) or file (stop the server, "
                         "place the RDB, start it; same host only)")
+    p.add_argument("--from", dest="from_remote", metavar="REMOTE", default=None,
+                   help="download the set from this remote first (checked against its manifest, then kept in "
+                        "backup_dir like a local set)")
 
     p = command("list", "list complete backup sets, newest first",
                 "List backup sets that have a complete manifest, newest first.")
     p.add_argument("kind", nargs="?", choices=KINDS, help="only this kind")
+    p.add_argument("--remote", metavar="NAME", default=None, help="list the sets on this remote instead")
 
     p = command("verify", "check backups (sha256, full decompression, optional restore test)",
                 "Check backup files against their manifests and decompress them fully;\n"
                 "--restore-test also restores into a scratch database and compares every table.")
     p.add_argument("which", nargs="?", default="latest", help="'latest' (default), 'all', an id or a file name")
     p.add_argument("--restore-test", action="store_true", help="also restore into a scratch database")
+    p.add_argument("--remote", metavar="NAME", default=None,
+                   help="check every set on this remote instead: sizes (and sha256 where the remote computes it)")
+    p.add_argument("--download", action="store_true", help="with --remote: download every file and hash it")
+
+    p = command("push", "copy complete sets to the remotes (what every backup does)",
+                "Copy every complete local set that a remote lacks to it (or to REMOTE), data files first and\n"
+                "the manifest last; sets made before the remote was configured, or whose upload failed.\n"
+                "Sets the remote's own retention (keep_last, days) would delete are not sent unless --all.")
+    p.add_argument("remote", nargs="?", default=None, help="only this remote")
+    p.add_argument("--all", action="store_true", help="also send sets older than the remote's retention")
 
     p = command("prune", "delete backup sets past retention (never the newest keep_last good ones)",
                 "Delete sets older than retention.days (BACKUP_RETENTION_DAYS), keeping the newest\n"
                 "retention.keep_last good sets of each kind; safety backups follow retention.safety_days.\n"
                 "Only sets with a readable manifest are considered; nothing else is ever deleted.")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted, and why")
+    p.add_argument("--remote", metavar="NAME", default=None,
+                   help="apply the retention of this remote (its keep_last and days) to its sets instead")
 
     command("status", "last result and next run of each job, and whether the daemon runs",
-            "Show, per job: schedule, next run, last start, end, result and size; and the daemon's state.")
+            "Show, per job: schedule, next run, last start, end, result and size; and the daemon's state.\n"
+            "Times are in the schedule's zone (schedule.timezone, else local), named on the first line.\n"
+            "Exits 1 when a job's last run failed or a job is overdue (no success within its schedule plus\n"
+            "schedule.overdue_after); --json says which in each job's `problems`.")
 
     p = command("systemd", "install, remove or inspect the systemd units and timers",
                 "install: write the units (ExecStart= is this installation), create the user and folders,\n"
@@ -150,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("config", "check the configuration", "Validate the config and print it, secrets redacted.")
     p.add_argument("action", choices=("check",))
+
+    command("check", "connect to everything configured and check it; Nagios exit codes",
+            "Connect to PostgreSQL and Redis with the configured credentials and check the client versions,\n"
+            "table permissions, SYNC, backup_dir (owner, modes, room for the next backups), the last runs, the\n"
+            "metrics folder, and that the timers or the daemon are enabled. One line per check:\n"
+            "OK, WARN, FAIL or UNKNOWN, with the fix. Exit codes (Nagios): 0 all OK, 1 a warning,\n"
+            "2 a failure, 3 a check could not tell.")
+
+    p = command("notify-failure", "tell the failure of a systemd unit (what OnFailure= runs)",
+                "Send the failure notice ([notify]) for UNIT, with its last journal lines, unless its job already\n"
+                "did; a run it left `running` (killed) is recorded as failed. Run by kkua-backup-failure@.service.")
+    p.add_argument("unit", help="the unit that failed, e.g. kkua-backup@postgres.service")
     return parser
 
 
@@ -204,6 +250,12 @@ def cmd_backup(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) 
 
 def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
     clean_stale(ctx, args.target)  # a killed restore's safety backup, a scratch archive
+    if args.from_remote:
+        # Downloaded, checked against the remote's manifest and moved into backup_dir; from here on the
+        # ordinary restore checks it again like any local set (docs/remotes.md).
+        fetched = remotes.fetch(ctx, args.from_remote, args.target, args.file)
+        _human(ctx, f"Fetched {args.target} set {fetched.id} from remote {args.from_remote} into {fetched.folder}.")
+        args.file = fetched.id
     if args.target == "redis":
         return cmd_restore_redis(job_context(ctx.config, "redis", json_mode=ctx.json_mode), args)
     if args.flush or args.aof or args.mode:
@@ -292,7 +344,51 @@ def _drop_unfinished_databases(ctx: JobContext) -> None:
     pg_job.drop_unfinished_databases(ctx)
 
 
+def cmd_list_remote(ctx: JobContext, args: argparse.Namespace) -> Any:
+    from kkua_backupd.remote import open_remote
+    name = args.remote
+    with contextlib.closing(open_remote(remotes.remote_config(ctx.config, name))) as remote:
+        sets = remotes.remote_sets(remote, args.kind)
+        where = remote.describe()
+    if not sets:
+        _human(ctx, f"no backup sets on remote {name} ({where})")
+    else:
+        rows = [("KIND", "ID", "CREATED", "STATUS", "SIZE", "FILE")]
+        rows += [(s.kind, s.id, s.manifest.created_at.strftime("%Y-%m-%d %H:%M:%S %z"), s.status,
+                  human_bytes(sum(f.size for f in s.manifest.files)), s.manifest.files[0].name) for s in sets]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            _human(ctx, "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return [s.to_json(name) for s in sets]
+
+
+def cmd_push(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
+    if not ctx.config.remote:
+        raise UsageError("no remote is configured", hint="add a [[remote]] entry (docs/remotes.md)")
+    report = remotes.push(ctx, [args.remote] if args.remote else None, push_all=args.all)
+    for name, doc in report["remotes"].items():
+        sent = ", ".join(d["set"] for d in doc["sent"]) or "nothing new"
+        _human(ctx, f"{name}: sent {sent}" + (f"; FAILED: {doc['error']}" if doc["error"] else "")
+                    + (f"; pending: {', '.join(doc['pending'])}" if doc["pending"] else ""))
+    return report, 1 if report["failed"] else 0
+
+
+def cmd_verify_remote(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
+    if args.restore_test:
+        raise UsageError("--restore-test checks local sets; restore a remote set with `restore ... --from`",
+                         hint="or run `verify --remote NAME --download`")
+    reports, code = remotes.verify_remote(ctx, args.remote, download=args.download)
+    if not reports:
+        _human(ctx, f"no backup sets on remote {args.remote}")
+    for report in reports:
+        _human(ctx, f"{'OK  ' if report['ok'] else 'FAIL'}  {report['kind']} {report['id']}  ({report['checked']})"
+                    + (f"  {'; '.join(report['problems'])}" if report["problems"] else ""))
+    return reports, code
+
+
 def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
+    if args.remote:
+        return cmd_list_remote(ctx, args)
     _drop_unfinished_databases(ctx)
     sets = list_sets(ctx.config.backup_dir, args.kind)
     if not ctx.json_mode:
@@ -346,6 +442,10 @@ def _sets_to_verify(ctx: JobContext, which: str) -> list[BackupSet]:
 
 
 def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
+    if args.remote:
+        return cmd_verify_remote(ctx, args)
+    if args.download:
+        raise UsageError("--download goes with --remote NAME")
     reports = []
     code = 0
     for kind in KINDS:
@@ -378,6 +478,16 @@ def _install() -> Any:
 
 
 def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
+    if args.remote:
+        report = remotes.prune_remote(ctx, args.remote, dry_run=args.dry_run)
+        verb = "would delete" if args.dry_run else "deleted"
+        for item in report["deleted"]:
+            _human(ctx, f"{verb}  {args.remote}: {item['name']}  ({item['reason']})")
+        if report["skipped"]:
+            _human(ctx, f"skipped: {report['skipped']}")
+        _human(ctx, f"{len(report['deleted'])} set(s) {'would be deleted' if args.dry_run else 'deleted'} on "
+                    f"{args.remote}; {len(report['kept'])} kept")
+        return report
     from kkua_backupd.core import retention
     report = retention.prune(ctx, dry_run=args.dry_run)
     if not ctx.json_mode:
@@ -398,30 +508,43 @@ def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:
     report["warnings"] = [s.future_warning() for s in list_sets(ctx.config.backup_dir) if s.future]
     notice = interrupted_file_restore(ctx.config)
     report["redis_restore"] = notice
+    problems = health.mark_problems(ctx.config, report)
     if not ctx.json_mode:
+        _human(ctx, f"times in {report['timezone']}")
         for line in state.format_status(report):
             _human(ctx, line)
         for text in report["warnings"]:
             _human(ctx, f"warning: {text}")
         if notice:
             _human(ctx, f"WARNING: {notice}")
-    return (report, 1) if notice and "was killed" in notice else report
+        for job, found in problems.items():
+            for text in found:
+                _human(ctx, f"PROBLEM: {job}: {text}")
+    return (report, 1) if problems or (notice and "was killed" in notice) else report
 
 
-def trust_problems(config: Config) -> list[str]:
-    """What in the tool's folders lets someone other than root and kkua-backup change backups or the tool's
-    files: group- or world-writable folders, strangers' folders, symlinks (docs/security.md)."""
-    found: list[str] = []
-    backup_dir = config.backup_dir
-    for folder, root in ([(backup_dir, backup_dir)]
-                         + [(backup_dir / name, backup_dir) for name in (*KINDS, *LOCK_FOLDER_NAMES)]
-                         + [(config.log_dir, config.log_dir), (config.state_file.parent, None)]):
-        found += [p for p in folder_problems(folder, root=root) if p not in found]
-    return found
+def cmd_check(ctx: JobContext) -> tuple[Any, int]:
+    """`kkua-backup check`: every check of core.health.CHECKS and the installation's, one line each."""
+    from kkua_backupd.install.common import check_installed
+    results = health.run_checks(ctx.config, [*health.CHECKS, check_installed])
+    code = health.exit_code(results)
+    for result in results:
+        _human(ctx, result.line())
+    _human(ctx, {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}[code]
+           + f": {sum(r.level == 'OK' for r in results)} of {len(results)} checks OK")
+    return {"status": code, "checks": [r.to_json() for r in results]}, code
+
+
+def cmd_notify_failure(ctx: JobContext, args: argparse.Namespace) -> Any:
+    """What `OnFailure=` runs: tell the failure of UNIT unless its job already did."""
+    told = observe.report_unit_failure(ctx.config, args.unit)
+    _human(ctx, f"failure of {args.unit} told for: {', '.join(told)}" if told else
+           f"{args.unit}: its jobs already told their failure (or none failed)")
+    return {"unit": args.unit, "told": told}
 
 
 def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> tuple[Any, int]:
-    problems = trust_problems(ctx.config)
+    problems = health.trust_problems(ctx.config)
     doc = {"path": str(loaded.path) if loaded.path else None, "config": redacted(ctx.config),
            "sources": loaded.sources, "problems": problems}
     for problem in problems:
@@ -474,11 +597,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = _load_config(args, log)
         config = loaded.config
         set_trusted_roots(*config.trusted_folders)
-        for section in (config.postgres, config.redis):
-            if section.password is not None:
-                sink.add_secret(section.password.get_secret_value())
+        for secret in secrets_of(config):
+            sink.add_secret(secret)
         main_job = {"backup": getattr(args, "target", ""), "run": getattr(args, "job", ""),
-                    "restore": getattr(args, "target", ""), "prune": "retention"}.get(args.command, "")
+                    "restore": getattr(args, "target", ""), "prune": "retention",
+                    "push": "push"}.get(args.command, "")
         ctx = job_context(config, main_job or "postgres", json_mode=json_mode)
         if args.command in LOG_FILES:
             log_file = REDIS_LOG_FILE if args.command in ("backup", "run") and main_job == "redis" \
@@ -491,10 +614,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "list": lambda: cmd_list(ctx, args),
             "verify": lambda: cmd_verify(ctx, args),
             "prune": lambda: cmd_prune(ctx, args),
+            "push": lambda: cmd_push(ctx, args),
             "status": lambda: cmd_status(ctx, args),
             "systemd": lambda: _install().systemd_command(ctx, args, loaded),
             "cron": lambda: _install().cron_command(ctx, args, loaded),
             "config": lambda: cmd_config(ctx, args, loaded),
+            "check": lambda: cmd_check(ctx),
+            "notify-failure": lambda: cmd_notify_failure(ctx, args),
         }
         result = handlers[args.command]()
         code = 0

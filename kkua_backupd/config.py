@@ -7,6 +7,7 @@ each naming its key path and where the value came from.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import stat
@@ -51,6 +52,19 @@ def _check_level(compression: str, level: int | None) -> None:
             raise ValueError(f"compression_level must be 1 to {limit} for {compression}, not {level}")
 
 
+def _level_validator(level: int | None, info: ValidationInfo) -> int | None:
+    """compression_level checked against the section's compression (when that one is valid)."""
+    compression = info.data.get("compression")
+    if isinstance(compression, str):
+        _check_level(compression, level)
+    return level
+
+
+# A field validator, not a model one: pydantic runs model validators only once every field is valid, so a level
+# that does not fit would be reported only after the other problems were fixed.
+_LEVEL_FITS_COMPRESSION = field_validator("compression_level")(_level_validator)
+
+
 class PostgresConfig(_Strict):
     """Where the PostgreSQL database is and how its backups are made."""
 
@@ -72,10 +86,7 @@ class PostgresConfig(_Strict):
     # Filled from password_file or DATABASE_PASSWORD by the loader; never read from the TOML file.
     password: SecretStr | None = Field(None, exclude=True)
 
-    @model_validator(mode="after")
-    def _level_fits_compression(self) -> PostgresConfig:
-        _check_level(self.compression, self.compression_level)
-        return self
+    _level_fits_compression = _LEVEL_FITS_COMPRESSION
 
 
 class RedisConfig(_Strict):
@@ -106,9 +117,10 @@ class RedisConfig(_Strict):
     bin_dir: PathValue | None = Field(None, description="where redis-server and redis-check-rdb are")
     password: SecretStr | None = Field(None, exclude=True)
 
+    _level_fits_compression = _LEVEL_FITS_COMPRESSION
+
     @model_validator(mode="after")
-    def _level_fits_compression(self) -> RedisConfig:
-        _check_level(self.compression, self.compression_level)
+    def _commands_are_lists(self) -> RedisConfig:
         for name in ("stop_command", "start_command"):
             value = getattr(self, name)
             if value is not None and (not value or not value[0]):
@@ -136,6 +148,9 @@ class ScheduleConfig(_Strict):
     retention: str = "Sun *-*-* 04:00:00"
     randomized_delay: int = Field(0, ge=0, le=86400, description="seconds, like RandomizedDelaySec=")
     persistent: bool = Field(True, description="run a job missed while nothing was running, like Persistent=true")
+    overdue_after: int = Field(3600, ge=60, description="seconds past a scheduled run (plus randomized_delay) "
+                                                     "after which `status` and `check` call a job without a newer "
+                                                     "success overdue")
 
     @field_validator("timezone")
     @classmethod
@@ -167,10 +182,132 @@ class DaemonConfig(_Strict):
     state_file: PathValue | None = Field(None, description="last runs; default backup_dir/.state/jobs.json")
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics: a text file for node_exporter's textfile collector, and the daemon's /metrics."""
+
+    textfile: PathValue | None = Field(None, description="written atomically after every job; off when unset")
+    listen: str | None = Field(None, description="HOST:PORT of the daemon's /metrics; off (no socket) when unset")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_listen(value)
+        return value
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """`127.0.0.1:9187` or `[::1]:9187` as (host, port); raises ValueError saying what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"listen must be HOST:PORT such as \"127.0.0.1:9187\", not {value!r}")
+    return host, int(port)
+
+
+class NotifyConfig(_Strict):
+    """Notices of each job's start, success and failure. The URLs are secrets: read from files or the
+    environment (KKUA_HEALTHCHECKS_URL, KKUA_WEBHOOK_URL), never from this file, and never logged."""
+
+    healthchecks_url_file: PathValue | None = Field(None, description="healthchecks.io-style ping URL: /start, "
+                                                                      "success, /fail with the log tail")
+    webhook_url_file: PathValue | None = Field(None, description="a JSON POST on success and failure")
+    timeout: int = Field(5, ge=1, le=60, description="seconds per attempt; one retry; never fails the job")
+    log_lines: int = Field(20, ge=0, le=500, description="last log lines sent with a failure")
+    healthchecks_url: SecretStr | None = Field(None, exclude=True)
+    webhook_url: SecretStr | None = Field(None, exclude=True)
+
+
 class RestoreConfig(_Strict):
     """Restore behaviour; `force` skips the confirmation (FORCE_RESTORE)."""
 
     force: bool = False
+
+
+REMOTE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_S3_URL_RE = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>[^?#]*))?$")
+_SFTP_URL_RE = re.compile(r"^sftp://(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])"
+                          r"(?::(?P<port>[0-9]{1,5}))?(?P<path>/[^?#]*)$")
+_SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._/-]*$")
+S3_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                      "AWS_DEFAULT_REGION")
+
+
+class RemoteConfig(_Strict):
+    """One place every complete set is copied to: an S3 (or S3-compatible) bucket or an SSH host
+    (docs/remotes.md). The S3 keys are read by the loader from `credentials_file` or the environment."""
+
+    name: str
+    url: str
+    endpoint: str | None = None
+    credentials_file: PathValue | None = None
+    identity_file: PathValue | None = None
+    known_hosts: PathValue | None = None
+    keep_last: int = Field(7, ge=1)
+    days: int = Field(30, ge=1)
+    # Filled by the loader (credentials_file, else the environment); never read from the TOML file.
+    access_key_id: str | None = Field(None, exclude=True)
+    secret_access_key: SecretStr | None = Field(None, exclude=True)
+    session_token: SecretStr | None = Field(None, exclude=True)
+    region: str | None = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not REMOTE_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a remote name: use 1-32 of a-z, 0-9, '-', '_', starting with a "
+                             "letter or digit")
+        return value
+
+    @property
+    def scheme(self) -> Literal["s3", "sftp"]:
+        return "s3" if self.url.startswith("s3://") else "sftp"
+
+    def s3_parts(self) -> tuple[str, str]:
+        """Bucket and prefix (without slashes at either end) of an s3:// url."""
+        match = _S3_URL_RE.match(self.url)
+        assert match is not None
+        return match.group("bucket"), (match.group("prefix") or "").strip("/")
+
+    def sftp_parts(self) -> tuple[str, str, int, str]:
+        """User, host, port and folder of an sftp:// url."""
+        match = _SFTP_URL_RE.match(self.url)
+        assert match is not None
+        return (match.group("user"), match.group("host").strip("[]"), int(match.group("port") or 22),
+                match.group("path").rstrip("/") or "/")
+
+    @model_validator(mode="after")
+    def _url_fits_keys(self) -> RemoteConfig:
+        if self.url.startswith("s3://"):
+            match = _S3_URL_RE.match(self.url)
+            if not match:
+                raise ValueError(f"url {self.url!r} is not s3://BUCKET/PREFIX (bucket: 3-63 of a-z, 0-9, '.', '-')")
+            prefix = match.group("prefix") or ""
+            if not _SAFE_PATH_RE.match(prefix) or ".." in prefix.split("/"):
+                raise ValueError(f"url {self.url!r}: the prefix may hold only A-Z, a-z, 0-9, '.', '_', '-', '/' "
+                                 "and no '..'")
+            wrong = [k for k in ("identity_file", "known_hosts") if getattr(self, k) is not None]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} are for sftp:// remotes, not s3://")
+            if self.endpoint is not None and not re.match(r"^https?://[^/?#\s]+/?$", self.endpoint):
+                raise ValueError(f"endpoint {self.endpoint!r} is not http(s)://HOST[:PORT]")
+        elif self.url.startswith("sftp://"):
+            match = _SFTP_URL_RE.match(self.url)
+            if not match or not 1 <= int(match.group("port") or 22) <= 65535:
+                raise ValueError(f"url {self.url!r} is not sftp://USER@HOST[:PORT]/ABSOLUTE/PATH")
+            if not _SAFE_PATH_RE.match(match.group("path")) or ".." in match.group("path").split("/"):
+                raise ValueError(f"url {self.url!r}: the path may hold only A-Z, a-z, 0-9, '.', '_', '-', '/' "
+                                 "and no '..'")
+            wrong = [k for k in ("endpoint", "credentials_file") if getattr(self, k) is not None]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} are for s3:// remotes, not sftp://")
+            missing = [k for k in ("identity_file", "known_hosts") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"sftp:// remotes need {' and '.join(missing)} (the key file, and the host's "
+                                 "key in a known_hosts file: hosts are never trusted on first use)")
+        else:
+            raise ValueError(f"url {self.url!r} must start with s3:// or sftp://")
+        return self
 
 
 class Config(_Strict):
@@ -185,6 +322,21 @@ class Config(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     restore: RestoreConfig = RestoreConfig()
     daemon: DaemonConfig = DaemonConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    notify: NotifyConfig = NotifyConfig()
+    remote: list[RemoteConfig] = []
+
+    @model_validator(mode="after")
+    def _remote_names_unique(self) -> Config:
+        names = [r.name for r in self.remote]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"remote names must be unique; {', '.join(twice)} appears more than once")
+        return self
+
+    def remote_named(self, name: str) -> RemoteConfig | None:
+        """The [[remote]] entry called `name`, if there is one."""
+        return next((r for r in self.remote if r.name == name), None)
 
     @property
     def state_file(self) -> Path:
@@ -211,6 +363,8 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], type]] = {
     "TEST_RESTORE": (("postgres", "test_restore"), bool),
 }
 SECRET_ENV: dict[str, str] = {"DATABASE_PASSWORD": "postgres", "REDIS_PASSWORD": "redis"}
+# The notification URLs (secrets too): variable -> key of [notify], read instead of its `<key>_file`.
+NOTIFY_ENV: dict[str, str] = {"KKUA_HEALTHCHECKS_URL": "healthchecks_url", "KKUA_WEBHOOK_URL": "webhook_url"}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -263,6 +417,36 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
+def _section_model(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model of the section at `loc` (Config for the top level), or None when it is not a model."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _problem_text(err: Any) -> str:
+    """One validation error in words a person can act on: an unknown key with the nearest known one, a wrong
+    value with the value given."""
+    loc: tuple[int | str, ...] = tuple(err["loc"])
+    if err["type"] == "extra_forbidden" and loc:
+        model = _section_model(loc[:-1])
+        known = [name for name, field in model.model_fields.items() if not field.exclude] if model else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        if close:
+            return f"unknown key; did you mean `{close[0]}`?"
+        return "unknown key" + (f" (known keys here: {', '.join(known)})" if known else "")
+    message = str(err["msg"]).removeprefix("Value error, ")
+    given = err.get("input")
+    if err["type"] != "missing" and not isinstance(given, dict) and f"{given}" not in message:
+        message += f"; given: {given!r}"
+    return message
+
+
 def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Path, bool]:
     """Return the config path and whether it was asked for explicitly (`--config` or the variable)."""
     if cli_path:
@@ -313,6 +497,13 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
             problems.append(f"{section}.password: passwords do not belong in the config file; "
                             f"use {section}.password_file or {env_name} ({where})")
             del data[section]["password"]
+    notify = data.get("notify")
+    for key in NOTIFY_ENV.values():
+        if isinstance(notify, dict) and key in notify:
+            env_name = next(k for k, v in NOTIFY_ENV.items() if v == key)
+            problems.append(f"notify.{key}: the URL is a secret and does not belong in the config file; "
+                            f"use notify.{key}_file or {env_name} ({where})")
+            del notify[key]
 
     # env_file (from the TOML file) then the process environment, the latter winning.
     layered: dict[str, tuple[str, str]] = {}
@@ -352,12 +543,14 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
         for err in exc.errors():
             dotted = _loc(err["loc"])
             origin = sources.get(dotted, where)
-            problems.append(f"{dotted}: {err['msg']} ({origin})")
+            problems.append(f"{dotted}: {_problem_text(err)} ({origin})")
         raise ConfigError(f"invalid configuration in {where}", problems=problems) from None
     if problems:
         raise ConfigError(f"invalid configuration in {where}", problems=problems)
 
     config = _with_secrets(config, layered, problems, sources)
+    config = _with_notify_urls(config, env, problems, sources)
+    config = _with_remote_credentials(config, env, problems)
     if problems:
         raise ConfigError(f"invalid configuration in {where}", problems=problems)
     return LoadedConfig(config, used_path, sources)
@@ -416,10 +609,73 @@ def _with_secrets(config: Config, layered: dict[str, tuple[str, str]], problems:
     return config.model_copy(update=updates) if updates else config
 
 
+def _with_notify_urls(config: Config, env: Mapping[str, str], problems: list[str],
+                      sources: dict[str, str]) -> Config:
+    """[notify]'s URLs from the environment, else from their files (one line, http or https)."""
+    updates: dict[str, SecretStr] = {}
+    for env_name, key in NOTIFY_ENV.items():
+        url: SecretStr | None = None
+        if env.get(env_name):
+            url = SecretStr(env[env_name].strip())
+            sources[f"notify.{key}"] = f"{env_name} (environment)"
+        elif (path := getattr(config.notify, f"{key}_file")) is not None:
+            url = _read_secret(path, f"notify.{key}_file", problems)
+            sources[f"notify.{key}"] = str(path)
+        if url is not None:
+            if not url.get_secret_value().startswith(("http://", "https://")):
+                problems.append(f"notify.{key}: not an http:// or https:// URL ({sources[f'notify.{key}']})")
+                continue
+            updates[key] = url
+    return config.model_copy(update={"notify": config.notify.model_copy(update=updates)}) if updates else config
+def _with_remote_credentials(config: Config, env: Mapping[str, str], problems: list[str]) -> Config:
+    """S3 remotes get their keys from `credentials_file` (AWS_ACCESS_KEY_ID=..., AWS_SECRET_ACCESS_KEY=...,
+    read as data like .env) or else from the environment; a remote without both is a config problem."""
+    remotes: list[RemoteConfig] = []
+    for index, remote in enumerate(config.remote):
+        if remote.scheme != "s3":
+            remotes.append(remote)
+            continue
+        dotted = f"remote.{index}.credentials_file"
+        values: Mapping[str, str] = env
+        origin = "the environment"
+        if remote.credentials_file is not None:
+            text = _read_secret_file(remote.credentials_file, dotted, problems)
+            if text is None:
+                remotes.append(remote)
+                continue
+            values, origin = parse_env_file(text), str(remote.credentials_file)
+        key_id, secret = values.get("AWS_ACCESS_KEY_ID", ""), values.get("AWS_SECRET_ACCESS_KEY", "")
+        if not key_id or not secret:
+            absent = " and ".join(k for k, v in (("AWS_ACCESS_KEY_ID", key_id), ("AWS_SECRET_ACCESS_KEY", secret))
+                                  if not v)
+            problems.append(f"remote.{index} ({remote.name}): no {absent} in {origin}; write both into "
+                            "credentials_file (mode 0600), or set them in the environment")
+            remotes.append(remote)
+            continue
+        token = values.get("AWS_SESSION_TOKEN") or None
+        region = values.get("AWS_REGION") or values.get("AWS_DEFAULT_REGION") or None
+        remotes.append(remote.model_copy(update={
+            "access_key_id": key_id, "secret_access_key": SecretStr(secret),
+            "session_token": SecretStr(token) if token else None, "region": region}))
+    return config.model_copy(update={"remote": remotes}) if config.remote else config
+
+
+def secrets_of(config: Config) -> list[str]:
+    """Every secret the config holds (for the log sink to mask)."""
+    found = [s.password.get_secret_value() for s in (config.postgres, config.redis) if s.password is not None]
+    for remote in config.remote:
+        found += [v.get_secret_value() for v in (remote.secret_access_key, remote.session_token) if v is not None]
+    found += [url.get_secret_value() for url in (config.notify.healthchecks_url, config.notify.webhook_url)
+              if url is not None]
+    return found
+
+
 def redacted(config: Config) -> dict[str, Any]:
     """The effective config as plain data with every secret replaced by a marker."""
     data = config.model_dump(mode="json")
     for section in SECRET_ENV.values():
         secret = getattr(config, section).password
         data[section]["password"] = "<redacted>" if secret is not None else None
+    for key in NOTIFY_ENV.values():
+        data["notify"][key] = "<redacted>" if getattr(config.notify, key) is not None else None
     return data

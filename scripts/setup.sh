@@ -7,8 +7,14 @@ cd "$(dirname "$0")/.."
 # python3-venv: the system tests build /opt/kkua-backupd from Debian's python3, as operators do;
 # cron: `kkua-backup cron install --user` is tested against the real crontab command;
 # strace: tests/integration/test_commit_order.py stops a backup at each step of its commit.
+# fakeroot, binutils (strip), lintian: packaging/deb/build.sh and its test; debootstrap, buildah: the Debian 12
+# roots the package and container tests boot or build on (tests/system/test_deb.py, test_container.py).
+# prometheus-node-exporter: tests scrape the metrics text file through its textfile collector; prometheus: its
+# promtool checks the alert rules of docs/monitoring.md (tests/unit/test_alert_rules.py).
+# openssh-client, rsync: SSH remotes (docs/remotes.md); openssh-server: the SSH host the remote tests start.
 packages=(postgresql postgresql-client redis-server redis-tools gzip zstd util-linux procps systemd systemd-container
-          python3-venv cron strace)
+          python3-venv cron strace fakeroot binutils lintian debootstrap buildah prometheus-node-exporter prometheus
+          openssh-client openssh-server rsync)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -6,11 +6,11 @@ found in the registry (sources/__init__.py)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from kkua_backupd.core import retention, state
+from kkua_backupd.core import observe, remotes, retention, state
 from kkua_backupd.core.context import JobContext, VerifyReport, refuse_untrusted
+from kkua_backupd.errors import KkuaError
 from kkua_backupd.sources import KINDS, RETENTION, BackupOptions, DataSource, source
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import BackupSet, Manifest, ensure_folder, kind_folder, remove_stale_partials
@@ -32,34 +32,31 @@ def backup(ctx: JobContext, data_source: DataSource, options: BackupOptions) -> 
     return manifest
 
 
-@dataclass(frozen=True)
-class JobOutcome:
-    """What one job did, for `status` (`size`, `files`, `detail`) and for the command's JSON (`document`)."""
-
-    document: Any
-    size: int | None = None
-    files: list[str] | None = None
-    detail: str | None = None
-
-
-def _run(ctx: JobContext, job: str, options: BackupOptions) -> JobOutcome:
+def _run(ctx: JobContext, job: str, options: BackupOptions, record: state.RunRecord) -> Any:
     if job in KINDS:
         manifest = backup(ctx, source(job), options)
-        return JobOutcome(manifest.model_dump(mode="json"), size=sum(f.size for f in manifest.files),
-                          files=[f.name for f in manifest.files])
+        record.finish(size=sum(f.size for f in manifest.files), files=[f.name for f in manifest.files])
+        try:
+            remotes.after_backup(ctx, BackupSet(kind_folder(ctx.config.backup_dir, job), manifest))
+        except KkuaError:
+            record.detail = remotes.UPLOAD_PENDING  # the daemon retries this run as a push
+            raise
+        return manifest.model_dump(mode="json")
     if job != RETENTION:
         raise ValueError(f"unknown job {job!r}")
     report = retention.prune(ctx, dry_run=False)
-    return JobOutcome(report, size=report.get("freed_bytes"), detail=f"{len(report['deleted'])} set(s) deleted")
+    record.finish(size=report.get("freed_bytes"), detail=f"{len(report['deleted'])} set(s) deleted")
+    if ctx.config.remote:
+        report["remotes"] = remotes.prune_remotes(ctx, dry_run=False)
+    return report
 
 
 def run_job(ctx: JobContext, job: str, options: BackupOptions, *, runner: str) -> Any:
-    """One job of the registry (a kind's backup, or retention), its start and end recorded for `status`;
-    returns its JSON document."""
-    with state.track(ctx.config, job, runner=runner) as record:
-        outcome = _run(ctx, job, options)
-        record.finish(size=outcome.size, files=outcome.files, detail=outcome.detail)
-        return outcome.document
+    """One job of the registry (a kind's backup, then its copies to the remotes; or retention, local and
+    remote), observed (its start and end recorded for `status`, metrics and notices); returns its JSON
+    document."""
+    with observe.observed(ctx.config, job, runner=runner) as seen:
+        return _run(ctx, job, options, seen.record)
 
 
 def verify(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:

@@ -159,6 +159,11 @@ def _pid_alive(pid: object) -> bool:
         return True
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line, secrets masked, that a failed run records (and its failure notice says)."""
+    return _error_line(exc)
+
+
 def _error_line(exc: BaseException) -> str:
     if isinstance(exc, KkuaError):
         text = str(exc).splitlines()[0]
@@ -320,6 +325,77 @@ def daemon_status(config: Config) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# copies on the remotes
+
+
+def record_push(config: Config, remote: str, *, sent: list[str], pending: list[str], error: str | None,  # noqa: PLR0913 - keyword-only facts of one push
+                complete: bool) -> None:
+    """Note a push to `remote`: the sets `sent`, those still `pending` (each keeps the time it first became
+    pending), the error if it failed. `complete` means the remote was listed and everything wanted is
+    there, so nothing else is pending. A state that cannot be written is a warning, not a failure."""
+    def change() -> None:
+        with update(config) as data:
+            entry = data.setdefault("remotes", {}).setdefault(remote, {})
+            before = _dict(entry.get("pending"))
+            stamp = iso(now())
+            still = {key: before.get(key, stamp) for key in pending}
+            if not complete:  # the remote could not say what it holds: what was pending stays pending
+                still.update({k: v for k, v in before.items() if k not in sent})
+            entry["pending"] = dict(sorted(still.items()))
+            entry["last_attempt"] = stamp
+            entry["last_error"] = _mask(error) if error else None
+            if error is None:
+                entry["last_success"] = stamp
+                entry["failures"] = 0
+            else:
+                entry["failures"] = int(entry.get("failures") or 0) + 1
+            if sent:
+                entry["last_sent"] = sent[-1]
+    _safely(f"push to remote {remote}", "push", change)
+
+
+def mark_pending(config: Config, remote: str, sets: list[str]) -> None:
+    """Note `sets` as pending on `remote` before their upload starts, so a push killed midway leaves them
+    pending in `status` (each keeps the time it first became pending)."""
+    def change() -> None:
+        with update(config) as data:
+            entry = data.setdefault("remotes", {}).setdefault(remote, {})
+            before = _dict(entry.get("pending"))
+            stamp = iso(now())
+            entry["pending"] = dict(sorted({**{key: stamp for key in sets}, **before}.items()))
+    _safely(f"pending upload to remote {remote}", "push", change)
+
+
+def _mask(text: str) -> str:
+    return logs.sink().mask(text)
+
+
+def remote_status(config: Config, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per configured remote: where it is, what is pending since when, the last attempt, success and error."""
+    data = data if data is not None else load(config)
+    recorded = _dict(data.get("remotes"))
+    report: dict[str, Any] = {}
+    for remote in config.remote:
+        entry = _dict(recorded.get(remote.name))
+        pending = _dict(entry.get("pending"))
+        report[remote.name] = {
+            "url": remote.url, "pending": [{"set": k, "since": v} for k, v in sorted(pending.items())],
+            "pending_since": min(pending.values()) if pending else None, "last_attempt": entry.get("last_attempt"),
+            "last_success": entry.get("last_success"), "last_error": entry.get("last_error"),
+            "failures": entry.get("failures") or 0}
+    return report
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def pending_uploads(config: Config) -> dict[str, list[str]]:
+    """The sets still to be copied, per remote (what the daemon retries)."""
+    return {name: [p["set"] for p in doc["pending"]] for name, doc in remote_status(config).items() if doc["pending"]}
+
+
+# ---------------------------------------------------------------------------------------------
 # schedules and status
 
 
@@ -376,7 +452,8 @@ def status_report(config: Config) -> dict[str, Any]:
         if entry.get("last_refused"):
             doc["last_refused"] = entry["last_refused"]
         jobs[job] = doc
-    return {"daemon": daemon_status(config), "state_file": str(config.state_file), "jobs": jobs}
+    return {"daemon": daemon_status(config), "state_file": str(config.state_file), "jobs": jobs,
+            "remotes": remote_status(config, data)}
 
 
 def _short(text: str | None) -> str:
@@ -426,4 +503,13 @@ def format_status(report: dict[str, Any]) -> list[str]:
         lines.append(f"  result    {result}{size}" + (f" ({doc['detail']})" if doc.get("detail") else ""))
         if doc.get("last_refused"):
             lines.append(f"  refused   {_short(doc['last_refused'].get('at'))}: {doc['last_refused'].get('reason')}")
+    for name, doc in report.get("remotes", {}).items():
+        lines.append(f"remote {name} ({doc['url']}):")
+        if doc["pending"]:
+            sets = ", ".join(p["set"] for p in doc["pending"][:3]) + (", ..." if len(doc["pending"]) > 3 else "")
+            lines.append(f"  pending   {len(doc['pending'])} set(s) since {_short(doc['pending_since'])}: {sets}")
+        else:
+            lines.append("  pending   nothing" if doc["last_success"] else "  pending   not pushed yet")
+        lines.append(f"  last push {_short(doc['last_attempt'])}"
+                     + (f" failed: {doc['last_error']}" if doc["last_error"] else " ok" if doc["last_attempt"] else ""))
     return lines

@@ -30,11 +30,13 @@ from types import FrameType
 from typing import Any
 
 from kkua_backupd import __version__, schedule
-from kkua_backupd.config import Config, LoadedConfig, load_config
-from kkua_backupd.core import state
+from kkua_backupd.config import Config, LoadedConfig, load_config, split_listen
+from kkua_backupd.core import observe, state
+from kkua_backupd.core.remotes import UPLOAD_PENDING
 from kkua_backupd.daemon.notify import Notifier, watchdog_interval
 from kkua_backupd.errors import ConfigError, KkuaError
 from kkua_backupd.obs import logs
+from kkua_backupd.obs.metrics import MetricsServer
 from kkua_backupd.obs.progress import human_bytes
 from kkua_backupd.proc.workers import Worker, spawn
 from kkua_backupd.safefs import set_trusted_roots
@@ -57,6 +59,7 @@ class Slot:
     worker: Worker | None = None
     attempt: int = 0  # attempts made for the current trigger
     retry_at: float | None = None  # monotonic
+    push_only: bool = False  # the running retry only pushes the set the job made (core/remotes.py)
     deadline: float | None = None  # monotonic: job_timeout
     kill_at: float | None = None  # monotonic: end of stop_grace after SIGTERM
     timed_out: bool = False
@@ -260,8 +263,13 @@ class Daemon:
         slot.attempt += 1
         slot.timed_out = False
         slot.kill_at = None
+        # A backup whose set is ok locally and only failed to reach a remote is retried as a push: another
+        # backup would only add a set to the pile waiting for the same remote.
+        push_only = slot.attempt > 1 and self.last_runs.get(slot.job, {}).get("detail") == UPLOAD_PENDING
+        slot.push_only = push_only
         try:
-            slot.worker = spawn(slot.job, self.config_path, runner="daemon")
+            slot.worker = spawn("" if push_only else slot.job, self.config_path, runner="daemon",
+                                command="push" if push_only else "run")
         except KkuaError as exc:
             self.log.error("job failed to start", job=slot.job, error=str(exc))
             self._after_failure(slot, str(exc))
@@ -269,6 +277,7 @@ class Daemon:
         slot.started_wall = state.now()
         slot.deadline = time.monotonic() + self.config.daemon.job_timeout
         self.log.info("job started", job=slot.job, pid=slot.worker.pid,
+                      push_only=True if push_only else None,
                       attempt=slot.attempt if slot.attempt > 1 else None)
 
     def _after_failure(self, slot: Slot, reason: str) -> None:
@@ -303,12 +312,19 @@ class Daemon:
         if rc != 0:
             try:  # a killed worker could not write its own end
                 state.mark_ended(self.config, slot.job, pid=worker.pid, error=reason, override=slot.timed_out)
+                if rc < 0 or slot.timed_out:  # nor, maybe, tell its failure
+                    observe.report_killed(self.config, slot.job, error=reason, log_tail=[],
+                                          details={"runner": "daemon", "seconds": seconds})
             except KkuaError as exc:
                 self.log.error("cannot record the end of the run in the state file", job=slot.job, error=str(exc))
         self._read_last_runs()
         if rc == 0:
             entry = self.last_runs.get(slot.job, {})
             size = entry.get("size")
+            if slot.push_only:
+                self.log.info("pending uploads sent; the job's set is on every remote now", job=slot.job,
+                              seconds=seconds)
+                return
             self.log.info("job ended", job=slot.job, result="ok", seconds=seconds,
                           size=human_bytes(size) if isinstance(size, int) else None)
         elif self.stopping:
@@ -480,9 +496,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if section.password is not None:  # the daemon never logs them; a worker's error line might
             sink.add_secret(section.password.get_secret_value())
     daemon = Daemon(args.config, loaded, notifier)
+    server: MetricsServer | None = None
     try:
         daemon.install_signals()
         daemon.start()
+        if loaded.config.metrics.listen is not None:  # a reload does not move it: restart to change it
+            host, port = split_listen(loaded.config.metrics.listen)
+            server = MetricsServer(host, port, lambda: observe.job_records(daemon.config))
+            server.start()
+            log.info("serving /metrics", listen=f"{host}:{port}")
         status = daemon.status_text()
         notifier.ready(status)
         daemon.last_status = status
@@ -501,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 slot.worker.stop(daemon.config.daemon.stop_grace)
         return 1
     finally:
+        if server is not None:
+            server.stop()
         with contextlib.suppress(OSError):
             state.clear_daemon_info(daemon.config, os.getpid())
         notifier.close()

@@ -25,6 +25,7 @@ from typing import Any
 from kkua_backupd import __version__, schedule
 from kkua_backupd.config import DEFAULT_CONFIG_PATH, Config, resolve_config_path
 from kkua_backupd.core.context import JobContext
+from kkua_backupd.core.health import CheckResult
 from kkua_backupd.errors import KkuaError, UsageError
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.proc import execute
@@ -36,6 +37,7 @@ TIMERS = {"postgres": "kkua-postgres-backup.timer", "redis": "kkua-redis-backup.
           "retention": "kkua-backup-retention.timer"}
 TEMPLATE = "kkua-backup@.service"
 DAEMON = "kkua-backupd.service"
+FAILURE_UNIT = "kkua-backup-failure@.service"  # what OnFailure= starts: kkua-backup notify-failure UNIT
 RUN_UNIT = "kkua-backup@run.service"
 DOCS = "https://github.com/kkua/kkua-backupd/blob/main/docs/install.md"
 DEFAULT_BIN_DIR = Path("/opt/kkua-backupd/bin")
@@ -46,8 +48,11 @@ TMPFILES_FILE = Path("etc/tmpfiles.d/kkua-backup.conf")
 CONFIG_FILE = Path(str(DEFAULT_CONFIG_PATH).lstrip("/"))
 RECORD_FILE = Path("var/lib/kkua-backup/install.json")
 CRON_FILE = Path("etc/cron.d/kkua-backup")
-# ProtectHome=yes hides these from the services.
-HIDDEN_PREFIXES = (Path("/home"), Path("/root"), Path("/run/user"))
+# What the services' sandbox hides from them, and the unit setting that does it: ProtectHome=yes the home
+# folders; PrivateTmp=yes gives them an empty /tmp and /var/tmp of their own (a config there is not seen).
+HIDDEN_PREFIXES = {Path("/home"): "ProtectHome=yes", Path("/root"): "ProtectHome=yes",
+                   Path("/run/user"): "ProtectHome=yes", Path("/tmp"): "PrivateTmp=yes",  # noqa: S108 - names it, writes nothing
+                   Path("/var/tmp"): "PrivateTmp=yes"}  # noqa: S108 - names it, writes nothing
 UNIT_MODE = 0o644
 SYSTEMCTL_TIMEOUT = 120.0
 # Where systemd keeps the last trigger of Persistent=true timers.
@@ -120,8 +125,9 @@ def _interpreter(script: Path) -> Path | None:
     return Path(words[0]) if words else None
 
 
-def _hidden(path: Path) -> bool:
-    return any(path.is_relative_to(prefix) for prefix in HIDDEN_PREFIXES)
+def _hidden(path: Path) -> Path | None:
+    """The folder of HIDDEN_PREFIXES that `path` is under, or None."""
+    return next((prefix for prefix in HIDDEN_PREFIXES if path.is_relative_to(prefix)), None)
 
 
 def _readable_by(path: Path, user: str) -> bool:
@@ -152,7 +158,8 @@ def _readable_by(path: Path, user: str) -> bool:
 
 
 def hardening_warnings(config: Config, install: Installation, *, check_access: bool) -> list[str]:
-    """What the services could not reach: paths under /home, /root or /run/user (ProtectHome=), and,
+    """What the services could not reach: paths under /home, /root or /run/user (ProtectHome=) or /tmp and
+    /var/tmp (PrivateTmp=), and,
     with `check_access`, files the kkua-backup user cannot read."""
     program = install.bin_dir / "kkua-backup"
     needed: list[tuple[str, Path]] = [("the program", program), ("the program (resolved)", program.resolve())]
@@ -174,12 +181,13 @@ def hardening_warnings(config: Config, install: Installation, *, check_access: b
         if path in seen:
             continue
         seen.add(path)
-        if _hidden(path):
+        hidden = _hidden(path)
+        if hidden is not None:
             fix = ("install into /opt from the system Python (/usr/bin/python3 -m venv /opt/kkua-backupd)"
                    if index < software else
                    "move it (files to /etc/kkua-backup, folders under /var) and change the config")
-            warnings.append(f"{what} {path} is under {next(p for p in HIDDEN_PREFIXES if path.is_relative_to(p))}, "
-                            f"which the services cannot see (ProtectHome=yes); {fix}")
+            warnings.append(f"{what} {path} is under {hidden}, which the services cannot see "
+                            f"({HIDDEN_PREFIXES[hidden]}); {fix}")
         elif check_access and what not in ("backup_dir", "log_dir") and path.exists() \
                 and not _readable_by(path, USER):
             warnings.append(f"{what} {path} is not readable by the {USER} user; the services will fail to "
@@ -321,3 +329,32 @@ def _check_paths(config: Config) -> None:
 def _log() -> Any:
     return get_logger(job="install")
 
+
+
+def check_installed(config: Config) -> list[CheckResult]:
+    """For `kkua-backup check`: the timers or the daemon are installed and enabled (or the cron block)."""
+    fix = "kkua-backup systemd install (or --daemon; or kkua-backup cron install without systemd)"
+    cron = Path("/") / CRON_FILE
+    if shutil.which("systemctl") is None or not Path("/run/systemd/system").is_dir():
+        if cron.is_file():
+            return [CheckResult("installed", "OK", f"cron entries in {cron} (no systemd here)")]
+        return [CheckResult("installed", "WARN", "no systemd here and no cron entries: nothing runs the jobs "
+                                                 "unless kkua-backupd runs under another supervisor", fix)]
+    units = [DAEMON, *(TIMERS[job] for job in JOBS)]
+    try:
+        states = {unit: _show(unit, ("UnitFileState", "ActiveState")) for unit in units}
+    except KkuaError as exc:
+        return [CheckResult("installed", "UNKNOWN", f"systemctl show failed: {exc.message}")]
+    enabled = {unit for unit, props in states.items() if props.get("UnitFileState") == "enabled"}
+    timers = [TIMERS[job] for job in JOBS]
+    if DAEMON in enabled:
+        active = states[DAEMON].get("ActiveState")
+        return [CheckResult("installed", "OK" if active == "active" else "FAIL",
+                            f"{DAEMON} is enabled and {active}",
+                            None if active == "active" else f"systemctl start {DAEMON}; see journalctl -u {DAEMON}")]
+    missing = [t for t in timers if t not in enabled]
+    if not missing:
+        return [CheckResult("installed", "OK", f"timers enabled: {', '.join(timers)}")]
+    if cron.is_file():
+        return [CheckResult("installed", "OK", f"cron entries in {cron}")]
+    return [CheckResult("installed", "WARN", f"not enabled: {', '.join(missing)}; nothing runs those jobs", fix)]

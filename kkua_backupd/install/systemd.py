@@ -29,6 +29,7 @@ from kkua_backupd.install.common import (
     DAEMON,
     DEFAULT_BIN_DIR,
     DOCS,
+    FAILURE_UNIT,
     RECORD_FILE,
     RUN_UNIT,
     STAMP_DIR,
@@ -179,7 +180,8 @@ def render_template_service(params: UnitParams) -> str:
         "Description=KKUA backup job %i\n"
         f"Documentation={DOCS}\n"
         "Wants=network-online.target\n"
-        "After=network-online.target postgresql.service redis-server.service\n\n"
+        "After=network-online.target postgresql.service redis-server.service\n"
+        + ON_FAILURE + "\n"
         "[Service]\n"
         "Type=oneshot\n"
         f"ExecStart={_command(params, 'kkua-backup', 'run', '%i')}\n"
@@ -208,6 +210,7 @@ def render_daemon_service(params: UnitParams) -> str:
         f"Documentation={DOCS}\n"
         "Wants=network-online.target\n"
         "After=network-online.target postgresql.service redis-server.service\n"
+        + ON_FAILURE +
         "# A daemon that keeps failing stops being restarted after 5 tries in 10 minutes (then: systemctl status).\n"
         "StartLimitIntervalSec=10min\n"
         "StartLimitBurst=5\n\n"
@@ -227,6 +230,31 @@ def render_daemon_service(params: UnitParams) -> str:
         "TimeoutStartSec=60s\n"
         + _service_common(params) + _hardening(params)
         + "\n[Install]\nWantedBy=multi-user.target\n")
+
+
+# A job that fails tells it itself ([notify]); this also tells a run that could not (killed by a timeout, out of
+# memory, the watchdog). kkua-backup notify-failure sends nothing twice.
+ON_FAILURE = f"OnFailure={FAILURE_UNIT.replace('@.', '@%N.')}\n"
+
+
+def render_failure_service(params: UnitParams) -> str:
+    """kkua-backup-failure@.service: what OnFailure= starts (`%i` = the unit that failed)."""
+    return (
+        "# Tells the failure of a KKUA backup unit (%i) to [notify]'s URLs with its last journal lines, unless\n"
+        "# its job already did. Started by OnFailure= of kkua-backup@.service and kkua-backupd.service.\n"
+        "[Unit]\n"
+        "Description=Tell the failure of %i (KKUA backup)\n"
+        f"Documentation={DOCS}\n"
+        "Wants=network-online.target\n"
+        "After=network-online.target\n\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        f"ExecStart={_command(params, 'kkua-backup', 'notify-failure', '%i')}\n"
+        "Environment=KKUA_BACKUP_RUNNER=notify\n"
+        "# The failed unit's journal lines go into the notice.\n"
+        "SupplementaryGroups=systemd-journal\n"
+        "TimeoutStartSec=120s\n"
+        + _service_common(params) + _hardening(params))
 
 
 TIMER_TEXT = {"postgres": "PostgreSQL backup", "redis": "Redis backup", "retention": "KKUA backup retention"}
@@ -275,7 +303,8 @@ def rendered_files(params: UnitParams) -> dict[Path, str]:
     """Every file `systemd install` writes, by path relative to the root."""
     files = {UNIT_DIR / TEMPLATE: render_template_service(params),
              UNIT_DIR / f"{RUN_UNIT}.d" / "run-all.conf": render_run_dropin(params),
-             UNIT_DIR / DAEMON: render_daemon_service(params)}
+             UNIT_DIR / DAEMON: render_daemon_service(params),
+             UNIT_DIR / FAILURE_UNIT: render_failure_service(params)}
     for job in JOBS:
         files[UNIT_DIR / TIMERS[job]] = render_timer(params, job)
     files[SYSUSERS_FILE] = render_sysusers(params)

@@ -12,6 +12,7 @@ import datetime as dt
 import os
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,6 +23,7 @@ from kkua_backupd.safefs import FILE_MODE, open_file
 
 PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3, "critical": 2}
 _SECRET_MASK = "<redacted>"  # noqa: S105 (the marker, not a secret)
+RECENT_LINES = 200  # kept for failure notices (obs/notifications.py sends the last of them)
 
 
 def _format_value(value: Any) -> str:
@@ -52,6 +54,7 @@ class LogSink:
         self.secrets: set[str] = set()
         self.before_console: Callable[[], None] | None = None
         self._lock = threading.Lock()
+        self._recent: deque[str] = deque(maxlen=RECENT_LINES)
 
     def add_secret(self, secret: str | None) -> None:
         """Mask this value wherever it would appear in a log line."""
@@ -81,6 +84,12 @@ class LogSink:
             return None
         self.files[name] = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
         return path
+
+    def recent(self, count: int) -> list[str]:
+        """The last `count` lines logged by this process at info level or above (debug too with -v), masked,
+        each with its time and level: what a failure notice carries."""
+        with self._lock:
+            return list(self._recent)[-count:] if count > 0 else []
 
     def close(self) -> None:
         """Close every log file."""
@@ -112,6 +121,8 @@ class LogSink:
         with self._lock:
             if PRIORITY.get(level, 6) <= self.min_priority:
                 self._console_line(level, event, event_dict)
+                stamp = dt.datetime.now().astimezone().strftime("%H:%M:%S")
+                self._recent.append(self.mask(f"{stamp} {level.upper()} {event} {render_fields(event_dict)}".rstrip()))
             if self.files:
                 stamp = dt.datetime.now().astimezone().isoformat(timespec="seconds")
                 text = self.mask(f"{stamp} [{level.upper()}] {event} {render_fields(event_dict)}".rstrip())

@@ -29,7 +29,8 @@ DEVNULL = subprocess.DEVNULL
 TAIL_LINES = 20
 # Variables a child never inherits: they are ours (secrets, systemd's socket), not the child's.
 _WITHHELD = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "DATABASE_PASSWORD", "REDIS_PASSWORD",
-             "PGPASSWORD", "REDISCLI_AUTH")
+             "PGPASSWORD", "REDISCLI_AUTH", "KKUA_HEALTHCHECKS_URL", "KKUA_WEBHOOK_URL", "AWS_SECRET_ACCESS_KEY",
+             "AWS_SESSION_TOKEN")
 _QUIET_PREFIXES = ("NOTICE:", "DETAIL:", "HINT:")
 
 

@@ -30,7 +30,8 @@ from kkua_backupd.proc.execute import child_environment
 RUNNER_ENV = "KKUA_BACKUP_RUNNER"
 # child_environment withholds these (they are secrets), but a worker needs them when the operator gave
 # them this way; the environment of the child is an allowed channel, argv never is.
-_PASSED_SECRETS = ("DATABASE_PASSWORD", "REDIS_PASSWORD")
+_PASSED_SECRETS = ("DATABASE_PASSWORD", "REDIS_PASSWORD", "KKUA_HEALTHCHECKS_URL", "KKUA_WEBHOOK_URL",
+                   "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # How long `backup all` gives its workers after SIGTERM/Ctrl-C before killing them (the daemon uses
 # daemon.stop_grace from the config).
 DEFAULT_GRACE = 30.0
@@ -38,8 +39,9 @@ DEFAULT_GRACE = 30.0
 
 def worker_argv(job: str, config_path: Path | None, *, command: str = "run", json_mode: bool = False,
                 extra_args: Sequence[str] = ()) -> tuple[str, ...]:
-    """The command line of a worker: `python -m kkua_backupd COMMAND JOB [--config PATH] ...`."""
-    argv: list[str] = [sys.executable, "-m", "kkua_backupd", command, job]
+    """The command line of a worker: `python -m kkua_backupd COMMAND [JOB] [--config PATH] ...` (no JOB for a
+    command that takes none, such as `push`)."""
+    argv: list[str] = [sys.executable, "-m", "kkua_backupd", command, *([job] if job else [])]
     if config_path is not None:
         argv += ["--config", str(config_path)]
     argv += list(extra_args)

@@ -28,6 +28,7 @@ from kkua_backupd.proc.workers import descendants
 from kkua_backupd.store.lock import holder_of
 from tests.conftest import Env, RedisEnv
 from tests.support.helpers import wait_for
+from tests.support.receiver import Receiver
 
 UTC = dt.UTC
 SO_TIMESTAMPNS = 35  # Linux <asm-generic/socket.h>; also the ancillary type SCM_TIMESTAMPNS
@@ -186,9 +187,11 @@ def once_at(when: dt.datetime) -> str:
 
 
 def status_json(env: Env) -> dict[str, Any]:
+    """`status --json`, which exits 1 exactly when a job's last run failed (none is overdue in these tests)."""
     result = env.run("status", "--json")
-    assert result.returncode == 0, result.stdout + result.stderr
     doc: dict[str, Any] = json.loads(result.stdout)
+    failed = any(job["last_result"] == "failed" for job in doc["jobs"].values())
+    assert result.returncode == (1 if failed else 0), result.stdout + result.stderr
     return doc
 
 
@@ -514,15 +517,24 @@ def test_a_worker_that_ignores_sigterm_is_killed_with_its_children(env: Env, wor
     (fake / "pg_dump").write_text(f'#!/bin/sh\n[ "$1" = "--version" ] && exec {real} --version\n'
                                   "trap '' TERM\nexec sleep 600\n")
     (fake / "pg_dump").chmod(0o755)
+    receiver = Receiver().__enter__()  # the killed worker cannot tell its failure: the daemon does
+    hc = workdir / "hc.url"
+    hc.write_text(f"{receiver.url}/hc/x\n")
+    hc.chmod(0o600)
     write_daemon_config(env, schedule={"postgres": once_at(at_utc(4))}, daemon={"stop_grace": 1},
-                        bin_dir=str(fake))
-    daemon = start_daemon()
-    daemon.wait_ready()
-    (started,) = daemon.wait_log("job started job=postgres")
-    worker = worker_pid(started)
-    sleeper = wait_for(lambda: [p for p in descendants(worker) if _cmdline(p).startswith("sleep 600")],
-                       "the fake pg_dump", 60)
-    assert daemon.stop() == 0
+                        bin_dir=str(fake), extra=f'\n[notify]\nhealthchecks_url_file = "{hc}"\ntimeout = 2\n')
+    try:
+        daemon = start_daemon()
+        daemon.wait_ready()
+        (started,) = daemon.wait_log("job started job=postgres")
+        worker = worker_pid(started)
+        sleeper = wait_for(lambda: [p for p in descendants(worker) if _cmdline(p).startswith("sleep 600")],
+                           "the fake pg_dump", 60)
+        assert daemon.stop() == 0
+        assert [r.path for r in receiver.requests] == ["/hc/x/start", "/hc/x/fail"]
+        assert "worker was killed by signal SIGKILL" in receiver.requests[-1].body.decode()
+    finally:
+        receiver.__exit__()
     assert "job did not stop within the grace period; killing its processes job=postgres" in daemon.log()
     wait_for(lambda: not any(_alive(p) for p in [worker, *sleeper]), "the worker and its pg_dump to be gone", 10)
     assert listed(env) == []  # a partial file may stay; it is never a set, and the next backup removes it

@@ -108,11 +108,15 @@ def _children(pid: int) -> list[int]:
 
 
 class Container:
-    """One booted container: overlay of / at `root`, systemd-nspawn, and commands run inside with nsenter."""
+    """One booted container: overlay of `lower` (the machine's own / unless told) at `root`, systemd-nspawn
+    (with a network of its own unless `private_network` is off: then 127.0.0.1 is the machine's), and
+    commands run inside with nsenter."""
 
-    def __init__(self, base: Path, name: str) -> None:
+    def __init__(self, base: Path, name: str, lower: Path = Path("/"), private_network: bool = True) -> None:
         self.base = base
         self.name = name
+        self.lower = lower
+        self.private_network = private_network
         self.root = base / "root"
         self.log_path = base / "nspawn.log"
         self.nspawn: subprocess.Popen[bytes] | None = None
@@ -122,20 +126,21 @@ class Container:
         self._closed = False
 
     def mount(self) -> None:
-        """Mount the overlay (lowerdir=/); raises CannotBoot with mount's message when it is refused."""
+        """Mount the overlay (lowerdir=`lower`); raises CannotBoot with mount's message when it is refused."""
         upper, work = self.base / "upper", self.base / "work"
         for path in (upper, work, self.root):
             path.mkdir(mode=0o755)
         result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                                 f"lowerdir=/,upperdir={upper},workdir={work}", str(self.root)],
+                                 f"lowerdir={self.lower},upperdir={upper},workdir={work}", str(self.root)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise CannotBoot(f"cannot mount an overlay of / with its upper dir in {self.base.parent}: "
+            raise CannotBoot(f"cannot mount an overlay of {self.lower} with its upper dir in {self.base.parent}: "
                              f"{result.stderr.strip()}")
 
     def start(self) -> None:
         """Start systemd-nspawn in the background (output to nspawn.log); the boot goes on without us."""
-        argv = ["systemd-nspawn", f"--directory={self.root}", "--register=no", "--keep-unit", "--private-network",
+        network = ["--private-network"] if self.private_network else []
+        argv = ["systemd-nspawn", f"--directory={self.root}", "--register=no", "--keep-unit", *network,
                 "--boot", f"--machine={self.name}", "--console=passive", "--", "systemd.firstboot=off"]
         with self.log_path.open("wb") as out:
             # A session of its own: a Ctrl-C at the terminal must reach pytest (which tears down), not nspawn.
@@ -294,12 +299,13 @@ def _tmp_candidates() -> list[Path]:
     return found
 
 
-def boot_container(name: str) -> Container:
-    """Mount an overlay of / in the first temp dir that allows it and start booting it; raises CannotBoot."""
+def boot_container(name: str, lower: Path = Path("/"), private_network: bool = True) -> Container:
+    """Mount an overlay of `lower` (/ unless told) in the first temp dir that allows it and start booting it
+    (see Container); raises CannotBoot."""
     problems = []
     for parent in _tmp_candidates():
         reap_leftovers(parent)
-        container = Container(Path(tempfile.mkdtemp(prefix="kkua-system-", dir=parent)), name)
+        container = Container(Path(tempfile.mkdtemp(prefix="kkua-system-", dir=parent)), name, lower, private_network)
         try:
             container.mount()
         except CannotBoot as exc:

@@ -403,11 +403,13 @@ def command_lines(system: KkuaSystem) -> Iterator[list[str]]:
 def test_units_verify_and_security_exposure(kkua_system: KkuaSystem, timers_installed: str) -> None:
     """`systemd-analyze verify` accepts every installed unit; `security` rates the services below the threshold."""
     s = kkua_system
-    units = ["kkua-backupd.service", "kkua-backup@postgres.service", "kkua-backup@run.service", *TIMERS]
+    units = ["kkua-backupd.service", "kkua-backup@postgres.service", "kkua-backup@run.service", *TIMERS,
+             "kkua-backup-failure@kkua-backup@postgres.service"]
     result = s.run("systemd-analyze", "verify", *units, check=False, timeout=120)
     ours = [line for line in (result.stdout + result.stderr).splitlines() if "kkua" in line]
     assert result.returncode == 0 and not ours, f"verify:\n{result.stdout}\n{result.stderr}"
-    for unit in ("kkua-backupd.service", "kkua-backup@postgres.service"):
+    for unit in ("kkua-backupd.service", "kkua-backup@postgres.service",
+                 "kkua-backup-failure@kkua-backup@postgres.service"):
         out = s.run("systemd-analyze", "security", unit, "--no-pager", check=False).stdout
         match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
         assert match, out[-2000:]
@@ -415,6 +417,124 @@ def test_units_verify_and_security_exposure(kkua_system: KkuaSystem, timers_inst
         print(f"systemd-analyze security {unit}: exposure {exposure}")
         assert exposure < SECURITY_THRESHOLD, f"{unit}: exposure {exposure}\n{out}"
 
+
+
+# 8b. -----------------------------------------------------------------------------------------------------
+
+# Inside the container (private network): an HTTP receiver standing for healthchecks, writing one JSON line per
+# request, and a port that accepts connections and never answers (a server that hangs).
+RECEIVER = """
+import json, socket, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+out = sys.argv[3]
+hole = socket.socket()
+hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+hole.bind(("127.0.0.1", int(sys.argv[2])))
+hole.listen(64)
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+        with open(out, "a") as fh:
+            fh.write(json.dumps({"path": self.path, "body": body}) + "\\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+HC_PORT, HOLE_PORT = 18093, 18094
+RECEIVED = "/run/kkua-test-received.jsonl"
+TOKEN = "hc-token-in-the-container"  # the URL's secret part, never to be logged
+DROPIN = "/etc/systemd/system/kkua-backup@postgres.service.d/zz-test-timeout.conf"
+
+
+def received(system: KkuaSystem) -> list[dict[str, str]]:
+    out = system.run("cat", RECEIVED, check=False).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def run_failing(system: KkuaSystem, unit: str) -> dict[str, str]:
+    """Start `unit` (which fails), wait for the OnFailure= unit it starts to end; return that unit's props."""
+    failure_unit = f"kkua-backup-failure@{unit.removesuffix('.service')}.service"
+    before = system.show(failure_unit, "InvocationID")["InvocationID"]
+    system.run("systemctl", "reset-failed", unit, check=False)
+    system.run("systemctl", "start", unit, check=False, timeout=120)
+
+    def ended() -> dict[str, str] | None:
+        props = system.show(failure_unit, "InvocationID", "ActiveState", "Result", "ExecMainStatus", "User")
+        done = props["InvocationID"] not in ("", before) and props["ActiveState"] in ("inactive", "failed")
+        return props if done else None
+
+    props = wait_until(ended, timeout=60, what=f"{failure_unit} to run and end")
+    return {key: props[key] for key in ("Result", "ExecMainStatus", "User")}
+
+
+@pytest.fixture
+def notified(kkua_system: KkuaSystem, timers_installed: str) -> Iterator[KkuaSystem]:
+    """The receiver running inside, [notify] pointing at it; afterwards the config, units and files as before."""
+    s = kkua_system
+    original = {section: dict(s.config.get(section, {})) for section in ("postgres", "notify")}
+    s.run("rm", "-f", RECEIVED)
+    s.container.write("/run/kkua-test-receiver.py", RECEIVER)
+    s.run("systemd-run", "--unit=kkua-test-receiver", "/usr/bin/python3", "/run/kkua-test-receiver.py",
+          str(HC_PORT), str(HOLE_PORT), RECEIVED)
+    wait_until(lambda: s.run("python3", "-c", f"import socket; socket.create_connection(('127.0.0.1', {HC_PORT}))",
+                             check=False).returncode == 0 or None, timeout=20, what="the receiver to listen")
+    s.container.write("/etc/kkua-backup/hc.url", f"http://127.0.0.1:{HC_PORT}/hc/{TOKEN}\n", mode="0640",
+                      owner="root:kkua-backup")
+    s.write_config(notify={"healthchecks_url_file": "/etc/kkua-backup/hc.url", "timeout": 2})
+    try:
+        yield s
+    finally:
+        s.run("systemctl", "stop", "kkua-test-receiver", check=False)
+        s.run("rm", "-rf", DROPIN.rsplit("/", 1)[0], "/etc/kkua-backup/hc.url", "/run/kkua-test-receiver.py")
+        s.run("systemctl", "daemon-reload")
+        s.run("systemctl", "reset-failed", check=False)
+        s.config["notify"] = original["notify"]
+        if not original["notify"]:
+            del s.config["notify"]
+        s.config["postgres"] = original["postgres"]
+        s.write_config()
+        s.kkua("run", "postgres", timeout=300)  # the next tests expect a last run that succeeded (`status` exits 0)
+
+
+def test_on_failure_tells_a_failed_job_once_and_a_job_killed_by_its_timeout(notified: KkuaSystem) -> None:
+    """A job that fails tells it itself (/start, /fail) and its OnFailure= unit adds nothing; a job that systemd
+    kills at TimeoutStartSec= with SIGKILL cannot, and its OnFailure= unit tells it with the journal's lines."""
+    s = notified
+    unit = "kkua-backup@postgres.service"
+    # 1. A failure the job reports: nothing listens on the port.
+    s.write_config(postgres={"port": 1})
+    props = run_failing(s, unit)
+    assert props == {"Result": "success", "ExecMainStatus": "0", "User": "kkua-backup"}, props
+    paths = [r["path"].split("?")[0] for r in received(s)]
+    assert paths == [f"/hc/{TOKEN}/start", f"/hc/{TOKEN}/fail"], paths
+    assert "cannot reach PostgreSQL" in received(s)[-1]["body"]
+
+    # 2. Killed by its timeout, with SIGKILL: the job says nothing; OnFailure= does.
+    s.write_config(postgres={"port": HOLE_PORT, "connect_timeout": 120})
+    s.run("mkdir", "-p", DROPIN.rsplit("/", 1)[0])
+    s.container.write(DROPIN, "[Service]\nTimeoutStartSec=4s\nKillSignal=SIGKILL\n")
+    s.run("systemctl", "daemon-reload")
+    props = run_failing(s, unit)
+    assert props["Result"] == "success", props
+    assert s.show(unit, "Result")["Result"] == "timeout"
+    got = received(s)[2:]
+    assert [r["path"].split("?")[0] for r in got] == [f"/hc/{TOKEN}/start", f"/hc/{TOKEN}/fail"], got
+    body = got[-1]["body"]
+    assert f"{unit} failed while the job ran; it did not record its end" in body, body
+    assert "run started" in body, body  # a line of the killed job's journal
+    status = json.loads(s.kkua("status", "--json", check=False).stdout)
+    assert status["jobs"]["postgres"]["last_result"] == "failed"
+    assert status["jobs"]["postgres"]["problems"][0].startswith("last run failed: kkua-backup@postgres.service")
+
+    # 3. Killed by its timeout with systemd's SIGTERM: the job tells it itself, once.
+    s.container.write(DROPIN, "[Service]\nTimeoutStartSec=4s\n")
+    s.run("systemctl", "daemon-reload")
+    run_failing(s, unit)
+    got = received(s)[4:]
+    assert [r["path"].split("?")[0] for r in got] == [f"/hc/{TOKEN}/start", f"/hc/{TOKEN}/fail"], got
+    assert "stopped by signal SIGTERM" in got[-1]["body"]
+    assert TOKEN not in journal_text(s, unit) + journal_text(s, f"kkua-backup-failure@{unit[:-8]}.service")
 
 
 # 9. ------------------------------------------------------------------------------------------------------

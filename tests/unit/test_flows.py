@@ -14,19 +14,9 @@ from kkua_backupd.core.context import JobContext, VerifyReport
 from kkua_backupd.errors import JobError
 from kkua_backupd.obs import logs
 from kkua_backupd.sources import BackupOptions
+from kkua_backupd.store import storage
 from kkua_backupd.store.lock import holder_of
-from kkua_backupd.store.storage import (
-    PREFIXES,
-    BackupSet,
-    Kind,
-    Manifest,
-    ManifestFile,
-    base_manifest,
-    data_file_name,
-    list_sets,
-    new_set_id,
-    write_manifest,
-)
+from kkua_backupd.store.storage import BackupSet, Kind, Manifest, ManifestFile
 from kkua_backupd.stream.chain import open_chain
 
 
@@ -44,20 +34,20 @@ class TextSource:
         holder = holder_of(self.backup_dir, self.kind)
         self.seen.append(f"capture: lock {holder and holder.get('purpose')}, "
                          f"partials {sorted(p.name for p in folder.glob('*.partial'))}, aof {options.aof}")
-        prefix = PREFIXES[self.kind]["backup"]
-        set_id, created = new_set_id(folder, prefix)
-        with open_chain(folder / data_file_name(prefix, set_id, ".rdb", "gzip"), "gzip", None, 1,
+        prefix = storage.PREFIXES[self.kind]["backup"]
+        set_id, created = storage.new_set_id(folder, prefix)
+        with open_chain(folder / storage.data_file_name(prefix, set_id, ".rdb", "gzip"), "gzip", None, 1,
                         ctx.stages) as out:
             out.write(b"REDIS0011" + b"x" * 100_000)
             if self.fail:
                 raise JobError("the server went away")
             info = out.close()
-        data = base_manifest(self.kind, "backup", prefix, set_id, created)
+        data = storage.base_manifest(self.kind, "backup", prefix, set_id, created)
         data.update(status="ok", details={}, files=[ManifestFile(name=info.name, size=info.size,
                                                                  sha256=info.sha256, role="rdb",
                                                                  compression="gzip")])
         manifest = Manifest.model_validate(data)
-        write_manifest(folder, manifest)
+        storage.write_manifest(folder, manifest)
         return manifest
 
     def finished(self, ctx: JobContext, manifest: Manifest, started: float) -> None:
@@ -80,7 +70,7 @@ def test_the_flow_cleans_locks_and_hands_the_source_its_folder(ctx: JobContext) 
     data_source = TextSource(backup_dir)
     manifest = flows.backup(ctx, data_source, BackupOptions(aof=True))
     assert data_source.seen == ["capture: lock backup redis, partials [], aof True", "finished: lock None"]
-    sets = list_sets(backup_dir, "redis")
+    sets = storage.list_sets(backup_dir, "redis")
     assert [s.id for s in sets] == [manifest.id] and sets[0].status == "ok"
     assert oct((backup_dir / "redis").stat().st_mode & 0o777) == oct(0o750)
 

@@ -18,9 +18,11 @@ NAME = "kkua_backupd"
 # sources see: it is what core hands a source, and it imports only config, store and errors.
 # config (with schedule) sits under sources: every layer above reads the typed config; it imports only
 # schedule and errors. `version` is kkua_backupd/__init__.py (the version string and nothing else).
+# remote (S3 and SSH stores: put, stat, list, read, delete) sits beside sources, above config: core decides what
+# a set on a remote is and what to copy; a remote only moves files.
 # demo is a front-end beside cli: it may use anything below, and nothing imports it.
-BELOW_CORE = {"core.context", "sources", "config", "schedule", "stream", "store", "proc", "obs", "safefs", "errors",
-              "version"}
+BELOW_CORE = {"core.context", "sources", "remote", "config", "schedule", "stream", "store", "proc", "obs", "safefs",
+              "errors", "version"}
 ALLOWED: dict[str, set[str]] = {
     "cli": {"install", "daemon", "core", *BELOW_CORE},
     "demo": {"core", *BELOW_CORE},
@@ -29,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "core": set(BELOW_CORE),
     "core.context": {"config", "schedule", "store", "stream", "obs", "safefs", "errors", "version"},
     "sources": {"core.context", "config", "schedule", "stream", "store", "proc", "obs", "safefs", "errors", "version"},
+    "remote": {"config", "schedule", "stream", "store", "proc", "obs", "safefs", "errors", "version"},
     "config": {"schedule", "safefs", "errors"},
     "schedule": {"errors"},
     "store": {"stream", "obs", "safefs", "errors", "version"},

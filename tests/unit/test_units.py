@@ -97,7 +97,8 @@ def unit_dir(tmp_path: Path) -> Path:
 
 
 UNITS_TO_CHECK = ("kkua-backupd.service", "kkua-backup@postgres.service", "kkua-backup@run.service",
-                  "kkua-postgres-backup.timer", "kkua-redis-backup.timer", "kkua-backup-retention.timer")
+                  "kkua-postgres-backup.timer", "kkua-redis-backup.timer", "kkua-backup-retention.timer",
+                  "kkua-backup-failure@kkua-backup@postgres.service")
 
 
 @needs_analyze
@@ -108,7 +109,8 @@ def test_systemd_analyze_verify_passes(unit_dir: Path) -> None:
 
 
 @needs_analyze
-@pytest.mark.parametrize("unit", ["kkua-backupd.service", "kkua-backup@postgres.service", "kkua-backup@run.service"])
+@pytest.mark.parametrize("unit", ["kkua-backupd.service", "kkua-backup@postgres.service", "kkua-backup@run.service",
+                                  "kkua-backup-failure@kkua-backup@postgres.service"])
 def test_exposure_stays_low(unit_dir: Path, unit: str) -> None:
     result = subprocess.run(["systemd-analyze", "security", "--offline=true", unit], capture_output=True,
                             text=True, env={"SYSTEMD_UNIT_PATH": f"{unit_dir}:", "PATH": "/usr/bin:/bin"},
@@ -223,3 +225,13 @@ if __name__ == "__main__":  # regenerate the shipped files: .venv/bin/python tes
     for _rel, _text in rendered_files(_params).items():
         shipped(_rel).parent.mkdir(exist_ok=True)
         shipped(_rel).write_text(_text)
+
+
+def test_jobs_and_the_daemon_tell_their_failure_through_on_failure() -> None:
+    files = rendered_files(UnitParams())
+    for unit in ("kkua-backup@.service", "kkua-backupd.service"):
+        assert "\nOnFailure=kkua-backup-failure@%N.service\n" in files[install.UNIT_DIR / unit], unit
+    failure = files[install.UNIT_DIR / "kkua-backup-failure@.service"]
+    assert "\nExecStart=/opt/kkua-backupd/bin/kkua-backup notify-failure %i\n" in failure
+    assert "\nOnFailure=" not in failure  # a failing notice does not start another
+    assert "\nSupplementaryGroups=systemd-journal\n" in failure

@@ -1,0 +1,118 @@
+"""Every `kkua-backup` command shown in README.md, README.ko.md and docs/ runs, as written, against a
+throwaway config (a real PostgreSQL with the sample data and a real redis-server), so the docs cannot drift
+from the command line: none may be refused as bad usage (exit 2) or crash; the read-only and backup
+commands must succeed. Example ids and file names (`20240115_020000`, `kkua_backup_..._020000.sql.gz`) are
+replaced by the newest real set of that kind; installers get `--root` into a temp folder. The failure
+message lists each command that failed with its file and line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from kkua_backupd.demo.sandbox import ThrowawayPostgres, create_sample_data
+from kkua_backupd.sources.redis.local import LocalRedis
+
+from ..conftest import REDIS_TEST_PASSWORD, _toml
+from ..support.doc_commands import commands
+
+# Not run here, with the reason: they act on this machine's systemd or crontab (the system tests run them).
+NOT_RUN = {("systemd", "run"): "starts units of this machine's systemd (tests/system/test_systemd.py)",
+           ("systemd", "status"): "asks this machine's systemd (tests/system/test_systemd.py)",
+           ("cron", "install", "--user"): "would change this machine's root crontab"}
+WITH_ROOT = {("systemd", "install"), ("systemd", "uninstall"), ("cron", "install"), ("cron", "uninstall"),
+             ("cron", "status"), ("cron", "test")}
+# Documented as working on a healthy setup: these must exit 0 here.
+MUST_SUCCEED = re.compile(r"^(--version|(--json )?config check|list\b|status$|verify (latest|all)$|"
+                          r"prune --dry-run|backup (postgres|redis|all)\b|run (postgres|redis|all)$)")
+SYNOPSIS = re.compile(r"[\[\]<>|]|\.\.\.|\bFILE\b|\bNAME\b|\bREMOTE\b|\bN\b")
+EXAMPLE_ID = re.compile(r"\d{8}_\d{6}")
+EXAMPLE_FILE = re.compile(r"^(kkua_backup_|redis_backup_|safety_backup_before_restore_)\d{8}_\d{6}(\..+)$")
+# Documented commands that need a config key the throwaway config leaves out on purpose (a file-mode
+# Redis restore stops and starts the server: not this test's shared redis-server): they must be refused as
+# a config error naming that key.
+NEEDS_KEY = {"--mode file": "redis.stop_command"}
+
+
+def test_every_documented_command_runs(pg_server: ThrowawayPostgres, tmp_path: Path) -> None:
+    documented = commands()
+    assert len(documented) >= 60, f"only {len(documented)} commands found in the docs: is the parser broken?"
+    database = f"kkua_docs_{os.getpid()}"
+    pg_server.create_database(database)
+    with pg_server.connect(database) as conn:
+        create_sample_data(conn)
+    (tmp_path / "pg.pass").write_text(pg_server.password + "\n")
+    (tmp_path / "redis.pass").write_text(REDIS_TEST_PASSWORD + "\n")
+    for name in ("pg.pass", "redis.pass"):
+        (tmp_path / name).chmod(0o600)
+    with LocalRedis(tmp_path / "redis", password=REDIS_TEST_PASSWORD, settings={"appendonly": "yes"}) as redis_server:
+        redis_server.client(0).set("session:1", "value")
+        config = tmp_path / "config.toml"
+        sections = {
+            "postgres": {"host": "127.0.0.1", "port": pg_server.port, "database": database, "user": "postgres",
+                         "password_file": str(tmp_path / "pg.pass")},
+            "redis": {"host": "127.0.0.1", "port": redis_server.port,
+                      "password_file": str(tmp_path / "redis.pass")},
+        }
+        lines = [f'backup_dir = "{tmp_path}/backups"', f'log_dir = "{tmp_path}/logs"']
+        for section, keys in sections.items():
+            lines += ["", f"[{section}]"] + [f"{key} = {_toml(value)}" for key, value in keys.items()]
+        config.write_text("\n".join(lines) + "\n")
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("DATABASE_", "REDIS_", "BACKUP_", "FORCE_", "TEST_", "JOURNAL_"))}
+        env.update({"KKUA_BACKUP_CONFIG": str(config), "KKUA_NO_PROGRESS": "1"})
+
+        def kkua(args: list[str], extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "kkua_backupd", *args], input="", capture_output=True,
+                                  text=True, timeout=300, env={**env, **(extra or {})}, check=False)
+
+        # Sets, an AOF and safety backups for the examples to name.
+        for setup in (["backup", "all"], ["backup", "redis", "--aof"], ["restore", "postgres", "latest", "--force"],
+                      ["restore", "redis", "latest", "--force", "--flush"]):
+            done = kkua(setup)
+            assert done.returncode == 0, (setup, done.stdout + done.stderr)
+        problems: list[str] = []
+        ran: set[tuple[tuple[str, str], ...] | tuple[str, ...]] = set()
+        for command in documented:
+            words = " ".join(command.args)
+            if SYNOPSIS.search(words) or command.args[:3] in NOT_RUN or command.args[:2] in NOT_RUN:
+                continue
+            args = _real_names(list(command.args), tmp_path / "backups")
+            if tuple(args[:2]) in WITH_ROOT:
+                args += ["--root", str(tmp_path / "root")]
+            key = (*command.env, *args)
+            if key in ran:
+                continue
+            ran.add(key)
+            result = kkua(args, dict(command.env))
+            output = result.stdout + result.stderr
+            needed = next((key for flag, key in NEEDS_KEY.items() if flag in words), None)
+            if needed and result.returncode == 2 and needed in output:
+                continue
+            if result.returncode == 2 or "Traceback" in output or \
+                    (MUST_SUCCEED.match(words) and result.returncode != 0):
+                problems.append(f"{command} -> exit {result.returncode}: {output.strip()[-400:]}")
+        assert len(ran) >= 40
+        assert problems == [], "documented commands that do not work:\n" + "\n".join(problems)
+
+
+def _real_names(args: list[str], backups: Path) -> list[str]:
+    """`args` with example file names replaced by the newest real file of the same prefix and extension,
+    and example set ids by the newest set of the kind the command names."""
+    kind = "redis" if "redis" in args else "postgres"
+    real = []
+    for arg in args:
+        example = EXAMPLE_FILE.match(arg)
+        if example:
+            prefix, suffix = example.groups()
+            found = sorted(p.name for p in (backups / kind).glob(f"{prefix}*{suffix}")
+                           if EXAMPLE_FILE.match(p.name))
+            real.append(found[-1] if found else arg)
+            continue
+        sets = sorted((backups / kind).glob("*_backup_*.manifest.json"))
+        newest = EXAMPLE_ID.search(sets[-1].name) if sets else None
+        real.append(EXAMPLE_ID.sub(newest.group(0), arg) if newest else arg)
+    return real

@@ -1,0 +1,94 @@
+"""The alert rules of docs/monitoring.md, as an operator copies them: valid for Prometheus (`promtool check
+rules`) and firing when, and only when, they should (`promtool test rules` on series that stop and go on)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "monitoring.md"
+PROMTOOL = shutil.which("promtool")
+
+pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool is missing (Debian package prometheus; "
+                                                           "scripts/setup.sh installs it)")
+
+
+def rules_file(tmp_path: Path) -> Path:
+    match = re.search(r"```yaml\n(groups:.*?)```", DOC.read_text(), re.S)
+    assert match, "docs/monitoring.md has no ```yaml block starting with groups:"
+    path = tmp_path / "kkua-backup.rules.yml"
+    path.write_text(match.group(1))
+    return path
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_rules_are_valid(tmp_path: Path) -> None:
+    result = promtool("check", "rules", str(rules_file(tmp_path)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout
+
+
+def _alert(labels: dict[str, str], summary: str, description: str) -> dict[str, object]:
+    return {"exp_labels": labels, "exp_annotations": {"summary": summary, "description": description}}
+
+
+def test_the_rules_fire_when_backups_stop_or_fail(tmp_path: Path) -> None:
+    rules = rules_file(tmp_path)
+    prom = "/var/lib/prometheus/node-exporter/kkua_backup.prom"
+    # One sample per hour from time 0. PostgreSQL succeeded once, at 0, and never again; Redis every hour.
+    series = [
+        {"series": 'kkua_backup_last_success_timestamp_seconds{backup_job="postgres",instance="db1"}',
+         "values": "0x30"},
+        {"series": 'kkua_backup_last_success_timestamp_seconds{backup_job="redis",instance="db1"}',
+         "values": "0+3600x30"},
+        {"series": f'node_textfile_mtime_seconds{{file="{prom}",instance="db1"}}', "values": "0x30"},
+        {"series": f'node_textfile_mtime_seconds{{file="{prom}",instance="db2"}}', "values": "0+3600x30"},
+        {"series": 'kkua_backup_last_run_success{backup_job="postgres",instance="db1"}', "values": "1 1 0x28"},
+        {"series": 'kkua_backup_last_run_success{backup_job="redis",instance="db1"}', "values": "1x30"},
+        {"series": 'kkua_backup_last_test_restore_success{backup_job="postgres",instance="db1"}',
+         "values": "1 1 1 0x27"},
+    ]
+    stale = _alert({"severity": "critical", "backup_job": "postgres", "instance": "db1"},
+                   "db1: no successful postgres backup for more than 26 h",
+                   "Run `kkua-backup status` and `kkua-backup check` on the host.")
+    not_run = _alert({"severity": "critical", "file": prom, "instance": "db1"},
+                     "db1: kkua-backup has not run for more than 26 h",
+                     "Check `systemctl list-timers 'kkua-*'` or `systemctl status kkua-backupd`.")
+    failed = _alert({"severity": "warning", "backup_job": "postgres", "instance": "db1"},
+                    "db1: the last postgres job failed",
+                    "`kkua-backup status` says why; `journalctl -u kkua-backup@postgres`.")
+    test_failed = _alert({"severity": "critical", "backup_job": "postgres", "instance": "db1"},
+                         "db1: the last test restore of postgres failed",
+                         "The newest set is marked failed and is not used by `restore latest`; see `kkua-backup list`.")
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1h",
+            "input_series": series,
+            "alert_rule_test": [
+                {"eval_time": "25h", "alertname": "KkuaBackupNoRecentSuccess", "exp_alerts": []},
+                {"eval_time": "27h", "alertname": "KkuaBackupNoRecentSuccess", "exp_alerts": [stale]},
+                {"eval_time": "25h", "alertname": "KkuaBackupMetricsNotUpdated", "exp_alerts": []},
+                {"eval_time": "27h", "alertname": "KkuaBackupMetricsNotUpdated", "exp_alerts": [not_run]},
+                {"eval_time": "1h", "alertname": "KkuaBackupLastRunFailed", "exp_alerts": []},
+                {"eval_time": "2h", "alertname": "KkuaBackupLastRunFailed", "exp_alerts": [failed]},
+                {"eval_time": "2h", "alertname": "KkuaBackupTestRestoreFailed", "exp_alerts": []},
+                {"eval_time": "3h", "alertname": "KkuaBackupTestRestoreFailed", "exp_alerts": [test_failed]},
+            ],
+        }],
+    }
+    spec = tmp_path / "tests.yml"
+    spec.write_text(json.dumps(tests))  # JSON is YAML
+    result = promtool("test", "rules", str(spec))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
