@@ -55,6 +55,9 @@ fi
 find "$stage$app/lib" -type f \( -name '*.py' -o -name '*.so' -o -name '*.so.*' -o -name '*.pyi' \) \
   -exec chmod 0644 {} +
 find "$stage$app/lib" -type f \( -name '*.so' -o -name '*.so.*' \) -exec strip --strip-unneeded {} +
+# A module is imported, never run: a `#!` first line on one (prometheus_client has some) only makes lintian
+# ask for an executable bit it must not have, so the line goes.
+find "$stage$app/lib" -type f -name '*.py' -exec sed -i '1{/^#!/d}' {} +
 
 # 2. Commands, units, users, folders, the conffile, documentation.
 install -d "$stage/usr/bin" "$stage/lib/systemd/system/kkua-backup@run.service.d" "$stage/usr/lib/sysusers.d" \
