@@ -70,7 +70,7 @@ def named_commands(paths: list[Path]) -> dict[str, str]:
         if not words:
             continue
         name = " ".join(words[:2]) if words[0] in TWO_WORDS and len(words) > 1 else words[0]
-        if not re.fullmatch(r"[a-z]+( [a-z]+)?", name):
+        if not re.fullmatch(r"[a-z][a-z-]*( [a-z][a-z-]*)?", name):  # `notify-failure`, `key signing-key`
             continue  # a placeholder or example value, not a command
         found.setdefault(name, path)
         for option in (arg.split("=")[0] for arg in args if arg.startswith("--")):
