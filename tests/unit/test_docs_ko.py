@@ -114,7 +114,8 @@ def _missing(source: dict[str, str], target: dict[str, str], what: str, where: s
 
 def test_korean_pages_exist() -> None:
     for name in ("README.ko.md", "docs/ko/install.md", "docs/ko/configuration.md", "docs/ko/backup-restore.md",
-                 "docs/ko/disaster-recovery.md", "docs/ko/guide-mapping.md"):
+                 "docs/ko/disaster-recovery.md", "docs/ko/guide-mapping.md", "docs/ko/offsite.md",
+                 "docs/ko/monitoring.md"):
         assert (ROOT / name).is_file(), name
 
 
