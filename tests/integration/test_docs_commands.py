@@ -2,11 +2,16 @@
 throwaway config (a real PostgreSQL with the sample data and a real redis-server), so the docs cannot drift
 from the command line: none may be refused as bad usage (exit 2) or crash; the read-only and backup
 commands must succeed. Example ids and file names (`20240115_020000`, `kkua_backup_..._020000.sql.gz`) are
-replaced by the newest real set of that kind; installers get `--root` into a temp folder. The failure
-message lists each command that failed with its file and line."""
+replaced by the newest real set of that kind; installers get `--root` into a temp folder. The remote the
+docs call `offsite` is a real S3 server (`rclone serve s3`, tests/support/remotes.py), in the config of the
+commands that name a remote, whose backup folder holds the sets of one `backup all` (each backup of the
+others would push too, and pushing every set of theirs takes minutes on a loaded machine). `check` exits with
+the Nagios code of exactly the checks a throwaway setup cannot pass. The failure message lists each command
+that failed with its file and line."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,6 +23,7 @@ from kkua_backupd.sources.redis.local import LocalRedis
 
 from ..conftest import REDIS_TEST_PASSWORD, _toml
 from ..support.doc_commands import commands
+from ..support.remotes import RcloneS3
 
 # Not run here, with the reason: they act on this machine's systemd or crontab (the system tests run them).
 NOT_RUN = {("systemd", "run"): "starts units of this machine's systemd (tests/system/test_systemd.py)",
@@ -27,7 +33,14 @@ WITH_ROOT = {("systemd", "install"), ("systemd", "uninstall"), ("cron", "install
              ("cron", "status"), ("cron", "test")}
 # Documented as working on a healthy setup: these must exit 0 here.
 MUST_SUCCEED = re.compile(r"^(--version|(--json )?config check|list\b|status$|verify (latest|all)$|"
-                          r"prune --dry-run|backup (postgres|redis|all)\b|run (postgres|redis|all)$)")
+                          r"prune --dry-run|backup (postgres|redis|all)\b|run (postgres|redis|all)$|push$|"
+                          r"verify --remote offsite( --download)?$)")
+# `check` on this throwaway setup: the checks it cannot pass, with their level and why; every other check
+# must be OK, and the exit code must be the Nagios code of the worst of these (docs/monitoring.md).
+CHECK_NOT_OK = {"installed": ("WARN", "no timer, daemon or cron block runs the jobs of this throwaway config"),
+                "retention.last-run": ("WARN", "the README's `check` comes before any documented `run retention`")}
+CHECK_EXIT = {"OK": 0, "WARN": 1, "FAIL": 2, "UNKNOWN": 3}
+CHECK_RANK = ["OK", "WARN", "UNKNOWN", "FAIL"]  # a failure outranks an unknown, which outranks a warning
 SYNOPSIS = re.compile(r"[\[\]<>|]|\.\.\.|\bFILE\b|\bNAME\b|\bREMOTE\b|\bN\b")
 EXAMPLE_ID = re.compile(r"\d{8}_\d{6}")
 EXAMPLE_FILE = re.compile(r"^(kkua_backup_|redis_backup_|safety_backup_before_restore_)\d{8}_\d{6}(\..+)$")
@@ -48,7 +61,9 @@ def test_every_documented_command_runs(pg_server: ThrowawayPostgres, tmp_path: P
     (tmp_path / "redis.pass").write_text(REDIS_TEST_PASSWORD + "\n")
     for name in ("pg.pass", "redis.pass"):
         (tmp_path / name).chmod(0o600)
-    with LocalRedis(tmp_path / "redis", password=REDIS_TEST_PASSWORD, settings={"appendonly": "yes"}) as redis_server:
+    s3 = RcloneS3(tmp_path / "s3")
+    with LocalRedis(tmp_path / "redis", password=REDIS_TEST_PASSWORD, settings={"appendonly": "yes"}) as redis_server, \
+            s3:
         redis_server.client(0).set("session:1", "value")
         config = tmp_path / "config.toml"
         sections = {
@@ -61,6 +76,9 @@ def test_every_documented_command_runs(pg_server: ThrowawayPostgres, tmp_path: P
         for section, keys in sections.items():
             lines += ["", f"[{section}]"] + [f"{key} = {_toml(value)}" for key, value in keys.items()]
         config.write_text("\n".join(lines) + "\n")
+        with_remote = tmp_path / "with-remote.toml"
+        with_remote.write_text(config.read_text().replace(f'"{tmp_path}/backups"', f'"{tmp_path}/remote-backups"')
+                               + s3.remote_toml("offsite", tmp_path))
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("DATABASE_", "REDIS_", "BACKUP_", "FORCE_", "TEST_", "JOURNAL_"))}
         env.update({"KKUA_BACKUP_CONFIG": str(config), "KKUA_NO_PROGRESS": "1"})
@@ -74,6 +92,8 @@ def test_every_documented_command_runs(pg_server: ThrowawayPostgres, tmp_path: P
                       ["restore", "redis", "latest", "--force", "--flush"]):
             done = kkua(setup)
             assert done.returncode == 0, (setup, done.stdout + done.stderr)
+        pushed = kkua(["backup", "all"], {"KKUA_BACKUP_CONFIG": str(with_remote)})
+        assert pushed.returncode == 0 and s3.objects(), pushed.stdout + pushed.stderr
         problems: list[str] = []
         ran: set[tuple[tuple[str, str], ...] | tuple[str, ...]] = set()
         for command in documented:
@@ -87,16 +107,38 @@ def test_every_documented_command_runs(pg_server: ThrowawayPostgres, tmp_path: P
             if key in ran:
                 continue
             ran.add(key)
-            result = kkua(args, dict(command.env))
+            remote = args[0] == "push" or "--remote" in args or "--from" in args
+            result = kkua(args, dict(command.env) | ({"KKUA_BACKUP_CONFIG": str(with_remote)} if remote else {}))
             output = result.stdout + result.stderr
             needed = next((key for flag, key in NEEDS_KEY.items() if flag in words), None)
             if needed and result.returncode == 2 and needed in output:
+                continue
+            if args in (["check"], ["--json", "check"]):
+                problems += _check_problems(command, result, kkua(["--json", "check"]))
                 continue
             if result.returncode == 2 or "Traceback" in output or \
                     (MUST_SUCCEED.match(words) and result.returncode != 0):
                 problems.append(f"{command} -> exit {result.returncode}: {output.strip()[-400:]}")
         assert len(ran) >= 40
+        assert {("check",), ("push",), ("list", "--remote", "offsite")} <= ran, ran
         assert problems == [], "documented commands that do not work:\n" + "\n".join(problems)
+
+
+def _check_problems(command: object, result: subprocess.CompletedProcess[str],
+                    as_json: subprocess.CompletedProcess[str]) -> list[str]:
+    """What is wrong with a documented `check` run: a check other than CHECK_NOT_OK's that is not OK, one
+    of those at another level, or an exit code that is not the Nagios code of the worst level."""
+    if "Traceback" in result.stdout + result.stderr:
+        return [f"{command} -> crashed: {(result.stdout + result.stderr)[-400:]}"]
+    levels = {item["name"]: item["level"] for item in json.loads(as_json.stdout)["checks"]}
+    wrong = {name: level for name, level in levels.items()
+             if level != CHECK_NOT_OK.get(name, ("OK", ""))[0]}
+    worst = max((level for level, _ in CHECK_NOT_OK.values()), key=CHECK_RANK.index)
+    expected = CHECK_EXIT[worst]
+    if wrong or result.returncode != expected or as_json.returncode != expected:
+        return [f"{command} -> exit {result.returncode} (json: {as_json.returncode}), expected {expected}; "
+                f"checks not at their expected level: {wrong}: {result.stdout.strip()[-600:]}"]
+    return []
 
 
 def _real_names(args: list[str], backups: Path) -> list[str]:

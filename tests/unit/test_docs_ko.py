@@ -6,13 +6,15 @@ failure names the command or key and the English page that names it, so the Kore
 from __future__ import annotations
 
 import re
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
-from kkua_backupd.config import Config
+from kkua_backupd.config import NOTIFY_ENV, S3_CREDENTIAL_KEYS, Config
 
 from ..support.doc_commands import ROOT, commands_in
 
@@ -21,18 +23,35 @@ KOREAN = [ROOT / "README.ko.md", *sorted((ROOT / "docs" / "ko").glob("*.md"))]
 # Commands whose second word is a kind or an action: `restore redis`, `systemd install`, ...
 TWO_WORDS = {"backup", "run", "restore", "systemd", "cron", "config", "key"}
 # Only what a person sets: the guide's variables and the tool's own.
+# The notice URLs (KKUA_HEALTHCHECKS_URL, ...) and the S3 keys (AWS_*) come from the config module's own lists.
 ENV_VAR = re.compile(r"\b(?:(?:DATABASE|REDIS)_(?:HOST|PORT|NAME|USER|PASSWORD)|BACKUP_RETENTION_DAYS|BACKUP_AOF|"
-                     r"FORCE_RESTORE|TEST_RESTORE|KKUA_BACKUP_CONFIG|KKUA_NO_PROGRESS)\b")
-SECTION_HEADING = re.compile(r"^#+ .*`?\[([a-z_]+)\]`?")
+                     r"FORCE_RESTORE|TEST_RESTORE|KKUA_BACKUP_CONFIG|KKUA_NO_PROGRESS|"
+                     + "|".join(sorted([*NOTIFY_ENV, *S3_CREDENTIAL_KEYS])) + r")\b")
+# `[postgres]`, and `[[remote]]` (a list of tables: its keys are remote.url, ...).
+SECTION_HEADING = re.compile(r"^#+ .*`?\[\[?([a-z_]+)\]\]?`?")
+TOML_SECTION = re.compile(r"^\[\[?([a-z_]+)\]\]?")
 TABLE_KEY = re.compile(r"^\|\s*`([a-z_]+)`\s*\|")
 TOML_KEY = re.compile(r"^#?\s*([a-z_]+)\s*=")
+
+
+def _section_model(annotation: object) -> type[BaseModel] | None:
+    """The model of a section: `PostgresConfig`, `EncryptionConfig | None` (an optional section) or
+    `list[RemoteConfig]` (a list of tables, `[[remote]]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType):
+        models = [model for arg in typing.get_args(annotation) if (model := _section_model(arg)) is not None]
+        return models[0] if len(models) == 1 else None
+    return None
 
 
 def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     found = []
     for name, field in model.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            found += _key_paths(field.annotation, f"{prefix}{name}.")
+        section = _section_model(field.annotation)
+        if section is not None:
+            found += _key_paths(section, f"{prefix}{name}.")
         elif name != "password":  # filled from password_file or the environment, never written in the file
             found.append(prefix + name)
     return found
@@ -51,7 +70,7 @@ def named_commands(paths: list[Path]) -> dict[str, str]:
         if not words:
             continue
         name = " ".join(words[:2]) if words[0] in TWO_WORDS and len(words) > 1 else words[0]
-        if not re.fullmatch(r"[a-z]+( [a-z]+)?", name):
+        if not re.fullmatch(r"[a-z][a-z-]*( [a-z][a-z-]*)?", name):  # `notify-failure`, `key signing-key`
             continue  # a placeholder or example value, not a command
         found.setdefault(name, path)
         for option in (arg.split("=")[0] for arg in args if arg.startswith("--")):
@@ -74,7 +93,7 @@ def named_keys(paths: list[Path]) -> dict[str, str]:
         section = ""
         for line in text.splitlines():
             heading = SECTION_HEADING.match(line)
-            toml_section = re.match(r"^\[([a-z_]+)\]", line.strip())
+            toml_section = TOML_SECTION.match(line.strip())
             if heading or toml_section:
                 section = (heading or toml_section).group(1)  # type: ignore[union-attr]
                 section = section if section in SECTIONS else ""
@@ -95,7 +114,8 @@ def _missing(source: dict[str, str], target: dict[str, str], what: str, where: s
 
 def test_korean_pages_exist() -> None:
     for name in ("README.ko.md", "docs/ko/install.md", "docs/ko/configuration.md", "docs/ko/backup-restore.md",
-                 "docs/ko/disaster-recovery.md", "docs/ko/guide-mapping.md"):
+                 "docs/ko/disaster-recovery.md", "docs/ko/guide-mapping.md", "docs/ko/offsite.md",
+                 "docs/ko/monitoring.md"):
         assert (ROOT / name).is_file(), name
 
 
