@@ -34,7 +34,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_rules_are_valid(tmp_path: Path) -> None:
     result = promtool("check", "rules", str(rules_file(tmp_path)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def _alert(labels: dict[str, str], summary: str, description: str) -> dict[str, object]:
@@ -89,6 +89,46 @@ def test_the_rules_fire_when_backups_stop_or_fail(tmp_path: Path) -> None:
     }
     spec = tmp_path / "tests.yml"
     spec.write_text(json.dumps(tests))  # JSON is YAML
+    result = promtool("test", "rules", str(spec))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_the_remote_rules_fire_when_an_upload_waits_or_pushes_stop(tmp_path: Path) -> None:
+    rules = rules_file(tmp_path)
+    # One sample per hour from time 0. offsite: a set pending since 0, the last good push at 0. box: pushed
+    # every hour, nothing pending (no pending_since sample, as the metrics file has none then).
+    series = [
+        {"series": 'kkua_backup_remote_pending_since_timestamp_seconds{remote="offsite",instance="db1"}',
+         "values": "0x30"},
+        {"series": 'kkua_backup_remote_last_push_success_timestamp_seconds{remote="offsite",instance="db1"}',
+         "values": "0x30"},
+        {"series": 'kkua_backup_remote_last_push_success_timestamp_seconds{remote="box",instance="db1"}',
+         "values": "0+3600x30"},
+    ]
+    pending = _alert({"severity": "warning", "remote": "offsite", "instance": "db1"},
+                     "db1: an upload to remote offsite has been pending for more than 2 h",
+                     "`kkua-backup status` shows what and the last error; `kkua-backup check` tests the remote; "
+                     "then `kkua-backup push offsite`.")
+    no_push = _alert({"severity": "critical", "remote": "offsite", "instance": "db1"},
+                     "db1: no successful push to remote offsite for more than 26 h",
+                     "`kkua-backup status` shows the last push's error; `kkua-backup check` tests the remote.")
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1h",
+            "input_series": series,
+            "alert_rule_test": [
+                {"eval_time": "2h", "alertname": "KkuaBackupUploadPending", "exp_alerts": []},
+                {"eval_time": "2h1m", "alertname": "KkuaBackupUploadPending", "exp_alerts": [pending]},
+                {"eval_time": "26h", "alertname": "KkuaBackupNoRecentPush", "exp_alerts": []},
+                {"eval_time": "26h1m", "alertname": "KkuaBackupNoRecentPush", "exp_alerts": [no_push]},
+            ],
+        }],
+    }
+    spec = tmp_path / "tests.yml"
+    spec.write_text(json.dumps(tests))
     result = promtool("test", "rules", str(spec))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
