@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from tests.conftest import Env
 from tests.support.helpers import describe
-from tests.support.node_exporter import NodeExporter
+from tests.support.node_exporter import NodeExporter, daemon_metrics, free_port, samples
 from tests.support.remotes import RcloneS3, Sshd, add_remotes
 
 
@@ -97,6 +98,20 @@ def test_node_exporter_reads_the_remote_metrics_after_a_failed_then_a_good_push_
     status = env.run("--json", "status")
     assert json.loads(status.stdout)["remotes"]["offsite"] | {"ok": True, "problems": []} == \
         json.loads(status.stdout)["remotes"]["offsite"]
+
+    port = free_port()  # the daemon's /metrics serves the same per-remote metrics
+    with env.config_path.open("a") as fh:
+        fh.write(f'listen = "127.0.0.1:{port}"\n')  # [metrics] is the config's last section
+    daemon = subprocess.Popen([sys.executable, "-m", "kkua_backupd.daemon"], env=env.cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        served = samples(daemon_metrics(daemon, port), prefix)
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    assert remote_value(served, f"{prefix}pending_sets", "offsite") == 0
+    assert remote_value(served, f"{prefix}last_push_success", "offsite") == 1
+    assert remote_value(served, f"{prefix}last_push_success_timestamp_seconds", "offsite") == good
 
 
 def checks_of(env: Env) -> tuple[int, dict[str, dict[str, Any]], str]:
