@@ -10,29 +10,16 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.conftest import Env
 from tests.support.helpers import describe
 from tests.support.node_exporter import NodeExporter, daemon_metrics, free_port, samples
 from tests.support.remotes import RcloneS3, Sshd, add_remotes
 
-
-@pytest.fixture
-def s3(workdir: Path) -> Iterator[RcloneS3]:
-    with RcloneS3(workdir) as server:
-        yield server
-
-
-@pytest.fixture
-def sshd(workdir: Path) -> Iterator[Sshd]:
-    with Sshd(workdir) as server:
-        yield server
-
+# The remote test's fixtures (the S3 store and the SSH host), used here by name.
+from .test_remotes import s3, sshd  # noqa: F401
 
 Found = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -54,7 +41,7 @@ def age_pending(env: Env, remote: str, hours: float) -> None:
 
 
 def test_node_exporter_reads_the_remote_metrics_after_a_failed_then_a_good_push_and_status_flags_a_late_upload(
-        env: Env, s3: RcloneS3, workdir: Path) -> None:
+        env: Env, s3: RcloneS3, workdir: Path) -> None:  # noqa: F811 - the fixture imported above
     textfile_dir = workdir / "node-exporter"
     textfile_dir.mkdir()
     add_remotes(env.config_path, s3.remote_toml("offsite", workdir))
@@ -121,7 +108,8 @@ def checks_of(env: Env) -> tuple[int, dict[str, dict[str, Any]], str]:
     return result.returncode, {c["name"]: c for c in json.loads(result.stdout)["checks"]}, human.stdout
 
 
-def test_check_reaches_each_remote_and_says_why_not(env: Env, s3: RcloneS3, sshd: Sshd, workdir: Path) -> None:
+def test_check_reaches_each_remote_and_says_why_not(
+        env: Env, s3: RcloneS3, sshd: Sshd, workdir: Path) -> None:  # noqa: F811 - the fixtures imported above
     base = env.config_path.read_text()
     add_remotes(env.config_path, s3.remote_toml("offsite", workdir), sshd.remote_toml("box"))
     env.run("backup", "postgres", check=True)
