@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Show, per job: schedule, next run, last start, end, result and size; and the daemon's state.\n"
             "Times are in the schedule's zone (schedule.timezone, else local), named on the first line.\n"
             "Exits 1 when a job's last run failed or a job is overdue (no success within its schedule plus\n"
-            "schedule.overdue_after); --json says which in each job's `problems`.")
+            "schedule.overdue_after), or an upload to a remote has been pending longer than twice\n"
+            "schedule.overdue_after; --json says which in each job's and remote's `problems`.")
 
     p = command("systemd", "install, remove or inspect the systemd units and timers",
                 "install: write the units (ExecStart= is this installation), create the user and folders,\n"

@@ -31,6 +31,8 @@ Level = Literal["OK", "WARN", "FAIL", "UNKNOWN"]
 EXIT_CODES: dict[Level, int] = {"OK": 0, "WARN": 1, "FAIL": 2, "UNKNOWN": 3}
 # A disk must hold the next backups with this margin (a set grows between two runs).
 SPACE_MARGIN = 1.2
+# Seconds `check` gives a remote to answer (a push gives it 60).
+CHECK_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -125,16 +127,50 @@ def job_problems(config: Config, jobs: dict[str, dict[str, Any]], moment: dt.dat
     return found
 
 
+def pending_limit(config: Config) -> dt.timedelta:
+    """How long an upload may stay pending before `status` and `check` call it a problem: twice
+    schedule.overdue_after (2 h by default, the alert rule's threshold). The next run, the daemon's retries
+    and `push` send a pending set within that unless the remote stays unreachable (docs/decisions/0016)."""
+    return dt.timedelta(seconds=2 * config.schedule.overdue_after)
+
+
+def upload_problems(config: Config, remotes: dict[str, dict[str, Any]], moment: dt.datetime) -> dict[str, list[str]]:
+    """For `status`: per remote (of a status report's `remotes`), an upload pending longer than
+    `pending_limit`, with the last push's error. Remotes in order are absent."""
+    limit = pending_limit(config)
+    zone = schedule.resolve_zone(config.schedule.timezone)
+    found: dict[str, list[str]] = {}
+    for name, doc in remotes.items():
+        since = state.parse_iso(doc.get("pending_since"))
+        if since is None or moment - since <= limit:
+            continue
+        error = f"; last push failed: {doc['last_error']}" if doc.get("last_error") else ""
+        found[name] = [f"upload pending for more than {_hours(limit)}: {len(doc.get('pending') or [])} set(s) "
+                       f"since {_in_zone(state.iso(since), zone)}{error}"]
+    return found
+
+
+def _hours(span: dt.timedelta) -> str:
+    hours = span.total_seconds() / 3600
+    return f"{hours:g} h"
+
+
 def _in_zone(text: object, zone: dt.tzinfo) -> object:
     when = state.parse_iso(text)
     return state.iso(when.astimezone(zone)) if when is not None else text
 
 
 def mark_problems(config: Config, report: dict[str, Any]) -> dict[str, list[str]]:
-    """Complete a `status` report: each job's `problems` and `ok`, the report's `ok`, and every time shown in
-    the schedule's zone (named in `timezone`). Returns the problems by job (none: every job in order)."""
+    """Complete a `status` report: each job's and remote's `problems` and `ok`, the report's `ok`, and every
+    time shown in the schedule's zone (named in `timezone`). Returns the problems by job and by `remote NAME`
+    (none: everything in order)."""
     zone = schedule.resolve_zone(config.schedule.timezone)
     problems = job_problems(config, report["jobs"], state.now())
+    uploads = upload_problems(config, report.get("remotes", {}), state.now())
+    for name, doc in report.get("remotes", {}).items():
+        doc["problems"] = uploads.get(name, [])
+        doc["ok"] = not doc["problems"]
+    problems.update({f"remote {name}": found for name, found in uploads.items()})
     for job, doc in report["jobs"].items():
         for key in ("next_run", "last_run", "last_end", "last_trigger"):
             doc[key] = _in_zone(doc.get(key), zone)
@@ -366,4 +402,33 @@ def check_monitoring(config: Config) -> list[CheckResult]:
     return results
 
 
-CHECKS: list[Check] = [check_postgres, check_redis, check_backup_dir, check_jobs, check_monitoring]
+# ---------------------------------------------------------------------------------------------
+# The remotes, with the configured credentials
+
+
+def check_remotes(config: Config) -> list[CheckResult]:
+    """Each remote: listed with the configured credentials (the error's own words and fix when it cannot be:
+    wrong secret, unknown host key, down); WARN when an upload has been pending longer than `pending_limit`."""
+    from kkua_backupd.core.remotes import sets_present
+    from kkua_backupd.remote import open_remote
+
+    uploads = upload_problems(config, state.remote_status(config), state.now())
+    results = []
+    for remote_cfg in config.remote:
+        name = f"remote.{remote_cfg.name}"
+        try:
+            with contextlib.closing(open_remote(remote_cfg, timeout=CHECK_TIMEOUT)) as remote:
+                held = len(sets_present(remote))
+        except KkuaError as exc:
+            results.append(CheckResult(name, "FAIL", exc.message, exc.hint or "see docs/remotes.md"))
+            continue
+        where = f"{remote_cfg.url}: reachable, {held} set(s) there"
+        if remote_cfg.name in uploads:
+            results.append(CheckResult(name, "WARN", f"{where}; {uploads[remote_cfg.name][0]}",
+                                       f"kkua-backup push {remote_cfg.name}"))
+        else:
+            results.append(CheckResult(name, "OK", where))
+    return results
+
+
+CHECKS: list[Check] = [check_postgres, check_redis, check_backup_dir, check_jobs, check_remotes, check_monitoring]

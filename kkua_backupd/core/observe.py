@@ -44,7 +44,7 @@ def write_metrics(config: Config, log: Any = None) -> None:
     if path is None:
         return
     try:
-        metrics.write_textfile(path, job_records(config))
+        metrics.write_textfile(path, job_records(config), state.remote_status(config))
     except KkuaError as exc:
         (log or logs.get_logger()).warning(f"metrics not written: {exc}")
 

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kkua_backupd.config import Config, RemoteConfig, RetentionConfig
-from kkua_backupd.core import state
+from kkua_backupd.core import observe, state
 from kkua_backupd.core.context import JobContext
 from kkua_backupd.core.retention import Candidate, select
 from kkua_backupd.errors import IntegrityError, KkuaError, LockHeld, Refused, StorageError, UsageError
@@ -211,6 +211,7 @@ def push(ctx: JobContext, names: Iterable[str] | None = None, *, made: BackupSet
     for remote_cfg in chosen:
         with _push_lock(ctx, remote_cfg.name), contextlib.closing(open_remote(remote_cfg)) as remote:
             _push_one(ctx, remote, remote_cfg, local, made, push_all, report)
+    observe.write_metrics(config, ctx.log)  # the per-remote metrics, after every push (a backup's, too)
     return report
 
 

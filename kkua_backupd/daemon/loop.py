@@ -502,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon.start()
         if loaded.config.metrics.listen is not None:  # a reload does not move it: restart to change it
             host, port = split_listen(loaded.config.metrics.listen)
-            server = MetricsServer(host, port, lambda: observe.job_records(daemon.config))
+            server = MetricsServer(host, port, lambda: observe.job_records(daemon.config),
+                                   lambda: state.remote_status(daemon.config))
             server.start()
             log.info("serving /metrics", listen=f"{host}:{port}")
         status = daemon.status_text()

@@ -112,24 +112,68 @@ class JobsCollector:
             yield since
 
 
-def render(jobs: Mapping[str, Mapping[str, Any]], *, live: bool = False) -> bytes:
-    """The metrics of `jobs` in the Prometheus text format."""
+REMOTE_LABEL = "remote"
+
+
+class RemotesCollector:
+    """Metric families of every configured remote from `load()`, a mapping remote -> its status (what
+    core/state.py's `remote_status` says: `pending` sets, `pending_since`, `last_attempt`, `last_success`,
+    `last_error`). A remote with nothing pending has no `..._pending_since_...` sample (alert on its presence)."""
+
+    def __init__(self, load: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        self.load = load
+
+    def collect(self) -> Iterator[Metric]:
+        remotes = self.load()
+        labels = [REMOTE_LABEL]
+        count = GaugeMetricFamily(f"{PREFIX}_remote_pending_sets",
+                                  "Complete local sets not yet copied to the remote.", labels=labels)
+        since = GaugeMetricFamily(f"{PREFIX}_remote_pending_since_timestamp_seconds",
+                                  "Since when the oldest pending set waits for its upload, Unix time.", labels=labels)
+        attempt = GaugeMetricFamily(f"{PREFIX}_remote_last_push_timestamp_seconds",
+                                    "When the last push to the remote ended, Unix time.", labels=labels)
+        success = GaugeMetricFamily(f"{PREFIX}_remote_last_push_success_timestamp_seconds",
+                                    "When the last successful push to the remote ended, Unix time.", labels=labels)
+        result = GaugeMetricFamily(f"{PREFIX}_remote_last_push_success",
+                                   "1 if the last push to the remote succeeded, 0 if it failed.", labels=labels)
+        for name, doc in remotes.items():
+            pending = doc.get("pending")
+            count.add_metric([name], float(len(pending) if isinstance(pending, list) else 0))
+            for family, key in ((since, "pending_since"), (attempt, "last_attempt"), (success, "last_success")):
+                value = _seconds(doc.get(key))
+                if value is not None:
+                    family.add_metric([name], value)
+            if doc.get("last_attempt"):
+                result.add_metric([name], 0.0 if doc.get("last_error") else 1.0)
+        yield from (count, since, attempt, success, result)
+
+
+def _registry(jobs: Callable[[], Mapping[str, Mapping[str, Any]]],
+              remotes: Callable[[], Mapping[str, Mapping[str, Any]]], *, live: bool) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(JobsCollector(lambda: jobs, live=live))
-    return generate_latest(registry)
+    registry.register(JobsCollector(jobs, live=live))
+    registry.register(RemotesCollector(remotes))
+    return registry
 
 
-def write_textfile(path: Path, jobs: Mapping[str, Mapping[str, Any]]) -> None:
-    """Replace `path` atomically with the metrics of `jobs` (what node_exporter's textfile collector reads:
-    it must never see half a file). The folder must exist (it is node_exporter's); a symlink at `path` is
-    replaced, never written through. Raises StorageError saying what to fix."""
-    data = render(jobs)
+def render(jobs: Mapping[str, Mapping[str, Any]], *, live: bool = False,
+           remotes: Mapping[str, Mapping[str, Any]] | None = None) -> bytes:
+    """The metrics of `jobs` (and of `remotes`, per remote) in the Prometheus text format."""
+    return generate_latest(_registry(lambda: jobs, lambda: remotes or {}, live=live))
+
+
+def write_textfile(path: Path, jobs: Mapping[str, Mapping[str, Any]],
+                   remotes: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Replace `path` atomically with the metrics of `jobs` and `remotes` (what node_exporter's textfile
+    collector reads: it must never see half a file). The folder must exist (it is node_exporter's); a symlink
+    at `path` is replaced, never written through. Raises StorageError saying what to fix."""
+    data = render(jobs, remotes=remotes)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # no .prom suffix: the collector skips it
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, TEXTFILE_MODE)
     except FileExistsError:
         os.unlink(temp)  # left by a run of the same pid killed before its rename
-        return write_textfile(path, jobs)
+        return write_textfile(path, jobs, remotes)
     except OSError as exc:
         raise StorageError(f"cannot write the metrics file {path}: {exc.strerror}",
                            hint=f"make {path.parent} writable by the backup user, or change metrics.textfile") \
@@ -160,12 +204,12 @@ def write_textfile(path: Path, jobs: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 class MetricsServer:
-    """The daemon's `/metrics` endpoint on (host, port), serving `load()` at every scrape, in a thread."""
+    """The daemon's `/metrics` endpoint on (host, port), serving `load()` (and `remotes()`) at every scrape,
+    in a thread."""
 
-    def __init__(self, host: str, port: int, load: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(JobsCollector(load, live=True))
-        handler = MetricsHandler.factory(registry)
+    def __init__(self, host: str, port: int, load: Callable[[], Mapping[str, Mapping[str, Any]]],
+                 remotes: Callable[[], Mapping[str, Mapping[str, Any]]] = dict) -> None:
+        handler = MetricsHandler.factory(_registry(load, remotes, live=True))
         family = ThreadingHTTPServer
         if ":" in host:  # an IPv6 address
             import socket

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env, RedisEnv
-from tests.support.node_exporter import NodeExporter, free_port, samples
+from tests.support.node_exporter import NodeExporter, daemon_metrics, free_port, samples
 from tests.support.receiver import Receiver
 
 TOKEN = "0c6f3a2e-secret-ping-token"  # the part of the URLs that must never be logged
@@ -147,17 +146,7 @@ def test_the_daemon_serves_metrics_only_when_asked(env: Env, receiver: Receiver,
     daemon = subprocess.Popen([sys.executable, "-m", "kkua_backupd.daemon"], env=env.cli_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-                    text = response.read().decode()
-                break
-            except OSError:
-                assert daemon.poll() is None and time.monotonic() < deadline, daemon.stdout.read() if \
-                    daemon.stdout else ""
-                time.sleep(0.2)
-        found = samples(text, "kkua_backup")
+        found = samples(daemon_metrics(daemon, port), "kkua_backup")
         assert value(found, "kkua_backup_last_run_success") == 1
         assert 0 <= value(found, "kkua_backup_since_last_completion_seconds") < 300
     finally:

@@ -76,3 +76,18 @@ def samples(text: str, prefix: str = "") -> dict[tuple[str, tuple[tuple[str, str
             if sample.name.startswith(prefix):
                 found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return found
+
+
+def daemon_metrics(daemon: subprocess.Popen[str], port: int, timeout: float = 30.0) -> str:
+    """The text of a kkua-backupd's /metrics on 127.0.0.1:`port`, once it listens; fails with the daemon's
+    output when it exits or does not listen within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return str(response.read().decode("utf-8"))
+        except OSError:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(daemon.stdout.read() if daemon.stdout else "the daemon does not listen") \
+                    from None
+            time.sleep(0.2)

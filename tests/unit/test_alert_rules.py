@@ -34,15 +34,31 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_rules_are_valid(tmp_path: Path) -> None:
     result = promtool("check", "rules", str(rules_file(tmp_path)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
+
+
+def passes_rule_tests(tmp_path: Path, series: list[dict[str, str]], cases: list[dict[str, object]]) -> None:
+    """`promtool test rules` of the doc's rules on `series` (one sample per hour from time 0) passes `cases`."""
+    tests = {"rule_files": [str(rules_file(tmp_path))], "evaluation_interval": "1m",
+             "tests": [{"interval": "1h", "input_series": series, "alert_rule_test": cases}]}
+    spec = tmp_path / "tests.yml"
+    spec.write_text(json.dumps(tests))  # JSON is YAML
+    result = promtool("test", "rules", str(spec))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
 
 
 def _alert(labels: dict[str, str], summary: str, description: str) -> dict[str, object]:
     return {"exp_labels": labels, "exp_annotations": {"summary": summary, "description": description}}
 
 
+def _fires_between(alertname: str, quiet: str, firing: str, alert: dict[str, object]) -> list[dict[str, object]]:
+    """The cases of one rule: silent at `quiet`, firing with `alert` at `firing`."""
+    return [{"eval_time": quiet, "alertname": alertname, "exp_alerts": []},
+            {"eval_time": firing, "alertname": alertname, "exp_alerts": [alert]}]
+
+
 def test_the_rules_fire_when_backups_stop_or_fail(tmp_path: Path) -> None:
-    rules = rules_file(tmp_path)
     prom = "/var/lib/prometheus/node-exporter/kkua_backup.prom"
     # One sample per hour from time 0. PostgreSQL succeeded once, at 0, and never again; Redis every hour.
     series = [
@@ -69,26 +85,33 @@ def test_the_rules_fire_when_backups_stop_or_fail(tmp_path: Path) -> None:
     test_failed = _alert({"severity": "critical", "backup_job": "postgres", "instance": "db1"},
                          "db1: the last test restore of postgres failed",
                          "The newest set is marked failed and is not used by `restore latest`; see `kkua-backup list`.")
-    tests = {
-        "rule_files": [str(rules)],
-        "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1h",
-            "input_series": series,
-            "alert_rule_test": [
-                {"eval_time": "25h", "alertname": "KkuaBackupNoRecentSuccess", "exp_alerts": []},
-                {"eval_time": "27h", "alertname": "KkuaBackupNoRecentSuccess", "exp_alerts": [stale]},
-                {"eval_time": "25h", "alertname": "KkuaBackupMetricsNotUpdated", "exp_alerts": []},
-                {"eval_time": "27h", "alertname": "KkuaBackupMetricsNotUpdated", "exp_alerts": [not_run]},
-                {"eval_time": "1h", "alertname": "KkuaBackupLastRunFailed", "exp_alerts": []},
-                {"eval_time": "2h", "alertname": "KkuaBackupLastRunFailed", "exp_alerts": [failed]},
-                {"eval_time": "2h", "alertname": "KkuaBackupTestRestoreFailed", "exp_alerts": []},
-                {"eval_time": "3h", "alertname": "KkuaBackupTestRestoreFailed", "exp_alerts": [test_failed]},
-            ],
-        }],
-    }
-    spec = tmp_path / "tests.yml"
-    spec.write_text(json.dumps(tests))  # JSON is YAML
-    result = promtool("test", "rules", str(spec))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS" in result.stdout
+    passes_rule_tests(tmp_path, series, [
+        *_fires_between("KkuaBackupNoRecentSuccess", "25h", "27h", stale),
+        *_fires_between("KkuaBackupMetricsNotUpdated", "25h", "27h", not_run),
+        *_fires_between("KkuaBackupLastRunFailed", "1h", "2h", failed),
+        *_fires_between("KkuaBackupTestRestoreFailed", "2h", "3h", test_failed),
+    ])
+
+
+def test_the_remote_rules_fire_when_an_upload_waits_or_pushes_stop(tmp_path: Path) -> None:
+    # One sample per hour from time 0. offsite: a set pending since 0, the last good push at 0. box: pushed
+    # every hour, nothing pending (no pending_since sample, as the metrics file has none then).
+    series = [
+        {"series": 'kkua_backup_remote_pending_since_timestamp_seconds{remote="offsite",instance="db1"}',
+         "values": "0x30"},
+        {"series": 'kkua_backup_remote_last_push_success_timestamp_seconds{remote="offsite",instance="db1"}',
+         "values": "0x30"},
+        {"series": 'kkua_backup_remote_last_push_success_timestamp_seconds{remote="box",instance="db1"}',
+         "values": "0+3600x30"},
+    ]
+    pending = _alert({"severity": "warning", "remote": "offsite", "instance": "db1"},
+                     "db1: an upload to remote offsite has been pending for more than 2 h",
+                     "`kkua-backup status` shows what and the last error; `kkua-backup check` tests the remote; "
+                     "then `kkua-backup push offsite`.")
+    no_push = _alert({"severity": "critical", "remote": "offsite", "instance": "db1"},
+                     "db1: no successful push to remote offsite for more than 26 h",
+                     "`kkua-backup status` shows the last push's error; `kkua-backup check` tests the remote.")
+    passes_rule_tests(tmp_path, series, [
+        *_fires_between("KkuaBackupUploadPending", "2h", "2h1m", pending),
+        *_fires_between("KkuaBackupNoRecentPush", "26h", "26h1m", no_push),
+    ])

@@ -117,6 +117,61 @@ def test_the_metrics_text_parses_and_says_what_the_records_say() -> None:
     assert live[("kkua_backup_since_last_completion_seconds", pg)] > 0
 
 
+REMOTES = {
+    "offsite": {"url": "s3://b/p",
+                "pending": [{"set": "postgres/20261129_020000", "since": "2026-11-29T02:00:41+09:00"},
+                            {"set": "redis/20261129_030000", "since": "2026-11-29T03:00:05+09:00"}],
+                "pending_since": "2026-11-29T02:00:41+09:00", "last_attempt": "2026-11-29T03:00:06+09:00",
+                "last_success": "2026-11-28T02:00:40+09:00", "last_error": "remote offsite: HTTP 403", "failures": 2},
+    "box": {"url": "sftp://k@h/srv", "pending": [], "pending_since": None, "last_attempt": "2026-11-29T02:00:50+09:00",
+            "last_success": "2026-11-29T02:00:50+09:00", "last_error": None, "failures": 0},
+    "new": {"url": "sftp://k@h2/srv", "pending": [], "pending_since": None, "last_attempt": None,
+            "last_success": None, "last_error": None, "failures": 0},
+}
+
+
+def test_the_remote_metrics_say_what_is_pending_since_when_and_how_the_last_push_went() -> None:
+    found = samples(metrics.render({}, remotes=REMOTES).decode(), "kkua_backup_remote_")
+    offsite, box, new = ((("remote", name),) for name in ("offsite", "box", "new"))
+
+    def stamp(text: str) -> float:
+        return dt.datetime.fromisoformat(text).timestamp()
+
+    assert found[("kkua_backup_remote_pending_sets", offsite)] == 2
+    assert found[("kkua_backup_remote_pending_since_timestamp_seconds", offsite)] == stamp("2026-11-29T02:00:41+09:00")
+    assert found[("kkua_backup_remote_last_push_timestamp_seconds", offsite)] == stamp("2026-11-29T03:00:06+09:00")
+    assert found[("kkua_backup_remote_last_push_success_timestamp_seconds", offsite)] == \
+        stamp("2026-11-28T02:00:40+09:00")
+    assert found[("kkua_backup_remote_last_push_success", offsite)] == 0
+    assert found[("kkua_backup_remote_pending_sets", box)] == 0
+    assert ("kkua_backup_remote_pending_since_timestamp_seconds", box) not in found  # nothing pending: no sample
+    assert found[("kkua_backup_remote_last_push_success", box)] == 1
+    assert found[("kkua_backup_remote_pending_sets", new)] == 0  # configured, never pushed: only the count
+    assert [key for key in found if key[1] == new] == [("kkua_backup_remote_pending_sets", new)]
+    assert not samples(metrics.render({}).decode(), "kkua_backup_remote_")  # no remote, no sample
+
+
+def test_an_upload_is_a_status_problem_after_twice_overdue_after(tmp_path: Path) -> None:
+    config = Config.model_validate({"backup_dir": str(tmp_path),
+                                    "schedule": {"timezone": "Asia/Seoul", "overdue_after": 3600}})
+    moment = dt.datetime(2026, 11, 29, 4, 0, 41, tzinfo=dt.timezone(dt.timedelta(hours=9)))
+    remotes = {name: dict(doc) for name, doc in REMOTES.items()}
+    assert health.upload_problems(config, remotes, moment) == {}  # exactly 2 h: not yet
+    later = moment + dt.timedelta(seconds=1)
+    assert health.upload_problems(config, remotes, later) == {"offsite": [
+        "upload pending for more than 2 h: 2 set(s) since 2026-11-29T02:00:41+09:00; last push failed: "
+        "remote offsite: HTTP 403"]}
+    patient = Config.model_validate({"backup_dir": str(tmp_path), "schedule": {"overdue_after": 7200}})
+    assert health.upload_problems(patient, remotes, later) == {}
+    report = state.status_report(config)
+    report["remotes"] = {name: dict(doc) for name, doc in REMOTES.items()}
+    report["remotes"]["offsite"]["pending_since"] = "2020-01-01T00:00:00+00:00"
+    problems = health.mark_problems(config, report)
+    assert list(problems) == ["remote offsite"] and report["ok"] is False
+    assert report["remotes"]["offsite"]["ok"] is False and report["remotes"]["offsite"]["problems"]
+    assert report["remotes"]["box"] | {"ok": True, "problems": []} == report["remotes"]["box"]
+
+
 def test_the_textfile_is_replaced_whole_and_never_written_through_a_symlink(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     target.write_text("not ours\n")
