@@ -22,16 +22,7 @@ from kkua_backupd.sources.redis.local import LocalRedis, free_port
 from kkua_backupd.sources.redis.protocol import max_rdb_version
 from kkua_backupd.store.lock import TargetLock
 from tests.conftest import REDIS_TEST_PASSWORD, RedisEnv
-from tests.support.redis_restore import (
-    DEBUG,
-    SMALL,
-    Restartable,
-    backup,
-    digest,
-    report_of,
-    restartable_env,
-    restore,
-)
+from tests.support.redis_restore import DEBUG, SMALL, Restartable, backup, digest, report_of, restartable_env, restore
 from tests.support.terminal import run_with_terminal
 
 # ----------------------------------------------------------------------------------------------
