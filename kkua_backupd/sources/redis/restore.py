@@ -1,6 +1,6 @@
 """Redis restores: logical (streamed key by key into a live server) or file (place the RDB, restart).
 
-Both modes follow the PostgreSQL restore's safety rules, in the same order: the set is checked (sha256,
+Both modes are steps of the one restore flow (core/flows.restore), in its order: the set is checked (sha256,
 full decompression, a full read of the RDB with its CRC-64) before anything changes; what the target
 cannot hold is refused; the operator confirms (or --force); a safety backup of the current data is taken;
 only then is the target changed. The report the CLI prints is built from key counts per database,
