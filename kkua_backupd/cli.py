@@ -36,7 +36,17 @@ from kkua_backupd.errors import ConfigError, IntegrityError, Interrupted, JobErr
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes, interactive
 from kkua_backupd.safefs import set_trusted_roots
-from kkua_backupd.sources import BACKUP_TARGETS, KINDS, RETENTION, RUN_JOBS, BackupOptions, job_target
+from kkua_backupd.sources import (
+    BACKUP_TARGETS,
+    KINDS,
+    RETENTION,
+    RUN_JOBS,
+    BackupOptions,
+    RestoreOptions,
+    backup_log,
+    job_target,
+    source,
+)
 from kkua_backupd.store.storage import (
     BackupSet,
     latest,
@@ -47,7 +57,6 @@ from kkua_backupd.store.storage import (
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
              "prune": "backup.log", "push": "backup.log"}
-REDIS_LOG_FILE = "redis_backup.log"
 
 EPILOG = f"""\
 Config: --config PATH, else ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}.
@@ -261,11 +270,10 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
         return cmd_restore_redis(job_context(ctx.config, "redis", json_mode=ctx.json_mode), args)
     if args.flush or args.aof or args.mode:
         raise UsageError("--flush, --aof and --mode are for `restore redis`")
-    from kkua_backupd.sources.postgres import job as pg_job
+    from kkua_backupd.core import flows
     started = dt.datetime.now(dt.UTC)
     try:
-        report = pg_job.restore(ctx, args.file, force=args.force, target_db=args.target_db,
-                                safety_backup=not args.no_safety_backup)
+        report = flows.restore(ctx, source("postgres"), args.file, _restore_options(args))
     except IntegrityError as exc:
         try:
             backup_set = resolve(ctx.config.backup_dir, "postgres", args.file)
@@ -288,6 +296,11 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
         _human(ctx, f"The data from before is in {safety['file']} "
                     f"(undo with: kkua-backup restore postgres {safety['file']})")
     return report
+
+
+def _restore_options(args: argparse.Namespace) -> RestoreOptions:
+    return RestoreOptions(force=args.force, safety_backup=not args.no_safety_backup, target_db=args.target_db,
+                          flush=args.flush, aof=args.aof, mode=args.mode)
 
 
 def _checksum_first(ctx: JobContext, backup_set: BackupSet, exc: IntegrityError) -> IntegrityError:
@@ -321,9 +334,8 @@ def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
     if args.target_db:
         raise UsageError("--target-db is for `restore postgres`",
                          hint="to look at a Redis backup without touching the server, use `verify --restore-test`")
-    from kkua_backupd.sources.redis import restore as redis_restore
-    report = redis_restore.restore(ctx, args.file, force=args.force, flush=args.flush, aof=args.aof,
-                                   mode=args.mode, safety_backup=not args.no_safety_backup)
+    from kkua_backupd.core import flows
+    report = flows.restore(ctx, source("redis"), args.file, _restore_options(args))
     counts = ", ".join(f"db{db}: {n}" for db, n in sorted(report.get("databases", {}).items(),
                                                           key=lambda item: int(item[0])))
     _human(ctx, f"Restored {report['file']} ({report['mode']} mode) into {ctx.config.redis.host}:"
@@ -605,8 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "push": "push"}.get(args.command, "")
         ctx = job_context(config, main_job or "postgres", json_mode=json_mode)
         if args.command in LOG_FILES:
-            log_file = REDIS_LOG_FILE if args.command in ("backup", "run") and main_job == "redis" \
-                else LOG_FILES[args.command]
+            log_file = backup_log(main_job) if args.command in ("backup", "run") else LOG_FILES[args.command]
             sink.open_file(config.log_dir, log_file)
         handlers: dict[str, Callable[[], Any]] = {
             "backup": lambda: cmd_backup(ctx, args, loaded),

@@ -1,6 +1,7 @@
 """The operations written once for every data source: a job as the timers and the daemon run it, a backup
 (folder, lock, partial files of killed runs, the source's capture through the byte chain, its manifest),
-and the verification of a set. A source (sources/<kind>/) supplies only what differs, as a `DataSource`
+the verification of a set, and a restore (lock, checks, plan, confirmation, safety backup, the change, the
+result compared with the backup). A source (sources/<kind>/) supplies only what differs, as a `DataSource`
 found in the registry (sources/__init__.py)."""
 
 from __future__ import annotations
@@ -9,9 +10,16 @@ import time
 from typing import Any
 
 from kkua_backupd.core import observe, remotes, retention, state
-from kkua_backupd.core.context import JobContext, VerifyReport, refuse_untrusted
+from kkua_backupd.core.context import (
+    JobContext,
+    VerifyReport,
+    check_restorable,
+    confirm,
+    refuse_different_result,
+    refuse_untrusted,
+)
 from kkua_backupd.errors import KkuaError
-from kkua_backupd.sources import KINDS, RETENTION, BackupOptions, DataSource, source
+from kkua_backupd.sources import KINDS, RETENTION, BackupOptions, DataSource, RestoreOptions, source
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import BackupSet, Manifest, ensure_folder, kind_folder, remove_stale_partials
 
@@ -66,3 +74,35 @@ def verify(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> Ver
     if backup_set.future:
         ctx.log.warning(backup_set.future_warning())
     return source(backup_set.kind).verify_set(ctx, backup_set, restore_test=restore_test)
+
+
+def restore(ctx: JobContext, data_source: DataSource, spec: str, options: RestoreOptions) -> dict[str, Any]:
+    """`restore` of one set into the source's server, in the same order whatever the source: under the
+    kind's lock, clean up after killed runs; check the set (nothing changes before it passed); plan, and
+    ask for confirmation when existing data is replaced; take the safety backup (or say there is none);
+    apply; compare what the target holds with what the backup recorded, a difference failing the restore
+    (refuse_different_result). Returns the report `restore --json` prints. Raises UsageError, Refused,
+    IntegrityError, VersionTooNew, NotConfirmed before any change; LockHeld; JobError subclasses after."""
+    run = data_source.restorer(ctx, spec, options)
+    started = time.monotonic()
+    with TargetLock(ctx.config.backup_dir, data_source.kind, f"restore {data_source.kind} {run.name}",
+                    read_only_ok=not options.safety_backup):
+        ctx.log.info("restore requested", file=run.name, **run.requested)
+        run.prepare()
+        check_restorable(ctx, run.backup_set, checks=run.checks)
+        run.check()
+        with run.session():
+            plan = run.plan()
+            replaces = plan.in_place and plan.target_exists
+            if replaces:
+                confirm(ctx, plan, force=options.force or ctx.config.restore.force)
+            if plan.safety:
+                run.report["safety_backup"] = run.safety_backup()
+            elif replaces:
+                ctx.log.warning("no safety backup taken (--no-safety-backup)", **run.target_field)
+            run.apply()
+        problems = run.counts_after()
+    run.report["seconds"] = round(time.monotonic() - started, 2)
+    refuse_different_result(ctx, run.name, run.target, problems, hint=run.undo_hint())
+    run.finished()
+    return run.report

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from kkua_backupd.store.storage import KINDS, Kind
 
 if TYPE_CHECKING:
     from kkua_backupd.config import Config
-    from kkua_backupd.core.context import JobContext, VerifyReport
+    from kkua_backupd.core.context import JobContext, RestorePlan, VerifyReport
     from kkua_backupd.store.storage import BackupSet, Manifest
 
 RETENTION: Final = "retention"
@@ -38,6 +39,70 @@ class BackupOptions:
 
     test_restore: bool | None = None  # postgres: --test-restore (TEST_RESTORE)
     aof: bool | None = None  # redis: --aof (BACKUP_AOF)
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """What the command line asks of one restore (`kkua-backup restore KIND FILE ...`)."""
+
+    force: bool = False  # --force (FORCE_RESTORE is the config's, read by the flow)
+    safety_backup: bool = True  # not --no-safety-backup
+    target_db: str | None = None  # postgres: --target-db
+    flush: bool = False  # redis: --flush
+    aof: bool = False  # redis: --aof
+    mode: str | None = None  # redis: --mode (None: the configured restore_mode)
+
+
+class Restore(Protocol):
+    """One restore of one set as a source does it: the steps that differ between kinds. Their order, the
+    lock, the checks every set passes, the confirmation, the safety backup's place and the one rule for a
+    result that differs from the backup are core/flows.restore's, the same for every source."""
+
+    backup_set: BackupSet
+    name: str  # the file restored
+    target: str  # what the last error line names as restored into
+    checks: str  # what can still check a file without a manifest (check_restorable)
+    requested: dict[str, Any]  # the fields of the "restore requested" log line
+    target_field: dict[str, Any]  # how the log names the target ({"database": ...}, {"server": ...})
+    report: dict[str, Any]  # the document `restore --json` prints, filled in by the steps
+
+    def prepare(self) -> None:
+        """Under the lock, first: clean up after runs killed midway (and say so)."""
+        ...
+
+    def check(self) -> None:
+        """Read the set as the restore will (checksums, decompression, what the target can hold); raises
+        before anything changes."""
+        ...
+
+    def session(self) -> AbstractContextManager[None]:
+        """What plan, safety backup and apply run inside (a connection to the server, a throwaway server)."""
+        ...
+
+    def plan(self) -> RestorePlan:
+        """What the restore is about to do (logged; shown for the confirmation); raises what the target
+        cannot take, before any change."""
+        ...
+
+    def safety_backup(self) -> dict[str, Any]:
+        """A backup of the target's current data (file, size, sha256), taken after the confirmation."""
+        ...
+
+    def apply(self) -> None:
+        """The change itself; on failure, raises saying what the target holds now."""
+        ...
+
+    def counts_after(self) -> list[str]:
+        """What the target holds now against what the backup recorded: the differences (empty: none)."""
+        ...
+
+    def undo_hint(self) -> str:
+        """Where the data from before is, for the error of a result that differs."""
+        ...
+
+    def finished(self) -> None:
+        """Log the restore's end."""
+        ...
 
 
 class DataSource(Protocol):
@@ -62,27 +127,50 @@ class DataSource(Protocol):
         a restore of it; the report's `ok` says whether it passed."""
         ...
 
+    def restorer(self, ctx: JobContext, spec: str, options: RestoreOptions) -> Restore:
+        """The restore of the set `spec` names (an id, a file, `latest`), for core/flows.restore; raises
+        UsageError for options this kind cannot take and what `resolve` raises."""
+        ...
+
 
 @dataclass(frozen=True)
 class Registered:
     """One kind in the registry: the module whose `SOURCE` is its DataSource (imported when first needed,
-    so a Redis backup does not load psycopg), and what its log lines name as the target."""
+    so a Redis backup does not load psycopg), what its log lines name as the target, and the file in
+    log_dir its `backup` and `run` write to."""
 
     module: str
     target: Callable[[Config], str]
+    backup_log: str = "backup.log"
 
 
 REGISTRY: Final[dict[str, Registered]] = {
     "postgres": Registered("kkua_backupd.sources.postgres.job",
                            lambda c: f"{c.postgres.host}:{c.postgres.port}/{c.postgres.database}"),
-    "redis": Registered("kkua_backupd.sources.redis.backup", lambda c: f"{c.redis.host}:{c.redis.port}"),
+    "redis": Registered("kkua_backupd.sources.redis.backup", lambda c: f"{c.redis.host}:{c.redis.port}",
+                        backup_log="redis_backup.log"),
 }
 assert tuple(REGISTRY) == KINDS, "every kind of the backup folder has its source, in the same order"
 # The module that backs up and verifies each kind (its `SOURCE`).
 JOB_MODULES: Final[dict[str, str]] = {kind: entry.module for kind, entry in REGISTRY.items()}
 
-__all__ = ["BACKUP_TARGETS", "JOBS", "JOB_MODULES", "KINDS", "REGISTRY", "RETENTION", "RUN_JOBS", "BackupOptions",
-           "DataSource", "Kind", "job_module", "job_target", "source"]
+__all__ = [
+    "BACKUP_TARGETS",
+    "JOBS",
+    "JOB_MODULES",
+    "KINDS",
+    "REGISTRY",
+    "RETENTION",
+    "RUN_JOBS",
+    "BackupOptions",
+    "DataSource",
+    "Kind",
+    "Restore",
+    "RestoreOptions",
+    "job_module",
+    "job_target",
+    "source",
+]
 
 
 def job_module(kind: str) -> ModuleType:
@@ -94,6 +182,12 @@ def source(kind: str) -> DataSource:
     """The DataSource of `kind`."""
     found: DataSource = job_module(kind).SOURCE
     return found
+
+
+def backup_log(job: str) -> str:
+    """The file in log_dir a job's `backup` or `run` writes to: its kind's, else backup.log (retention, all)."""
+    entry = REGISTRY.get(job)
+    return entry.backup_log if entry is not None else "backup.log"
 
 
 def job_target(config: Config, job: str) -> str:

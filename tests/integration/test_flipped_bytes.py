@@ -13,8 +13,8 @@ import pytest
 
 from kkua_backupd.demo.redis_sample import create_sample, snapshot
 from tests.conftest import Env, RedisEnv
-from tests.integration.test_pg_failures import contents_of
 from tests.support.helpers import describe, output
+from tests.support.pg_data import contents_of
 
 CHECKSUM = "does not match its checksum"
 

@@ -13,10 +13,8 @@ import hashlib
 import json
 import os
 import re
-import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +35,8 @@ from kkua_backupd.proc.workers import descendants
 from kkua_backupd.store.lock import holder_of
 from tests.support.helpers import alive, cmdline, describe, output, proc_stat, wait_for
 from tests.support.pg_bulk import fill_bulk
+from tests.support.pg_data import contents_of
+from tests.support.terminal import run_with_terminal
 
 from ..conftest import Env
 
@@ -52,10 +52,6 @@ BIG_DB_MB = 150
 # Helpers
 
 
-
-
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -69,11 +65,6 @@ def folder_state(folder: Path) -> dict[str, str]:
     if not folder.is_dir():
         return {}
     return {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def contents_of(env: Env, dbname: str | None = None) -> dict[str, list[Any]]:
-    with env.connect(dbname) as conn:
-        return table_contents(conn)
 
 
 def make_backup(env: Env) -> dict[str, str]:
@@ -126,16 +117,6 @@ def cli_environment(env: Env, extra: dict[str, str] | None = None) -> dict[str, 
     return env.cli_env(extra)
 
 
-
-
-
-
-
-
-
-
-
-
 def wait_for_partial_and_dump(env: Env, proc: subprocess.Popen[str]) -> tuple[Path, int]:
     """Wait until the backup `proc` is writing a *.partial file and its pg_dump child runs."""
     def ready() -> tuple[Path, int] | None:
@@ -149,55 +130,6 @@ def wait_for_partial_and_dump(env: Env, proc: subprocess.Popen[str]) -> tuple[Pa
         return None
 
     return wait_for(ready, "the backup's partial file and pg_dump process")
-
-
-def run_with_terminal(env: Env, *args: str, answer: str | None, timeout: float = 120.0) -> tuple[int, str]:
-    """Run `kkua-backup ARGS` on a real pseudo-terminal and type `answer` when it asks for confirmation
-    (None: a command that must not ask)."""
-    master, slave = os.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "kkua_backupd", *args], stdin=slave, stdout=slave,
-                            stderr=slave, env=cli_environment(env), start_new_session=True, close_fds=True)
-    os.close(slave)
-    buf = b""
-    answered = False
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the CLI on a terminal did not finish in {timeout:.0f} s; output so far:\n"
-                            + buf.decode("utf-8", "replace"))
-            ready, _, _ = select.select([master], [], [], 0.1)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: every holder of the terminal's other end is gone
-                    break
-                if not data:
-                    break
-                buf += data
-                if not answered and b"Type 'yes' to continue:" in buf:
-                    assert answer is not None, "the CLI asked for confirmation: " + buf.decode("utf-8", "replace")
-                    os.write(master, answer.encode() + b"\n")
-                    answered = True
-            elif proc.poll() is not None and not descendants(proc.pid):
-                # Drain what is left, then stop.
-                with contextlib.suppress(OSError):
-                    while select.select([master], [], [], 0.05)[0]:
-                        data = os.read(master, 65536)
-                        if not data:
-                            break
-                        buf += data
-                break
-        rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = buf.decode("utf-8", "replace")
-    assert answered or answer is None, f"the CLI never asked for confirmation on a terminal:\n{text}"
-    return rc, text
 
 
 # ----------------------------------------------------------------------------------------------

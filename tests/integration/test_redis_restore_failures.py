@@ -25,7 +25,8 @@ import redis
 from kkua_backupd.demo.redis_sample import create_sample
 from kkua_backupd.sources.redis.local import LocalRedis
 from tests.conftest import REDIS_TEST_PASSWORD, RedisEnv
-from tests.integration.test_redis_restore import (
+from tests.support.helpers import describe, output, wait_for
+from tests.support.redis_restore import (
     DEBUG,
     SMALL,
     Restartable,
@@ -36,7 +37,6 @@ from tests.integration.test_redis_restore import (
     restore,
     write_config,
 )
-from tests.support.helpers import describe, output, wait_for
 
 KILL_RUNS = 10
 FAST = {"repl-diskless-sync-delay": "0"}  # the safety backup's SYNC starts at once

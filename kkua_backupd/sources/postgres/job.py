@@ -29,9 +29,6 @@ from kkua_backupd.core.context import (
     JobContext,
     RestorePlan,
     VerifyReport,
-    check_restorable,
-    confirm,
-    refuse_different_result,
     verify_report,
 )
 from kkua_backupd.errors import (
@@ -50,7 +47,7 @@ from kkua_backupd.errors import (
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
 from kkua_backupd.safefs import list_folder, read_small, unlink_in
-from kkua_backupd.sources import BackupOptions
+from kkua_backupd.sources import BackupOptions, RestoreOptions
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import (
@@ -792,6 +789,9 @@ class PostgresSource:
     def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
         return verify_set(ctx, backup_set, restore_test=restore_test)
 
+    def restorer(self, ctx: JobContext, spec: str, options: RestoreOptions) -> _Restore:
+        return _Restore(ctx, spec, options)
+
 
 SOURCE = PostgresSource()
 
@@ -1431,92 +1431,124 @@ def _mark_failed(ctx: JobContext, backup_set: BackupSet, reason: str) -> None:
 # Restore
 
 
-def restore(ctx: JobContext, spec: str, *, force: bool = False, target_db: str | None = None,
-            safety_backup: bool = True) -> dict[str, Any]:
-    """Restore a backup into the configured database (or a new `target_db`); returns a report.
+class _Restore:
+    """A restore of a PostgreSQL set, in core/flows.restore's order: into the configured database in one
+    transaction (the file checked before anything changes, so a failed restore leaves the old data in
+    place), or into a new `--target-db` (dropped again on failure)."""
 
-    The file is checked before anything changes; the change is one transaction (or a new database
-    dropped again on failure), so a failed restore leaves the old data in place.
-    """
-    pg = ctx.config.postgres
-    backup_dir = ctx.config.backup_dir
-    backup_set = resolve(backup_dir, KIND, spec)
-    fmt, compression = set_format(backup_set)
-    target = target_db or pg.database
-    report: dict[str, Any] = {"kind": KIND, "file": backup_set.name, "id": backup_set.id, "database": target,
-                              "format": fmt, "compression": compression}
-    started = time.monotonic()
-    with TargetLock(backup_dir, KIND, f"restore postgres {backup_set.name}", read_only_ok=not safety_backup):
-        ctx.log.info("restore requested", file=backup_set.name, database=target, host=pg.host, port=pg.port)
-        drop_unfinished_databases(ctx, lock_held=True)
-        check_restorable(ctx, backup_set, checks="a decompress test")
-        report["check"] = check_set(ctx, backup_set)
-        admin = connect_maintenance(pg)
+    checks = "a decompress test"
+
+    def __init__(self, ctx: JobContext, spec: str, options: RestoreOptions) -> None:
+        pg = ctx.config.postgres
+        self.ctx, self.options = ctx, options
+        self.backup_set = resolve(ctx.config.backup_dir, KIND, spec)
+        self.name = self.backup_set.name
+        self.fmt, self.compression = set_format(self.backup_set)
+        self.database = options.target_db or pg.database
+        self.target = repr(self.database)
+        self.requested = {"database": self.database, "host": pg.host, "port": pg.port}
+        self.target_field = {"database": self.database}
+        self.report: dict[str, Any] = {"kind": KIND, "file": self.name, "id": self.backup_set.id,
+                                       "database": self.database, "format": self.fmt,
+                                       "compression": self.compression}
+        self._admin: psycopg.Connection | None = None
+        self._bin_dir = Path()
+        self._exists = False
+        self._transactional = True
+
+    @property
+    def admin(self) -> psycopg.Connection:
+        assert self._admin is not None, "plan and apply run inside the session"
+        return self._admin
+
+    def prepare(self) -> None:
+        drop_unfinished_databases(self.ctx, lock_held=True)
+
+    def check(self) -> None:
+        self.report["check"] = check_set(self.ctx, self.backup_set)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """A maintenance connection for the plan and the load; what PostgreSQL refuses becomes a JobError."""
+        self._admin = connect_maintenance(self.ctx.config.postgres)
         try:
-            server = server_info(admin)
-            bin_dir = restore_bin_dir(pg, server, archive_major=archive_major_of(backup_set))
-            exists = database_exists(admin, target)
-            needed = backup_set.manifest.details.get("roles", []) if backup_set.manifest else []
-            absent = missing_roles(admin, needed)
-            if absent:
-                raise Refused(f"the backup's objects belong to or are granted to role(s) {', '.join(absent)}, "
-                              f"which {pg.host}:{pg.port} does not have; nothing was changed",
-                              hint=f"create them first (e.g. CREATE ROLE {absent[0]} LOGIN PASSWORD '...'), "
-                                   "then restore again")
-            if target_db and exists:
-                raise Refused(f"database {target!r} already exists",
-                              hint="--target-db restores into a new database: choose another name or drop it")
-            transactional = _fits_one_transaction(ctx, admin, backup_set, target, in_place=exists)
-            plan = _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
-                         safety=safety_backup and target_db is None and exists)
-            if plan.in_place and exists:
-                confirm(ctx, plan, force=force or ctx.config.restore.force)
-            if plan.safety:
-                report["safety_backup"] = _safety_backup(ctx, target)
-            elif plan.in_place and exists:
-                ctx.log.warning("no safety backup taken (--no-safety-backup)", database=target)
-            created: NewDatabase | None = None
-            if not exists:
-                created = NewDatabase(ctx, admin, target, f"restore of {backup_set.name}")
-                created.create()
-                ctx.log.info("database created", database=target)
-            else:
-                ended = terminate_sessions(admin, target)
-                if ended:
-                    ctx.log.info("ended other sessions on the database", database=target, sessions=ended)
-            progress = Progress(f"restoring {backup_set.name}", total=backup_set.path().stat().st_size,
-                                enabled=ctx.interactive)
-            load_started = time.monotonic()
-            try:
-                restore_into(ctx, bin_dir, target, backup_set.path(), fmt, compression, wipe=created is None,
-                             expected=backup_set.manifest.files[0] if backup_set.manifest else None,
-                             new_database=created is not None, progress=progress,
-                             transactional=transactional or created is None)
-            except KkuaError as exc:
-                progress.clear()
-                if created is not None:
-                    created.drop()
-                    raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
-                                   f"the database was dropped again: {exc}") from None
-                raise JobError(f"restore of {backup_set.name} failed and was rolled back; database {target!r}"
-                               f" still holds its previous data: {exc}", hint=restore_hint(exc)) from None
-            progress.clear()
-            if created is not None:
-                created.finished()
-            report["load_seconds"] = round(time.monotonic() - load_started, 2)
+            yield
         except psycopg.Error as exc:
-            raise JobError(f"PostgreSQL refused a step of the restore into {target!r}: {str(exc).strip()}",
+            raise JobError(f"PostgreSQL refused a step of the restore into {self.database!r}: {str(exc).strip()}",
                            hint="the backup user needs CREATEDB and ownership of the database") from None
         finally:
-            admin.close()
-        report.update(_verify_restored(ctx, backup_set, target))
-    report["seconds"] = round(time.monotonic() - started, 2)
-    refuse_different_result(ctx, backup_set.name, repr(target), report["problems"],
-                            hint="inspect the database; the safety backup holds the data from before")
-    ctx.log.info("restore finished", file=backup_set.name, database=target, tables=report["tables"],
-                 rows=report["rows"], seconds=report["seconds"], verified="row counts match the backup"
-                 if backup_set.manifest else "no manifest to compare with")
-    return report
+            self._admin.close()
+            self._admin = None
+
+    def plan(self) -> RestorePlan:
+        ctx, backup_set, target, admin = self.ctx, self.backup_set, self.database, self.admin
+        pg = ctx.config.postgres
+        self._bin_dir = restore_bin_dir(pg, server_info(admin), archive_major=archive_major_of(backup_set))
+        self._exists = exists = database_exists(admin, target)
+        needed = backup_set.manifest.details.get("roles", []) if backup_set.manifest else []
+        absent = missing_roles(admin, needed)
+        if absent:
+            raise Refused(f"the backup's objects belong to or are granted to role(s) {', '.join(absent)}, "
+                          f"which {pg.host}:{pg.port} does not have; nothing was changed",
+                          hint=f"create them first (e.g. CREATE ROLE {absent[0]} LOGIN PASSWORD '...'), "
+                               "then restore again")
+        target_db = self.options.target_db
+        if target_db and exists:
+            raise Refused(f"database {target!r} already exists",
+                          hint="--target-db restores into a new database: choose another name or drop it")
+        self._transactional = _fits_one_transaction(ctx, admin, backup_set, target, in_place=exists)
+        return _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
+                     safety=self.options.safety_backup and target_db is None and exists)
+
+    def safety_backup(self) -> dict[str, Any]:
+        return _safety_backup(self.ctx, self.database)
+
+    def apply(self) -> None:
+        ctx, backup_set, target, admin = self.ctx, self.backup_set, self.database, self.admin
+        created: NewDatabase | None = None
+        if not self._exists:
+            created = NewDatabase(ctx, admin, target, f"restore of {backup_set.name}")
+            created.create()
+            ctx.log.info("database created", database=target)
+        else:
+            ended = terminate_sessions(admin, target)
+            if ended:
+                ctx.log.info("ended other sessions on the database", database=target, sessions=ended)
+        progress = Progress(f"restoring {backup_set.name}", total=backup_set.path().stat().st_size,
+                            enabled=ctx.interactive)
+        load_started = time.monotonic()
+        try:
+            restore_into(ctx, self._bin_dir, target, backup_set.path(), self.fmt, self.compression,
+                         wipe=created is None,
+                         expected=backup_set.manifest.files[0] if backup_set.manifest else None,
+                         new_database=created is not None, progress=progress,
+                         transactional=self._transactional or created is None)
+        except KkuaError as exc:
+            progress.clear()
+            if created is not None:
+                created.drop()
+                raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
+                               f"the database was dropped again: {exc}") from None
+            raise JobError(f"restore of {backup_set.name} failed and was rolled back; database {target!r}"
+                           f" still holds its previous data: {exc}", hint=restore_hint(exc)) from None
+        progress.clear()
+        if created is not None:
+            created.finished()
+        self.report["load_seconds"] = round(time.monotonic() - load_started, 2)
+
+    def counts_after(self) -> list[str]:
+        self.report.update(_verify_restored(self.ctx, self.backup_set, self.database))
+        problems: list[str] = self.report["problems"]
+        return problems
+
+    def undo_hint(self) -> str:
+        return "inspect the database; the safety backup holds the data from before"
+
+    def finished(self) -> None:
+        report = self.report
+        self.ctx.log.info("restore finished", file=self.name, database=self.database, tables=report["tables"],
+                          rows=report["rows"], seconds=report["seconds"], verified="row counts match the backup"
+                          if self.backup_set.manifest else "no manifest to compare with")
 
 
 def _fits_one_transaction(ctx: JobContext, admin: psycopg.Connection, backup_set: BackupSet, target: str, *,

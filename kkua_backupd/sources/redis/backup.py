@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -33,7 +33,7 @@ from kkua_backupd.core.context import JobContext, VerifyReport, verify_report
 from kkua_backupd.errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError, VersionTooNew
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
-from kkua_backupd.sources import BackupOptions
+from kkua_backupd.sources import BackupOptions, RestoreOptions
 from kkua_backupd.sources.redis import values as redis_values
 from kkua_backupd.sources.redis.local import LocalRedis, find_redis_bin
 from kkua_backupd.sources.redis.protocol import (
@@ -72,6 +72,9 @@ from kkua_backupd.stream.chain import (
     without_compression,
 )
 from kkua_backupd.stream.pipeline import AtomicFile, FileInfo, file_chunks, storage_error
+
+if TYPE_CHECKING:
+    from kkua_backupd.sources.redis.restore import RedisRestore
 
 KIND: Kind = "redis"
 EXTENSIONS = {"rdb": ".rdb", "memory": "_memory.json", "config": "_config.conf", "aof": ".aof"}
@@ -671,6 +674,10 @@ class RedisSource:
 
     def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
         return verify_set(ctx, backup_set, restore_test=restore_test)
+
+    def restorer(self, ctx: JobContext, spec: str, options: RestoreOptions) -> RedisRestore:
+        from kkua_backupd.sources.redis.restore import RedisRestore  # it builds on this module's capture
+        return RedisRestore(ctx, spec, options)
 
 
 SOURCE = RedisSource()

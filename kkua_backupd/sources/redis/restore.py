@@ -1,6 +1,6 @@
 """Redis restores: logical (streamed key by key into a live server) or file (place the RDB, restart).
 
-Both modes follow the PostgreSQL restore's safety rules, in the same order: the set is checked (sha256,
+Both modes are steps of the one restore flow (core/flows.restore), in its order: the set is checked (sha256,
 full decompression, a full read of the RDB with its CRC-64) before anything changes; what the target
 cannot hold is refused; the operator confirms (or --force); a safety backup of the current data is taken;
 only then is the target changed. The report the CLI prints is built from key counts per database,
@@ -36,7 +36,7 @@ import redis
 from pydantic import SecretStr
 
 from kkua_backupd.config import Config, RedisConfig
-from kkua_backupd.core.context import JobContext, RestorePlan, check_restorable, confirm, refuse_different_result
+from kkua_backupd.core.context import JobContext, RestorePlan
 from kkua_backupd.errors import (
     CommandFailed,
     ConnectionFailed,
@@ -50,13 +50,14 @@ from kkua_backupd.errors import (
 )
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
+from kkua_backupd.sources import RestoreOptions
 from kkua_backupd.sources.redis import protocol as redis_protocol
 from kkua_backupd.sources.redis.backup import capture, check_files, compare_counts, same_sha256
+from kkua_backupd.sources.redis.copy import Plan as CopyPlan
 from kkua_backupd.sources.redis.copy import Target as TargetInfo
 from kkua_backupd.sources.redis.copy import copy, describe_server, flush_databases, plan_copy
 from kkua_backupd.sources.redis.local import LocalRedis
 from kkua_backupd.sources.redis.rdb import NEWEST_REDIS_RDB, NEWEST_VALKEY_RDB, RdbScanner, RdbSummary, file_header
-from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import PREFIXES, BackupSet, ManifestFile, resolve
 from kkua_backupd.stream.chain import compression_of, read_chain
 from kkua_backupd.stream.pipeline import AtomicFile, fsync_dir, write_atomic
@@ -249,7 +250,7 @@ def _counts(data: dict[Any, Any]) -> dict[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The entry point
+# The restore's steps (their order is core/flows.restore's)
 
 
 @dataclass(frozen=True)
@@ -262,20 +263,13 @@ class _Request:
     source: Source
     target: TargetInfo
     report: dict[str, Any]
-    force: bool
     flush: bool
     safety_backup: bool
 
 
-def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, mode: str | None,  # noqa: PLR0913 - keyword-only: one per command-line flag
-            safety_backup: bool = True) -> dict[str, Any]:
-    """Restore a Redis backup set into the configured server; returns the report the CLI prints.
-
-    Raises UsageError (bad mode, missing stop/start commands, no such file), IntegrityError, VersionTooNew
-    and NotConfirmed before anything changes; LockHeld when another run holds the lock; ConnectionFailed
-    when the server cannot be reached; JobError when a step of the restore fails.
-    """
-    rc = ctx.config.redis
+def _mode(rc: RedisConfig, mode: str | None) -> str:
+    """The restore mode asked for (or configured); raises UsageError for an unknown one, and for file mode
+    without the commands that stop and start Redis."""
     mode = mode or rc.restore_mode
     if mode not in ("logical", "file"):
         raise UsageError(f"unknown restore mode {mode!r}", hint="use --mode logical or --mode file")
@@ -284,30 +278,65 @@ def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, 
         if missing:
             raise UsageError(f"--mode file needs {' and '.join(missing)} in the config to stop and start Redis",
                              hint='e.g. stop_command = ["systemctl", "stop", "redis-server"]; or use --mode logical')
-    backup_dir = ctx.config.backup_dir
-    backup_set = resolve(backup_dir, KIND, spec)
-    source = choose_source(backup_set, spec, aof=aof)
-    report: dict[str, Any] = {"kind": KIND, "file": source.name, "id": backup_set.id, "mode": mode,
-                              "aof": source.aof, "flush": flush, "safety_backup": None}
-    started = time.monotonic()
-    with TargetLock(backup_dir, KIND, f"restore redis {source.name}", read_only_ok=not safety_backup):
-        ctx.log.info("restore requested", file=source.name, mode=mode, flush=flush, host=rc.host, port=rc.port)
-        earlier = interrupted_file_restore(ctx.config)
-        if earlier:
-            ctx.log.warning(earlier)
-        _check_status(ctx, backup_set)
+    return mode
+
+
+class RedisRestore:
+    """A restore of a Redis set into the configured server, logical or file mode.
+
+    Raises UsageError (bad mode, missing stop/start commands, no such file), IntegrityError, VersionTooNew
+    and NotConfirmed before anything changes; ConnectionFailed when the server cannot be reached; JobError
+    when a step of the restore fails.
+    """
+
+    checks = "a decompress test and its header"
+
+    def __init__(self, ctx: JobContext, spec: str, options: RestoreOptions) -> None:
+        rc = ctx.config.redis
+        self.ctx, self.options = ctx, options
+        self.mode = _mode(rc, options.mode)
+        self.backup_set = resolve(ctx.config.backup_dir, KIND, spec)
+        self.source = choose_source(self.backup_set, spec, aof=options.aof)
+        self.name = self.source.name
+        self.target = f"{rc.host}:{rc.port}"
+        self.requested = {"mode": self.mode, "flush": options.flush, "host": rc.host, "port": rc.port}
+        self.target_field = {"server": self.target}
+        self.report: dict[str, Any] = {"kind": KIND, "file": self.name, "id": self.backup_set.id,
+                                       "mode": self.mode, "aof": self.source.aof, "flush": options.flush,
+                                       "safety_backup": None}
+        self._earlier: str | None = None
+        self._summary: RdbSummary | None = None
+        self._req: _Request | None = None
+        self._rdb: Callable[[Callable[[bytes], None]], int] | None = None
+        self._copy: CopyPlan | None = None
+        self._layout: FileLayout | None = None
+        self._stamp = ""
+
+    @property
+    def req(self) -> _Request:
+        assert self._req is not None, "the steps after check"
+        return self._req
+
+    def prepare(self) -> None:
+        """A file-mode restore killed while Redis was stopped is said first."""
+        self._earlier = interrupted_file_restore(self.ctx.config)
+        if self._earlier:
+            self.ctx.log.warning(self._earlier)
+
+    def check(self) -> None:
+        ctx, backup_set, source, report = self.ctx, self.backup_set, self.source, self.report
         path = backup_set.path(source.name)
         try:
-            target = _target_info(rc)
+            target = _target_info(ctx.config.redis)
         except ConnectionFailed as exc:
-            if earlier:
-                raise ConnectionFailed(f"{exc.message}; {earlier}", hint=exc.hint) from None
+            if self._earlier:
+                raise ConnectionFailed(f"{exc.message}; {self._earlier}", hint=exc.hint) from None
             raise
         try:
             if not source.aof:
-                report["rdb_version"] = check_rdb_version(ctx, path, source, target, mode)
+                report["rdb_version"] = check_rdb_version(ctx, path, source, target, self.mode)
             report["server_version"] = target.version
-            report["check"], summary = check_files(ctx, backup_set)
+            report["check"], self._summary = check_files(ctx, backup_set)
         except (IntegrityError, VersionTooNew):
             # A reader stopped at damage before any sha256 was complete: a file of the right size that is
             # not the one the backup wrote is named as such first (a wrong size has its own message).
@@ -316,29 +345,80 @@ def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, 
                 if entry_path.is_file() and entry_path.stat().st_size == entry.size:
                     same_sha256(entry_path, entry.name, entry.sha256)
             raise
-        request = _Request(ctx, backup_set, source, target, report, force=force, flush=flush,
-                           safety_backup=safety_backup)
-        if mode == "logical":
-            _logical(request, summary)
+        self._req = _Request(ctx, backup_set, source, target, report, flush=self.options.flush,
+                             safety_backup=self.options.safety_backup)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Logical mode reads an RDB: the set's own, or, for an AOF (or an RDB our reader could not
+        summarise), the one of a throwaway local server that loaded the backup, captured over the
+        replication protocol."""
+        ctx, source = self.ctx, self.source
+        if self.mode != "logical":
+            yield
+            return
+        if not source.aof and self._summary is not None:
+            path = self.backup_set.path(source.name)
+
+            def from_file(sink: Callable[[bytes], None]) -> int:
+                size = 0
+                for chunk in read_chain(path, source.compression, readers=ctx.readers):
+                    sink(chunk)
+                    size += len(chunk)
+                return size
+
+            self._rdb = from_file
+            yield
+            return
+        with tempfile.TemporaryDirectory(prefix="kkua-redis-restore-") as tmp, \
+                _throwaway(ctx, self.backup_set, source, Path(tmp), self.req.target) as staging:
+            staged = RedisConfig(host="127.0.0.1", port=staging.port, password=SecretStr(staging.password or ""),
+                                 connect_timeout=ctx.config.redis.connect_timeout,
+                                 restore_timeout=ctx.config.redis.restore_timeout)
+            scanner = RdbScanner(f"the RDB of {source.name}")
+            redis_protocol.sync_rdb(staged, scanner.feed)
+            self._summary = scanner.finish()
+            self._rdb = lambda sink: redis_protocol.sync_rdb(staged, sink).size
+            yield
+
+    def plan(self) -> RestorePlan:
+        if self.mode == "logical":
+            assert self._summary is not None
+            self._copy, lines = _logical_plan(self.req, self._summary)
         else:
-            _file_mode(request)
-        _compare_counts(backup_set, report)
-        if earlier:
-            _clear_marker(ctx)  # the server answered and holds what this restore put there
-    report["seconds"] = round(time.monotonic() - started, 2)
-    safety = (report["safety_backup"] or {}).get("file")
-    refuse_different_result(ctx, source.name, f"{rc.host}:{rc.port}", report["differences"],
-                            hint=f"the data from before is in {safety} (undo with: {undo_command(safety)})" if safety
-                            else "no safety backup was taken (--no-safety-backup)")
-    ctx.log.info("restore finished", file=source.name, mode=mode, keys=report["keys"],
-                 databases=report["databases"], seconds=report["seconds"],
-                 counts="match the backup" if report["counts_match"] else
-                 "not compared (no manifest)" if report["counts_match"] is None else "differ from the backup")
-    return report
+            self._layout, self._stamp, lines = _file_plan(self.req)
+        return RestorePlan(self.backup_set, self.target, True, True, self.options.safety_backup, lines)
 
+    def safety_backup(self) -> dict[str, Any]:
+        return _safety_backup(self.req)
 
-def _check_status(ctx: JobContext, backup_set: BackupSet) -> None:
-    check_restorable(ctx, backup_set, checks="a decompress test and its header")
+    def apply(self) -> None:
+        if self.mode == "logical":
+            assert self._summary is not None and self._rdb is not None and self._copy is not None
+            _copy_logical(self.req, self._summary, self._rdb, self._copy)
+        else:
+            assert self._layout is not None
+            _file_mode(self.req, self._layout, self._stamp)
+
+    def counts_after(self) -> list[str]:
+        _compare_counts(self.backup_set, self.report)
+        if self._earlier:
+            _clear_marker(self.ctx)  # the server answered and holds what this restore put there
+        differences: list[str] = self.report["differences"]
+        return differences
+
+    def undo_hint(self) -> str:
+        safety = (self.report["safety_backup"] or {}).get("file")
+        return (f"the data from before is in {safety} (undo with: {undo_command(safety)})" if safety
+                else "no safety backup was taken (--no-safety-backup)")
+
+    def finished(self) -> None:
+        report = self.report
+        self.ctx.log.info("restore finished", file=self.name, mode=self.mode, keys=report["keys"],
+                          databases=report["databases"], seconds=report["seconds"],
+                          counts="match the backup" if report["counts_match"] else
+                          "not compared (no manifest)" if report["counts_match"] is None else
+                          "differ from the backup")
 
 
 def _plan_lines(req: _Request, effect: str) -> list[str]:
@@ -360,63 +440,31 @@ def _plan_lines(req: _Request, effect: str) -> list[str]:
     return lines
 
 
-def _confirm_and_protect(req: _Request, lines: list[str]) -> None:
-    """Ask for `yes`, then take the safety backup: the last steps before the first change."""
-    ctx, backup_set, report, force, safety_backup = req.ctx, req.backup_set, req.report, req.force, req.safety_backup
+def _safety_backup(req: _Request) -> dict[str, Any]:
+    """The safety backup, taken after the confirmation: the last step before the first change."""
+    ctx, backup_set = req.ctx, req.backup_set
     rc = ctx.config.redis
-    where = f"{rc.host}:{rc.port}"
-    confirm(ctx, RestorePlan(backup_set, where, True, True, safety_backup, lines),
-            force=force or ctx.config.restore.force)
-    if not safety_backup:
-        ctx.log.warning("no safety backup taken (--no-safety-backup)", server=where)
-        return
-    folder = backup_set.folder
-    ctx.log.info("taking safety backup before restore", server=where)
+    ctx.log.info("taking safety backup before restore", server=f"{rc.host}:{rc.port}")
     try:
-        manifest = capture(ctx, folder, prefix=PREFIXES[KIND]["safety"], set_type="safety")
+        manifest = capture(ctx, backup_set.folder, prefix=PREFIXES[KIND]["safety"], set_type="safety")
     except KkuaError as exc:
         raise JobError(f"the safety backup before the restore failed, so nothing was changed: {exc}",
                        hint="fix what stopped it (see above), or pass --no-safety-backup if you are sure"
                        ) from None
     main = manifest.files[0]
-    report["safety_backup"] = {"file": main.name, "size": main.size, "sha256": main.sha256}
     ctx.log.info("safety backup written", file=main.name, size=human_bytes(main.size))
+    return {"file": main.name, "size": main.size, "sha256": main.sha256}
 
 
 # ----------------------------------------------------------------------------------------------
 # Logical mode
 
 
-def _logical(req: _Request, summary: RdbSummary | None) -> None:
-    """Stream the set's RDB into the target; an AOF is first loaded into a throwaway local server, whose
-    RDB is then streamed the same way (captured over the replication protocol)."""
-    ctx, backup_set, source, target = req.ctx, req.backup_set, req.source, req.target
-    if source.aof or summary is None:
-        with tempfile.TemporaryDirectory(prefix="kkua-redis-restore-") as tmp, \
-                _throwaway(ctx, backup_set, source, Path(tmp), target) as staging:
-            staged = RedisConfig(host="127.0.0.1", port=staging.port, password=SecretStr(staging.password or ""),
-                                 connect_timeout=ctx.config.redis.connect_timeout,
-                                 restore_timeout=ctx.config.redis.restore_timeout)
-            scanner = RdbScanner(f"the RDB of {source.name}")
-            redis_protocol.sync_rdb(staged, scanner.feed)
-            _copy_logical(req, scanner.finish(), lambda sink: redis_protocol.sync_rdb(staged, sink).size)
-        return
-    path = backup_set.path(source.name)
-
-    def from_file(sink: Callable[[bytes], None]) -> int:
-        size = 0
-        for chunk in read_chain(path, source.compression, readers=ctx.readers):
-            sink(chunk)
-            size += len(chunk)
-        return size
-
-    _copy_logical(req, summary, from_file)
-
-
-def _copy_logical(req: _Request, summary: RdbSummary, rdb: Callable[[Callable[[bytes], None]], int]) -> None:
-    ctx, source, target, report, flush = req.ctx, req.source, req.target, req.report, req.flush
-    rc = ctx.config.redis
-    plan = plan_copy(summary, target)  # refuses here, before any change, what the target cannot hold
+def _logical_plan(req: _Request, summary: RdbSummary) -> tuple[CopyPlan, list[str]]:
+    """What a logical restore writes (plan_copy refuses here, before any change, what the target cannot
+    hold), and the lines shown for the confirmation."""
+    ctx, flush = req.ctx, req.flush
+    plan = plan_copy(summary, req.target)
     written = sorted(summary.keys)
     effect = (f"keys of db {', '.join(map(str, written)) or '(none)'} are replaced by the backup's; "
               + (f"--flush empties db {', '.join(map(str, written))} first" if flush else
@@ -425,7 +473,15 @@ def _copy_logical(req: _Request, summary: RdbSummary, rdb: Callable[[Callable[[b
     lines += [f"  note:      {note}" for note in plan.notes]
     for note in plan.notes:
         ctx.log.warning("restore note", note=note)
-    _confirm_and_protect(req, lines)
+    return plan, lines
+
+
+def _copy_logical(req: _Request, summary: RdbSummary, rdb: Callable[[Callable[[bytes], None]], int],
+                  plan: CopyPlan) -> None:
+    """Stream the RDB's keys into the target (after --flush of the databases it writes)."""
+    ctx, source, target, report, flush = req.ctx, req.source, req.target, req.report, req.flush
+    rc = ctx.config.redis
+    written = sorted(summary.keys)
     flushed: list[int] = []
     try:
         if flush:
@@ -579,9 +635,11 @@ def _layout(rc: RedisConfig) -> FileLayout:
                       values.get("appenddirname"), values.get("appendfilename", "appendonly.aof"))
 
 
-def _file_mode(req: _Request) -> None:
-    ctx, backup_set, source, report = req.ctx, req.backup_set, req.source, req.report
-    rc = ctx.config.redis
+def _file_plan(req: _Request) -> tuple[FileLayout, str, list[str]]:
+    """Where the server keeps its files, the stamp of what is moved aside, and the lines shown for the
+    confirmation; raises UsageError for an AOF restore into a server with AOF off."""
+    rc = req.ctx.config.redis
+    source = req.source
     layout = _layout(rc)
     if source.aof and not layout.appendonly:
         raise UsageError("--aof --mode file needs appendonly yes on the server (with it off Redis loads the RDB "
@@ -596,7 +654,13 @@ def _file_mode(req: _Request) -> None:
         how = "the RDB is put in place of the server's RDB"
     effect = (f"Redis is stopped ({' '.join(rc.stop_command or [])}), everything in it is replaced by the "
               f"backup; {how}; then it is started ({' '.join(rc.start_command or [])})")
-    _confirm_and_protect(req, _plan_lines(req, effect))
+    return layout, stamp, _plan_lines(req, effect)
+
+
+def _file_mode(req: _Request, layout: FileLayout, stamp: str) -> None:
+    """Stop Redis, put the backup's files in place (what was there moved aside), start it again."""
+    ctx, backup_set, source, report = req.ctx, req.backup_set, req.source, req.report
+    rc = ctx.config.redis
     path = backup_set.path(source.name)
     undo = _Undo(layout.dir)
     # Written before the stop, removed once the server answers again: if we are killed (kill -9 runs no
