@@ -95,6 +95,10 @@ class IntegrityError(Refused):
     """A backup file does not match its manifest or does not decompress."""
 
 
+class WrongKey(Refused):
+    """An encrypted backup cannot be opened with the configured identity or passphrase."""
+
+
 class VersionTooNew(Refused):
     """A backup or server version this tool or server cannot handle."""
 

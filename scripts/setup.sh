@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # python3-venv: the system tests build /opt/kkua-backupd from Debian's python3, as operators do;
 # cron: `kkua-backup cron install --user` is tested against the real crontab command;
-# strace: tests/integration/test_commit_order.py stops a backup at each step of its commit.
+# strace: tests/integration/test_commit_order.py stops a backup at each step of its commit;
+# gnupg: the gpg encryption method; age: tests check that our age files and the age CLI's read each other.
 packages=(postgresql postgresql-client redis-server redis-tools gzip zstd util-linux procps systemd systemd-container
-          python3-venv cron strace)
+          python3-venv cron strace gnupg age)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
