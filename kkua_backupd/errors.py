@@ -44,6 +44,11 @@ class ConfigError(UsageError):
         return text
 
 
+class KeyMissing(ConfigError):
+    """An encrypted file cannot be read here: no identity_file (age) or passphrase_file (gpg) is configured,
+    or it cannot be read (exit 2)."""
+
+
 class JobError(KkuaError):
     """A backup, restore or verification failed (exit 1)."""
 

@@ -23,14 +23,17 @@ import shutil
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Literal
 
 import pyrage
 from pyrage import ssh, x25519
 
-from kkua_backupd.errors import CommandFailed, IntegrityError, KkuaError, WrongKey
+from kkua_backupd.errors import CommandFailed, IntegrityError, KeyMissing, KkuaError, WrongKey
 from kkua_backupd.proc.execute import PIPE, ProcessGroup, run
+from kkua_backupd.stream.pipeline import AtomicFile, FileInfo
 from kkua_backupd.stream.stages import Reader, Sink
 
 Method = Literal["age", "gpg"]
@@ -532,3 +535,121 @@ def encrypting(method: str, inner: Sink, *, recipients: Sequence[str] = (), pass
             raise ValueError("gpg encryption needs a passphrase")
         return GpgEncrypt(inner, passphrase, job=job)
     raise ValueError(f"unknown encryption method {method!r}")
+
+
+# --- the chain's ends: what a host can encrypt and decrypt, and an atomic file behind the stage ----------------
+
+
+@dataclass(frozen=True)
+class Keys:
+    """What this host encrypts new files with (`method` None: it does not) and how it opens encrypted ones.
+    Built from the config's [encryption] section (config.Config.keys); the identities are read only when a
+    file is opened, so a host that only makes backups never needs them."""
+
+    method: Method | None = None
+    recipients: tuple[str, ...] = ()
+    passphrase: bytes | None = None
+    identities: Callable[[], list[AgeIdentity]] | None = None
+    job: str = "gpg"
+
+    @property
+    def extension(self) -> str:
+        """What new file names gain: `.age`, `.gpg`, or nothing."""
+        return EXTENSIONS[self.method] if self.method else ""
+
+    def record(self) -> dict[str, Any] | None:
+        """What a manifest records of the encryption of its set (so `list` shows what it needs)."""
+        if self.method is None:
+            return None
+        if self.method == "age":
+            return {"method": "age", "recipients": list(self.recipients)}
+        return {"method": "gpg", "cipher": "AES256"}
+
+    def seal(self, file: AtomicFile) -> SealedFile:
+        """`file` behind this host's encryption stage (none when `method` is None)."""
+        return SealedFile(file, self)
+
+    def sink(self, inner: Sink) -> Sink:
+        """The encrypting stage in front of `inner`."""
+        assert self.method is not None
+        return encrypting(self.method, inner, recipients=self.recipients, passphrase=self.passphrase, job=self.job)
+
+    def reader(self, method: str, name: str) -> Reader:
+        """The Reader that decrypts a file encrypted with `method`; raises KeyMissing when this host lacks the
+        key for it."""
+        if method == "age":
+            if self.identities is None:
+                raise KeyMissing(f"{name} is encrypted with age and no identity is configured to decrypt it",
+                                 hint="set [encryption] identity_file to the age key of a recipient the set "
+                                      "lists (`kkua-backup list`)")
+            return age_decrypt(self.identities(), name)
+        if method == "gpg":
+            if self.passphrase is None:
+                raise KeyMissing(f"{name} is encrypted with gpg and no passphrase_file is configured",
+                                 hint='set [encryption] method = "gpg" and passphrase_file to the passphrase it '
+                                      "was made with")
+            return gpg_decrypt(self.passphrase, name, job=self.job)
+        raise IntegrityError(f"{name} is encrypted with {method!r}, which this version does not know",
+                             hint="use a newer kkua-backup")
+
+    def open(self, method: str | None, chunks: Iterable[bytes], name: str) -> Iterable[bytes]:
+        """The plaintext of a stored file's chunks (`method` from its manifest entry; None: not encrypted)."""
+        if not method:
+            return chunks
+        return self.reader(method, name)(chunks)
+
+
+class _FileEnd:
+    """The AtomicFile as the end of the stage chain: its commit (by SealedFile) is what closes it."""
+
+    def __init__(self, file: AtomicFile) -> None:
+        self.file = file
+
+    def write(self, data: bytes, /) -> None:
+        self.file.write(data)
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass  # the AtomicFile's own `with` block removes the partial file
+
+
+class SealedFile:
+    """An AtomicFile with the host's encryption stage in front: `write` goes through the stage, `commit`
+    finishes it and then commits the file (its FileInfo is the stored bytes': size and sha256 of the
+    ciphertext). Leaving the `with` block on an error stops the stage."""
+
+    def __init__(self, file: AtomicFile, keys: Keys) -> None:
+        self.file = file
+        self.method = keys.method
+        self._stage: Sink | None = keys.sink(_FileEnd(file)) if keys.method else None
+
+    def __enter__(self) -> SealedFile:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def write(self, data: bytes) -> None:
+        """Take the next (compressed) bytes; raises StorageError, or the stage's error."""
+        if self._stage is None:
+            self.file.write(data)
+        elif data:
+            self._stage.write(data)
+
+    def commit(self) -> FileInfo:
+        """Finish the stage, then fsync and rename the file into place."""
+        if self._stage is not None:
+            stage, self._stage = self._stage, None
+            stage.close()
+        return self.file.commit()
+
+    def abort(self) -> None:
+        """Stop the stage; the file is removed by its own `with` block (or abort)."""
+        if self._stage is not None:
+            stage, self._stage = self._stage, None
+            stage.abort()
+        self.file.abort()
