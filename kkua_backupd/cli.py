@@ -409,6 +409,7 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
             code = max(code, 1)
         _human(ctx, f"{'OK  ' if report['ok'] else 'FAIL'}  {report['name']}"
                     + (f"  ({report['error']})" if report.get("error") else "")
+                    + (f"  (checksums ok; {report['warning']})" if report.get("warning") else "")
                     + (f"  restore test: {'passed' if report['restore_test']['ok'] else 'failed'}"
                        if "restore_test" in report else ""))
         reports.append(report)

@@ -249,8 +249,10 @@ class Config(_Strict):
         if enc is None:
             return Keys()
         passphrase = enc.passphrase.get_secret_value().encode("utf-8") if enc.passphrase is not None else None
+        signing = bytes.fromhex(enc.signing_key.get_secret_value().strip()) if enc.signing_key is not None else None
         return Keys(method=enc.method, recipients=tuple(enc.recipients or ()), passphrase=passphrase,
-                    identities=enc.load_identities if enc.identity_file is not None else None, job=job)
+                    identities=enc.load_identities if enc.identity_file is not None else None,
+                    signing_key=signing, job=job)
 
     @property
     def trusted_folders(self) -> tuple[Path, ...]:

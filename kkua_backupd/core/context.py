@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kkua_backupd.config import Config
-from kkua_backupd.errors import LockHeld, NotConfirmed, Refused, StorageError
+from kkua_backupd.errors import IntegrityError, KeyMissing, LockHeld, NotConfirmed, Refused, StorageError
 from kkua_backupd.safefs import folder_problems
 from kkua_backupd.store.lock import TargetLock
+from kkua_backupd.store.signing import check_signature
 from kkua_backupd.store.storage import BackupSet, kind_folder, remove_stale_partials
+from kkua_backupd.stream.pipeline import HashedFile
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ def check_restorable(ctx: JobContext, backup_set: BackupSet, *, checks: str) -> 
     set are missing. `checks` names what can still check a file without a manifest."""
     refuse_writable_folders(ctx, backup_set.folder.name)
     refuse_untrusted(backup_set)
+    check_signed(ctx, backup_set)
     if backup_set.future:
         ctx.log.warning(backup_set.future_warning())
     if backup_set.manifest is None:
@@ -81,6 +84,39 @@ def check_restorable(ctx: JobContext, backup_set: BackupSet, *, checks: str) -> 
     elif backup_set.status != "ok":
         raise Refused(f"{backup_set.name} is {backup_set.status}: missing {', '.join(backup_set.missing_files)}",
                       hint=f"choose another backup (see `kkua-backup list {backup_set.kind}`)")
+
+
+def check_signed(ctx: JobContext, backup_set: BackupSet, *, required: bool = False) -> str | None:
+    """Check the set's signature (store/signing.py) with the hosts' signing key before any byte of it is
+    used; raises IntegrityError when it does not match, or when `required` (a set fetched from a remote) and
+    it cannot be checked. Returns what was found, None for a file without a manifest."""
+    if backup_set.manifest is None:
+        return None
+    key = ctx.config.keys().signing_key
+    found = check_signature(backup_set.manifest, key, required=required)
+    if found == "unsigned" and key is not None:
+        ctx.log.warning("this set carries no signature (made before signing_key_file was set?); its sha256s are "
+                        "checked, but nothing shows this host's tool wrote them", file=backup_set.name)
+    return found
+
+
+def checksums_only(ctx: JobContext, backup_set: BackupSet, missing: KeyMissing) -> dict[str, Any]:
+    """`verify` of an encrypted set on a host without its key: each file's size and sha256 against the
+    manifest (raises IntegrityError on a difference), and a report that says it could not be decrypted."""
+    files = []
+    for entry in backup_set.manifest.files if backup_set.manifest else []:
+        source = HashedFile(backup_set.path(entry.name))
+        for _ in source:
+            pass
+        if source.size != entry.size or source.digest.hexdigest() != entry.sha256:
+            raise IntegrityError(f"{entry.name} does not match its checksum (size {source.size}, sha256 "
+                                 f"{source.digest.hexdigest()[:12]}..., manifest {entry.size} bytes, "
+                                 f"{entry.sha256[:12]}...)", hint="the file is corrupt; use another backup")
+        files.append({"name": entry.name, "size": source.size, "sha256": source.digest.hexdigest(),
+                      "checksum": "ok", "decrypted": False})
+    ctx.log.warning(f"checksums match, but the set could not be decrypted here: {missing.message}",
+                    file=backup_set.name)
+    return {"files": files, "decrypted": False, "warning": f"could not decrypt: {missing.message}"}
 
 
 def verify_report(backup_set: BackupSet, checked: dict[str, Any],

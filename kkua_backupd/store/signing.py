@@ -38,8 +38,10 @@ def signed_content(manifest: Manifest) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def sign(manifest: Manifest, key: bytes) -> Manifest:
-    """The manifest with its `mac` set."""
+def sign(manifest: Manifest, key: bytes | None) -> Manifest:
+    """The manifest with its `mac` set (unchanged without a key)."""
+    if key is None:
+        return manifest
     mac = hmac.new(key, signed_content(manifest), hashlib.sha256).hexdigest()
     return manifest.model_copy(update={"mac": {"algorithm": MAC_ALGORITHM, "value": mac}})
 

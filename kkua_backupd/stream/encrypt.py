@@ -33,7 +33,7 @@ from pyrage import ssh, x25519
 
 from kkua_backupd.errors import CommandFailed, IntegrityError, KeyMissing, KkuaError, WrongKey
 from kkua_backupd.proc.execute import PIPE, ProcessGroup, run
-from kkua_backupd.stream.pipeline import AtomicFile, FileInfo
+from kkua_backupd.stream.pipeline import AtomicFile, FileInfo, decompress
 from kkua_backupd.stream.stages import Reader, Sink
 
 Method = Literal["age", "gpg"]
@@ -550,6 +550,7 @@ class Keys:
     recipients: tuple[str, ...] = ()
     passphrase: bytes | None = None
     identities: Callable[[], list[AgeIdentity]] | None = None
+    signing_key: bytes | None = None
     job: str = "gpg"
 
     @property
@@ -592,11 +593,30 @@ class Keys:
         raise IntegrityError(f"{name} is encrypted with {method!r}, which this version does not know",
                              hint="use a newer kkua-backup")
 
-    def open(self, method: str | None, chunks: Iterable[bytes], name: str) -> Iterable[bytes]:
-        """The plaintext of a stored file's chunks (`method` from its manifest entry; None: not encrypted)."""
-        if not method:
+    def open(self, name: str, chunks: Iterable[bytes]) -> Iterable[bytes]:
+        """The plaintext of the chunks of stored file `name` (encrypted as its name ends: .age, .gpg, or not)."""
+        method = encryption_of(name)
+        if method is None:
             return chunks
         return self.reader(method, name)(chunks)
+
+    def plain(self, compression: str, chunks: Iterable[bytes], name: str) -> Iterator[bytes]:
+        """The stored file `name`'s chunks decrypted, then decompressed: what the source wrote."""
+        return decompress(compression, self.open(name, chunks), name=name)
+
+
+def encryption_of(name: str) -> Method | None:
+    """How a stored file is encrypted, from its name (`.age`, `.gpg`; the manifest records the same)."""
+    for method in METHODS:
+        if name.endswith(EXTENSIONS[method]):
+            return method
+    return None
+
+
+def without_encryption_suffix(name: str) -> str:
+    """`name` without its `.age`/`.gpg` (what it would be called unencrypted)."""
+    method = encryption_of(name)
+    return name.removesuffix(EXTENSIONS[method]) if method else name
 
 
 class _FileEnd:

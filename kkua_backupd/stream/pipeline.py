@@ -367,7 +367,13 @@ def verified_chunks(path: Path, size: int | None, sha256: str | None,
                              "manifest); nothing was committed", hint="check what else writes to the backup folder")
 
 
-def compress_into(chunks: Iterable[bytes], compressor: Compressor, out: AtomicFile) -> int:
+class Writer(Protocol):
+    """Where compressed bytes go: an AtomicFile, or one behind the encryption stage (encrypt.SealedFile)."""
+
+    def write(self, data: bytes, /) -> None: ...
+
+
+def compress_into(chunks: Iterable[bytes], compressor: Compressor, out: Writer) -> int:
     """Compress `chunks` into `out`; returns the number of uncompressed bytes."""
     total = 0
     try:
@@ -389,9 +395,12 @@ class CheckResult:
     uncompressed: int
 
 
-def check_file(path: Path, compression: str, progress: Progress | None = None) -> CheckResult:
-    """Read the whole file once: its size, sha256, and a full decompression (no output kept);
-    raises IntegrityError if it does not decompress, StorageError if it cannot be read."""
+def check_file(path: Path, compression: str, progress: Progress | None = None,
+               opener: Callable[[str, Iterable[bytes]], Iterable[bytes]] | None = None) -> CheckResult:
+    """Read the whole file once: its size, sha256, and a full decryption (`opener`, e.g. encrypt.Keys.open)
+    and decompression (no output kept); raises IntegrityError if it does not decompress, StorageError if it
+    cannot be read."""
     source = HashedFile(path, progress)
-    uncompressed = sum(len(part) for part in decompress(compression, source, name=path.name))
+    stored: Iterable[bytes] = opener(path.name, source) if opener is not None else source
+    uncompressed = sum(len(part) for part in decompress(compression, stored, name=path.name))
     return CheckResult(source.size, source.digest.hexdigest(), uncompressed)

@@ -25,12 +25,21 @@ import psycopg
 from psycopg import sql
 
 from kkua_backupd.config import PostgresConfig
-from kkua_backupd.core.context import JobContext, RestorePlan, check_restorable, confirm, verify_report
+from kkua_backupd.core.context import (
+    JobContext,
+    RestorePlan,
+    check_restorable,
+    check_signed,
+    checksums_only,
+    confirm,
+    verify_report,
+)
 from kkua_backupd.errors import (
     CommandFailed,
     ConnectionFailed,
     IntegrityError,
     JobError,
+    KeyMissing,
     KkuaError,
     LockHeld,
     Refused,
@@ -44,6 +53,7 @@ from kkua_backupd.proc import execute
 from kkua_backupd.safefs import list_folder, read_small, unlink_in
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
 from kkua_backupd.store.lock import TargetLock
+from kkua_backupd.store.signing import sign
 from kkua_backupd.store.storage import (
     ID_FORMAT,
     PARTIAL_SUFFIX,
@@ -62,6 +72,7 @@ from kkua_backupd.store.storage import (
     resolve,
     write_manifest,
 )
+from kkua_backupd.stream.encrypt import encryption_of, without_encryption_suffix
 from kkua_backupd.stream.pipeline import (
     AtomicFile,
     CheckResult,
@@ -69,7 +80,6 @@ from kkua_backupd.stream.pipeline import (
     HashedFile,
     check_file,
     compress_into,
-    decompress,
     make_compressor,
     stream_chunks,
     verified_chunks,
@@ -553,6 +563,7 @@ class DumpResult:
     roles: list[str]
     problems: list[str] = field(default_factory=list)
     objects: int = 0
+    encryption: dict[str, Any] | None = None  # encrypt.Keys.record()
 
 
 class _StatsThread(threading.Thread):
@@ -602,11 +613,12 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
         snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
         stats.snapshot = snapshot
         set_id, created = new_set_id(folder, prefix)
-        path = folder / data_file_name(prefix, set_id, EXTENSIONS[fmt], compression)
+        keys = ctx.config.keys(KIND)
+        path = folder / data_file_name(prefix, set_id, EXTENSIONS[fmt], compression, keys.extension)
         log.info("dump started", database=dbname, file=path.name, server_version=server.version,
                  pg_dump=str(bin_dir / "pg_dump"), format=fmt, compression=compression)
         started = time.monotonic()
-        with execute.ProcessGroup(KIND) as group, AtomicFile(path) as out:
+        with execute.ProcessGroup(KIND) as group, AtomicFile(path) as stored, keys.seal(stored) as out:
             child = group.spawn(pg_dump_argv(bin_dir, pg, dbname=dbname, fmt=fmt, snapshot=snapshot),
                                 env=child_env(pg), timeout=pg.dump_timeout)
             stats.start()
@@ -649,7 +661,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
              rows=sum(t["rows"] for t in stats.result.values()))
     problems = sql_problems(scanner, made_by_us=True) if scanner is not None else []
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
-                      fmt, compression, stats.roles, problems, stats.objects)
+                      fmt, compression, stats.roles, problems, stats.objects, keys.record())
 
 
 _DENIED = re.compile(r"permission denied for (schema|table|sequence|view|materialized view|foreign table|"
@@ -729,7 +741,9 @@ def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str
         timings["total_seconds"] = round(total_seconds, 3)
     data.update(status=status, error=error, finished_at=now_local(), details=details, timings=timings,
                 files=[ManifestFile(name=result.file.name, size=result.file.size, sha256=result.file.sha256,
-                                    role="dump", compression=result.compression)])
+                                    role="dump", compression=result.compression,
+                                    encryption=encryption_of(result.file.name))],
+                encryption=result.encryption)
     return Manifest.model_validate(data)
 
 
@@ -768,6 +782,7 @@ def backup(ctx: JobContext, *, test_restore: bool | None = None) -> Manifest:
                 status, error = "failed", f"test restore failed: {outcome['error']}"
         manifest = _manifest_for(result, set_type="backup", prefix=prefix, dbname=pg.database, status=status,
                                  error=error, extra=extra, total_seconds=time.monotonic() - started)
+        manifest = sign(manifest, ctx.config.keys().signing_key)
         write_manifest(folder, manifest)
     if unverified is not None:
         ctx.log.error("backup is ok but unverified: its test restore could not run", file=result.file.name,
@@ -981,7 +996,7 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
     pg = ctx.config.postgres
     raw = verified_chunks(path, expected.size if expected else None, expected.sha256 if expected else None,
                           progress)
-    chunks = decompress(compression, raw, name=path.name)
+    chunks = ctx.config.keys(KIND).plain(compression, raw, path.name)
     transactional = transactional or not new_database  # only a new database may load statement by statement
     if fmt == "plain":
         load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe, transactional=transactional)
@@ -1276,14 +1291,15 @@ def set_format(backup_set: BackupSet) -> tuple[str, str]:
     """(format, compression) of a set, from its manifest or, for files made without one, its name."""
     if backup_set.manifest is not None:
         return backup_set.manifest.details.get("format", "plain"), backup_set.manifest.files[0].compression
-    name = backup_set.name
+    name = without_encryption_suffix(backup_set.name)
     compression = "gzip" if name.endswith(".gz") else "zstd" if name.endswith(".zst") else "none"
     stem = name.removesuffix(".gz").removesuffix(".zst")
     if stem.endswith(".sql"):
         return "plain", compression
     if stem.endswith(".dump"):
         return "custom", compression
-    raise UsageError(f"{name} is not a PostgreSQL backup (expected .sql, .sql.gz, .sql.zst or .dump)")
+    raise UsageError(f"{backup_set.name} is not a PostgreSQL backup (expected .sql, .sql.gz, .sql.zst or .dump, each "
+                     "perhaps with .age or .gpg)")
 
 
 class _Counted:
@@ -1309,7 +1325,8 @@ def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compressi
     made_by = archive_major_of(backup_set)
     bin_dir = client_bin_dir(pg, made_by, doing=f"check {path.name}")
     source = HashedFile(path, progress)
-    archive = _Counted(decompress(compression, source, name=path.name))
+    keys = ctx.config.keys(KIND)
+    archive = _Counted(keys.plain(compression, source, path.name))
     scanner = SqlStream(refuse_meta=False)
     errors: list[BaseException] = []
     with execute.ProcessGroup(KIND) as group:
@@ -1340,7 +1357,8 @@ def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compressi
             if "unsupported version" in reason:  # made by a newer pg_dump than the manifest says (or none)
                 raise VersionTooNew(f"cannot check {path.name}: pg_restore {tool_major(bin_dir)} cannot read it "
                                     f"({reason})", hint=_client_hint(pg, None)) from None
-            return check_file(path, compression), scanner, reason  # the whole file's checksum decides first
+            # the whole file's checksum decides first
+            return check_file(path, compression, opener=keys.open), scanner, reason
     if errors:
         raise errors[0]
     return CheckResult(source.size, source.digest.hexdigest(), archive.size), scanner, None
@@ -1369,7 +1387,7 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
             source = HashedFile(path, progress)
             scanner = SqlStream(refuse_meta=False)
             uncompressed = 0
-            for part in decompress(compression, source, name=path.name):
+            for part in ctx.config.keys(KIND).plain(compression, source, path.name):
                 uncompressed += len(part)
                 scanner.feed(part)
             scanner.finish()
@@ -1410,8 +1428,13 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
                 objects=int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0,
                 expected_file=backup_set.manifest.files[0] if backup_set.manifest else None)
 
+    check_signed(ctx, backup_set)
     try:
         checked = check_set(ctx, backup_set)
+    except KeyMissing as missing:  # an encrypted set on a host without its key: the checksums still say much
+        if restore_test:
+            raise
+        return verify_report(backup_set, checksums_only(ctx, backup_set, missing), None)
     except IntegrityError as exc:
         if "would not restore" in exc.message:
             _mark_failed(ctx, backup_set, exc.message)
@@ -1605,7 +1628,8 @@ def _safety_backup(ctx: JobContext, dbname: str) -> dict[str, Any]:
     prefix = PREFIXES[KIND]["safety"]
     ctx.log.info("taking safety backup before restore", database=dbname)
     result = dump(ctx, folder, prefix=prefix, fmt="plain", compression=pg.compression, dbname=dbname)
-    write_manifest(folder, _manifest_for(result, set_type="safety", prefix=prefix, dbname=dbname))
+    write_manifest(folder, sign(_manifest_for(result, set_type="safety", prefix=prefix, dbname=dbname),
+                                ctx.config.keys().signing_key))
     ctx.log.info("safety backup written", file=result.file.name, size=human_bytes(result.file.size))
     return {"file": result.file.name, "size": result.file.size, "sha256": result.file.sha256}
 
