@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kkua_backupd.demo.redis_sample import compare, create_sample, snapshot
 from kkua_backupd.demo.sandbox import table_contents
 from kkua_backupd.stream.encrypt import generate_identity
 
@@ -234,3 +235,67 @@ def test_key_generate_cli(workdir: Path) -> None:
                             env=env)
     assert result.returncode == 0 and json.loads(result.stdout)["signing_key_file"] == str(signing)
     assert len(bytes.fromhex(signing.read_text().strip())) == 32
+
+
+# --- Redis ---------------------------------------------------------------------------------------------------
+
+REDIS_SECRET = b"only-in-the-database-7f3a91"
+
+
+@pytest.mark.parametrize("method", ["age", "gpg"])
+def test_redis_round_trip_encrypted_with_side_files(redis_env: RedisEnv, method: str) -> None:
+    redis_env.write_config(compression="none")
+    encryption(redis_env, method)
+    create_sample(redis_env.server, large_value_size=4096)
+    with redis_env.client() as client:
+        client.set("plain-secret", REDIS_SECRET * 50)
+    before = snapshot(redis_env.server)
+    redis_env.run("backup", "redis", check=True)
+    listed = json.loads(redis_env.run("--json", "list", "redis", check=True).stdout)[0]
+    roles = {f["role"]: f for f in listed["files"]}
+    assert {"rdb", "memory", "config"} <= set(roles)
+    for entry in listed["files"]:  # the RDB and the memory and config side files: all encrypted
+        assert entry["name"].endswith("." + method) and entry["encryption"] == method
+    assert listed["encryption"]["method"] == method and listed["mac"]
+    assert REDIS_SECRET not in stored_bytes(redis_env)
+    assert b"redis_version" not in stored_bytes(redis_env)  # the memory side file's INFO text
+    rdb = decrypt_by_hand(redis_env, method, redis_env.folder / roles["rdb"]["name"])
+    assert rdb.startswith(b"REDIS") and REDIS_SECRET in rdb
+    assert b"maxmemory" in decrypt_by_hand(redis_env, method, redis_env.folder / roles["config"]["name"])
+
+    verified = json.loads(redis_env.run("--json", "verify", "latest", "--restore-test", check=True).stdout)
+    assert verified[0]["ok"] and verified[0]["restore_test"]["ok"]
+
+    with redis_env.client() as client:
+        client.flushall()
+        client.set("after-backup", "x")
+    result = redis_env.run("--json", "restore", "redis", "latest", "--force", "--flush")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert compare(before, snapshot(redis_env.server)) == []
+    assert REDIS_SECRET not in stored_bytes(redis_env)  # the safety backup too
+
+
+def test_redis_wrong_passphrase_and_tampered_file_change_nothing(redis_env: RedisEnv) -> None:
+    redis_env.write_config(compression="gzip")
+    encryption(redis_env, "gpg")
+    with redis_env.client() as client:
+        client.set("k", "backed up")
+    redis_env.run("backup", "redis", check=True)
+    with redis_env.client() as client:
+        client.set("k", "current")
+    secret_file(redis_env.root / "gpg.pass", "not the passphrase\n")
+    result = redis_env.run("restore", "redis", "latest", "--force", "--flush")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "configured passphrase" in result.stdout + result.stderr
+
+    secret_file(redis_env.root / "gpg.pass", PASSPHRASE + "\n")
+    rdb = next(p for p in redis_env.folder.iterdir() if ".rdb" in p.name)
+    data = bytearray(rdb.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    rdb.write_bytes(bytes(data))
+    result = redis_env.run("restore", "redis", "latest", "--force", "--flush")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "does not match its checksum" in result.stdout + result.stderr
+    with redis_env.client() as client:
+        assert client.get("k") == b"current"
+        assert client.dbsize() == 1

@@ -29,9 +29,16 @@ from typing import Any
 
 import redis
 
-from kkua_backupd.config import RedisConfig
-from kkua_backupd.core.context import JobContext, verify_report
-from kkua_backupd.errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError, VersionTooNew
+from kkua_backupd.core.context import JobContext, check_signed, checksums_only, verify_report
+from kkua_backupd.errors import (
+    CommandFailed,
+    IntegrityError,
+    JobError,
+    KeyMissing,
+    KkuaError,
+    UsageError,
+    VersionTooNew,
+)
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
 from kkua_backupd.sources.redis import values as redis_values
@@ -51,6 +58,7 @@ from kkua_backupd.sources.redis.protocol import (
 )
 from kkua_backupd.sources.redis.rdb import RdbScanner, RdbSummary
 from kkua_backupd.store.lock import TargetLock
+from kkua_backupd.store.signing import sign
 from kkua_backupd.store.storage import (
     PREFIXES,
     BackupSet,
@@ -66,14 +74,15 @@ from kkua_backupd.store.storage import (
     remove_stale_partials,
     write_manifest,
 )
+from kkua_backupd.stream.encrypt import encryption_of, without_encryption_suffix
 from kkua_backupd.stream.pipeline import (
     AtomicFile,
     Compressor,
     FileInfo,
     HashedFile,
+    Writer,
     check_file,
     compress_into,
-    decompress,
     file_chunks,
     make_compressor,
     storage_error,
@@ -204,7 +213,7 @@ class RdbChecker:
 class _RdbWriter:
     """The sink of a capture: raw RDB bytes into the checker, the compressor and the atomic file."""
 
-    def __init__(self, out: AtomicFile, compressor: Compressor, checker: RdbChecker, progress: Progress) -> None:
+    def __init__(self, out: Writer, compressor: Compressor, checker: RdbChecker, progress: Progress) -> None:
         self.out = out
         self.compressor = compressor
         self.checker = checker
@@ -274,7 +283,7 @@ def _write_rdb(ctx: JobContext, path: Path, compression: str, method: str,  # no
     state: dict[str, Any] = {"form": "file", "wait": 0.0, "keyspace": None}
     progress = Progress(f"RDB from {cfg.host}:{cfg.port}", enabled=ctx.interactive)
     started = time.monotonic()
-    with execute.ProcessGroup(KIND) as group, AtomicFile(path) as out:
+    with execute.ProcessGroup(KIND) as group, AtomicFile(path) as stored, ctx.config.keys(KIND).seal(stored) as out:
         checker = RdbChecker(ctx, path.name, group, timeout=cfg.capture_timeout)
         compressor = make_compressor(compression, cfg.compression_level, cfg.threads)
         try:
@@ -420,8 +429,9 @@ def _collect(ctx: JobContext, client: redis.Redis, what: str, call: Callable[[],
         return None, reason
 
 
-def _write_small(path: Path, data: bytes, compression: str, cfg: RedisConfig) -> FileInfo:
-    with AtomicFile(path) as out:
+def _write_small(ctx: JobContext, path: Path, data: bytes, compression: str) -> FileInfo:
+    cfg = ctx.config.redis
+    with AtomicFile(path) as stored, ctx.config.keys(KIND).seal(stored) as out:
         compress_into([data], make_compressor(compression, cfg.compression_level, cfg.threads), out)
         return out.commit()
 
@@ -497,7 +507,7 @@ def aof_manifest_files(text: str) -> list[tuple[str, str]]:
 class _CompressingSink(io.RawIOBase):
     """A write-only file object that compresses into an AtomicFile (for tarfile's stream mode)."""
 
-    def __init__(self, out: AtomicFile, compressor: Compressor) -> None:
+    def __init__(self, out: Writer, compressor: Compressor) -> None:
         super().__init__()
         self.out = out
         self.compressor = compressor
@@ -518,7 +528,7 @@ def write_aof(ctx: JobContext, source: AofSource, path: Path, compression: str) 
     files it names), the single file as it is; raises JobError if the files change under us."""
     cfg = ctx.config.redis
     details: dict[str, Any] = {"form": source.form, "name": source.name}
-    with AtomicFile(path) as out:
+    with AtomicFile(path) as stored, ctx.config.keys(KIND).seal(stored) as out:
         compressor = make_compressor(compression, cfg.compression_level, cfg.threads)
         try:
             if source.form == "single":
@@ -572,8 +582,10 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
         ctx.log.info("backup started", id=set_id, server_version=version, compression=compression,
                      aof="yes" if want_aof else "no")
 
+        keys = ctx.config.keys(KIND)
+
         def name(role: str) -> Path:
-            return folder / data_file_name(prefix, set_id, EXTENSIONS[role], compression)
+            return folder / data_file_name(prefix, set_id, EXTENSIONS[role], compression, keys.extension)
 
         files: list[ManifestFile] = []
         try:
@@ -588,13 +600,13 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
             if extras:
                 stamp = now_local().isoformat()
                 doc = memory_document(server_info, info_error, stamp)
-                info = _write_small(name("memory"), (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(),
-                                    compression, cfg)
+                info = _write_small(ctx, name("memory"),
+                                    (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), compression)
                 made.append(folder / info.name)
                 files.append(ManifestFile(name=info.name, size=info.size, sha256=info.sha256, role="memory",
                                           compression=compression))
-                info = _write_small(name("config"), _config_text(ctx, client, version, stamp).encode("utf-8"),
-                                    compression, cfg)
+                info = _write_small(ctx, name("config"), _config_text(ctx, client, version, stamp).encode("utf-8"),
+                                    compression)
                 made.append(folder / info.name)
                 files.append(ManifestFile(name=info.name, size=info.size, sha256=info.sha256, role="config",
                                           compression=compression))
@@ -614,6 +626,10 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
                                           "server_wait_seconds": round(rdb.wait_seconds, 3),
                                           "aof_seconds": round(aof_seconds, 3),
                                           "total_seconds": round(time.monotonic() - started, 3)})
+            manifest = sign(manifest.model_copy(update={
+                "encryption": keys.record(),
+                "files": [f.model_copy(update={"encryption": encryption_of(f.name)}) for f in manifest.files]}),
+                keys.signing_key)
             write_manifest(folder, manifest)
         except BaseException:
             for path in made:  # files of this set that will never get a manifest: ours to remove
@@ -704,8 +720,9 @@ def set_files(backup_set: BackupSet) -> list[tuple[str, str, str, ManifestFile |
     if backup_set.manifest is not None:
         return [(f.name, f.role, f.compression, f) for f in backup_set.manifest.files]
     name = backup_set.name
-    compression = "gzip" if name.endswith(".gz") else "zstd" if name.endswith(".zst") else "none"
-    stem = name.removesuffix(".gz").removesuffix(".zst")
+    plain_name = without_encryption_suffix(name)
+    compression = "gzip" if plain_name.endswith(".gz") else "zstd" if plain_name.endswith(".zst") else "none"
+    stem = plain_name.removesuffix(".gz").removesuffix(".zst")
     role = {".rdb": "rdb", ".aof": "aof"}.get(Path(stem).suffix)
     if role is None:
         raise UsageError(f"{name} is not a Redis backup (expected .rdb, .rdb.gz, .rdb.zst or .aof.gz)")
@@ -716,7 +733,7 @@ def _check_rdb_file(ctx: JobContext, path: Path, compression: str, progress: Pro
     source = HashedFile(path, progress)
     with execute.ProcessGroup(KIND) as group:
         checker = RdbChecker(ctx, path.name, group, timeout=ctx.config.redis.restore_timeout)
-        for chunk in decompress(compression, source, name=path.name):
+        for chunk in ctx.config.keys(KIND).plain(compression, source, path.name):
             checker.feed(chunk)
         result = checker.finish()
     result.update(size=source.size, sha256=source.digest.hexdigest(), uncompressed=checker.size)
@@ -754,7 +771,7 @@ def check_files(ctx: JobContext, backup_set: BackupSet) -> tuple[dict[str, Any],
                 summary = entry.pop("summary")
                 entry["rdb"] = summary.as_details()
             else:
-                found = check_file(path, compression, progress)
+                found = check_file(path, compression, progress, opener=ctx.config.keys(KIND).open)
                 entry = {"size": found.size, "sha256": found.sha256, "uncompressed": found.uncompressed}
         except (IntegrityError, VersionTooNew):
             # The reader (gzip/zstd framing, the RDB's CRC-64, a type byte it does not know) stops at a flipped
@@ -849,8 +866,9 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
         valkey = summary.valkey if summary is not None else False
         decoder = _DecodeEverything(valkey)
         scanner = RdbScanner(name, decoder, examples=0)
-        for chunk in decompress(compression, verified_chunks(backup_set.path(name), expected.size if expected else None,
-                                                             expected.sha256 if expected else None), name=name):
+        keys = ctx.config.keys(KIND)
+        for chunk in keys.plain(compression, verified_chunks(backup_set.path(name), expected.size if expected else None,
+                                                             expected.sha256 if expected else None), name):
             scanner.feed(chunk)
         read = scanner.finish()
         found = {str(db): n for db, n in sorted(read.keys.items())}
@@ -865,7 +883,7 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
                                  f"to {readable}, this is {read.magic} {read.version}")
         else:
             with AtomicFile(folder / "dump.rdb", 0o600) as out:
-                for chunk in decompress(compression, file_chunks(backup_set.path(name)), name=name):
+                for chunk in keys.plain(compression, file_chunks(backup_set.path(name)), name):
                     out.write(chunk)
                 out.commit()
             ctx.log.info("test load started", file=name, server=f"redis-server {local}")
@@ -893,5 +911,11 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
 
 def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
     """`verify`: check the files and, if asked, load the RDB into a throwaway server and compare key counts."""
-    report, summary = check_files(ctx, backup_set)
+    check_signed(ctx, backup_set)
+    try:
+        report, summary = check_files(ctx, backup_set)
+    except KeyMissing as missing:  # an encrypted set on a host without its key: the checksums still say much
+        if restore_test:
+            raise
+        return verify_report(backup_set, checksums_only(ctx, backup_set, missing), None)
     return verify_report(backup_set, report, (lambda: test_load(ctx, backup_set, summary)) if restore_test else None)

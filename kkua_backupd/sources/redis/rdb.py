@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -110,15 +111,17 @@ def parse_header(head: bytes, *, name: str = "RDB") -> tuple[str, int]:
                          hint="use another backup; this one is corrupt or is not an RDB")
 
 
-def file_header(path: Path, compression: str | None = None) -> tuple[str, int]:
-    """("REDIS" or "VALKEY", version) of an RDB file, compressed as `compression` (else as its name says:
-    .gz, .zst, or none); raises IntegrityError if it is not an RDB."""
+def file_header(path: Path, compression: str | None = None,
+                opener: Callable[[str, Iterable[bytes]], Iterable[bytes]] | None = None) -> tuple[str, int]:
+    """("REDIS" or "VALKEY", version) of an RDB file, decrypted by `opener` (encrypt.Keys.open) and compressed
+    as `compression` (else as its name says: .gz, .zst, or none); raises IntegrityError if it is not an RDB."""
     from kkua_backupd.stream.pipeline import decompress, file_chunks  # late: the reader itself needs no files
 
     kind = compression or ("gzip" if path.name.endswith(".gz") else "zstd" if path.name.endswith(".zst")
                            else "none")
     head = bytearray()
-    stream = decompress(kind, file_chunks(path), name=path.name)
+    chunks = file_chunks(path)
+    stream = decompress(kind, opener(path.name, chunks) if opener is not None else chunks, name=path.name)
     try:
         for chunk in stream:
             head += chunk

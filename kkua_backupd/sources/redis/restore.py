@@ -58,7 +58,8 @@ from kkua_backupd.sources.redis.local import LocalRedis
 from kkua_backupd.sources.redis.rdb import NEWEST_REDIS_RDB, NEWEST_VALKEY_RDB, RdbScanner, RdbSummary, file_header
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import PREFIXES, BackupSet, ManifestFile, resolve
-from kkua_backupd.stream.pipeline import AtomicFile, decompress, file_chunks, fsync_dir, write_atomic
+from kkua_backupd.stream.encrypt import Keys, without_encryption_suffix
+from kkua_backupd.stream.pipeline import AtomicFile, file_chunks, fsync_dir, write_atomic
 
 KIND = "redis"
 _JOB = "redis-restore"
@@ -80,6 +81,7 @@ class Source:
 
 
 def _compression_of(name: str) -> str:
+    name = without_encryption_suffix(name)
     return "gzip" if name.endswith(".gz") else "zstd" if name.endswith(".zst") else "none"
 
 
@@ -112,10 +114,11 @@ def choose_source(backup_set: BackupSet, spec: str, *, aof: bool) -> Source:
     return Source(rdbs[0].name, rdbs[0].compression, False, rdbs[0])
 
 
-def decompress_to(src: Path, compression: str, dest: Any, progress: Progress | None = None) -> int:
-    """Decompress `src` into the writable `dest` (a file or an AtomicFile); returns the bytes written."""
+def decompress_to(keys: Keys, src: Path, compression: str, dest: Any, progress: Progress | None = None) -> int:
+    """Decrypt (with `keys`, when its name says it is encrypted) and decompress `src` into the writable `dest`
+    (a file or an AtomicFile); returns the bytes written."""
     total = 0
-    for chunk in decompress(compression, file_chunks(src, progress), name=src.name):
+    for chunk in keys.plain(compression, file_chunks(src, progress), src.name):
         dest.write(chunk)
         total += len(chunk)
     return total
@@ -214,11 +217,12 @@ def _target_info(rc: RedisConfig) -> TargetInfo:
                       int(settings.get("proto-max-bulk-len", 512 << 20)), keyspace)
 
 
-def check_rdb_version(path: Path, source: Source, target: TargetInfo, mode: str = "file") -> int:
+def check_rdb_version(path: Path, source: Source, target: TargetInfo, mode: str = "file", *,
+                      keys: Keys | None = None) -> int:
     """The RDB version of the backup file; raises VersionTooNew when the target cannot read it: in file
     mode when the server itself would load a newer RDB, in logical mode (which re-encodes what the target
     lacks) only for a version newer than this tool reads. Raises IntegrityError when the file is not an RDB."""
-    magic, version = file_header(path, source.compression)
+    magic, version = file_header(path, source.compression, opener=keys.open if keys is not None else None)
     too_new_for_us = version > (NEWEST_VALKEY_RDB if magic == "VALKEY" else NEWEST_REDIS_RDB)
     if too_new_for_us or (mode == "file" and (version > target.rdb_max or (magic == "VALKEY") != (
             target.flavor == "valkey" and version >= 80))):
@@ -292,7 +296,7 @@ def restore(ctx: JobContext, spec: str, *, force: bool, flush: bool, aof: bool, 
             raise
         try:
             if not source.aof:
-                report["rdb_version"] = check_rdb_version(path, source, target, mode)
+                report["rdb_version"] = check_rdb_version(path, source, target, mode, keys=ctx.config.keys(KIND))
             report["server_version"] = target.version
             report["check"], summary = check_files(ctx, backup_set)
         except (IntegrityError, VersionTooNew):
@@ -389,7 +393,7 @@ def _logical(ctx: JobContext, backup_set: BackupSet, source: Source, target: Tar
 
     def from_file(sink: Callable[[bytes], None]) -> int:
         size = 0
-        for chunk in decompress(source.compression, file_chunks(path), name=source.name):
+        for chunk in ctx.config.keys(KIND).plain(source.compression, file_chunks(path), source.name):
             sink(chunk)
             size += len(chunk)
         return size
@@ -495,7 +499,7 @@ def _throwaway(ctx: JobContext, backup_set: BackupSet, source: Source, tmp: Path
     try:
         if source.aof:
             with (tmp / "aof.raw").open("wb") as out:
-                decompress_to(path, source.compression, out, progress)
+                decompress_to(ctx.config.keys(KIND), path, source.compression, out, progress)
             installed, appendfilename = unpack_aof(tmp / "aof.raw", tmp)
             if installed.is_dir():
                 installed.rename(folder / "appendonlydir")
@@ -508,7 +512,7 @@ def _throwaway(ctx: JobContext, backup_set: BackupSet, source: Source, tmp: Path
                                  "appenddirname": "appendonlydir"})
         else:
             with (folder / "dump.rdb").open("wb") as out:
-                decompress_to(path, source.compression, out, progress)
+                decompress_to(ctx.config.keys(KIND), path, source.compression, out, progress)
             settings["dbfilename"] = "dump.rdb"
     finally:
         progress.clear()
@@ -855,7 +859,7 @@ def _install_rdb(ctx: JobContext, src: Path, source: Source, layout: FileLayout,
     dest = layout.dir / layout.dbfilename
     progress = Progress(f"writing {dest.name}", enabled=ctx.interactive)
     with AtomicFile(dest) as out:
-        size = decompress_to(src, source.compression, out, progress)
+        size = decompress_to(ctx.config.keys(KIND), src, source.compression, out, progress)
         progress.clear()
         _chown(out.partial, owner)
         kept = None
@@ -933,7 +937,7 @@ def _install_aof(ctx: JobContext, src: Path, source: Source, layout: FileLayout,
     staging = Path(tempfile.mkdtemp(prefix=".kkua-aof-", dir=layout.dir))
     try:
         with (staging / "aof.raw").open("wb") as out:
-            decompress_to(src, source.compression, out)
+            decompress_to(ctx.config.keys(KIND), src, source.compression, out)
         installed, appendfilename = unpack_aof(staging / "aof.raw", staging)
         if installed.is_dir() and appendfilename != layout.appendfilename:
             ctx.log.warning("the backup's AOF files are named differently from appendfilename; Redis reads "
