@@ -199,7 +199,8 @@ def test_encryption_config_fails_closed(env: Env) -> None:
     env.config_path.write_text(config.replace(recipient, recipient[:-3] + "qqq"))
     result = env.run("backup", "postgres")
     assert result.returncode == 2, result.stderr
-    assert "encryption:" in result.stdout + result.stderr and "not a valid age recipient" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "encryption:" in output and "not a valid age recipient" in output
     assert not env.folder.exists() or not list(env.folder.iterdir())
 
     env.config_path.write_text(config.replace(f'recipients = ["{recipient}"]',
