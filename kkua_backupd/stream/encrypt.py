@@ -345,7 +345,10 @@ def _gpg_argv(homedir: str, fd: int, action: tuple[str, ...]) -> tuple[str, ...]
             "--pinentry-mode", "loopback", "--passphrase-fd", str(fd), *action)
 
 
-GPG_ENCRYPT = ("--symmetric", "--cipher-algo", "AES256", "--compress-algo", "none", "--output", "-")
+# An explicit S2K count (the largest gpg offers; its derivation costs a fraction of a second): without it
+# gpg-agent calibrates one on every start, which costs seconds per file.
+GPG_ENCRYPT = ("--symmetric", "--cipher-algo", "AES256", "--compress-algo", "none", "--s2k-digest-algo", "SHA256",
+               "--s2k-count", "65011712", "--output", "-")
 GPG_DECRYPT = ("--no-symkey-cache", "--decrypt", "--output", "-")
 
 

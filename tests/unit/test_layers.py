@@ -17,7 +17,9 @@ NAME = "kkua_backupd"
 # core.context (the frozen JobContext and the restore steps every source shares) is the one module of core that
 # sources see: it is what core hands a source, and it imports only config, store and errors.
 # config (with schedule) sits under sources: every layer above reads the typed config; it imports only
-# schedule and errors. `version` is kkua_backupd/__init__.py (the version string and nothing else).
+# schedule, errors and stream/encrypt.py's key parsers (recipients are checked at load: fail closed). stream runs
+# gpg through proc/execute.py (docs/decisions/0015-encryption.md). `version` is kkua_backupd/__init__.py (the
+# version string and nothing else).
 # demo is a front-end beside cli: it may use anything below, and nothing imports it.
 BELOW_CORE = {"core.context", "sources", "config", "schedule", "stream", "store", "proc", "obs", "safefs", "errors",
               "version"}
