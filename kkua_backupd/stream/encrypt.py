@@ -117,22 +117,30 @@ class _Stop(Exception):
     """Raised into pyrage by our file-like objects when the caller gave up (abort, a consumer that left)."""
 
 
-class _QueueInput(io.RawIOBase):
-    """What pyrage reads from: chunks handed over through a bounded queue, None for the end."""
+class _ChunkInput(io.RawIOBase):
+    """What pyrage reads from: the chunks `take` returns (None at the end), in the sizes pyrage asks for. An
+    error of `take` is kept in `error` for the caller (pyrage would turn it into one of its own)."""
 
-    def __init__(self, chunks: queue.Queue[bytes | None], stop: threading.Event) -> None:
+    def __init__(self, take: Callable[[], bytes | None], stop: threading.Event) -> None:
         super().__init__()
-        self._chunks = chunks
+        self._take = take
         self._stop = stop
         self._current = memoryview(b"")
         self._ended = False
+        self.error: BaseException | None = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
         while not self._current and not self._ended:
-            chunk = self._chunks.get()
+            if self._stop.is_set():
+                raise _Stop
+            try:
+                chunk = self._take()
+            except BaseException as exc:
+                self.error = exc
+                raise
             if self._stop.is_set():
                 raise _Stop
             if chunk is None:
@@ -180,7 +188,7 @@ class AgeEncrypt:
 
     def _encrypt(self, recipients: list[AgeRecipient]) -> None:
         try:
-            pyrage.encrypt_io(_QueueInput(self._input, self._stop), self._output,  # type: ignore[arg-type]
+            pyrage.encrypt_io(_ChunkInput(self._input.get, self._stop), self._output,  # type: ignore[arg-type]
                               recipients)
         except BaseException as exc:  # handed to the caller's thread
             self._error = exc
@@ -230,38 +238,6 @@ class AgeEncrypt:
         self._inner.abort()
 
 
-class _IterInput(io.RawIOBase):
-    """What pyrage reads ciphertext from: an iterator of chunks; an error of the iterator is kept for the
-    caller (pyrage would turn it into a decryption error)."""
-
-    def __init__(self, chunks: Iterable[bytes], stop: threading.Event) -> None:
-        super().__init__()
-        self._chunks = iter(chunks)
-        self._stop = stop
-        self._current = memoryview(b"")
-        self.error: BaseException | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._current:
-            if self._stop.is_set():
-                raise _Stop
-            try:
-                chunk = next(self._chunks, None)
-            except BaseException as exc:
-                self.error = exc
-                raise
-            if chunk is None:
-                return 0
-            self._current = memoryview(chunk)
-        size = min(len(buffer), len(self._current))
-        buffer[:size] = self._current[:size]
-        self._current = self._current[size:]
-        return size
-
-
 class _QueueOutput(io.RawIOBase):
     """What pyrage writes plaintext to: a bounded queue the consumer reads from."""
 
@@ -293,7 +269,8 @@ def age_decrypt(identities: Sequence[AgeIdentity], name: str = "backup") -> Read
     def read(chunks: Iterable[bytes]) -> Iterator[bytes]:
         stop = threading.Event()
         out: queue.Queue[bytes | None] = queue.Queue(maxsize=_DEPTH)
-        source = _IterInput(chunks, stop)
+        pending = iter(chunks)
+        source = _ChunkInput(lambda: next(pending, None), stop)
         failure: list[BaseException] = []
 
         def work() -> None:
