@@ -351,6 +351,16 @@ def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
         for s in sets:
             if s.problem:
                 _human(ctx, f"invalid: {s.kind} {s.id}: {s.problem}; verify and restore refuse it")
+        needs: dict[str, list[str]] = {}
+        for s in sets:
+            record = s.manifest.encryption if s.manifest else None
+            if record:
+                what = (f"the age identity of {', '.join(record.get('recipients') or ['?'])}"
+                        if record.get("method") == "age" else f"the {record.get('method')} passphrase")
+                needs.setdefault(what, []).append(s.id)
+        for what, ids in needs.items():
+            _human(ctx, f"encrypted: {len(ids)} set(s) ({ids[0]}{', ...' if len(ids) > 1 else ''}) need {what} "
+                        "to be read ([encryption] identity_file / passphrase_file)")
         for kind in (args.kind,) if args.kind else KINDS:
             others = unmanaged_files(ctx.config.backup_dir, kind)
             if others:
@@ -559,9 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = _load_config(args, log)
         config = loaded.config
         set_trusted_roots(*config.trusted_folders)
-        for section in (config.postgres, config.redis):
-            if section.password is not None:
-                sink.add_secret(section.password.get_secret_value())
+        for secret in config.secrets():
+            sink.add_secret(secret)
         main_job = {"backup": getattr(args, "target", ""), "run": getattr(args, "job", ""),
                     "restore": getattr(args, "target", ""), "prune": "retention"}.get(args.command, "")
         ctx = job_context(config, main_job or "postgres", json_mode=json_mode)

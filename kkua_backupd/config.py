@@ -243,6 +243,13 @@ class Config(_Strict):
         """Where the last run of each job is recorded (by whichever runner ran it)."""
         return self.daemon.state_file or self.backup_dir / ".state" / "jobs.json"
 
+    def secrets(self) -> list[str]:
+        """Every secret the config holds (passwords, the gpg passphrase, the signing key): logs mask them."""
+        found = [s.password for s in (self.postgres, self.redis)]
+        if self.encryption is not None:
+            found += [self.encryption.passphrase, self.encryption.signing_key]
+        return [s.get_secret_value() for s in found if s is not None]
+
     def keys(self, job: str = "gpg") -> Keys:
         """What this host encrypts new backup files with and how it opens encrypted ones."""
         enc = self.encryption

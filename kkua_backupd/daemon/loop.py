@@ -476,9 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(f"{exc}; not starting", exit_code=exc.exit_code)
         return exc.exit_code
     set_trusted_roots(*loaded.config.trusted_folders)
-    for section in (loaded.config.postgres, loaded.config.redis):
-        if section.password is not None:  # the daemon never logs them; a worker's error line might
-            sink.add_secret(section.password.get_secret_value())
+    for secret in loaded.config.secrets():  # the daemon never logs them; a worker's error line might
+        sink.add_secret(secret)
     daemon = Daemon(args.config, loaded, notifier)
     try:
         daemon.install_signals()

@@ -106,6 +106,8 @@ def test_postgres_round_trip_encrypted(env: Env, method: str, fmt: str) -> None:
 
     listed = json.loads(env.run("--json", "list", "postgres", check=True).stdout)
     assert listed[0]["encryption"]["method"] == method
+    shown = env.run("list", "postgres", check=True).stdout
+    assert "encrypted: 1 set(s)" in shown and (made["recipient"] if method == "age" else "gpg passphrase") in shown
     verified = json.loads(env.run("--json", "verify", "latest", check=True).stdout)
     assert verified[0]["ok"] and "warning" not in verified[0]
 
