@@ -19,6 +19,7 @@ from kkua_backupd.demo.sandbox import table_contents
 from kkua_backupd.stream.encrypt import generate_identity
 
 from ..conftest import Env, RedisEnv
+from .test_redis_restore import restartable_env
 
 KNOWN_ROW = b"kkua@example.com"  # a row of the sample data
 PASSPHRASE = "a long gpg passphrase for tests"
@@ -302,3 +303,23 @@ def test_redis_wrong_passphrase_and_tampered_file_change_nothing(redis_env: Redi
     with redis_env.client() as client:
         assert client.get("k") == b"current"
         assert client.dbsize() == 1
+
+
+def test_redis_aof_encrypted_restores_in_file_mode(workdir: Path) -> None:
+    env, server = restartable_env(workdir, "aof-server", {"appendonly": "yes"})
+    try:
+        encryption(env, "age")
+        create_sample(server.local, large_value_size=4096)
+        env.run("backup", "redis", "--aof", check=True)
+        listed = json.loads(env.run("--json", "list", "redis", check=True).stdout)[0]
+        aof = next(f for f in listed["files"] if f["role"] == "aof")
+        assert aof["name"].endswith(".aof.gz.age") and aof["encryption"] == "age"
+        before = snapshot(server, group_counters=False)
+        server.client(0).flushall()
+        server.client(3).set("after", "x")
+        result = env.run("--json", "restore", "redis", "latest", "--aof", "--force", "--mode", "file")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads(result.stdout)["aof_handling"] == "backup AOF installed"
+        assert compare(before, snapshot(server, group_counters=False)) == []
+    finally:
+        server.close()
