@@ -339,8 +339,10 @@ class _Gpg:
         self.home = tempfile.mkdtemp(prefix="kkua-gnupg-")
         read_end, write_end = os.pipe()
         try:
-            os.write(write_end, passphrase + b"\n")  # far below a pipe's capacity: never blocks
-            os.close(write_end)
+            try:
+                os.write(write_end, passphrase + b"\n")  # far below a pipe's capacity: never blocks
+            finally:
+                os.close(write_end)
             self.group = ProcessGroup(job, grace=5)
             self.child = self.group.spawn(_gpg_argv(self.home, read_end, action), name="gpg", stdin=PIPE,
                                           stdout=PIPE, pass_fds=(read_end,))
@@ -349,8 +351,6 @@ class _Gpg:
             raise
         finally:
             os.close(read_end)
-            with contextlib.suppress(OSError):
-                os.close(write_end)
         self.parts: queue.Queue[bytes | None] = queue.Queue(maxsize=_DEPTH)
         self.reader = threading.Thread(target=self._read, name="gpg-out", daemon=True)
         self.reader.start()
