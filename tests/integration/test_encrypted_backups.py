@@ -110,7 +110,7 @@ def test_postgres_round_trip_encrypted(env: Env, method: str, fmt: str) -> None:
     shown = env.run("list", "postgres", check=True).stdout
     assert "encrypted: 1 set(s)" in shown and (made["recipient"] if method == "age" else "gpg passphrase") in shown
     verified = json.loads(env.run("--json", "verify", "latest", check=True).stdout)
-    assert verified[0]["ok"] and "warning" not in verified[0]
+    assert verified[0]["ok"] and "warning" not in verified[0] and verified[0]["signature"] == "ok"
 
     damage(env)
     report = json.loads(env.run("--json", "restore", "postgres", "latest", "--force", check=True).stdout)

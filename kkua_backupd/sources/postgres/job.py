@@ -1428,18 +1428,18 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
                 objects=int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0,
                 expected_file=backup_set.manifest.files[0] if backup_set.manifest else None)
 
-    check_signed(ctx, backup_set)
+    signature = check_signed(ctx, backup_set)
     try:
         checked = check_set(ctx, backup_set)
     except KeyMissing as missing:  # an encrypted set on a host without its key: the checksums still say much
         if restore_test:
             raise
-        return verify_report(backup_set, checksums_only(ctx, backup_set, missing), None)
+        return verify_report(backup_set, {**checksums_only(ctx, backup_set, missing), "signature": signature}, None)
     except IntegrityError as exc:
         if "would not restore" in exc.message:
             _mark_failed(ctx, backup_set, exc.message)
         raise
-    report = verify_report(backup_set, checked, test if restore_test else None)
+    report = verify_report(backup_set, {**checked, "signature": signature}, test if restore_test else None)
     outcome = report.get("restore_test")
     if outcome and outcome.get("ran") and not outcome["ok"]:
         _mark_failed(ctx, backup_set, f"test restore failed: {outcome['error']}")

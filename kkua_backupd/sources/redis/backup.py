@@ -911,11 +911,12 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
 
 def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> dict[str, Any]:
     """`verify`: check the files and, if asked, load the RDB into a throwaway server and compare key counts."""
-    check_signed(ctx, backup_set)
+    signature = check_signed(ctx, backup_set)
     try:
         report, summary = check_files(ctx, backup_set)
     except KeyMissing as missing:  # an encrypted set on a host without its key: the checksums still say much
         if restore_test:
             raise
-        return verify_report(backup_set, checksums_only(ctx, backup_set, missing), None)
-    return verify_report(backup_set, report, (lambda: test_load(ctx, backup_set, summary)) if restore_test else None)
+        return verify_report(backup_set, {**checksums_only(ctx, backup_set, missing), "signature": signature}, None)
+    return verify_report(backup_set, {**report, "signature": signature},
+                         (lambda: test_load(ctx, backup_set, summary)) if restore_test else None)
