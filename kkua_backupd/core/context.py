@@ -35,11 +35,11 @@ class JobContext:
     stages: tuple[Stage, ...] = ()
     keys: Keys = field(default_factory=Keys)
 
-    def readers_for(self, name: str, recorded: str | None = None) -> tuple[Reader, ...]:
-        """The way back of the stages file `name` was written with: its decryption when the manifest records
-        one (`recorded`, ManifestFile.encryption) or its name ends .age/.gpg, else none. Raises KeyMissing
-        when this host lacks the key."""
-        method = recorded or encryption_of(name)
+    def readers_for(self, name: str) -> tuple[Reader, ...]:
+        """The way back of the stages the stored file `name` was written with: its decryption when the name
+        (as the manifest lists it, under its MAC) ends .age or .gpg, else none. Raises KeyMissing when this
+        host lacks the key."""
+        method = encryption_of(name)
         return (self.keys.reader(method, name),) if method else ()
 
 

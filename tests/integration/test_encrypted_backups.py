@@ -323,3 +323,23 @@ def test_redis_aof_encrypted_restores_in_file_mode(workdir: Path) -> None:
         assert compare(before, snapshot(server, group_counters=False)) == []
     finally:
         server.close()
+
+
+def test_sets_made_before_encryption_was_switched_on_still_restore(redis_env: RedisEnv) -> None:
+    """Readers are chosen per file: a host that now encrypts still reads the clear sets it made before."""
+    world = redis_env
+    create_sample(world.server)
+    before = snapshot(world.server)
+    plain = json.loads(world.run("--json", "backup", "redis", check=True).stdout)
+    assert not [f["name"] for f in plain["files"] if f["name"].endswith((".age", ".gpg"))]
+    encryption(world, "age")
+    sealed = json.loads(world.run("--json", "backup", "redis", check=True).stdout)
+    assert [f["name"] for f in sealed["files"] if not f["name"].endswith(".age")] == []
+    with world.client() as client:
+        client.flushall()
+    result = world.run("restore", "redis", plain["id"], "--force", "--flush", "--no-safety-backup")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert compare(before, snapshot(world.server)) == []
+    verify = world.run("verify", "all")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert verify.stdout.count("OK") >= 2

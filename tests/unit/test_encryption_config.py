@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kkua_backupd.config import load_config
+from kkua_backupd.config import RemoteConfig, load_config
+from kkua_backupd.core import health
 from kkua_backupd.errors import ConfigError, KeyMissing
 from kkua_backupd.stream.encrypt import generate_identity
 
@@ -123,3 +124,53 @@ def test_identity_is_read_only_when_a_file_is_opened(tmp_path: Path, key: tuple[
         no_identity.reader("age", "x.age")
     with pytest.raises(KeyMissing, match="no passphrase_file"):
         no_identity.reader("gpg", "x.gpg")
+
+
+# --- `kkua-backup check`'s encryption lines ----------------------------------------------------------------------
+
+
+def encryption_lines(config: object) -> dict[str, tuple[str, str]]:
+    results = health.run_checks(config, [health.check_encryption])  # type: ignore[arg-type]
+    return {r.name: (r.level, r.message) for r in results}
+
+
+def test_check_encryption_says_what_the_host_can_do(tmp_path: Path, key: tuple[str, str]) -> None:
+    identity = secret(tmp_path, "age.key", key[0])
+    signing = secret(tmp_path, "signing.key", os.urandom(32).hex() + "\n")
+    config = load(tmp_path, f'method = "age"\nrecipients = ["{key[1]}"]\nidentity_file = "{identity}"\n'
+                            f'signing_key_file = "{signing}"')
+    lines = encryption_lines(config)
+    assert lines == {"encryption": ("OK", "age to 1 recipient(s)"),
+                     "encryption.identity_file": ("OK", f"{identity} holds 1 identity(ies)"),
+                     "encryption.signing_key_file": ("OK", f"manifests are signed ({signing})")}
+
+    identity.unlink()  # the identity is read by check (a backup never needs it): gone is a failure
+    lines = encryption_lines(config)
+    assert lines["encryption.identity_file"][0] == "FAIL" and "cannot read" in lines["encryption.identity_file"][1]
+    assert health.exit_code(health.run_checks(config, [health.check_encryption])) == 2  # type: ignore[arg-type]
+
+    secret(tmp_path, "age.key", generate_identity()[0])  # readable, but not the key of the recipient
+    level, message = encryption_lines(config)["encryption.identity_file"]
+    assert level == "WARN" and "not the key of any configured recipient" in message
+
+
+def test_check_encryption_warns_without_signing_key_or_encryption(tmp_path: Path, key: tuple[str, str]) -> None:
+    config = load(tmp_path, f'method = "age"\nrecipients = ["{key[1]}"]')
+    lines = encryption_lines(config)
+    assert lines["encryption.identity_file"] == ("OK", "not set: this host can make encrypted backups but not "
+                                                       "restore or test-restore them")
+    assert lines["encryption.signing_key_file"][0] == "WARN"
+    assert "cannot be proven" in lines["encryption.signing_key_file"][1]
+
+    pass_file = secret(tmp_path, "gpg.pass", "a passphrase\n")
+    lines = encryption_lines(load(tmp_path, f'method = "gpg"\npassphrase_file = "{pass_file}"'))
+    assert lines["encryption"] == ("OK", f"gpg (AES256), passphrase read from {pass_file}")
+
+    path = tmp_path / "plain.toml"
+    path.write_text(f'backup_dir = "{tmp_path}/b"\n')
+    plain = load_config(str(path), {}).config
+    assert encryption_lines(plain) == {"encryption": ("OK", "off: backup files are stored unencrypted")}
+    remote = RemoteConfig(name="box", url="sftp://u@127.0.0.1/srv", identity_file=tmp_path / "k",
+                          known_hosts=tmp_path / "kh")
+    level, message = encryption_lines(plain.model_copy(update={"remote": [remote]}))["encryption"]
+    assert level == "WARN" and "on 1 remote(s)" in message
