@@ -13,10 +13,12 @@ import datetime as dt
 import hashlib
 import json
 import os
+import secrets
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -24,6 +26,7 @@ from kkua_backupd import __version__
 from kkua_backupd.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
+    SIGNING_KEY_BYTES,
     Config,
     LoadedConfig,
     load_config,
@@ -31,8 +34,8 @@ from kkua_backupd.config import (
     secrets_of,
 )
 from kkua_backupd.core import health, observe, remotes, state
-from kkua_backupd.core.context import JobContext, VerifyReport, clean_stale
-from kkua_backupd.errors import ConfigError, IntegrityError, Interrupted, JobError, KkuaError, UsageError
+from kkua_backupd.core.context import JobContext, VerifyReport, clean_stale, context_for
+from kkua_backupd.errors import ConfigError, IntegrityError, Interrupted, JobError, KkuaError, Refused, UsageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes, interactive
 from kkua_backupd.safefs import set_trusted_roots
@@ -54,6 +57,7 @@ from kkua_backupd.store.storage import (
     resolve,
     unmanaged_files,
 )
+from kkua_backupd.stream.encrypt import generate_identity
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
              "prune": "backup.log", "push": "backup.log"}
@@ -206,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "Send the failure notice ([notify]) for UNIT, with its last journal lines, unless its job already\n"
                 "did; a run it left `running` (killed) is recorded as failed. Run by kkua-backup-failure@.service.")
     p.add_argument("unit", help="the unit that failed, e.g. kkua-backup@postgres.service")
+
+    p = command("key", "make the keys of [encryption]: an age identity, or the manifests' signing key",
+                "generate: write a new age identity (secret key) to --out, mode 0600, and print its public\n"
+                "recipient for [encryption] recipients. Keep the identity off the database host if that host\n"
+                "should not read its own backups, and keep a copy somewhere safe: a lost key means lost backups.\n"
+                "signing-key: write a new key for the manifests' HMAC ([encryption] signing_key_file), 0600;\n"
+                "every host that makes or restores backups needs the same one, never the backup store.\n"
+                "Neither overwrites an existing file. Needs no config.")
+    p.add_argument("action", choices=("generate", "signing-key"))
+    p.add_argument("--out", metavar="PATH", required=True, help="the file to create (refused if it exists)")
     return parser
 
 
@@ -224,8 +238,8 @@ def _human(ctx: JobContext, text: str) -> None:
 
 def job_context(config: Config, job: str, *, json_mode: bool) -> JobContext:
     """The context of one job, its log lines carrying the job and its target."""
-    return JobContext(config=config, log=logs.get_logger(job=job, target=job_target(config, job)),
-                      interactive=interactive() and not json_mode, json_mode=json_mode)
+    return context_for(config, logs.get_logger(job=job, target=job_target(config, job)), job=job,
+                       interactive=interactive() and not json_mode, json_mode=json_mode)
 
 
 def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) -> Any:
@@ -421,6 +435,16 @@ def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
         for s in sets:
             if s.problem:
                 _human(ctx, f"invalid: {s.kind} {s.id}: {s.problem}; verify and restore refuse it")
+        needs: dict[str, list[str]] = {}
+        for s in sets:
+            record = s.manifest.encryption if s.manifest else None
+            if record:
+                what = (f"the age identity of {', '.join(record.get('recipients') or ['?'])}"
+                        if record.get("method") == "age" else f"the {record.get('method')} passphrase")
+                needs.setdefault(what, []).append(s.id)
+        for what, ids in needs.items():
+            _human(ctx, f"encrypted: {len(ids)} set(s) ({ids[0]}{', ...' if len(ids) > 1 else ''}) need {what} "
+                        "to be read ([encryption] identity_file / passphrase_file)")
         for kind in (args.kind,) if args.kind else KINDS:
             others = unmanaged_files(ctx.config.backup_dir, kind)
             if others:
@@ -479,6 +503,7 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
             code = max(code, 1)
         _human(ctx, f"{'OK  ' if report.ok else 'FAIL'}  {report.name}"
                     + (f"  ({report.error})" if report.error else "")
+                    + (f"  (checksums ok; {report.checked['warning']})" if report.checked.get("warning") else "")
                     + (f"  restore test: {'passed' if report.restore_test['ok'] else 'failed'}"
                        if report.restore_test is not None else ""))
         reports.append(report.to_json())
@@ -574,6 +599,42 @@ def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) 
     return doc, 2 if problems else 0
 
 
+def cmd_key(args: argparse.Namespace) -> dict[str, Any]:
+    """`key generate|signing-key --out PATH`: a new key in a new file, 0600; refuses an existing file."""
+    path = Path(args.out)
+    if args.action == "generate":
+        text, recipient = generate_identity()
+        result = {"identity_file": str(path), "recipient": recipient}
+    else:
+        text = secrets.token_hex(SIGNING_KEY_BYTES) + "\n"
+        result = {"signing_key_file": str(path)}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise Refused(f"{path} exists; refusing to overwrite a key", hint="a replaced key can no longer read the "
+                      "backups made for it; choose another --out, or move the old file away yourself") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        fh.write(text)
+        fh.flush()
+        os.fsync(fd)
+    if args.action == "generate":
+        lines = [f"identity written to {path} (mode 0600)", f"recipient: {result['recipient']}",
+                 "Put the recipient in [encryption] recipients, and identity_file = the file above on the hosts "
+                 "that restore.",
+                 "WARNING: without this identity file the backups encrypted to its recipient cannot be read by "
+                 "anyone. Keep a copy off this machine (a password manager, a safe); a lost key means lost backups."]
+    else:
+        lines = [f"signing key written to {path} (mode 0600); set [encryption] signing_key_file to it on every "
+                 "host that backs up or restores, and never copy it to the backup store"]
+    result["warning"] = lines[-1] if args.action == "generate" else ""
+    if not getattr(args, "json", False):
+        sys.stdout.write("\n".join(lines) + "\n")
+    return result
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[str]:
     lines = []
     for key, value in data.items():
@@ -607,6 +668,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _COMMAND[0] = args.command
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if args.command == "key":  # before the config: keys are made before [encryption] can name them
+            key_result = cmd_key(args)
+            if json_mode:
+                _print_json(key_result)
+            return 0
         loaded = _load_config(args, log)
         config = loaded.config
         set_trusted_roots(*config.trusted_folders)

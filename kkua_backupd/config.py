@@ -30,7 +30,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kkua_backupd import schedule
-from kkua_backupd.errors import ConfigError
+from kkua_backupd.errors import ConfigError, KeyMissing
+from kkua_backupd.stream.encrypt import AgeIdentity, Keys, parse_identities, parse_recipient, recipient_lines
 
 DEFAULT_CONFIG_PATH = Path("/etc/kkua-backup/config.toml")
 CONFIG_ENV = "KKUA_BACKUP_CONFIG"
@@ -310,6 +311,56 @@ class RemoteConfig(_Strict):
         return self
 
 
+class EncryptionConfig(_Strict):
+    """How backup files are encrypted (age to public recipients, or gpg with a passphrase), and the key that
+    signs manifests. Checked at load: with this section present and anything unreadable or invalid, the
+    config does not load and no job runs (never a clear-text fallback)."""
+
+    method: Literal["age", "gpg"]
+    recipients: list[str] | None = None
+    recipients_file: PathValue | None = None
+    identity_file: PathValue | None = Field(None, description="age identity; only where restores happen")
+    passphrase_file: PathValue | None = Field(None, description="gpg: the passphrase, one line")
+    signing_key_file: PathValue | None = Field(None, description="the key of the manifests' HMAC")
+    # Filled by the loader from passphrase_file and signing_key_file; never read from the TOML file.
+    passphrase: SecretStr | None = Field(None, exclude=True)
+    signing_key: SecretStr | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _fits_method(self) -> EncryptionConfig:
+        if self.method == "age":
+            if (self.recipients is None) == (self.recipients_file is None):
+                raise ValueError('method = "age" needs exactly one of recipients = ["age1…"] or recipients_file')
+            if self.recipients is not None and not self.recipients:
+                raise ValueError("recipients is empty: list at least one age1… or ssh-ed25519 key")
+            for recipient in self.recipients or ():
+                parse_recipient(recipient)
+            if self.passphrase_file is not None:
+                raise ValueError('passphrase_file belongs to method = "gpg"; age uses recipients and identity_file')
+        else:
+            if self.passphrase_file is None:
+                raise ValueError('method = "gpg" needs passphrase_file (the passphrase, one line, mode 0600)')
+            for name in ("recipients", "recipients_file", "identity_file"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f'{name} belongs to method = "age"; gpg uses passphrase_file')
+        return self
+
+    def load_identities(self) -> list[AgeIdentity]:
+        """The age identities of identity_file; raises KeyMissing when it is not set, unreadable, too open or
+        not an identity file."""
+        if self.identity_file is None:
+            raise KeyMissing("no [encryption] identity_file is configured to decrypt age files",
+                             hint="set it on the host that restores (the key `kkua-backup key generate` wrote)")
+        problems: list[str] = []
+        text = _read_secret_file(self.identity_file, "encryption.identity_file", problems)
+        if text is None:
+            raise KeyMissing(problems[0], hint="restores and verify --restore-test need the age identity")
+        try:
+            return parse_identities(text.encode("utf-8"), str(self.identity_file))
+        except ValueError as exc:
+            raise KeyMissing(f"encryption.identity_file: {exc}") from None
+
+
 class Config(_Strict):
     """The whole effective configuration."""
 
@@ -325,6 +376,7 @@ class Config(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     notify: NotifyConfig = NotifyConfig()
     remote: list[RemoteConfig] = []
+    encryption: EncryptionConfig | None = None
 
     @model_validator(mode="after")
     def _remote_names_unique(self) -> Config:
@@ -342,6 +394,17 @@ class Config(_Strict):
     def state_file(self) -> Path:
         """Where the last run of each job is recorded (by whichever runner ran it)."""
         return self.daemon.state_file or self.backup_dir / ".state" / "jobs.json"
+
+    def keys(self, job: str = "gpg") -> Keys:
+        """What this host encrypts new backup files with and how it opens encrypted ones."""
+        enc = self.encryption
+        if enc is None:
+            return Keys()
+        passphrase = enc.passphrase.get_secret_value().encode("utf-8") if enc.passphrase is not None else None
+        signing = bytes.fromhex(enc.signing_key.get_secret_value().strip()) if enc.signing_key is not None else None
+        return Keys(method=enc.method, recipients=tuple(enc.recipients or ()), passphrase=passphrase,
+                    identities=enc.load_identities if enc.identity_file is not None else None,
+                    signing_key=signing, job=job)
 
     @property
     def trusted_folders(self) -> tuple[Path, ...]:
@@ -551,6 +614,8 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
     config = _with_secrets(config, layered, problems, sources)
     config = _with_notify_urls(config, env, problems, sources)
     config = _with_remote_credentials(config, env, problems)
+    if config.encryption is not None:
+        config = config.model_copy(update={"encryption": _with_keys(config.encryption, problems)})
     if problems:
         raise ConfigError(f"invalid configuration in {where}", problems=problems)
     return LoadedConfig(config, used_path, sources)
@@ -667,7 +732,57 @@ def secrets_of(config: Config) -> list[str]:
         found += [v.get_secret_value() for v in (remote.secret_access_key, remote.session_token) if v is not None]
     found += [url.get_secret_value() for url in (config.notify.healthchecks_url, config.notify.webhook_url)
               if url is not None]
+    if config.encryption is not None:
+        found += [v.get_secret_value() for v in (config.encryption.passphrase, config.encryption.signing_key)
+                  if v is not None]
     return found
+
+
+SIGNING_KEY_BYTES = 32
+
+
+def _with_keys(enc: EncryptionConfig, problems: list[str]) -> EncryptionConfig:
+    """The encryption section with its recipients, passphrase and signing key read and checked; every
+    problem is noted (the config then does not load: fail closed)."""
+    update: dict[str, Any] = {}
+    if enc.recipients_file is not None:
+        text = _read_text(enc.recipients_file, "encryption.recipients_file", problems)
+        if text is not None:
+            lines = recipient_lines(text)
+            if not lines:
+                problems.append(f"encryption.recipients_file: {enc.recipients_file} lists no recipient")
+            for line in lines:
+                try:
+                    parse_recipient(line)
+                except ValueError as exc:
+                    problems.append(f"encryption.recipients_file: {exc} ({enc.recipients_file})")
+            update["recipients"] = lines
+    if enc.passphrase_file is not None:
+        update["passphrase"] = _read_secret(enc.passphrase_file, "encryption.passphrase_file", problems)
+    if enc.signing_key_file is not None:
+        key = _read_secret(enc.signing_key_file, "encryption.signing_key_file", problems)
+        if key is not None:
+            try:
+                raw = bytes.fromhex(key.get_secret_value().strip())
+            except ValueError:
+                raw = b""
+            if len(raw) < SIGNING_KEY_BYTES:
+                problems.append(f"encryption.signing_key_file: {enc.signing_key_file} is not a signing key "
+                                f"(expected {SIGNING_KEY_BYTES * 2} hex digits, as `kkua-backup key generate` "
+                                "writes)")
+            else:
+                update["signing_key"] = key
+    return enc.model_copy(update=update)
+
+
+def _read_text(path: Path, dotted: str, problems: list[str]) -> str | None:
+    """A file that is not secret but must be readable (recipients), or None with a problem noted."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        problems.append(f"{dotted}: cannot read {path}: {reason}")
+        return None
 
 
 def redacted(config: Config) -> dict[str, Any]:

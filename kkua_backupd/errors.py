@@ -44,6 +44,11 @@ class ConfigError(UsageError):
         return text
 
 
+class KeyMissing(ConfigError):
+    """An encrypted file cannot be read here: no identity_file (age) or passphrase_file (gpg) is configured,
+    or it cannot be read (exit 2)."""
+
+
 class JobError(KkuaError):
     """A backup, restore or verification failed (exit 1)."""
 
@@ -93,6 +98,10 @@ class NotConfirmed(Refused):
 
 class IntegrityError(Refused):
     """A backup file does not match its manifest or does not decompress."""
+
+
+class WrongKey(Refused):
+    """An encrypted backup cannot be opened with the configured identity or passphrase."""
 
 
 class VersionTooNew(Refused):

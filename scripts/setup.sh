@@ -12,9 +12,10 @@ cd "$(dirname "$0")/.."
 # prometheus-node-exporter: tests scrape the metrics text file through its textfile collector; prometheus: its
 # promtool checks the alert rules of docs/monitoring.md (tests/unit/test_alert_rules.py).
 # openssh-client, rsync: SSH remotes (docs/remotes.md); openssh-server: the SSH host the remote tests start.
+# gnupg: the gpg encryption method; age: tests check that our age files and the age CLI's read each other.
 packages=(postgresql postgresql-client redis-server redis-tools gzip zstd util-linux procps systemd systemd-container
           python3-venv cron strace fakeroot binutils lintian debootstrap buildah prometheus-node-exporter prometheus
-          openssh-client openssh-server rsync)
+          openssh-client openssh-server rsync gnupg age)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

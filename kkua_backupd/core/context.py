@@ -3,17 +3,21 @@ restore, the confirmation, the verify report."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kkua_backupd.config import Config
-from kkua_backupd.errors import JobError, LockHeld, NotConfirmed, Refused, StorageError
+from kkua_backupd.errors import IntegrityError, JobError, KeyMissing, LockHeld, NotConfirmed, Refused, StorageError
 from kkua_backupd.safefs import folder_problems
 from kkua_backupd.store.lock import TargetLock
+from kkua_backupd.store.signing import check_signature
 from kkua_backupd.store.storage import BackupSet, kind_folder, remove_stale_partials
 from kkua_backupd.stream.chain import Stage
+from kkua_backupd.stream.encrypt import Keys, encryption_of
+from kkua_backupd.stream.pipeline import file_chunks
 from kkua_backupd.stream.stages import Reader
 
 
@@ -26,9 +30,25 @@ class JobContext:
     interactive: bool = False  # a person at a terminal: progress lines and questions
     json_mode: bool = False
     # The byte chain's slot after compression (stream/chain.py): every backup file is written through
-    # `stages` and read back through `readers` (encryption goes here); empty: compression only.
+    # `stages` (the host's encryption, when [encryption] is set; empty: compression only) and read back
+    # through `readers_for(file)`, chosen per file: a set may hold files made before encryption was set.
     stages: tuple[Stage, ...] = ()
-    readers: tuple[Reader, ...] = ()
+    keys: Keys = field(default_factory=Keys)
+
+    def readers_for(self, name: str) -> tuple[Reader, ...]:
+        """The way back of the stages the stored file `name` was written with: its decryption when the name
+        (as the manifest lists it, under its MAC) ends .age or .gpg, else none. Raises KeyMissing when this
+        host lacks the key."""
+        method = encryption_of(name)
+        return (self.keys.reader(method, name),) if method else ()
+
+
+def context_for(config: Config, log: Any, *, job: str, interactive: bool = False,
+                json_mode: bool = False) -> JobContext:
+    """The context of one job, its byte chain set from the config: encryption is made here, once."""
+    keys = config.keys(job)
+    return JobContext(config=config, log=log, interactive=interactive, json_mode=json_mode,
+                      stages=(keys.sink,) if keys.method else (), keys=keys)
 
 
 def refuse_untrusted(backup_set: BackupSet) -> None:
@@ -76,6 +96,7 @@ def check_restorable(ctx: JobContext, backup_set: BackupSet, *, checks: str) -> 
     set are missing. `checks` names what can still check a file without a manifest."""
     refuse_writable_folders(ctx, backup_set.folder.name)
     refuse_untrusted(backup_set)
+    check_signed(ctx, backup_set)
     if backup_set.future:
         ctx.log.warning(backup_set.future_warning())
     if backup_set.manifest is None:
@@ -87,6 +108,40 @@ def check_restorable(ctx: JobContext, backup_set: BackupSet, *, checks: str) -> 
     elif backup_set.status != "ok":
         raise Refused(f"{backup_set.name} is {backup_set.status}: missing {', '.join(backup_set.missing_files)}",
                       hint=f"choose another backup (see `kkua-backup list {backup_set.kind}`)")
+
+
+def check_signed(ctx: JobContext, backup_set: BackupSet, *, required: bool = False) -> str | None:
+    """Check the set's signature (store/signing.py) with the hosts' signing key before any byte of it is
+    used; raises IntegrityError when it does not match, or when `required` (a set fetched from a remote) and
+    it cannot be checked. Returns what was found, None for a file without a manifest."""
+    if backup_set.manifest is None:
+        return None
+    key = ctx.keys.signing_key
+    found = check_signature(backup_set.manifest, key, required=required)
+    if found == "unsigned" and key is not None:
+        ctx.log.warning("this set carries no signature (made before signing_key_file was set?); its sha256s are "
+                        "checked, but nothing shows this host's tool wrote them", file=backup_set.name)
+    return found
+
+
+def checksums_only(ctx: JobContext, backup_set: BackupSet, missing: KeyMissing) -> dict[str, Any]:
+    """`verify` of an encrypted set on a host without its key: each file's size and sha256 against the
+    manifest (raises IntegrityError on a difference), and a report that says it could not be decrypted."""
+    files = []
+    for entry in backup_set.manifest.files if backup_set.manifest else []:
+        digest, size = hashlib.sha256(), 0
+        for chunk in file_chunks(backup_set.path(entry.name)):
+            digest.update(chunk)
+            size += len(chunk)
+        if size != entry.size or digest.hexdigest() != entry.sha256:
+            raise IntegrityError(f"{entry.name} does not match its checksum (size {size}, sha256 "
+                                 f"{digest.hexdigest()[:12]}..., manifest {entry.size} bytes, "
+                                 f"{entry.sha256[:12]}...)", hint="the file is corrupt; use another backup")
+        files.append({"name": entry.name, "size": size, "sha256": digest.hexdigest(), "checksum": "ok",
+                      "decrypted": False})
+    ctx.log.warning(f"checksums match, but the set could not be decrypted here: {missing.message}",
+                    file=backup_set.name)
+    return {"files": files, "decrypted": False, "warning": f"could not decrypt: {missing.message}"}
 
 
 @dataclass(frozen=True)

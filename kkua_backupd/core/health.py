@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ from typing import Any, Literal, TypeVar
 from kkua_backupd import schedule
 from kkua_backupd.config import Config
 from kkua_backupd.core import state
-from kkua_backupd.errors import KkuaError
+from kkua_backupd.errors import KeyMissing, KkuaError
 from kkua_backupd.obs.progress import human_bytes
 from kkua_backupd.safefs import folder_problems
 from kkua_backupd.sources import JOBS, KINDS
 from kkua_backupd.store.storage import LOCK_FOLDER_NAMES, list_sets
+from kkua_backupd.stream.encrypt import GPG, identity_recipient, parse_recipient
 
 T = TypeVar("T")
 Level = Literal["OK", "WARN", "FAIL", "UNKNOWN"]
@@ -431,4 +433,59 @@ def check_remotes(config: Config) -> list[CheckResult]:
     return results
 
 
-CHECKS: list[Check] = [check_postgres, check_redis, check_backup_dir, check_jobs, check_remotes, check_monitoring]
+# Encryption: the config loads only when the recipients, passphrase and signing key are readable and valid
+# (fail closed); this says what the host can do with them, and reads the identity, which a backup never needs.
+
+
+def check_encryption(config: Config) -> list[CheckResult]:
+    """[encryption]: the recipients (or the gpg passphrase and the gpg binary), the identity where one is
+    configured, and the signing key."""
+    enc = config.encryption
+    if enc is None:
+        level: Level = "WARN" if config.remote else "OK"
+        return [CheckResult("encryption", level, "off: backup files are stored unencrypted"
+                            + (f" here and on {len(config.remote)} remote(s)" if config.remote else ""),
+                            "add an [encryption] section (docs/configuration.md)" if config.remote else None)]
+    results: list[CheckResult] = []
+    if enc.method == "age":
+        recipients = list(enc.recipients or ())
+        for recipient in recipients:
+            parse_recipient(recipient)  # checked at load too; a ValueError here is UNKNOWN, never OK
+        results.append(CheckResult("encryption", "OK", f"age to {len(recipients)} recipient(s)"))
+        if enc.identity_file is None:
+            results.append(CheckResult("encryption.identity_file", "OK", "not set: this host can make encrypted "
+                                       "backups but not restore or test-restore them"))
+        else:
+            try:
+                identities = enc.load_identities()
+            except KeyMissing as exc:
+                results.append(CheckResult("encryption.identity_file", "FAIL", exc.message, exc.hint))
+            else:
+                publics = {identity_recipient(i) for i in identities} - {None}
+                if publics and not publics & set(recipients):
+                    results.append(CheckResult("encryption.identity_file", "WARN", f"{enc.identity_file} is "
+                                               "readable, but it is not the key of any configured recipient: it "
+                                               "cannot read the backups made now",
+                                               "add its recipient to [encryption] recipients, or point "
+                                               "identity_file at the right key"))
+                else:
+                    results.append(CheckResult("encryption.identity_file", "OK",
+                                               f"{enc.identity_file} holds {len(identities)} identity(ies)"))
+    else:
+        found = shutil.which(GPG)
+        results.append(CheckResult("encryption", "OK", f"gpg (AES256), passphrase read from {enc.passphrase_file}")
+                       if found and enc.passphrase is not None else
+                       CheckResult("encryption", "FAIL", "gpg is not installed" if not found
+                                   else f"no passphrase read from {enc.passphrase_file}",
+                                   "apt-get install gnupg" if not found else "check passphrase_file"))
+    results.append(CheckResult("encryption.signing_key_file", "OK", f"manifests are signed ({enc.signing_key_file})")
+                   if enc.signing_key is not None else
+                   CheckResult("encryption.signing_key_file", "WARN", "not set: manifests are not signed, so a set "
+                               "fetched from a remote cannot be proven to come from this tool's hosts",
+                               "kkua-backup key signing-key --out /etc/kkua-backup/signing.key, then set "
+                               "signing_key_file on every host that backs up or restores"))
+    return results
+
+
+CHECKS: list[Check] = [check_postgres, check_redis, check_backup_dir, check_jobs, check_remotes, check_monitoring,
+                       check_encryption]

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from kkua_backupd.config import Config, RemoteConfig, RetentionConfig
 from kkua_backupd.core import observe, state
-from kkua_backupd.core.context import JobContext
+from kkua_backupd.core.context import JobContext, check_signed
 from kkua_backupd.core.retention import Candidate, select
 from kkua_backupd.errors import IntegrityError, KkuaError, LockHeld, Refused, StorageError, UsageError
 from kkua_backupd.obs.progress import human_bytes
@@ -352,13 +352,20 @@ def choose(sets: list[RemoteSet], kind: str, spec: str, name: str) -> RemoteSet:
 def check_authenticity(ctx: JobContext, manifest_bytes: bytes, staged: BackupSet) -> None:
     """Where a set fetched from a remote must prove it was written by this tool's hosts before any byte of
     it is used. The remote is not trusted: anyone who can write there can write a manifest whose hashes
-    match their own files. The manifest MAC of the encryption work (issue 12, the other half) is checked
-    here; until it lands this checks what a local set must pass (names, plain files of a trusted owner)."""
-    del manifest_bytes  # what the MAC covers
+    match their own files (and encrypt them to the public age recipient). With [encryption]
+    signing_key_file configured, the manifest's MAC (store/signing.py) must be there and match: an unsigned
+    or badly signed set raises IntegrityError (exit 3) and nothing is moved or restored. Without a signing
+    key nothing can prove it; the set is used with a warning (docs/remotes.md, docs/security.md)."""
+    del manifest_bytes  # the MAC covers the parsed manifest's identity and files (signing.signed_content)
     if staged.problem:
         raise Refused(f"set {staged.id} from the remote is invalid: {staged.problem}; nothing was restored")
-    ctx.log.warning("the set's authenticity cannot be proven yet (no manifest MAC in this version): its files "
-                    "match the manifest found next to them on the remote", set=set_key(staged.kind, staged.id))
+    if ctx.keys.signing_key is not None:
+        check_signed(ctx, staged, required=True)
+        ctx.log.info("the set's signature matches this host's signing key", set=set_key(staged.kind, staged.id))
+        return
+    ctx.log.warning("the set's authenticity cannot be proven: no [encryption] signing_key_file is configured, so "
+                    "its files only match the manifest found next to them on the remote, which anyone who can "
+                    "write the remote can write too", set=set_key(staged.kind, staged.id))
 
 
 def _clear_staging(folder: Path) -> None:

@@ -30,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 from kkua_backupd import __version__, schedule
-from kkua_backupd.config import Config, LoadedConfig, load_config, split_listen
+from kkua_backupd.config import Config, LoadedConfig, load_config, secrets_of, split_listen
 from kkua_backupd.core import observe, state
 from kkua_backupd.core.remotes import UPLOAD_PENDING
 from kkua_backupd.daemon.notify import Notifier, watchdog_interval
@@ -492,9 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(f"{exc}; not starting", exit_code=exc.exit_code)
         return exc.exit_code
     set_trusted_roots(*loaded.config.trusted_folders)
-    for section in (loaded.config.postgres, loaded.config.redis):
-        if section.password is not None:  # the daemon never logs them; a worker's error line might
-            sink.add_secret(section.password.get_secret_value())
+    for secret in secrets_of(loaded.config):  # the daemon never logs them; a worker's error line might
+        sink.add_secret(secret)
     daemon = Daemon(args.config, loaded, notifier)
     server: MetricsServer | None = None
     try:

@@ -108,14 +108,16 @@ class ProcessGroup:
 
     def spawn(self, argv: Sequence[str], *, name: str | None = None, env: Mapping[str, str] | None = None,  # noqa: PLR0913 - keyword-only options of one child process
               stdin: int | IO[Any] | None = DEVNULL, stdout: int | IO[Any] | None = PIPE,
-              timeout: float | None = None) -> Child:
-        """Start `argv` in this job's process group; raises CommandFailed if it cannot be started."""
+              timeout: float | None = None, pass_fds: Sequence[int] = ()) -> Child:
+        """Start `argv` in this job's process group, with the descriptors `pass_fds` left open in it (a pipe
+        carrying a secret, say); raises CommandFailed if it cannot be started."""
         args = tuple(str(a) for a in argv)
         label = name or os.path.basename(args[0])
         group = next((g for g in self.pgids if self._group_alive(g)), 0)
         try:
             popen = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=PIPE,
-                                     env=child_environment(env), process_group=group, close_fds=True)
+                                     env=child_environment(env), process_group=group, close_fds=True,
+                                     pass_fds=tuple(pass_fds))
         except FileNotFoundError:
             raise CommandFailed(f"{label}: program {args[0]} not found",
                                 hint="install it (see docs/install.md)") from None

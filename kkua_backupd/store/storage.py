@@ -100,6 +100,7 @@ class ManifestFile(BaseModel):
     sha256: str
     role: str = "data"
     compression: str = "none"
+    encryption: str | None = None  # "age" | "gpg": the stored bytes are compressed then encrypted
 
 
 class Manifest(BaseModel):
@@ -120,6 +121,8 @@ class Manifest(BaseModel):
     host: str = ""
     details: dict[str, Any] = {}
     timings: dict[str, float] = {}
+    encryption: dict[str, Any] | None = None  # method and recipients (stream/encrypt.py Keys.record)
+    mac: dict[str, str] | None = None  # store/signing.py
 
     @field_validator("created_at", "finished_at")
     @classmethod
@@ -265,9 +268,9 @@ def new_set_id(folder: Path, prefix: str, clock: Any = now_local) -> tuple[str, 
     raise StorageError(f"cannot find a free backup name in {folder}")
 
 
-def data_file_name(prefix: str, set_id: str, extension: str, compression: str) -> str:
-    """e.g. kkua_backup_20240115_020000.sql.gz"""
-    return f"{prefix}{set_id}{extension}{EXTENSIONS[compression]}"
+def data_file_name(prefix: str, set_id: str, extension: str, compression: str, encrypted: str = "") -> str:
+    """e.g. kkua_backup_20240115_020000.sql.gz, or .sql.gz.age when encrypted (`encrypted` is `.age`)."""
+    return f"{prefix}{set_id}{extension}{EXTENSIONS[compression]}{encrypted}"
 
 
 def own_partial(kind: str, name: str) -> bool:

@@ -25,6 +25,7 @@ from typing import Protocol
 from kkua_backupd.errors import IntegrityError
 from kkua_backupd.obs.progress import Progress
 from kkua_backupd.safefs import FILE_MODE
+from kkua_backupd.stream.encrypt import without_encryption_suffix
 from kkua_backupd.stream.pipeline import (
     EXTENSIONS,
     AtomicFile,
@@ -41,16 +42,18 @@ Stage = Callable[[Sink], Sink]
 
 
 def compression_of(name: str) -> Compression:
-    """The compression of a backup file named by its extension (.gz, .zst, else none): for files that have
-    no manifest to say it."""
+    """The compression of a backup file named by its extension (.gz, .zst, else none; before any .age/.gpg):
+    for files that have no manifest to say it."""
     compressed: tuple[Compression, ...] = ("gzip", "zstd")
-    return next((kind for kind in compressed if name.endswith(EXTENSIONS[kind])), "none")
+    plain = without_encryption_suffix(name)
+    return next((kind for kind in compressed if plain.endswith(EXTENSIONS[kind])), "none")
 
 
 def without_compression(name: str) -> str:
-    """The file name without its compression extension (`x.sql.gz` -> `x.sql`)."""
-    extension = EXTENSIONS[compression_of(name)]
-    return name[: len(name) - len(extension)] if extension else name
+    """The file name without its encryption and compression extensions (`x.sql.gz.age` -> `x.sql`)."""
+    plain = without_encryption_suffix(name)
+    extension = EXTENSIONS[compression_of(plain)]
+    return plain[: len(plain) - len(extension)] if extension else plain
 
 
 # ----------------------------------------------------------------------------------------------

@@ -562,3 +562,25 @@ def test_postgres_and_redis_run_in_parallel(env: Env, redis_env: RedisEnv,
     report = status_json(env)["jobs"]
     assert report["postgres"]["last_result"] == "ok" and report["redis"]["last_result"] == "ok", report
     assert daemon.stop() == 0
+
+
+def test_encryption_that_cannot_be_set_up_stops_the_daemon_and_its_reload(env: Env,
+                                                                          start_daemon: Callable[..., Daemon]) -> None:
+    """Fail closed: recipients that cannot be read mean no start (exit 2, never READY), and a reload to them
+    keeps the running config; never a backup in clear text (docs/decisions/0015-encryption.md)."""
+    missing = env.root / "recipients.txt"
+    broken = f'\n[encryption]\nmethod = "age"\nrecipients_file = "{missing}"\n'
+    write_daemon_config(env, extra=broken)
+    daemon = start_daemon()
+    assert daemon.proc.wait(timeout=60) == 2
+    assert "encryption.recipients_file: cannot read" in daemon.log() and "not starting" in daemon.log()
+    assert daemon.find("READY=1") == []
+
+    write_daemon_config(env)
+    daemon = start_daemon()
+    daemon.wait_ready()
+    write_daemon_config(env, extra=broken)
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    failed = daemon.wait_log("reload failed; keeping the running configuration")
+    assert "encryption.recipients_file" in daemon.log(), failed
+    assert daemon.proc.poll() is None

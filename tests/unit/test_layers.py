@@ -17,7 +17,9 @@ NAME = "kkua_backupd"
 # core.context (the frozen JobContext and the restore steps every source shares) is the one module of core that
 # sources see: it is what core hands a source, and it imports only config, store and errors.
 # config (with schedule) sits under sources: every layer above reads the typed config; it imports only
-# schedule and errors. `version` is kkua_backupd/__init__.py (the version string and nothing else).
+# schedule, errors and stream/encrypt.py's key parsers (recipients are checked at load: fail closed). stream runs
+# gpg through proc/execute.py (docs/decisions/0015-encryption.md). `version` is kkua_backupd/__init__.py (the
+# version string and nothing else).
 # remote (S3 and SSH stores: put, stat, list, read, delete) sits beside sources, above config: core decides what
 # a set on a remote is and what to copy; a remote only moves files.
 # demo is a front-end beside cli: it may use anything below, and nothing imports it.
@@ -32,10 +34,10 @@ ALLOWED: dict[str, set[str]] = {
     "core.context": {"config", "schedule", "store", "stream", "obs", "safefs", "errors", "version"},
     "sources": {"core.context", "config", "schedule", "stream", "store", "proc", "obs", "safefs", "errors", "version"},
     "remote": {"config", "schedule", "stream", "store", "proc", "obs", "safefs", "errors", "version"},
-    "config": {"schedule", "safefs", "errors"},
+    "config": {"schedule", "stream", "safefs", "errors"},
     "schedule": {"errors"},
     "store": {"stream", "obs", "safefs", "errors", "version"},
-    "stream": {"obs", "safefs", "errors"},
+    "stream": {"proc", "obs", "safefs", "errors"},
     "proc": {"obs", "safefs", "errors"},
     "obs": {"safefs", "errors"},
     "safefs": {"errors"},

@@ -29,6 +29,8 @@ from kkua_backupd.core.context import (
     JobContext,
     RestorePlan,
     VerifyReport,
+    check_signed,
+    checksums_only,
     verify_report,
 )
 from kkua_backupd.errors import (
@@ -36,6 +38,7 @@ from kkua_backupd.errors import (
     ConnectionFailed,
     IntegrityError,
     JobError,
+    KeyMissing,
     KkuaError,
     LockHeld,
     Refused,
@@ -50,6 +53,7 @@ from kkua_backupd.safefs import list_folder, read_small, unlink_in
 from kkua_backupd.sources import BackupOptions, RestoreOptions
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
 from kkua_backupd.store.lock import TargetLock
+from kkua_backupd.store.signing import sign
 from kkua_backupd.store.storage import (
     ID_FORMAT,
     PARTIAL_SUFFIX,
@@ -74,6 +78,7 @@ from kkua_backupd.stream.chain import (
     read_chain,
     without_compression,
 )
+from kkua_backupd.stream.encrypt import encryption_of, without_encryption_suffix
 from kkua_backupd.stream.pipeline import AtomicFile, FileInfo, stream_chunks, write_atomic
 
 KIND: Kind = "postgres"
@@ -553,6 +558,7 @@ class DumpResult:
     roles: list[str]
     problems: list[str] = field(default_factory=list)
     objects: int = 0
+    encryption: dict[str, Any] | None = None  # encrypt.Keys.record()
 
 
 class _StatsThread(threading.Thread):
@@ -602,7 +608,8 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
         snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
         stats.snapshot = snapshot
         set_id, created = new_set_id(folder, prefix)
-        path = folder / data_file_name(prefix, set_id, EXTENSIONS[fmt], compression)
+        keys = ctx.keys
+        path = folder / data_file_name(prefix, set_id, EXTENSIONS[fmt], compression, keys.extension)
         log.info("dump started", database=dbname, file=path.name, server_version=server.version,
                  pg_dump=str(bin_dir / "pg_dump"), format=fmt, compression=compression)
         started = time.monotonic()
@@ -651,7 +658,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
              rows=sum(t["rows"] for t in stats.result.values()))
     problems = sql_problems(scanner, made_by_us=True) if scanner is not None else []
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
-                      fmt, compression, stats.roles, problems, stats.objects)
+                      fmt, compression, stats.roles, problems, stats.objects, keys.record())
 
 
 _DENIED = re.compile(r"permission denied for (schema|table|sequence|view|materialized view|foreign table|"
@@ -731,7 +738,9 @@ def _manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str
         timings["total_seconds"] = round(total_seconds, 3)
     data.update(status=status, error=error, finished_at=now_local(), details=details, timings=timings,
                 files=[ManifestFile(name=result.file.name, size=result.file.size, sha256=result.file.sha256,
-                                    role="dump", compression=result.compression)])
+                                    role="dump", compression=result.compression,
+                                    encryption=encryption_of(result.file.name))],
+                encryption=result.encryption)
     return Manifest.model_validate(data)
 
 
@@ -764,6 +773,7 @@ class PostgresSource:
                 status, error = "failed", f"test restore failed: {outcome['error']}"
         manifest = _manifest_for(result, set_type="backup", prefix=prefix, dbname=pg.database, status=status,
                                  error=error, extra=extra, total_seconds=time.monotonic() - started)
+        manifest = sign(manifest, ctx.keys.signing_key)
         write_manifest(folder, manifest)
         return manifest
 
@@ -990,7 +1000,7 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
     going into a new database. The bytes are hashed as they are read; if they do not match `expected`
     the load stops before its COMMIT. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
     pg = ctx.config.postgres
-    chunks = read_chain(path, compression, progress=progress, expected=expected, readers=ctx.readers)
+    chunks = read_chain(path, compression, progress=progress, expected=expected, readers=ctx.readers_for(path.name))
     transactional = transactional or not new_database  # only a new database may load statement by statement
     if fmt == "plain":
         load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe, transactional=transactional)
@@ -1285,14 +1295,15 @@ def set_format(backup_set: BackupSet) -> tuple[str, str]:
     """(format, compression) of a set, from its manifest or, for files made without one, its name."""
     if backup_set.manifest is not None:
         return backup_set.manifest.details.get("format", "plain"), backup_set.manifest.files[0].compression
-    name = backup_set.name
+    name = without_encryption_suffix(backup_set.name)
     compression = compression_of(name)
     stem = without_compression(name)
     if stem.endswith(".sql"):
         return "plain", compression
     if stem.endswith(".dump"):
         return "custom", compression
-    raise UsageError(f"{name} is not a PostgreSQL backup (expected .sql, .sql.gz, .sql.zst or .dump)")
+    raise UsageError(f"{backup_set.name} is not a PostgreSQL backup (expected .sql, .sql.gz, .sql.zst or .dump, each "
+                     "perhaps with .age or .gpg)")
 
 
 def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compression: str,
@@ -1304,7 +1315,7 @@ def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compressi
     pg = ctx.config.postgres
     made_by = archive_major_of(backup_set)
     bin_dir = client_bin_dir(pg, made_by, doing=f"check {path.name}")
-    archive = read_chain(path, compression, progress=progress, readers=ctx.readers)
+    archive = read_chain(path, compression, progress=progress, readers=ctx.readers_for(path.name))
     scanner = SqlStream(refuse_meta=False)
     errors: list[BaseException] = []
     with execute.ProcessGroup(KIND) as group:
@@ -1336,7 +1347,7 @@ def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compressi
                 raise VersionTooNew(f"cannot check {path.name}: pg_restore {tool_major(bin_dir)} cannot read it "
                                     f"({reason})", hint=_client_hint(pg, None)) from None
             # the whole file's checksum decides first
-            return check_file(path, compression, readers=ctx.readers), scanner, reason
+            return check_file(path, compression, readers=ctx.readers_for(path.name)), scanner, reason
     if errors:
         raise errors[0]
     return CheckResult(archive.size, archive.sha256, archive.raw), scanner, None
@@ -1362,7 +1373,7 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
         progress = Progress(f"checking {name}", total=path.stat().st_size, enabled=ctx.interactive)
         fmt = set_format(backup_set)[0]
         if fmt == "plain":
-            source = read_chain(path, compression, progress=progress, readers=ctx.readers)
+            source = read_chain(path, compression, progress=progress, readers=ctx.readers_for(path.name))
             scanner = SqlStream(refuse_meta=False)
             for part in source:
                 scanner.feed(part)
@@ -1404,13 +1415,18 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
                 objects=int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0,
                 expected_file=backup_set.manifest.files[0] if backup_set.manifest else None)
 
+    signature = check_signed(ctx, backup_set)
     try:
         checked = check_set(ctx, backup_set)
+    except KeyMissing as missing:  # an encrypted set on a host without its key: the checksums still say much
+        if restore_test:
+            raise
+        return verify_report(backup_set, {**checksums_only(ctx, backup_set, missing), "signature": signature}, None)
     except IntegrityError as exc:
         if "would not restore" in exc.message:
             _mark_failed(ctx, backup_set, exc.message)
         raise
-    report = verify_report(backup_set, checked, test if restore_test else None)
+    report = verify_report(backup_set, {**checked, "signature": signature}, test if restore_test else None)
     outcome = report.restore_test
     if outcome and outcome.get("ran") and not outcome["ok"]:
         _mark_failed(ctx, backup_set, f"test restore failed: {outcome['error']}")
@@ -1629,7 +1645,8 @@ def _safety_backup(ctx: JobContext, dbname: str) -> dict[str, Any]:
     prefix = PREFIXES[KIND]["safety"]
     ctx.log.info("taking safety backup before restore", database=dbname)
     result = dump(ctx, folder, prefix=prefix, fmt="plain", compression=pg.compression, dbname=dbname)
-    write_manifest(folder, _manifest_for(result, set_type="safety", prefix=prefix, dbname=dbname))
+    write_manifest(folder, sign(_manifest_for(result, set_type="safety", prefix=prefix, dbname=dbname),
+                                ctx.keys.signing_key))
     ctx.log.info("safety backup written", file=result.file.name, size=human_bytes(result.file.size))
     return {"file": result.file.name, "size": result.file.size, "sha256": result.file.sha256}
 

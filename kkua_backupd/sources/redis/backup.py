@@ -29,8 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from kkua_backupd.core.context import JobContext, VerifyReport, verify_report
-from kkua_backupd.errors import CommandFailed, IntegrityError, JobError, KkuaError, UsageError, VersionTooNew
+from kkua_backupd.core.context import JobContext, VerifyReport, check_signed, checksums_only, verify_report
+from kkua_backupd.errors import (
+    CommandFailed,
+    IntegrityError,
+    JobError,
+    KeyMissing,
+    KkuaError,
+    UsageError,
+    VersionTooNew,
+)
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
 from kkua_backupd.sources import BackupOptions, RestoreOptions
@@ -50,6 +58,7 @@ from kkua_backupd.sources.redis.protocol import (
     where,
 )
 from kkua_backupd.sources.redis.rdb import RdbScanner, RdbSummary
+from kkua_backupd.store.signing import sign
 from kkua_backupd.store.storage import (
     PREFIXES,
     BackupSet,
@@ -71,6 +80,7 @@ from kkua_backupd.stream.chain import (
     read_chain,
     without_compression,
 )
+from kkua_backupd.stream.encrypt import encryption_of, without_encryption_suffix
 from kkua_backupd.stream.pipeline import AtomicFile, FileInfo, file_chunks, storage_error
 
 if TYPE_CHECKING:
@@ -560,8 +570,10 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
         ctx.log.info("backup started", id=set_id, server_version=version, compression=compression,
                      aof="yes" if want_aof else "no")
 
+        keys = ctx.keys
+
         def name(role: str) -> Path:
-            return folder / data_file_name(prefix, set_id, EXTENSIONS[role], compression)
+            return folder / data_file_name(prefix, set_id, EXTENSIONS[role], compression, keys.extension)
 
         files: list[ManifestFile] = []
         try:
@@ -602,6 +614,10 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
                                           "server_wait_seconds": round(rdb.wait_seconds, 3),
                                           "aof_seconds": round(aof_seconds, 3),
                                           "total_seconds": round(time.monotonic() - started, 3)})
+            manifest = sign(manifest.model_copy(update={
+                "encryption": keys.record(),
+                "files": [f.model_copy(update={"encryption": encryption_of(f.name)}) for f in manifest.files]}),
+                keys.signing_key)
             write_manifest(folder, manifest)
         except BaseException:
             for path in made:  # files of this set that will never get a manifest: ours to remove
@@ -700,8 +716,9 @@ def set_files(backup_set: BackupSet) -> list[tuple[str, str, str, ManifestFile |
     if backup_set.manifest is not None:
         return [(f.name, f.role, f.compression, f) for f in backup_set.manifest.files]
     name = backup_set.name
-    compression = compression_of(name)
-    stem = without_compression(name)
+    plain_name = without_encryption_suffix(name)
+    compression = compression_of(plain_name)
+    stem = without_compression(plain_name)
     role = {".rdb": "rdb", ".aof": "aof"}.get(Path(stem).suffix)
     if role is None:
         raise UsageError(f"{name} is not a Redis backup (expected .rdb, .rdb.gz, .rdb.zst or .aof.gz)")
@@ -709,7 +726,7 @@ def set_files(backup_set: BackupSet) -> list[tuple[str, str, str, ManifestFile |
 
 
 def _check_rdb_file(ctx: JobContext, path: Path, compression: str, progress: Progress) -> dict[str, Any]:
-    source = read_chain(path, compression, progress=progress, readers=ctx.readers)
+    source = read_chain(path, compression, progress=progress, readers=ctx.readers_for(path.name))
     with execute.ProcessGroup(KIND) as group:
         checker = RdbChecker(ctx, path.name, group, timeout=ctx.config.redis.restore_timeout)
         for chunk in source:
@@ -750,7 +767,7 @@ def check_files(ctx: JobContext, backup_set: BackupSet) -> tuple[dict[str, Any],
                 summary = entry.pop("summary")
                 entry["rdb"] = summary.as_details()
             else:
-                found = check_file(path, compression, progress, ctx.readers)
+                found = check_file(path, compression, progress, ctx.readers_for(path.name))
                 entry = {"size": found.size, "sha256": found.sha256, "uncompressed": found.uncompressed}
         except (IntegrityError, VersionTooNew):
             # The reader (gzip/zstd framing, the RDB's CRC-64, a type byte it does not know) stops at a flipped
@@ -845,7 +862,7 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
         valkey = summary.valkey if summary is not None else False
         decoder = _DecodeEverything(valkey)
         scanner = RdbScanner(name, decoder, examples=0)
-        for chunk in read_chain(backup_set.path(name), compression, expected=expected, readers=ctx.readers):
+        for chunk in read_chain(backup_set.path(name), compression, expected=expected, readers=ctx.readers_for(name)):
             scanner.feed(chunk)
         read = scanner.finish()
         found = {str(db): n for db, n in sorted(read.keys.items())}
@@ -860,7 +877,7 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
                                  f"to {readable}, this is {read.magic} {read.version}")
         else:
             with AtomicFile(folder / "dump.rdb", 0o600) as out:
-                for chunk in read_chain(backup_set.path(name), compression, readers=ctx.readers):
+                for chunk in read_chain(backup_set.path(name), compression, readers=ctx.readers_for(name)):
                     out.write(chunk)
                 out.commit()
             ctx.log.info("test load started", file=name, server=f"redis-server {local}")
@@ -888,5 +905,12 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
 
 def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
     """`verify`: check the files and, if asked, load the RDB into a throwaway server and compare key counts."""
-    report, summary = check_files(ctx, backup_set)
-    return verify_report(backup_set, report, (lambda: test_load(ctx, backup_set, summary)) if restore_test else None)
+    signature = check_signed(ctx, backup_set)
+    try:
+        report, summary = check_files(ctx, backup_set)
+    except KeyMissing as missing:  # an encrypted set on a host without its key: the checksums still say much
+        if restore_test:
+            raise
+        return verify_report(backup_set, {**checksums_only(ctx, backup_set, missing), "signature": signature}, None)
+    return verify_report(backup_set, {**report, "signature": signature},
+                         (lambda: test_load(ctx, backup_set, summary)) if restore_test else None)

@@ -114,7 +114,7 @@ def decompress_to(ctx: JobContext, src: Path, compression: str, dest: Any, progr
     """Read `src` back through the byte chain into the writable `dest` (a file or an AtomicFile); returns
     the bytes written."""
     total = 0
-    for chunk in read_chain(src, compression, progress=progress, readers=ctx.readers):
+    for chunk in read_chain(src, compression, progress=progress, readers=ctx.readers_for(src.name)):
         dest.write(chunk)
         total += len(chunk)
     return total
@@ -217,7 +217,7 @@ def check_rdb_version(ctx: JobContext, path: Path, source: Source, target: Targe
     """The RDB version of the backup file; raises VersionTooNew when the target cannot read it: in file
     mode when the server itself would load a newer RDB, in logical mode (which re-encodes what the target
     lacks) only for a version newer than this tool reads. Raises IntegrityError when the file is not an RDB."""
-    magic, version = file_header(path, source.compression, ctx.readers)
+    magic, version = file_header(path, source.compression, ctx.readers_for(path.name))
     too_new_for_us = version > (NEWEST_VALKEY_RDB if magic == "VALKEY" else NEWEST_REDIS_RDB)
     if too_new_for_us or (mode == "file" and (version > target.rdb_max or (magic == "VALKEY") != (
             target.flavor == "valkey" and version >= 80))):
@@ -362,7 +362,7 @@ class RedisRestore:
 
             def from_file(sink: Callable[[bytes], None]) -> int:
                 size = 0
-                for chunk in read_chain(path, source.compression, readers=ctx.readers):
+                for chunk in read_chain(path, source.compression, readers=ctx.readers_for(path.name)):
                     sink(chunk)
                     size += len(chunk)
                 return size
