@@ -2,7 +2,8 @@
 throwaway config (a real PostgreSQL with the sample data and a real redis-server), so the docs cannot drift
 from the command line: none may be refused as bad usage (exit 2) or crash; the read-only and backup
 commands must succeed. Example ids and file names (`20240115_020000`, `kkua_backup_..._020000.sql.gz`) are
-replaced by the newest real set of that kind; installers get `--root` into a temp folder. The remote the
+replaced by the newest real set of that kind; installers get `--root` into a temp folder, and the key
+commands' `--out /etc/kkua-backup/...` a file of the same name in a temp folder. The remote the
 docs call `offsite` is a real S3 server (`rclone serve s3`, tests/support/remotes.py), in the config of the
 commands that name a remote, whose backup folder holds the sets of one `backup all` (each backup of the
 others would push too, and pushing every set of theirs takes minutes on a loaded machine). `check` exits with
@@ -34,7 +35,7 @@ WITH_ROOT = {("systemd", "install"), ("systemd", "uninstall"), ("cron", "install
 # Documented as working on a healthy setup: these must exit 0 here.
 MUST_SUCCEED = re.compile(r"^(--version|(--json )?config check|list\b|status$|verify (latest|all)$|"
                           r"prune --dry-run|backup (postgres|redis|all)\b|run (postgres|redis|all)$|push$|"
-                          r"verify --remote offsite( --download)?$)")
+                          r"verify --remote offsite( --download)?$|key (generate|signing-key) --out)")
 # `check` on this throwaway setup: the checks it cannot pass, with their level and why; every other check
 # must be OK, and the exit code must be the Nagios code of the worst of these (docs/monitoring.md).
 CHECK_NOT_OK = {"installed": ("WARN", "no timer, daemon or cron block runs the jobs of this throwaway config"),
@@ -103,6 +104,9 @@ def test_every_documented_command_runs(pg_server: ThrowawayPostgres, tmp_path: P
             args = _real_names(list(command.args), tmp_path / "backups")
             if tuple(args[:2]) in WITH_ROOT:
                 args += ["--root", str(tmp_path / "root")]
+            if "--out" in args[:-1]:  # `key generate --out /etc/kkua-backup/age.key`: never this machine's /etc
+                (tmp_path / "keys").mkdir(exist_ok=True)
+                args[args.index("--out") + 1] = str(tmp_path / "keys" / Path(args[args.index("--out") + 1]).name)
             key = (*command.env, *args)
             if key in ran:
                 continue
