@@ -764,8 +764,8 @@ def report(bench: Bench, started: float, main: int) -> dict[str, Any]:
           f"PostgreSQL {env['server_version']}, Python {env['python']}, throwaway server on 127.0.0.1 "
           f"(fsync=off). Wall time is the median of {bench.args.repeat} runs; peak RSS is the highest "
           "ru_maxrss of our CLI process alone (not pg_dump/psql). Sizes are MiB. Code: stream/chain.py "
-          f"{env['code'].get('kkua_backupd/stream/chain.py', '?')}, sources/postgres/job.py "
-          f"{env['code'].get('kkua_backupd/sources/postgres/job.py', '?')} (sha256 prefixes)"
+          f"{env['code'].get('kkua_backupd/stream/chain.py', '?')}, sources/postgres/load.py "
+          f"{env['code'].get('kkua_backupd/sources/postgres/load.py', '?')} (sha256 prefixes)"
           + (f"; WARNING: changed during the run: {', '.join(changed)}" if changed else "") + ".", ""]
     for size, info in sorted(bench.sizes_info.items()):
         md.append(f"- {size} MB: table with indexes {info['table_bytes'] / MIB:.0f} MiB, database "

@@ -366,9 +366,9 @@ def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
 def _drop_unfinished_databases(ctx: JobContext) -> None:
     """Databases that a killed restore created and did not finish are dropped at the start of `list` and
     `verify` too (backup and restore do it under their lock); nothing is asked of the server without a note."""
-    from kkua_backupd.sources.postgres import job as pg_job
+    from kkua_backupd.sources.postgres import load as pg_load
 
-    pg_job.drop_unfinished_databases(ctx)
+    pg_load.drop_unfinished_databases(ctx)
 
 
 def cmd_list_remote(ctx: JobContext, args: argparse.Namespace) -> Any:

@@ -306,19 +306,20 @@ def _connected(name: str, connect: Callable[[], T]) -> tuple[T | None, list[Chec
 def check_postgres(config: Config) -> list[CheckResult]:
     """Connects; the client fits the server; the user can read every table (and create the scratch
     database when test restores are on)."""
-    from kkua_backupd.sources.postgres import job as pg_job
+    from kkua_backupd.sources.postgres import client as pg_client
 
     pg = config.postgres
-    conn, failed = _connected("postgres.connect", lambda: pg_job.connect(pg))
+    conn, failed = _connected("postgres.connect", lambda: pg_client.connect(pg))
     if conn is None:
         return failed
     with conn:
-        server = pg_job.server_info(conn)
+        server = pg_client.server_info(conn)
         results = [CheckResult("postgres.connect", "OK", f"{pg.user}@{pg.host}:{pg.port}/{pg.database}, "
                                                        f"PostgreSQL {server.version}")]
         try:
-            bin_dir = pg_job.find_bin_dir(pg, server)
-            results.append(CheckResult("postgres.client", "OK", f"pg_dump {pg_job.tool_major(bin_dir)} in {bin_dir}"))
+            bin_dir = pg_client.find_bin_dir(pg, server)
+            found = f"pg_dump {pg_client.tool_major(bin_dir)} in {bin_dir}"
+            results.append(CheckResult("postgres.client", "OK", found))
         except KkuaError as exc:
             results.append(CheckResult("postgres.client", "FAIL", exc.message, exc.hint))
         denied = [f"{schema}.{name}" for schema, name in conn.execute(UNREADABLE_SQL).fetchall()]

@@ -145,7 +145,7 @@ class Registered:
 
 
 REGISTRY: Final[dict[str, Registered]] = {
-    "postgres": Registered("kkua_backupd.sources.postgres.job",
+    "postgres": Registered("kkua_backupd.sources.postgres.source",
                            lambda c: f"{c.postgres.host}:{c.postgres.port}/{c.postgres.database}"),
     "redis": Registered("kkua_backupd.sources.redis.backup", lambda c: f"{c.redis.host}:{c.redis.port}",
                         backup_log="redis_backup.log"),

@@ -15,7 +15,8 @@ from kkua_backupd.config import load_config
 from kkua_backupd.core.context import JobContext
 from kkua_backupd.errors import CommandFailed
 from kkua_backupd.obs.logs import get_logger
-from kkua_backupd.sources.postgres import job as pg_job
+from kkua_backupd.sources.postgres import client as pg_client
+from kkua_backupd.sources.postgres import load as pg_load
 from tests.support.helpers import describe, output
 
 from ..conftest import Env
@@ -90,15 +91,15 @@ def test_psql_itself_refuses_a_meta_command_inside_the_restore_frame(env: Env, w
     path without a meta-command runs."""
     ctx = JobContext(config=load_config(str(env.config_path), environ={}).config, log=get_logger(job="postgres"))
     with env.connect() as conn:
-        server = pg_job.server_info(conn)
-    bin_dir = pg_job.find_bin_dir(ctx.config.postgres, server)
-    assert pg_job.supports_restrict(pg_job.tool_version(bin_dir / "psql")), "the tested psql has \\restrict"
+        server = pg_client.server_info(conn)
+    bin_dir = pg_client.find_bin_dir(ctx.config.postgres, server)
+    assert pg_load.supports_restrict(pg_client.tool_version(bin_dir / "psql")), "the tested psql has \\restrict"
     proof = workdir / "pwned"
     marker = b"kkua-frame-test-marker"
     body = [b"CREATE TABLE public.frame_before (x int);\n", b"\\! touch " + bytes(proof) + b"\n",
             b"CREATE TABLE public.frame_after (x int);\n", b"SELECT '" + marker + b"';\n"]
     with pytest.raises(CommandFailed) as failed:
-        pg_job.run_psql(ctx, bin_dir, env.database, body, marker=marker)
+        pg_load.run_psql(ctx, bin_dir, env.database, body, marker=marker)
     assert failed.value.returncode not in (None, 0)
     assert "restricted" in " ".join(failed.value.stderr_tail), failed.value.stderr_tail
     assert not proof.exists(), "psql ran a meta-command inside the restore's \\restrict frame"
@@ -107,4 +108,4 @@ def test_psql_itself_refuses_a_meta_command_inside_the_restore_frame(env: Env, w
     assert made == {"frame_before"}, "psql stopped at the refused meta-command (ON_ERROR_STOP)"
 
     # the frame itself is no obstacle to SQL
-    assert pg_job.run_psql(ctx, bin_dir, env.database, [b"SELECT '" + marker + b"';\n"], marker=marker)
+    assert pg_load.run_psql(ctx, bin_dir, env.database, [b"SELECT '" + marker + b"';\n"], marker=marker)

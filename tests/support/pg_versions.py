@@ -39,7 +39,7 @@ DEBIAN_BIN = Path(f"/usr/lib/postgresql/{DEBIAN_MAJOR}/bin")  # Debian 12's serv
 DEFAULT_CACHE = Path("/var/cache/kkua-backupd-test/pg")
 SERVER_OS_USER = "postgres"
 
-_VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)\.(\d+)")
+VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)\.(\d+)")
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _check(major: int, version: str, bin_dir: Path) -> None:
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise BuildUnavailable(f"PostgreSQL {major}: cannot run {command[-2]}: {exc}") from exc
-    found = _VERSION_RE.search(result.stdout)
+    found = VERSION_RE.search(result.stdout)
     if result.returncode != 0 or found is None or f"{found.group(1)}.{found.group(2)}" != want:
         raise BuildUnavailable(
             f"PostgreSQL {major}: {' '.join(command)} exited {result.returncode} and printed "

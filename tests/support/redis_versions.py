@@ -82,7 +82,7 @@ _BY_NAME = {spec.name: spec for spec in _SPECS}
 # Oldest first; usable at collection time (no download).
 BUILD_NAMES: tuple[str, ...] = tuple(spec.name for spec in _SPECS)
 
-_VERSION_RE = re.compile(rb"\bv=(\d+\.\d+\.\d+)")
+VERSION_RE = re.compile(rb"\bv=(\d+\.\d+\.\d+)")
 
 
 def cache_dir() -> Path:
@@ -97,7 +97,7 @@ def _check_version(spec: _Spec, server: Path) -> None:
         result = subprocess.run([str(server), "--version"], capture_output=True, timeout=30, check=False)
     except OSError as exc:
         raise BuildUnavailable(f"{spec.name}: cannot run {server}: {exc}") from exc
-    found = _VERSION_RE.search(result.stdout)
+    found = VERSION_RE.search(result.stdout)
     if result.returncode != 0 or found is None or found.group(1).decode() != spec.version:
         raise BuildUnavailable(
             f"{spec.name}: {server} --version exited {result.returncode} and printed "

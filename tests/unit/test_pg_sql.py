@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kkua_backupd.sources.postgres.job import table_key
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
+from kkua_backupd.sources.postgres.stats import table_key
 
 CASES = [
     b"COPY t FROM stdin;\n1\n\\.\n",

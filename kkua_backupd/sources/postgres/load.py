@@ -1,0 +1,526 @@
+"""Loading a set into a database: the plain format's SQL through psql inside our transaction framing, the
+custom format through pg_restore, and the databases a run creates (noted first, so that a run killed
+midway leaves nothing behind that the next one does not drop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from kkua_backupd.core.context import (
+    JobContext,
+)
+from kkua_backupd.errors import (
+    JobError,
+    KkuaError,
+    LockHeld,
+    StorageError,
+)
+from kkua_backupd.obs.progress import Progress
+from kkua_backupd.proc import execute
+from kkua_backupd.safefs import list_folder, read_small, unlink_in
+from kkua_backupd.sources.postgres.client import (
+    KIND,
+    VERSION_RE,
+    child_env,
+    connect_maintenance,
+    pg_restore_argv,
+    pg_restore_script_argv,
+    psql_argv,
+    tool_version,
+)
+from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
+from kkua_backupd.store.lock import TargetLock
+from kkua_backupd.store.storage import (
+    ID_FORMAT,
+    PARTIAL_SUFFIX,
+    ManifestFile,
+    now_local,
+)
+from kkua_backupd.stream.chain import (
+    read_chain,
+)
+from kkua_backupd.stream.pipeline import AtomicFile, stream_chunks, write_atomic
+
+# Run before the dump's SQL, inside the restore's transaction: every user schema and every large object
+# goes, so objects created after the backup cannot block or survive the restore. `public` itself stays (its
+# owner, privileges, comment and initial-privileges record, which pg_dump 14 and older compare its ACL with):
+# what is in it is dropped object by object; only if something is left that way is it dropped and made
+# again with the owner, privileges and comment it had. pg_dump then recreates everything else.
+WIPE_SQL = """
+DO $kkua_wipe$
+DECLARE
+  s record; g record; pub oid; objs text[]; extensions text[]; left_over bigint;
+  pub_owner text; pub_acl aclitem[]; pub_comment text;
+BEGIN
+  FOR s IN SELECT nspname FROM pg_namespace
+           WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'public')
+             AND nspname NOT LIKE 'pg\\_toast%' AND nspname NOT LIKE 'pg\\_temp\\_%'
+  LOOP
+    EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname);
+  END LOOP;
+  PERFORM pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata;
+  SELECT oid INTO pub FROM pg_namespace WHERE nspname = 'public';
+  IF pub IS NULL THEN
+    RETURN;
+  END IF;
+  SELECT array_agg(format('DROP EXTENSION IF EXISTS %I CASCADE', extname)) INTO extensions
+    FROM pg_extension WHERE extnamespace = pub;
+  FOR i IN 1 .. coalesce(array_length(extensions, 1), 0) LOOP
+    EXECUTE extensions[i];
+  END LOOP;
+  SELECT array_agg(format('DROP %s IF EXISTS %s CASCADE',
+                          CASE x.type WHEN 'composite type' THEN 'TYPE' WHEN 'statistics object' THEN 'STATISTICS'
+                                      ELSE upper(x.type) END, x.identity))
+    INTO objs
+    FROM pg_depend d, LATERAL pg_identify_object(d.classid, d.objid, 0) x
+   WHERE d.refclassid = 'pg_namespace'::regclass AND d.refobjid = pub AND d.deptype = 'n'
+     AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = d.classid AND e.objid = d.objid
+                     AND e.deptype IN ('e', 'i'));
+  FOR i IN 1 .. coalesce(array_length(objs, 1), 0) LOOP
+    BEGIN
+      EXECUTE objs[i];
+    EXCEPTION WHEN OTHERS THEN
+      NULL;  -- whatever cannot go this way makes the schema go as a whole below
+    END;
+  END LOOP;
+  SELECT count(*) INTO left_over FROM pg_depend WHERE refclassid = 'pg_namespace'::regclass AND refobjid = pub;
+  IF left_over = 0 THEN
+    RETURN;
+  END IF;
+  SELECT nspowner::regrole::text, nspacl, obj_description(oid, 'pg_namespace')
+    INTO pub_owner, pub_acl, pub_comment
+    FROM pg_namespace WHERE oid = pub;
+  DROP SCHEMA public CASCADE;
+  EXECUTE format('CREATE SCHEMA public AUTHORIZATION %s', pub_owner);
+  REVOKE ALL ON SCHEMA public FROM PUBLIC;
+  FOR g IN SELECT * FROM aclexplode(pub_acl) LOOP
+    EXECUTE format('GRANT %s ON SCHEMA public TO %s', g.privilege_type,
+                   CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+  END LOOP;
+  IF pub_comment IS NOT NULL THEN
+    EXECUTE format('COMMENT ON SCHEMA public IS %L', pub_comment);
+  END IF;
+END
+$kkua_wipe$;
+"""
+
+
+
+
+def scratch_name(set_id: str) -> str:
+    return f"kkua_backup_test_{set_id}_{os.getpid()}"[:63]
+
+
+def feed_pipe(chunks: Iterable[bytes], dest: Any, errors: list[BaseException], close: bool = True) -> None:
+    try:
+        for chunk in chunks:
+            dest.write(chunk)
+        if close:
+            dest.close()
+    except BaseException as exc:  # re-raised by the caller
+        errors.append(exc)
+
+
+def transaction_frame(nonce: str, *, pending: bool = True) -> tuple[bytes, bytes, bytes]:
+    """The SQL around a restored stream: (opening, closing, marker).
+
+    The opening makes every transaction the SQL might start on its own read-only, opens ours read-write,
+    and arms a deferred trigger that fails any COMMIT not preceded by the closing's permission, so a
+    COMMIT inside the file cannot make half a restore permanent. The closing gives that permission (and
+    fails if the file ended our transaction with ROLLBACK), commits, and prints the marker, which psql
+    prints only after a successful COMMIT: a file cut inside a COPY block swallows it.
+
+    The closing starts with `;` only when the SQL ends inside an unterminated statement (`pending`):
+    psql stops reading, and exits 0, at an empty statement right after a COPY data block.
+    """
+    opening = f"""SET default_transaction_read_only = on;
+BEGIN READ WRITE;
+CREATE TEMP TABLE kkua_restore_guard (armed boolean);
+CREATE FUNCTION pg_temp.kkua_restore_guard() RETURNS trigger LANGUAGE plpgsql AS $kkua_guard$
+BEGIN
+  IF pg_catalog.current_setting('kkua.restore_may_commit', true) IS DISTINCT FROM '{nonce}' THEN
+    RAISE EXCEPTION 'the restored SQL tried to commit before its end (COMMIT in the file); nothing was kept';
+  END IF;
+  RETURN NULL;
+END
+$kkua_guard$;
+CREATE CONSTRAINT TRIGGER kkua_restore_guard AFTER INSERT ON pg_temp.kkua_restore_guard
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pg_temp.kkua_restore_guard();
+INSERT INTO pg_temp.kkua_restore_guard VALUES (true);
+"""
+    closing = ("\n;\n" if pending else "\n") + (
+        f"SELECT pg_catalog.set_config('kkua.restore_may_commit', '{nonce}', true) "
+        "FROM pg_temp.kkua_restore_guard;\nCOMMIT;\n")
+    marker = f"kkua-restore-committed-{nonce}"
+    return opening.encode(), (closing + f"SELECT '{marker}';\n").encode(), marker.encode()
+
+
+# psql releases that have `\restrict KEY` (which makes psql refuse every meta-command until
+# `\unrestrict KEY`): 13.22, 14.19, 15.14, 16.10, 17.6 and every 18 or newer.
+RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
+_warned_no_restrict: set[str] = set()
+
+
+def supports_restrict(version_text: str) -> bool:
+    """Whether the psql whose `--version` printed `version_text` knows `\\restrict`."""
+    match = VERSION_RE.search(version_text)
+    if match is None:
+        return False
+    major, minor = int(match.group(1)), int(match.group(2) or 0)
+    if major >= 18:
+        return True
+    return major in RESTRICT_SINCE and minor >= RESTRICT_SINCE[major]
+
+
+def restrict_frame(key: str) -> tuple[bytes, bytes]:
+    """(first line, last line) of what a restore feeds psql: `\\restrict KEY` before any byte of the file,
+    so psql itself refuses every meta-command that follows (`\\!`, `\\connect`, `\\copy ... program`, ...),
+    and `\\unrestrict KEY` after the last one. `key` is random per restore, so the file cannot lift it."""
+    if not re.fullmatch(r"[A-Za-z0-9]+", key):
+        raise ValueError("a restrict key is letters and digits")
+    return f"\\restrict {key}\n".encode(), f"\n\\unrestrict {key}\n".encode()
+
+
+def run_psql(ctx: JobContext, bin_dir: Path, dbname: str, parts: Iterable[bytes], *, marker: bytes) -> bool:
+    """Feed `parts` to psql (ON_ERROR_STOP) on `dbname` inside the restrict frame (`restrict_frame`) when
+    this psql has it; returns whether psql printed `marker`. Raises CommandFailed when psql exits non-zero
+    (a failed statement, a refused meta-command), and whatever `parts` raises (psql is then stopped before
+    it reads the rest, so nothing the caller did not finish is committed). Every restore's SQL goes through
+    here; `load_sql` reads it first and refuses meta-commands before they are sent (the pre-scan)."""
+    pg = ctx.config.postgres
+    psql = bin_dir / "psql"
+    version = tool_version(psql)
+    frame = restrict_frame(secrets.token_hex(16)) if supports_restrict(version) else None
+    if frame is None and str(psql) not in _warned_no_restrict:
+        _warned_no_restrict.add(str(psql))
+        ctx.log.warning("this psql has no \\restrict (13.22+, 14.19+, 15.14+, 16.10+, 17.6+, 18+): restored SQL "
+                        "is kept from psql meta-commands by the tool's own reading of it only; upgrade the "
+                        "PostgreSQL client for psql to refuse them too", psql=str(psql), version=version)
+    with execute.ProcessGroup(KIND) as group:
+        child = group.spawn(psql_argv(bin_dir, pg, dbname), env=child_env(pg), stdin=execute.PIPE,
+                            stdout=execute.PIPE, timeout=pg.restore_timeout)
+        assert child.stdin is not None
+        seen = threading.Event()
+        watcher = threading.Thread(target=_watch_for, args=(child, marker, seen), daemon=True)
+        watcher.start()
+        try:
+            if frame is not None:
+                child.stdin.write(frame[0])
+            for part in parts:
+                child.stdin.write(part)
+            if frame is not None:
+                child.stdin.write(frame[1])
+            child.stdin.close()
+        except BrokenPipeError:
+            pass  # psql stopped at an error; its status and stderr say which
+        group.wait(child, what="psql", hint="the transaction was rolled back")
+        watcher.join(timeout=30)
+    return seen.is_set()
+
+
+def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool,  # noqa: PLR0913 - keyword-only options, typed with the flows
+             transactional: bool = True) -> None:
+    """Run SQL into `dbname` in one transaction (see `transaction_frame`), with an optional wipe first;
+    COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails and
+    JobError if the SQL did not run to its end; either way nothing was kept.
+
+    The SQL is read on its way (`SqlStream`): a psql meta-command other than pg_dump's own
+    `\\restrict`/`\\unrestrict` stops the load before it is sent, and those two are dropped, since
+    `run_psql` frames the whole stream in a `\\restrict` of its own.
+
+    `transactional=False` (only for a new database, which the caller drops again on failure) runs the
+    statements as they come, for restores too big for one transaction's locks; the file's own
+    BEGIN/COMMIT pairs then stay as they are, and only the marker proves the SQL ran to its end."""
+    nonce = secrets.token_hex(8)
+    scanner = SqlStream(fold_transactions=transactional, drop_restrict=True)
+    refused: list[MetaCommandRefused] = []
+    marker = f"kkua-restore-committed-{nonce}".encode()
+
+    def parts() -> Iterator[bytes]:
+        if transactional:
+            yield transaction_frame(nonce)[0]
+        if wipe:
+            yield WIPE_SQL.encode()
+        try:
+            for chunk in sql_chunks:
+                yield scanner.feed(chunk)
+            yield scanner.finish()
+        except MetaCommandRefused as exc:
+            refused.append(exc)
+            return
+        # only reached when the whole stream was read and sent, and it did not stop inside something
+        if scanner.truncated is None:
+            if transactional:
+                yield transaction_frame(nonce, pending=scanner.pending)[1]
+            else:
+                yield (";\n" if scanner.pending else "\n").encode() + f"SELECT '{marker.decode()}';\n".encode()
+
+    seen = run_psql(ctx, bin_dir, dbname, parts(), marker=marker)
+    if refused:
+        raise JobError(f"{refused[0]}; nothing was kept")
+    if scanner.truncated is not None:
+        raise JobError(f"{scanner.truncated}; nothing was kept")
+    if not seen:
+        raise JobError("psql reached the end of the SQL without committing it (the file is truncated inside a "
+                       "data block, or ends the session itself); the transaction was rolled back")
+
+
+def _watch_for(child: execute.Child, marker: bytes, seen: threading.Event) -> None:
+    """Drain psql's stdout, noting whether the commit marker went by."""
+    tail = b""
+    while chunk := child.read(1 << 16):
+        window = tail + chunk
+        if marker in window:
+            seen.set()
+        tail = window[-len(marker):]
+
+
+def _script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: Path,
+                         archive_chunks: Iterable[bytes], feed_errors: list[BaseException]) -> Iterator[bytes]:
+    """SQL produced by pg_restore from a custom archive streamed on its stdin."""
+    child = group.spawn(pg_restore_script_argv(bin_dir), stdin=execute.PIPE,
+                        timeout=ctx.config.postgres.restore_timeout)
+    feeder = threading.Thread(target=feed_pipe, args=(archive_chunks, child.stdin, feed_errors), daemon=True)
+    feeder.start()
+    assert child.stdout is not None
+    yield from stream_chunks(child.read)
+    feeder.join()
+    if feed_errors:
+        raise feed_errors[0]
+    group.wait(child, what="pg_restore")
+
+
+def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,  # noqa: PLR0913, PLR0917 - grouped with the flows written once
+                 wipe: bool, new_database: bool, expected: ManifestFile | None,
+                 progress: Progress | None = None, transactional: bool = True) -> None:
+    """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
+    going into a new database. The bytes are hashed as they are read; if they do not match `expected`
+    the load stops before its COMMIT. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
+    pg = ctx.config.postgres
+    chunks = read_chain(path, compression, progress=progress, expected=expected, readers=ctx.readers_for(path.name))
+    transactional = transactional or not new_database  # only a new database may load statement by statement
+    if fmt == "plain":
+        load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe, transactional=transactional)
+        return
+    jobs = pg.restore_jobs or os.cpu_count() or 1
+    if new_database and jobs > 1:
+        _parallel_restore(ctx, bin_dir, dbname, path, chunks, jobs)
+        return
+    with execute.ProcessGroup(KIND) as group:
+        errors: list[BaseException] = []
+        load_sql(ctx, bin_dir, dbname, _script_from_archive(ctx, group, bin_dir, chunks, errors), wipe=wipe,
+                 transactional=transactional)
+
+
+def _parallel_restore(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, chunks: Iterable[bytes],  # noqa: PLR0913, PLR0917 - grouped with the flows written once
+                      jobs: int) -> None:
+    pg = ctx.config.postgres
+    # pg_restore -j needs a seekable archive: unpack it next to the backup. Its name ends in .partial, so
+    # if this process dies, the next run under the lock removes it (remove_stale_partials).
+    scratch = path.with_name(f"kkua_restore_{now_local().strftime(ID_FORMAT)}_{os.getpid()}.dump")
+    try:
+        with AtomicFile(scratch, 0o600) as out:  # writes scratch + ".partial"; never committed
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            archive = out.partial
+            with execute.ProcessGroup(KIND) as group:
+                child = group.spawn(pg_restore_argv(bin_dir, pg, dbname, archive, jobs), env=child_env(pg),
+                                    stdout=execute.DEVNULL, timeout=pg.restore_timeout)
+                group.wait(child, what="pg_restore")
+    finally:  # leaving the AtomicFile without commit removed it; make sure even if that failed
+        scratch.with_name(scratch.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
+
+
+def create_database(conn: psycopg.Connection, name: str) -> None:
+    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+
+
+# Databases a run creates (a --target-db restore, a test restore's scratch database, a lost database made
+# again): killed midway (kill -9 runs no cleanup), such a run leaves a half-made database behind. Before it
+# creates one, a run leaves a note in the state folder (NEW_DB_NOTE + pid + nonce + .json: the database, the
+# server, the pid, the time); the database is created under a name carrying the nonce, marked with a comment
+# carrying it too, and only then renamed to its real name, so a database with that name either does not
+# carry our mark (someone else's: never touched) or is ours from its first moment. A finished load removes
+# the mark, then the note. Every postgres command starts by dropping the marked databases of notes whose run
+# is gone (`drop_unfinished_databases`), one log line each.
+
+NEW_DB_NOTE = "postgres-new-database-"
+_MARK = "kkua-backup: unfinished restore {nonce}; dropped by the next kkua-backup run if this restore died"
+
+
+def _note_folder(ctx: JobContext) -> Path:
+    return ctx.config.state_file.parent
+
+
+class NewDatabase:
+    """A database this run creates and may leave half-made: `create`, then `finished` or `drop`."""
+
+    def __init__(self, ctx: JobContext, admin: psycopg.Connection, name: str, purpose: str) -> None:
+        self.ctx, self.admin, self.name, self.purpose = ctx, admin, name, purpose
+        self.nonce = secrets.token_hex(8)
+        self.mark = _MARK.format(nonce=self.nonce)
+        self.temp = f"kkua_new_{self.nonce}"
+        self.note = _note_folder(ctx) / f"{NEW_DB_NOTE}{os.getpid()}-{self.nonce}.json"
+
+    def create(self) -> None:
+        pg = self.ctx.config.postgres
+        doc = {"database": self.name, "temporary_name": self.temp, "server": f"{pg.host}:{pg.port}",
+               "pid": os.getpid(), "started_at": now_local().isoformat(timespec="seconds"), "nonce": self.nonce,
+               "purpose": self.purpose}
+        try:
+            write_atomic(self.note, json.dumps(doc).encode())  # before the database exists: never a gap
+        except (StorageError, OSError) as exc:  # a read-only state folder (--no-safety-backup from a copy)
+            self.ctx.log.warning(f"cannot note the new database {self.name!r} in the state folder; if this run "
+                                 f"is killed, nothing drops it: drop it by hand then", error=str(exc))
+        create_database(self.admin, self.temp)
+        try:
+            self.admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(self.temp),
+                                                                              sql.Literal(self.mark)))
+            self.admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(self.temp),
+                                                                                sql.Identifier(self.name)))
+        except psycopg.Error:
+            drop_database(self.admin, self.temp)
+            self._forget()
+            raise
+
+    def finished(self) -> None:
+        """The load ran to its end: the database is the operator's now (mark, then note removed)."""
+        if _comment_of(self.admin, self.name) == self.mark:
+            self.admin.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(self.name)))
+        self._forget()
+
+    def drop(self) -> None:
+        drop_database(self.admin, self.name)
+        self._forget()
+
+    def _forget(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            unlink_in(self.note)
+
+
+def _comment_of(conn: psycopg.Connection, name: str) -> str | None:
+    row = conn.execute("SELECT coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database "
+                       "WHERE datname = %s", (name,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _run_alive(pid: object) -> bool:
+    """Whether `pid` is still a kkua-backup process (a pid can be reused by anything after a kill)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        return b"kkua" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _unfinished_notes(ctx: JobContext) -> list[tuple[Path, dict[str, Any]]]:
+    """The notes in the state folder whose run is gone and whose server is the configured one."""
+    folder = _note_folder(ctx)
+    pg = ctx.config.postgres
+    try:
+        names = sorted(n for n in list_folder(folder) if n.startswith(NEW_DB_NOTE) and n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:  # a state folder this user may not read: the runs that can will clean up
+        ctx.log.debug("cannot look for notes of databases restores created", folder=str(folder), error=str(exc))
+        return []
+    notes = []
+    for name in names:
+        path = folder / name
+        try:
+            doc = json.loads(read_small(path, 1 << 16, root=folder))
+        except (OSError, ValueError) as exc:
+            ctx.log.warning("unreadable note of a database a restore created; left alone", file=str(path),
+                            error=str(exc))
+            continue
+        if not isinstance(doc, dict) or doc.get("server") != f"{pg.host}:{pg.port}" or _run_alive(doc.get("pid")):
+            continue
+        notes.append((path, doc))
+    return notes
+
+
+def drop_unfinished_databases(ctx: JobContext, *, lock_held: bool = False) -> None:
+    """Drop the databases that runs killed midway created and did not finish (see NewDatabase), one log line
+    each; a database of the same name without the run's mark is never touched. Only while nobody holds the
+    postgres lock (`lock_held`: the caller does). Costs nothing when there is no note; a server that cannot be
+    reached is only a warning (the notes stay for the next run)."""
+    try:
+        notes = _unfinished_notes(ctx)
+    except KkuaError as exc:  # a symlink or a stranger's file in the state folder: said, not followed
+        ctx.log.warning("cannot read the notes of databases restores created", error=str(exc))
+        return
+    if not notes:
+        return
+    lock = None if lock_held else TargetLock(ctx.config.backup_dir, KIND, "drop unfinished databases")
+    if lock is not None:
+        try:
+            lock.acquire()
+        except (LockHeld, StorageError):
+            return  # a run holds the lock: its databases are alive; the next command looks again
+    try:
+        admin = connect_maintenance(ctx.config.postgres)
+    except KkuaError as exc:
+        ctx.log.warning("cannot check for databases left half-made by a killed restore", error=str(exc))
+        if lock is not None:
+            lock.release()
+        return
+    try:
+        for path, doc in notes:
+            _drop_unfinished(ctx, admin, doc)
+            with contextlib.suppress(FileNotFoundError):
+                unlink_in(path)
+    except psycopg.Error as exc:
+        ctx.log.warning("cannot drop a database left half-made by a killed restore", error=str(exc).strip())
+    finally:
+        admin.close()
+        if lock is not None:
+            lock.release()
+
+
+def _drop_unfinished(ctx: JobContext, admin: psycopg.Connection, doc: dict[str, Any]) -> None:
+    name, nonce = str(doc.get("database", "")), str(doc.get("nonce", ""))
+    mark = _MARK.format(nonce=nonce)
+    who = f"pid {doc.get('pid')}, started {doc.get('started_at')}"
+    temp = str(doc.get("temporary_name", ""))
+    if temp == f"kkua_new_{nonce}" and _comment_of(admin, temp) is not None:
+        drop_database(admin, temp)
+        ctx.log.warning("dropped a database a killed restore had begun to create", database=temp, meant_as=name,
+                        run=who)
+    comment = _comment_of(admin, name)
+    if comment is None:
+        return
+    if comment == mark:
+        drop_database(admin, name)
+        ctx.log.warning(f"dropped database {name!r}, left half-made by a restore that was killed ({who})",
+                        database=name)
+    else:
+        ctx.log.info(f"database {name!r} exists but is not the one a killed restore ({who}) was making; "
+                     "left alone", database=name)
+
+
+def drop_database(conn: psycopg.Connection, name: str) -> None:
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def terminate_sessions(conn: psycopg.Connection, dbname: str) -> int:
+    """End every other session on `dbname`; returns how many were ended."""
+    row = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                       "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+# ----------------------------------------------------------------------------------------------

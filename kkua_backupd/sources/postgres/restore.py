@@ -1,0 +1,271 @@
+"""A restore into the configured or a new database: its checks, plan, safety backup, the load in one
+transaction, and the comparison of what the target holds with what the backup recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from kkua_backupd.core.context import (
+    JobContext,
+    RestorePlan,
+)
+from kkua_backupd.errors import (
+    JobError,
+    KkuaError,
+    Refused,
+)
+from kkua_backupd.obs.progress import Progress, human_bytes
+from kkua_backupd.sources import RestoreOptions
+from kkua_backupd.sources.postgres.backup import dump, manifest_for
+from kkua_backupd.sources.postgres.client import (
+    KIND,
+    archive_major_of,
+    connect,
+    connect_maintenance,
+    database_exists,
+    restore_bin_dir,
+    server_info,
+)
+from kkua_backupd.sources.postgres.load import NewDatabase, drop_unfinished_databases, restore_into, terminate_sessions
+from kkua_backupd.sources.postgres.stats import (
+    compare_stats,
+    count_objects,
+    legacy_keys,
+    lock_capacity,
+    missing_roles,
+    table_stats,
+)
+from kkua_backupd.sources.postgres.verify import check_set, set_format
+from kkua_backupd.store.signing import sign
+from kkua_backupd.store.storage import (
+    PREFIXES,
+    BackupSet,
+    kind_folder,
+    resolve,
+    write_manifest,
+)
+
+# Restore
+
+
+class PostgresRestore:
+    """A restore of a PostgreSQL set, in core/flows.restore's order: into the configured database in one
+    transaction (the file checked before anything changes, so a failed restore leaves the old data in
+    place), or into a new `--target-db` (dropped again on failure)."""
+
+    checks = "a decompress test"
+
+    def __init__(self, ctx: JobContext, spec: str, options: RestoreOptions) -> None:
+        pg = ctx.config.postgres
+        self.ctx, self.options = ctx, options
+        self.backup_set = resolve(ctx.config.backup_dir, KIND, spec)
+        self.name = self.backup_set.name
+        self.fmt, self.compression = set_format(self.backup_set)
+        self.database = options.target_db or pg.database
+        self.target = repr(self.database)
+        self.requested = {"database": self.database, "host": pg.host, "port": pg.port}
+        self.target_field = {"database": self.database}
+        self.report: dict[str, Any] = {"kind": KIND, "file": self.name, "id": self.backup_set.id,
+                                       "database": self.database, "format": self.fmt,
+                                       "compression": self.compression}
+        self._admin: psycopg.Connection | None = None
+        self._bin_dir = Path()
+        self._exists = False
+        self._transactional = True
+
+    @property
+    def admin(self) -> psycopg.Connection:
+        assert self._admin is not None, "plan and apply run inside the session"
+        return self._admin
+
+    def prepare(self) -> None:
+        drop_unfinished_databases(self.ctx, lock_held=True)
+
+    def check(self) -> None:
+        self.report["check"] = check_set(self.ctx, self.backup_set)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """A maintenance connection for the plan and the load; what PostgreSQL refuses becomes a JobError."""
+        self._admin = connect_maintenance(self.ctx.config.postgres)
+        try:
+            yield
+        except psycopg.Error as exc:
+            raise JobError(f"PostgreSQL refused a step of the restore into {self.database!r}: {str(exc).strip()}",
+                           hint="the backup user needs CREATEDB and ownership of the database") from None
+        finally:
+            self._admin.close()
+            self._admin = None
+
+    def plan(self) -> RestorePlan:
+        ctx, backup_set, target, admin = self.ctx, self.backup_set, self.database, self.admin
+        pg = ctx.config.postgres
+        self._bin_dir = restore_bin_dir(pg, server_info(admin), archive_major=archive_major_of(backup_set))
+        self._exists = exists = database_exists(admin, target)
+        needed = backup_set.manifest.details.get("roles", []) if backup_set.manifest else []
+        absent = missing_roles(admin, needed)
+        if absent:
+            raise Refused(f"the backup's objects belong to or are granted to role(s) {', '.join(absent)}, "
+                          f"which {pg.host}:{pg.port} does not have; nothing was changed",
+                          hint=f"create them first (e.g. CREATE ROLE {absent[0]} LOGIN PASSWORD '...'), "
+                               "then restore again")
+        target_db = self.options.target_db
+        if target_db and exists:
+            raise Refused(f"database {target!r} already exists",
+                          hint="--target-db restores into a new database: choose another name or drop it")
+        self._transactional = _fits_one_transaction(ctx, admin, backup_set, target, in_place=exists)
+        return _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
+                     safety=self.options.safety_backup and target_db is None and exists)
+
+    def safety_backup(self) -> dict[str, Any]:
+        return _safety_backup(self.ctx, self.database)
+
+    def apply(self) -> None:
+        ctx, backup_set, target, admin = self.ctx, self.backup_set, self.database, self.admin
+        created: NewDatabase | None = None
+        if not self._exists:
+            created = NewDatabase(ctx, admin, target, f"restore of {backup_set.name}")
+            created.create()
+            ctx.log.info("database created", database=target)
+        else:
+            ended = terminate_sessions(admin, target)
+            if ended:
+                ctx.log.info("ended other sessions on the database", database=target, sessions=ended)
+        progress = Progress(f"restoring {backup_set.name}", total=backup_set.path().stat().st_size,
+                            enabled=ctx.interactive)
+        load_started = time.monotonic()
+        try:
+            restore_into(ctx, self._bin_dir, target, backup_set.path(), self.fmt, self.compression,
+                         wipe=created is None,
+                         expected=backup_set.manifest.files[0] if backup_set.manifest else None,
+                         new_database=created is not None, progress=progress,
+                         transactional=self._transactional or created is None)
+        except KkuaError as exc:
+            progress.clear()
+            if created is not None:
+                created.drop()
+                raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
+                               f"the database was dropped again: {exc}") from None
+            raise JobError(f"restore of {backup_set.name} failed and was rolled back; database {target!r}"
+                           f" still holds its previous data: {exc}", hint=restore_hint(exc)) from None
+        progress.clear()
+        if created is not None:
+            created.finished()
+        self.report["load_seconds"] = round(time.monotonic() - load_started, 2)
+
+    def counts_after(self) -> list[str]:
+        self.report.update(_verify_restored(self.ctx, self.backup_set, self.database))
+        problems: list[str] = self.report["problems"]
+        return problems
+
+    def undo_hint(self) -> str:
+        return "inspect the database; the safety backup holds the data from before"
+
+    def finished(self) -> None:
+        report = self.report
+        self.ctx.log.info("restore finished", file=self.name, database=self.database, tables=report["tables"],
+                          rows=report["rows"], seconds=report["seconds"], verified="row counts match the backup"
+                          if self.backup_set.manifest else "no manifest to compare with")
+
+
+def _fits_one_transaction(ctx: JobContext, admin: psycopg.Connection, backup_set: BackupSet, target: str, *,
+                          in_place: bool) -> bool:
+    """Whether the restore's locks fit in the server's lock table. A restore in place that does not fit is
+    refused here, before any change, naming the setting to raise; a new database that does not fit is
+    loaded statement by statement instead (it is dropped again if the load fails, so nothing is lost)."""
+    backup_objects = int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0
+    if not backup_objects:
+        return True
+    now = 0
+    if in_place:
+        with connect(ctx.config.postgres, target) as conn:
+            now = count_objects(conn)
+    needed = backup_objects + now + 100
+    capacity, settings = lock_capacity(admin)
+    if needed <= capacity:
+        return True
+    if not in_place:
+        ctx.log.info("the backup has more objects than one transaction can lock; loading the new database "
+                     "statement by statement (it is dropped again if the load fails)", objects=backup_objects,
+                     lock_slots=capacity)
+        return False
+    sessions = capacity // settings["max_locks_per_transaction"]
+    raise_to = -(-needed // sessions)
+    raise Refused(
+        f"restoring {backup_set.name} in place needs about {needed} locks in one transaction ({backup_objects} "
+        f"objects in the backup, {now} in {target!r} now) but the server's lock table has about {capacity} "
+        f"(max_locks_per_transaction {settings['max_locks_per_transaction']} x {sessions} sessions); "
+        "nothing was changed",
+        hint=f"set max_locks_per_transaction = {raise_to} (or more) in postgresql.conf and restart PostgreSQL, "
+             f"or restore into a new database with --target-db, which needs no single transaction")
+
+
+_MISSING_ROLE = re.compile(r'role "([^"]+)" does not exist')
+
+
+def restore_hint(exc: KkuaError) -> str:
+    """What to do about a failed load, read from the tool's last error lines."""
+    text = " ".join(getattr(exc, "stderr_tail", [])) + " " + exc.message
+    missing = sorted(set(_MISSING_ROLE.findall(text)))
+    if missing:
+        names = ", ".join(missing)
+        return (f"the backup's objects belong to role(s) {names}, which this server does not have: create "
+                f"them (CREATE ROLE {missing[0]} LOGIN ...), then restore again")
+    if "permission denied" in text or "must be owner" in text:
+        return "the restoring user must own the database's objects (or be a superuser)"
+    return "see restore.log for the failing statement"
+
+
+def _plan(ctx: JobContext, backup_set: BackupSet, target: str, *, in_place: bool, exists: bool,  # noqa: PLR0913 - keyword-only plan facts, typed with the flows
+          safety: bool) -> RestorePlan:
+    pg = ctx.config.postgres
+    plan = RestorePlan(backup_set, target, in_place, exists, safety)
+    m = backup_set.manifest
+    created = m.created_at.strftime("%Y-%m-%d %H:%M:%S %z") if m else "unknown (no manifest)"
+    tables = m.details.get("tables", {}) if m else {}
+    plan.lines = [
+        f"Restore {backup_set.name}",
+        f"  made:      {created}, {human_bytes(backup_set.size)}"
+        + (f", {len(tables)} tables, {sum(t['rows'] for t in tables.values())} rows" if tables else ""),
+        f"  into:      database {target!r} on {pg.host}:{pg.port}"
+        + ("" if exists else " (new database)"),
+    ]
+    if in_place and exists:
+        plan.lines.append(f"  effect:    everything now in {target!r} is replaced by the backup; "
+                          "other sessions on it are ended")
+        plan.lines.append("  safety:    " + ("a backup of the current data is taken first" if safety
+                                             else "NO safety backup (--no-safety-backup)"))
+    ctx.log.info("restore plan", file=backup_set.name, made=created, database=target, host=pg.host, port=pg.port,
+                 replaces_current_data=in_place and exists, safety_backup=safety)
+    return plan
+
+
+def _safety_backup(ctx: JobContext, dbname: str) -> dict[str, Any]:
+    pg = ctx.config.postgres
+    folder = kind_folder(ctx.config.backup_dir, KIND)
+    prefix = PREFIXES[KIND]["safety"]
+    ctx.log.info("taking safety backup before restore", database=dbname)
+    result = dump(ctx, folder, prefix=prefix, fmt="plain", compression=pg.compression, dbname=dbname)
+    write_manifest(folder, sign(manifest_for(result, set_type="safety", prefix=prefix, dbname=dbname),
+                                ctx.keys.signing_key))
+    ctx.log.info("safety backup written", file=result.file.name, size=human_bytes(result.file.size))
+    return {"file": result.file.name, "size": result.file.size, "sha256": result.file.sha256}
+
+
+def _verify_restored(ctx: JobContext, backup_set: BackupSet, target: str) -> dict[str, Any]:
+    pg = ctx.config.postgres
+    with connect(pg, target) as conn:
+        found = table_stats(conn, checksums=False,
+                            legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None))
+    expected = backup_set.manifest.details.get("tables") if backup_set.manifest else None
+    problems = compare_stats(expected, found) if expected is not None else []
+    return {"tables": len(found), "rows": sum(t["rows"] for t in found.values()), "problems": problems,
+            "verified": not problems}

@@ -1,0 +1,167 @@
+"""What a database holds: its user tables with row counts (and checksums), the roles a dump names, and the
+objects and lock slots a restore in one transaction needs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+# Every user table (not system, not owned by an extension): what counts and checksums cover.
+TABLES_SQL = """
+SELECT n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1, 2
+"""
+
+# Roles the dump will name (object owners and grantees): a restore onto a server without them fails, so
+# the manifest records them and a restore checks for them before it changes anything.
+ROLES_SQL = """
+WITH objs(owner, acl) AS (
+  SELECT c.relowner, c.relacl FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+  UNION ALL
+  SELECT nspowner, nspacl FROM pg_namespace
+   WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_%'
+  UNION ALL
+  SELECT p.proowner, p.proacl FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+  UNION ALL
+  SELECT t.typowner, t.typacl FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+)
+SELECT DISTINCT r.rolname
+FROM (SELECT owner AS oid FROM objs
+      UNION SELECT (aclexplode(acl)).grantee FROM objs WHERE acl IS NOT NULL) x
+JOIN pg_roles r ON r.oid = x.oid
+ORDER BY 1
+"""
+
+# Objects a restore locks one by one in its transaction (dropping the old ones, creating the new):
+# relations, their TOAST tables and indexes, types, constraints, functions, large objects.
+OBJECTS_SQL = """
+SELECT (SELECT count(*) + 2 * count(*) FILTER (WHERE c.reltoastrelid <> 0) FROM pg_class c
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')
+     + (SELECT count(*) FROM pg_largeobject_metadata)
+"""
+
+# The size of the server's shared lock table: max_locks_per_transaction x (backends + prepared xacts).
+LOCK_SETTINGS = ("max_locks_per_transaction", "max_connections", "autovacuum_max_workers",
+                 "max_worker_processes", "max_wal_senders", "max_prepared_transactions")
+
+
+def lock_capacity(conn: psycopg.Connection) -> tuple[int, dict[str, int]]:
+    """(lock slots the server has for all sessions together, the settings that size it)."""
+    values = {name: int(str(conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]))  # type: ignore[index]
+              for name in LOCK_SETTINGS}
+    backends = (values["max_connections"] + values["autovacuum_max_workers"] + 1
+                + values["max_worker_processes"] + values["max_wal_senders"])
+    return values["max_locks_per_transaction"] * (backends + values["max_prepared_transactions"]), values
+
+
+def count_objects(conn: psycopg.Connection) -> int:
+    return int(conn.execute(OBJECTS_SQL).fetchone()[0])  # type: ignore[index]
+
+
+
+
+PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_]*")
+STATS_BATCH = 100  # tables counted per transaction: each holds a lock on its tables until it ends
+TABLE_KEYS = "quoted"  # details.table_keys of manifests whose table keys quote odd names
+
+
+def table_key(schema: str, name: str, *, legacy: bool = False) -> str:
+    """A table's key in manifests: `schema.table`, each part double-quoted (quotes doubled) unless it is
+    a plain lower-case name, so `public."a.b"` and `"public.a".b` stay apart. Plain names read as
+    before, so manifests written before keys were quoted (`legacy`: parts joined as they are) still match
+    for them."""
+    if legacy:
+        return f"{schema}.{name}"
+
+    def ident(part: str) -> str:
+        return part if PLAIN_IDENT.fullmatch(part) else '"' + part.replace('"', '""') + '"'
+    return f"{ident(schema)}.{ident(name)}"
+
+
+def legacy_keys(details: dict[str, Any] | None) -> bool:
+    """Whether a manifest's table keys were written before they were quoted."""
+    return bool(details) and details.get("table_keys") != TABLE_KEYS  # type: ignore[union-attr]
+
+
+def table_stats(conn: psycopg.Connection, *, checksums: bool, snapshot: str | None = None,
+                legacy: bool = False) -> dict[str, dict[str, Any]]:
+    """Row count (and an order-independent content checksum) of every user table.
+
+    Tables are counted STATS_BATCH at a time, each batch in a transaction of its own (importing
+    `snapshot` when given), so the locks held at once stay few however many tables there are:
+    pg_dump already holds one per table. `conn` must be in autocommit mode."""
+    tables = [(str(a), str(b)) for a, b in conn.execute(TABLES_SQL).fetchall()]
+    stats: dict[str, dict[str, Any]] = {}
+    for first in range(0, len(tables), STATS_BATCH):
+        batch = tables[first:first + STATS_BATCH]
+        parts = []
+        for schema, name in batch:
+            ident = sql.Identifier(schema, name)
+            if checksums:
+                parts.append(sql.SQL("(SELECT ARRAY[count(*)::text, coalesce(sum(('x' || left(md5(t::text), 15))"
+                                     "::bit(60)::bigint::numeric), 0)::text] FROM ONLY {} AS t)").format(ident))
+            else:
+                parts.append(sql.SQL("(SELECT ARRAY[count(*)::text] FROM ONLY {})").format(ident))
+        query = sql.SQL("SELECT ") + sql.SQL(", ").join(parts)
+        with conn.transaction():
+            if snapshot:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            row = conn.execute(query).fetchone()
+        assert row is not None
+        for (schema, name), values in zip(batch, row, strict=True):
+            entry: dict[str, Any] = {"rows": int(values[0])}
+            if checksums:
+                entry["checksum"] = values[1]
+            stats[table_key(schema, name, legacy=legacy)] = entry
+    return stats
+
+
+def referenced_roles(conn: psycopg.Connection) -> list[str]:
+    """Roles that own or are granted something in the database (what the dump's OWNER/GRANT lines name)."""
+    return [str(row[0]) for row in conn.execute(ROLES_SQL).fetchall()]
+
+
+def missing_roles(conn: psycopg.Connection, roles: list[str]) -> list[str]:
+    """Which of `roles` the server does not have."""
+    if not roles:
+        return []
+    present = {str(r[0]) for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)",
+                                               (roles,)).fetchall()}
+    return [r for r in roles if r not in present]
+
+
+def compare_stats(expected: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]]) -> list[str]:
+    """Differences between two table_stats results, one readable line each (empty when equal)."""
+    problems = []
+    for table in sorted(set(expected) - set(found)):
+        problems.append(f"{table}: missing")
+    for table in sorted(set(found) - set(expected)):
+        problems.append(f"{table}: not in the backup")
+    for table in sorted(set(expected) & set(found)):
+        want, got = expected[table], found[table]
+        if want.get("rows") != got.get("rows"):
+            problems.append(f"{table}: {got.get('rows')} rows, expected {want.get('rows')}")
+        elif want.get("checksum") and got.get("checksum") and want["checksum"] != got["checksum"]:
+            problems.append(f"{table}: content differs ({got['rows']} rows)")
+    return problems
