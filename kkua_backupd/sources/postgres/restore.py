@@ -139,7 +139,7 @@ class PostgresRestore:
             ended = terminate_sessions(admin, target)
             if ended:
                 ctx.log.info("ended other sessions on the database", database=target, sessions=ended)
-        progress = Progress(f"restoring {backup_set.name}", total=backup_set.path().stat().st_size,
+        progress = Progress(f"restoring {backup_set.name}", total=backup_set.size,
                             enabled=ctx.interactive)
         load_started = time.monotonic()
         try:
@@ -147,7 +147,8 @@ class PostgresRestore:
                          wipe=created is None,
                          expected=backup_set.manifest.files[0] if backup_set.manifest else None,
                          new_database=created is not None, progress=progress,
-                         transactional=self._transactional or created is None)
+                         transactional=self._transactional or created is None,
+                         members=backup_set.manifest.files if backup_set.manifest else ())
         except KkuaError as exc:
             progress.clear()
             if created is not None:
