@@ -359,11 +359,12 @@ def unpack_directory(ctx: JobContext, folder: Path, files: Sequence[ManifestFile
 def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,  # noqa: PLR0913, PLR0917 - grouped with the flows written once
                  wipe: bool, new_database: bool, expected: ManifestFile | None,
                  progress: Progress | None = None, transactional: bool = True,
-                 members: Sequence[ManifestFile] = ()) -> None:
+                 members: Sequence[ManifestFile] = (), unpacked: Path | None = None) -> None:
     """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
     going into a new database. The bytes are hashed as they are read; if they do not match `expected`
     the load stops before its COMMIT. A directory set (`members`: every file of it, `path` its first) is
-    unpacked into a scratch folder first, every file checked, then loaded the same two ways. Raises
+    unpacked into a scratch folder first, every file checked (or read from `unpacked`, where the restore's
+    check left it unpacked and checked), then loaded the same two ways. Raises
     CommandFailed/StepTimeout/IntegrityError on failure."""
     pg = ctx.config.postgres
     chunks = read_chain(path, compression, progress=progress, expected=expected, readers=ctx.readers_for(path.name))
@@ -373,8 +374,11 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
         return
     jobs = pg.restore_jobs or os.cpu_count() or 1
     if fmt == "directory":
-        with scratch_folder(path.parent) as scratch:
-            unpack_directory(ctx, path.parent, members, scratch, progress=progress)
+        with contextlib.ExitStack() as stack:
+            scratch = unpacked
+            if scratch is None:
+                scratch = stack.enter_context(scratch_folder(path.parent))
+                unpack_directory(ctx, path.parent, members, scratch, progress=progress)
             if new_database and jobs > 1:
                 _pg_restore_jobs(ctx, bin_dir, dbname, scratch, jobs)
                 return

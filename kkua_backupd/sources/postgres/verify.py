@@ -223,7 +223,8 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
     files = backup_set.manifest.files if backup_set.manifest else None
     fmt = set_format(backup_set)[0]
     if fmt == "directory" and files:
-        return {"files": _check_directory(ctx, backup_set, files)}
+        with scratch_folder(backup_set.folder) as scratch:
+            return {"files": check_directory(ctx, backup_set, scratch, read_sql=True)}
     targets = [(f.name, f.compression, f) for f in files] if files else \
         [(backup_set.name, set_format(backup_set)[1], None)]
     for name, compression, expected in targets:
@@ -261,46 +262,49 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
 _TABLE_DATA = re.compile(rb"^(\d+); \d+ \d+ TABLE DATA ", re.MULTILINE)
 
 
-def _check_directory(ctx: JobContext, backup_set: BackupSet, files: Sequence[ManifestFile]) -> list[dict[str, Any]]:
-    """A directory set read as a restore reads it: every file unpacked into a scratch folder in the set's
-    folder (as much disk as the uncompressed dump) and checked against the manifest; `pg_restore --list`
-    of the table of contents, whose every table's data file must be in the set; then the whole archive
-    turned into SQL by pg_restore and read to its end (as `_check_archive` does for a custom one)."""
+def check_directory(ctx: JobContext, backup_set: BackupSet, scratch: Path, *, read_sql: bool) -> list[dict[str, Any]]:
+    """A directory set read as a restore reads it: every file unpacked into the private folder `scratch` (as
+    much disk as the uncompressed dump) and checked against the manifest, and `pg_restore --list` of the table
+    of contents, whose every table's data file must be in the set; with `read_sql`, the whole archive turned
+    into SQL by pg_restore and read to its end (as `_check_archive` does for a custom one). Raises as
+    `check_set`."""
+    assert backup_set.manifest is not None, "a directory set has a manifest"
+    files = backup_set.manifest.files
     pg = ctx.config.postgres
     name = backup_set.name
     bin_dir = client_bin_dir(pg, archive_major_of(backup_set), doing=f"check {name}")
     progress = Progress(f"checking {name}", total=backup_set.size, enabled=ctx.interactive)
     scanner = SqlStream(refuse_meta=False)
-    with scratch_folder(backup_set.folder) as scratch:
-        checked = unpack_directory(ctx, backup_set.folder, files, scratch, progress=progress)
-        progress.clear()
-        try:
-            listing = execute.run(pg_restore_list_argv(bin_dir, scratch), job=KIND, timeout=pg.restore_timeout,
-                                  what="pg_restore --list")
-            held = {member_name(f.name) for f in files}
-            absent = [f"{i.decode()}.dat" for i in _TABLE_DATA.findall(listing) if f"{i.decode()}.dat" not in held]
-            if absent:
-                raise IntegrityError(f"{name} would not restore: its table of contents names {len(absent)} data "
-                                     f"file(s) the set does not hold ({', '.join(absent[:3])})",
-                                     hint="nothing was changed; use another backup")
+    checked = unpack_directory(ctx, backup_set.folder, files, scratch, progress=progress)
+    progress.clear()
+    try:
+        listing = execute.run(pg_restore_list_argv(bin_dir, scratch), job=KIND, timeout=pg.restore_timeout,
+                              what="pg_restore --list")
+        held = {member_name(f.name) for f in files}
+        absent = [f"{i.decode()}.dat" for i in _TABLE_DATA.findall(listing) if f"{i.decode()}.dat" not in held]
+        if absent:
+            raise IntegrityError(f"{name} would not restore: its table of contents names {len(absent)} data "
+                                 f"file(s) the set does not hold ({', '.join(absent[:3])})",
+                                 hint="nothing was changed; use another backup")
+        if read_sql:
             with execute.ProcessGroup(KIND) as group:
                 for part in script_from_archive(ctx, group, bin_dir, (), [], directory=scratch):
                     scanner.feed(part)
             scanner.finish()
-        except CommandFailed as exc:
-            if isinstance(exc, StepTimeout):
-                raise
-            reason = " | ".join(line.strip() for line in exc.stderr_tail[-2:]) or exc.message
-            if "unsupported version" in reason:
-                raise VersionTooNew(f"cannot check {name}: pg_restore {tool_major(bin_dir)} cannot read it "
-                                    f"({reason})", hint=client_hint(pg, None)) from None
-            raise IntegrityError(f"{name} would not restore: pg_restore cannot read the archive: {reason}",
-                                 hint="nothing was changed; use another backup") from None
-    problems = sql_problems(scanner, made_by_us=True)
+    except CommandFailed as exc:
+        if isinstance(exc, StepTimeout):
+            raise
+        reason = " | ".join(line.strip() for line in exc.stderr_tail[-2:]) or exc.message
+        if "unsupported version" in reason:
+            raise VersionTooNew(f"cannot check {name}: pg_restore {tool_major(bin_dir)} cannot read it "
+                                f"({reason})", hint=client_hint(pg, None)) from None
+        raise IntegrityError(f"{name} would not restore: pg_restore cannot read the archive: {reason}",
+                             hint="nothing was changed; use another backup") from None
+    problems = sql_problems(scanner, made_by_us=True) if read_sql else []
     if problems:
         raise IntegrityError(f"{name} would not restore: {problems[0]}", hint="nothing was changed; use another backup")
     ctx.log.info("directory set checked", file=name, files=len(files), size=human_bytes(backup_set.size),
-                 checksum="ok", decompress="ok", pg_restore="reads it to its end")
+                 checksum="ok", decompress="ok", pg_restore="reads it to its end" if read_sql else "lists it")
     return [{"name": f.name, "size": r.size, "sha256": r.sha256, "uncompressed": r.uncompressed, "checksum": "ok"}
             for f, r in zip(files, checked, strict=True)]
 
