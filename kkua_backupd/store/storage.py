@@ -295,6 +295,16 @@ def own_partial(kind: str, name: str) -> bool:
     return False
 
 
+def run_alive(pid: object) -> bool:
+    """Whether `pid` is still a kkua-backup process (a pid can be reused by anything after a kill)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        return b"kkua" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def own_scratch_folder(name: str) -> bool:
     """Whether `name` is a scratch folder this tool makes in a kind's folder (`scratch_folder`)."""
     return bool(_SCRATCH_RE.match(name))
@@ -370,7 +380,9 @@ def remove_stale_partials(folder: Path) -> list[str]:
         for name in sorted(names):
             if own_scratch_folder(name):
                 info = os.lstat(name, dir_fd=fd)
-                if stat.S_ISDIR(info.st_mode) and not owner_problem(info, Path(name)):
+                pid = int(name[len(SCRATCH_PREFIX) + 16:-len(PARTIAL_SUFFIX)])
+                # a live run's (a `verify` unpacks without the kind's lock) is never touched
+                if stat.S_ISDIR(info.st_mode) and not owner_problem(info, Path(name)) and not run_alive(pid):
                     with contextlib.suppress(FileNotFoundError):
                         shutil.rmtree(name, dir_fd=fd)
                         removed.append(name + "/")

@@ -163,3 +163,26 @@ def test_restrict_frame_opens_before_the_file_and_closes_after_it() -> None:
     assert last == b"\n\\unrestrict abc123\n"  # on a line of its own whatever the SQL ended with
     with pytest.raises(ValueError, match="letters and digits"):
         pg_load.restrict_frame("abc 123\n\\! id")
+
+
+def test_in_threads_keeps_the_order_and_raises_the_first_failure() -> None:
+    import threading
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def work(n: int) -> int:
+        with lock:
+            seen.append(n)
+        return n * 10
+
+    assert pg_client.in_threads(work, [1, 2, 3, 4], 3, weight=lambda n: n) == [10, 20, 30, 40]
+    assert sorted(seen) == [1, 2, 3, 4]
+    assert pg_client.in_threads(work, [5], 4) == [50]
+
+    def fail_on_two(n: int) -> int:
+        if n == 2:
+            raise ValueError("two")
+        return n
+
+    with pytest.raises(ValueError, match="two"):
+        pg_client.in_threads(fail_on_two, [1, 2, 3], 2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,10 +133,20 @@ def test_scratch_folders_and_orphan_directory_files_of_killed_runs_are_removed(t
             "kkua_backup_20240116_020000.sql.gz", "kkua_backup_20240117_020000.sql.gz", "kkua_scratch_notes"]
     for name in kept:
         (folder / name).write_bytes(b"x")
-    removed = storage.remove_stale_partials(folder)
+    # a live run's scratch folder (a `verify` unpacks without the lock): its pid is a kkua process
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "kkua-backup"])
+    try:
+        live_scratch = folder / f"kkua_scratch_20240115_020002_{live.pid}.partial"
+        live_scratch.mkdir()
+        removed = storage.remove_stale_partials(folder)
+    finally:
+        live.kill()
+        live.wait()
     assert removed == [orphan, "kkua_scratch_20240115_020000_4242.partial/"]
     assert (outside / "keep").exists()
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*kept, "kkua_scratch_20240115_020001_1.partial"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*kept, "kkua_scratch_20240115_020001_1.partial",
+                                                               live_scratch.name])
+    assert storage.remove_stale_partials(folder) == [f"{live_scratch.name}/"]  # once that run is gone
 
 
 def test_scratch_folder_is_private_and_gone_on_every_exit(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from kkua_backupd.sources.postgres.client import (
     child_env,
     connect,
     find_bin_dir,
+    in_threads,
     pg_dump_argv,
     server_info,
     tool_version,
@@ -219,20 +220,24 @@ def _dump_directory(ctx: JobContext, folder: Path, bin_dir: Path, stats: _StatsT
             raise JobError(f"pg_dump wrote {unknown[0] if unknown else 'no toc.dat'!r} into its directory, which "
                            "kkua-backup does not know how to keep; no backup was written",
                            hint="report this with the pg_dump version (see the log)")
-        written: list[FileInfo] = []
-        raw = 0
         progress = Progress("compressing the dump's files", enabled=ctx.interactive)
-        for member in ["toc.dat", *(n for n in names if n != "toc.dat")]:
+
+        def store(member: str) -> tuple[FileInfo, int]:
             with open_chain(scratch / name_of(member), compression, pg.compression_level, pg.threads,
                             ctx.stages) as out:
                 for chunk in file_chunks(raw_dir / member, progress):
                     out.write(chunk)
-                raw += out.raw
-                written.append(out.close())
-            unlink_in(raw_dir / member)
+                raw = out.raw
+                info = out.close()
+            unlink_in(raw_dir / member)  # the disk holds pg_dump's output once at most
+            return info, raw
+
+        stored = in_threads(store, ["toc.dat", *(n for n in names if n != "toc.dat")], pg.dump_jobs,
+                            weight=lambda member: (raw_dir / member).stat().st_size)
         progress.clear()
+        written = [info for info, _ in stored]
         move_into(scratch, folder, [f.name for f in written])
-    return written, raw
+    return written, sum(raw for _, raw in stored)
 
 
 _DENIED = re.compile(r"permission denied for (schema|table|sequence|view|materialized view|foreign table|"

@@ -4,13 +4,15 @@ the server's version, and the command lines built for them (pure).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import re
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -37,6 +39,31 @@ DIRECTORY_MEMBER_RE = re.compile(r"^[A-Za-z0-9_]{1,64}\.(dat|toc)$")
 MAINTENANCE_DBS = ("postgres", "template1")
 VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def in_threads(work: Callable[[T], R], items: Sequence[T], workers: int, *,
+               weight: Callable[[T], int] | None = None) -> list[R]:
+    """`work` of each item on up to `workers` threads (the files of a directory set: compression, hashing and
+    decompression release the GIL), the heaviest (`weight`) begun first, results in the items' order. On the
+    first failure the items not begun are dropped, the running ones finish, and that failure is raised."""
+    if workers <= 1 or len(items) <= 1:
+        return [work(item) for item in items]
+    order = sorted(range(len(items)), key=lambda i: -weight(items[i])) if weight else range(len(items))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pg-files") as pool:
+        submitted = {i: pool.submit(work, items[i]) for i in order}
+        futures = [submitted[i] for i in range(len(items))]
+        done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+            raise failed.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
 
 
 @dataclass(frozen=True)

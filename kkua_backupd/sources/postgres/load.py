@@ -36,6 +36,7 @@ from kkua_backupd.sources.postgres.client import (
     VERSION_RE,
     child_env,
     connect_maintenance,
+    in_threads,
     member_name,
     pg_restore_argv,
     pg_restore_script_argv,
@@ -49,6 +50,7 @@ from kkua_backupd.store.storage import (
     PARTIAL_SUFFIX,
     ManifestFile,
     now_local,
+    run_alive,
     scratch_folder,
 )
 from kkua_backupd.stream.chain import (
@@ -332,28 +334,34 @@ def unpack_directory(ctx: JobContext, folder: Path, files: Sequence[ManifestFile
     pg_dump's names, each one's size and sha256 compared with its manifest entry as it ends: raises
     IntegrityError (a file missing, changed or corrupt, a name pg_dump does not write, no toc.dat) before the
     caller lets pg_restore read `into`; StorageError. Returns what each file held."""
-    results = []
+    members: list[str] = []
     seen: set[str] = set()
     for entry in files:
         member = member_name(entry.name)
         if member is None or member in seen:
             raise IntegrityError(f"{entry.name} is not a file of a directory-format set (or names one twice)",
                                  hint="the manifest was not written by kkua-backup; use another backup")
+        members.append(member)
         seen.add(member)
-        path = folder / entry.name
-        file_present(path, entry)
-        source = read_chain(path, entry.compression, progress=progress, readers=ctx.readers_for(entry.name))
-        with AtomicFile(into / member, 0o600) as out:
-            for chunk in source:
-                out.write(chunk)
-            if source.sha256 != entry.sha256:
-                raise checksum_error(entry.name, source.sha256, entry.sha256)
-            out.commit()
-        results.append(CheckResult(source.size, source.sha256, source.raw))
+        file_present(folder / entry.name, entry)
     if "toc.dat" not in seen:
         raise IntegrityError("the set has no toc.dat (the directory archive's table of contents)",
                              hint="the set is incomplete; use another backup")
-    return results
+
+    def unpack(pair: tuple[ManifestFile, str]) -> CheckResult:
+        entry, member = pair
+        source = read_chain(folder / entry.name, entry.compression, progress=progress,
+                            readers=ctx.readers_for(entry.name))
+        with AtomicFile(into / member, 0o600) as out:
+            for chunk in source:
+                out.write(chunk)
+            if source.size != entry.size or source.sha256 != entry.sha256:
+                raise checksum_error(entry.name, source.sha256, entry.sha256)
+            out.commit()
+        return CheckResult(source.size, source.sha256, source.raw)
+
+    jobs = ctx.config.postgres.restore_jobs or os.cpu_count() or 1
+    return in_threads(unpack, list(zip(files, members, strict=True)), jobs, weight=lambda pair: pair[0].size)
 
 
 def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,  # noqa: PLR0913, PLR0917 - grouped with the flows written once
@@ -492,16 +500,6 @@ def _comment_of(conn: psycopg.Connection, name: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _run_alive(pid: object) -> bool:
-    """Whether `pid` is still a kkua-backup process (a pid can be reused by anything after a kill)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        return b"kkua" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def _unfinished_notes(ctx: JobContext) -> list[tuple[Path, dict[str, Any]]]:
     """The notes in the state folder whose run is gone and whose server is the configured one."""
     folder = _note_folder(ctx)
@@ -522,7 +520,7 @@ def _unfinished_notes(ctx: JobContext) -> list[tuple[Path, dict[str, Any]]]:
             ctx.log.warning("unreadable note of a database a restore created; left alone", file=str(path),
                             error=str(exc))
             continue
-        if not isinstance(doc, dict) or doc.get("server") != f"{pg.host}:{pg.port}" or _run_alive(doc.get("pid")):
+        if not isinstance(doc, dict) or doc.get("server") != f"{pg.host}:{pg.port}" or run_alive(doc.get("pid")):
             continue
         notes.append((path, doc))
     return notes
