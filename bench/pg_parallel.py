@@ -70,7 +70,7 @@ def build_database(server: ThrowawayPostgres, size_mb: int) -> dict[str, Any]:
             "INSERT INTO users SELECT g, 'user' || g || '@example.com', md5(g::text), "
             "jsonb_build_object('level', g % 50, 'lang', (ARRAY['ko','en','ja'])[1 + g % 3], 'tags', "
             "jsonb_build_array(md5((g * 7)::text), g % 11)), "
-            "timestamptz '2024-01-01' + g * interval '17 seconds' FROM generate_series(1, {}) g").format(
+            "timestamptz '2024-01-01' + g * interval '17 seconds' FROM generate_series(1::bigint, {}) g").format(
                 sql.Literal(users)))
         for table in TABLES[1:]:
             conn.execute(sql.SQL(
@@ -81,7 +81,7 @@ def build_database(server: ThrowawayPostgres, size_mb: int) -> dict[str, Any]:
                 "INSERT INTO {} SELECT g, 1 + (g * 7919) % {}, md5(g::text || {}), "
                 "jsonb_build_object('k', md5((g % 997)::text), 'n', g % 1000, 'ok', g % 2 = 0, "
                 "'at', (timestamptz '2024-06-01' + g * interval '3 seconds')::text), (g % 100000) / 100.0, "
-                "timestamptz '2024-06-01' + g * interval '3 seconds' FROM generate_series(1, {}) g").format(
+                "timestamptz '2024-06-01' + g * interval '3 seconds' FROM generate_series(1::bigint, {}) g").format(
                     sql.Identifier(table), sql.Literal(users), sql.Literal(table), sql.Literal(rows[table])))
         for table in TABLES[1:]:
             conn.execute(sql.SQL("ALTER TABLE {} ADD FOREIGN KEY (user_id) REFERENCES users (id)").format(
