@@ -327,16 +327,23 @@ def scratch_folder(folder: Path) -> Iterator[Path]:
     """A new private folder (0700) in the kind's folder `folder`, removed with everything in it on leaving
     the block, whatever happened; one a killed run left is removed by `remove_stale_partials`. Raises
     StorageError when it cannot be made."""
-    name = f"{SCRATCH_PREFIX}{now_local().strftime(ID_FORMAT)}_{os.getpid()}{PARTIAL_SUFFIX}"
     try:
         fd = open_folder(folder)
     except OSError as exc:
         raise storage_error(exc, folder, "open") from None
-    try:
-        os.mkdir(name, 0o700, dir_fd=fd)
-    except OSError as exc:
-        os.close(fd)
-        raise storage_error(exc, folder / name, "create folder") from None
+    for attempt in range(3):  # one of this process's from the same second is still there: the next second
+        name = f"{SCRATCH_PREFIX}{now_local().strftime(ID_FORMAT)}_{os.getpid()}{PARTIAL_SUFFIX}"
+        try:
+            os.mkdir(name, 0o700, dir_fd=fd)
+            break
+        except FileExistsError:
+            if attempt == 2:
+                os.close(fd)
+                raise StorageError(f"cannot make a scratch folder in {folder}: {name} exists") from None
+            time.sleep(1.0 - (time.time() % 1.0) + 0.01)
+        except OSError as exc:
+            os.close(fd)
+            raise storage_error(exc, folder / name, "create folder") from None
     try:
         yield folder / name
     finally:

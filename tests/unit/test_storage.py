@@ -159,6 +159,8 @@ def test_scratch_folder_is_private_and_gone_on_every_exit(tmp_path: Path) -> Non
     with pytest.raises(RuntimeError), storage.scratch_folder(tmp_path) as scratch:
         raise RuntimeError("boom")
     assert not scratch.exists()
+    with storage.scratch_folder(tmp_path) as first, storage.scratch_folder(tmp_path) as second:
+        assert first != second and first.is_dir() and second.is_dir()
     assert list(tmp_path.iterdir()) == []
 
 
