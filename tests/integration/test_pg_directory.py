@@ -253,3 +253,43 @@ def test_pg_restore_reads_what_we_wrote_by_hand(env: Env, tmp_path: Path) -> Non
     listing = subprocess.run([str(env.server.bin_dir / "pg_restore"), "--list", str(out)], capture_output=True,
                              text=True, check=True).stdout
     assert "TABLE DATA public users" in listing
+
+
+def test_kill9_during_a_directory_restore_leaves_nothing_after_the_next_run(env: Env, bulky_db: str) -> None:
+    env.write_config(database=bulky_db, format="directory", compression="zstd", restore_jobs=2)
+    env.run("backup", "postgres", check=True)
+    target = f"{bulky_db}_killed"
+    proc = env.popen("restore", "postgres", "latest", "--target-db", target, "--force")
+
+    def loading() -> tuple[Path, int] | None:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the restore ended (exit {proc.returncode}) before it could be killed\n{out}\n{err}")
+        scratch = scratch_folders(env)
+        loaders = [p for p in descendants(proc.pid) if Path(cmdline(p)[0] if cmdline(p) else "").name == "pg_restore"
+                   and "--jobs=2" in cmdline(p)]
+        return (scratch[0], loaders[0]) if scratch and loaders else None
+
+    try:
+        scratch, loader = wait_for(loading, "pg_restore -j loading from the scratch folder", timeout=120)
+        victims = [loader, *descendants(proc.pid)]
+        os.kill(proc.pid, signal.SIGKILL)
+        for pid in victims:
+            stat = proc_stat(pid)
+            if stat is not None and stat[2] != os.getpgid(0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(stat[2], signal.SIGKILL)
+        proc.communicate(timeout=30)
+        wait_for(lambda: not any(alive(p) for p in victims) or None, "pg_restore to die", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert scratch.is_dir(), "expected the kill to leave the scratch folder behind"
+
+    result = env.run("verify", "latest")  # any command of the kind cleans up after killed runs
+    assert result.returncode == 0, describe(result)
+    assert not scratch.exists()
+    assert scratch_folders(env) == []
+    with env.server.connect("postgres") as conn:
+        assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target,)).fetchone() is None
