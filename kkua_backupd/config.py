@@ -74,11 +74,14 @@ class PostgresConfig(_Strict):
     database: str = Field("kkua", min_length=1)
     user: str = Field("postgres", min_length=1)
     password_file: PathValue | None = None
-    format: Literal["plain", "custom"] = "plain"
+    format: Literal["plain", "custom", "directory"] = "plain"
     compression: Literal["gzip", "zstd", "none"] = "gzip"
     compression_level: int | None = Field(None, ge=1, le=19)
     threads: int = Field(0, ge=0, le=256, description="compression threads; 0 means one per CPU")
-    restore_jobs: int = Field(0, ge=0, le=64, description="pg_restore -j for custom format; 0 means one per CPU")
+    restore_jobs: int = Field(0, ge=0, le=64,
+                              description="pg_restore -j for the custom and directory formats; 0 means one per CPU")
+    dump_jobs: int = Field(2, ge=1, le=64, description="pg_dump -j for the directory format (each job is one more "
+                                                       "connection to the server)")
     test_restore: bool = False
     connect_timeout: int = Field(10, ge=1, le=600)
     dump_timeout: int = Field(6 * 3600, ge=1)

@@ -13,9 +13,11 @@ import functools
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,8 +43,15 @@ PREFIXES: dict[str, dict[str, str]] = {
 _NAME_RE = re.compile(r"^(?P<prefix>[a-z_]+?_)(?P<id>\d{8}_\d{6})(?P<rest>[._].*)$")
 # The tool's own folders in backup_dir besides the kinds' (lock.LOCK_DIR, the default state folder).
 LOCK_FOLDER_NAMES = (".locks", ".state")
-# The scratch archive a parallel pg_restore unpacks next to the backup (jobs/postgres.py).
+# The scratch archive a parallel pg_restore unpacks next to the backup (sources/postgres/load.py).
 RESTORE_SCRATCH_PREFIX = "kkua_restore_"
+# A private scratch folder (0700) in a kind's folder: pg_dump -Fd writes its directory there, and a restore or
+# verify of a directory set unpacks it there (`scratch_folder`). Named SCRATCH_PREFIX + ID + _PID + .partial.
+SCRATCH_PREFIX = "kkua_scratch_"
+_SCRATCH_RE = re.compile(r"^kkua_scratch_\d{8}_\d{6}_\d+\.partial$")
+# The files of a PostgreSQL directory-format set: PREFIX+ID + this mark + pg_dump's own file name
+# (toc.dat, NNNN.dat, blobs*.toc, blob_*.dat) + compression and encryption extensions (docs/decisions/0019).
+DIRECTORY_MEMBER_MARK = ".pgdir."
 # A set dated later than now + this is "in the future" (clock skew, a hand-made manifest): warned about,
 # never `latest`, never counted toward keep_last (docs/security.md).
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
@@ -286,18 +295,106 @@ def own_partial(kind: str, name: str) -> bool:
     return False
 
 
+def run_alive(pid: object) -> bool:
+    """Whether `pid` is still a kkua-backup process (a pid can be reused by anything after a kill)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        return b"kkua" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def own_scratch_folder(name: str) -> bool:
+    """Whether `name` is a scratch folder this tool makes in a kind's folder (`scratch_folder`)."""
+    return bool(_SCRATCH_RE.match(name))
+
+
+def orphan_member(names: set[str], name: str) -> bool:
+    """Whether `name` (one of `names`, a kind folder's entries) is a file of a directory-format set whose
+    manifest is not there: what a backup killed while moving the set's files into place leaves. Such files
+    are never a set (a directory set is read only through its manifest)."""
+    match = _NAME_RE.match(name)
+    if match is None or not match.group("rest").startswith(DIRECTORY_MEMBER_MARK):
+        return False
+    if name.endswith(PARTIAL_SUFFIX) or name.endswith(MANIFEST_SUFFIX):
+        return False
+    return manifest_name(match.group("prefix"), match.group("id")) not in names
+
+
+@contextlib.contextmanager
+def scratch_folder(folder: Path) -> Iterator[Path]:
+    """A new private folder (0700) in the kind's folder `folder`, removed with everything in it on leaving
+    the block, whatever happened; one a killed run left is removed by `remove_stale_partials`. Raises
+    StorageError when it cannot be made."""
+    try:
+        fd = open_folder(folder)
+    except OSError as exc:
+        raise storage_error(exc, folder, "open") from None
+    for attempt in range(3):  # one of this process's from the same second is still there: the next second
+        name = f"{SCRATCH_PREFIX}{now_local().strftime(ID_FORMAT)}_{os.getpid()}{PARTIAL_SUFFIX}"
+        try:
+            os.mkdir(name, 0o700, dir_fd=fd)
+            break
+        except FileExistsError:
+            if attempt == 2:
+                os.close(fd)
+                raise StorageError(f"cannot make a scratch folder in {folder}: {name} exists") from None
+            time.sleep(1.0 - (time.time() % 1.0) + 0.01)
+        except OSError as exc:
+            os.close(fd)
+            raise storage_error(exc, folder / name, "create folder") from None
+    try:
+        yield folder / name
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(name, dir_fd=fd)  # never follows a symlink (fd-based on Linux)
+        os.close(fd)
+
+
+def move_into(source: Path, folder: Path, names: list[str]) -> None:
+    """Move the files `names` from the folder `source` into `folder` (the same file system), then fsync
+    `folder`; a name already in `folder` is never replaced. Raises StorageError."""
+    src = dst = None
+    try:
+        src = open_folder(source)
+        dst = open_folder(folder)
+        for name in names:
+            if os.path.lexists(folder / name):
+                raise StorageError(f"{folder / name} exists already; the new set was not moved into place")
+            os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
+        os.fsync(dst)
+    except OSError as exc:
+        raise storage_error(exc, folder, "move files into") from None
+    finally:
+        for fd in (src, dst):
+            if fd is not None:
+                os.close(fd)
+
+
 def remove_stale_partials(folder: Path) -> list[str]:
     """Delete the `*.partial` files this tool writes (own_partial) left in a kind's folder by a run that
-    died; call only while holding the kind's lock. Plain files with a trusted owner only: a symlink or a
-    stranger's file is left alone. Returns the names removed."""
+    died, its scratch folders (`scratch_folder`) and the files of directory sets that never got their
+    manifest (`orphan_member`); call only while holding the kind's lock. Plain files and folders with a
+    trusted owner only: a symlink or a stranger's entry is left alone. Returns the names removed."""
     removed = []
     try:
         fd = open_folder(folder)
     except FileNotFoundError:
         return []
     try:
-        for name in sorted(os.listdir(fd)):
-            if not own_partial(folder.name, name) or file_problem(folder / name):
+        names = set(os.listdir(fd))
+        for name in sorted(names):
+            if own_scratch_folder(name):
+                info = os.lstat(name, dir_fd=fd)
+                pid = int(name[len(SCRATCH_PREFIX) + 16:-len(PARTIAL_SUFFIX)])
+                # a live run's (a `verify` unpacks without the kind's lock) is never touched
+                if stat.S_ISDIR(info.st_mode) and not owner_problem(info, Path(name)) and not run_alive(pid):
+                    with contextlib.suppress(FileNotFoundError):
+                        shutil.rmtree(name, dir_fd=fd)
+                        removed.append(name + "/")
+                continue
+            if not (own_partial(folder.name, name) or orphan_member(names, name)) or file_problem(folder / name):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=fd)

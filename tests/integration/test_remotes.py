@@ -60,7 +60,9 @@ def remote_status(world: Env | RedisEnv) -> dict[str, Any]:
     return doc
 
 
-def test_postgres_round_trip_through_each_remote(env: Env, s3: RcloneS3, sshd: Sshd, workdir: Path) -> None:
+@pytest.mark.parametrize("fmt", ["plain", "directory"])
+def test_postgres_round_trip_through_each_remote(env: Env, s3: RcloneS3, sshd: Sshd, workdir: Path, fmt: str) -> None:
+    env.write_config(format=fmt, restore_jobs=2)  # directory: a set of many files, pg_restore -j after the fetch
     add_remotes(env.config_path, s3.remote_toml("offsite", workdir), sshd.remote_toml("box"))
     with env.connect() as conn:
         before = table_contents(conn)

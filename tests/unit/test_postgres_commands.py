@@ -31,6 +31,53 @@ def test_pg_dump_custom_is_uncompressed_for_our_pipeline() -> None:
     assert not any(a.startswith("--snapshot") for a in argv)
 
 
+def test_pg_dump_directory_writes_uncompressed_files_with_jobs_in_one_snapshot() -> None:
+    pg = PG.model_copy(update={"dump_jobs": 3})
+    argv = pg_client.pg_dump_argv(BIN, pg, dbname="kkua", fmt="directory", snapshot="00000003-1",
+                                  directory=Path("/b/postgres/kkua_scratch_x.partial/dump"))
+    assert {"--format=directory", "--compress=0", "--jobs=3", "--snapshot=00000003-1"} <= set(argv)
+    assert argv[argv.index("--file") + 1] == "/b/postgres/kkua_scratch_x.partial/dump"
+    assert not any("pw-xyzzy" in a for a in argv)
+    with pytest.raises(ValueError, match="needs a directory"):
+        pg_client.pg_dump_argv(BIN, PG, dbname="kkua", fmt="directory")
+
+
+def test_dump_jobs_default_and_bounds() -> None:
+    assert PostgresConfig().dump_jobs == 2
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="dump_jobs"):
+            PostgresConfig(dump_jobs=bad)
+    assert PostgresConfig(format="directory").format == "directory"
+
+
+def test_pg_restore_reads_a_directory_archive() -> None:
+    assert pg_client.pg_restore_script_argv(BIN, Path("/s/d"))[-3:] == ("--file", "-", "/s/d")
+    assert pg_client.pg_restore_script_argv(BIN)[-2:] == ("--file", "-")
+    assert pg_client.pg_restore_list_argv(BIN, Path("/s/d")) == (str(BIN / "pg_restore"), "--list", "/s/d")
+
+
+@pytest.mark.parametrize(("name", "member"), [
+    ("kkua_backup_20240115_020000.pgdir.toc.dat.gz", "toc.dat"),
+    ("kkua_backup_20240115_020000.pgdir.3456.dat.zst.age", "3456.dat"),
+    ("kkua_backup_20240115_020000.pgdir.blobs_12.toc.gpg", "blobs_12.toc"),
+    ("kkua_backup_20240115_020000.pgdir.blob_16390.dat", "blob_16390.dat"),
+    ("kkua_backup_20240115_020000.sql.gz", None),
+    ("kkua_backup_20240115_020000.pgdir.toc.dat.gz.partial", None),
+    ("kkua_backup_20240115_020000.pgdir.x.sh.gz", None),
+    ("kkua_backup_20240115_020000.pgdir..dat.gz", None),
+    (".pgdir.toc.dat", None),
+])
+def test_the_pg_dump_name_each_directory_set_file_holds(name: str, member: str | None) -> None:
+    assert pg_client.member_name(name) == member
+
+
+def test_the_directory_set_main_file_name() -> None:
+    from kkua_backupd.store.storage import data_file_name
+    name = data_file_name("kkua_backup_", "20240115_020000", pg_client.EXTENSIONS["directory"], "zstd", ".age")
+    assert name == "kkua_backup_20240115_020000.pgdir.toc.dat.zst.age"
+    assert pg_client.member_name(name) == "toc.dat"
+
+
 def test_psql_stops_on_the_first_error_and_reads_stdin() -> None:
     argv = pg_client.psql_argv(BIN, PG, "kkua")
     assert argv[-4:] == ("--set", "ON_ERROR_STOP=1", "--file", "-")
@@ -116,3 +163,26 @@ def test_restrict_frame_opens_before_the_file_and_closes_after_it() -> None:
     assert last == b"\n\\unrestrict abc123\n"  # on a line of its own whatever the SQL ended with
     with pytest.raises(ValueError, match="letters and digits"):
         pg_load.restrict_frame("abc 123\n\\! id")
+
+
+def test_in_threads_keeps_the_order_and_raises_the_first_failure() -> None:
+    import threading
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def work(n: int) -> int:
+        with lock:
+            seen.append(n)
+        return n * 10
+
+    assert pg_client.in_threads(work, [1, 2, 3, 4], 3, weight=lambda n: n) == [10, 20, 30, 40]
+    assert sorted(seen) == [1, 2, 3, 4]
+    assert pg_client.in_threads(work, [5], 4) == [50]
+
+    def fail_on_two(n: int) -> int:
+        if n == 2:
+            raise ValueError("two")
+        return n
+
+    with pytest.raises(ValueError, match="two"):
+        pg_client.in_threads(fail_on_two, [1, 2, 3], 2)

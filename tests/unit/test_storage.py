@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from kkua_backupd.errors import UsageError
+from kkua_backupd.errors import StorageError, UsageError
 from kkua_backupd.store import storage
 from kkua_backupd.stream.pipeline import write_atomic
 
@@ -112,6 +114,69 @@ def test_stale_partials_are_removed_but_nothing_else(tmp_path: Path) -> None:
     (tmp_path / "notes.partial").write_bytes(b"mine")  # not ours
     assert storage.remove_stale_partials(tmp_path) == ["kkua_backup_20240115_020000.sql.gz.partial"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kkua_backup_20240114_020000.sql.gz", "notes.partial"]
+
+
+def test_scratch_folders_and_orphan_directory_files_of_killed_runs_are_removed(tmp_path: Path) -> None:
+    folder = tmp_path / "postgres"
+    folder.mkdir()
+    scratch = folder / "kkua_scratch_20240115_020000_4242.partial"
+    (scratch / "dump").mkdir(parents=True)
+    (scratch / "dump" / "toc.dat").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"x")
+    (scratch / "link").symlink_to(outside)  # never followed
+    (folder / "kkua_scratch_20240115_020001_1.partial").symlink_to(outside)  # a symlink: left alone
+    orphan = "kkua_backup_20240115_020000.pgdir.3456.dat.gz"
+    (folder / orphan).write_bytes(b"x")
+    kept = ["kkua_backup_20240116_020000.pgdir.toc.dat.gz", "kkua_backup_20240116_020000.manifest.json",
+            "kkua_backup_20240116_020000.sql.gz", "kkua_backup_20240117_020000.sql.gz", "kkua_scratch_notes"]
+    for name in kept:
+        (folder / name).write_bytes(b"x")
+    # a live run's scratch folder (a `verify` unpacks without the lock): its pid is a kkua process
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "kkua-backup"])
+    try:
+        live_scratch = folder / f"kkua_scratch_20240115_020002_{live.pid}.partial"
+        live_scratch.mkdir()
+        removed = storage.remove_stale_partials(folder)
+    finally:
+        live.kill()
+        live.wait()
+    assert removed == [orphan, "kkua_scratch_20240115_020000_4242.partial/"]
+    assert (outside / "keep").exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*kept, "kkua_scratch_20240115_020001_1.partial",
+                                                               live_scratch.name])
+    assert storage.remove_stale_partials(folder) == [f"{live_scratch.name}/"]  # once that run is gone
+
+
+def test_scratch_folder_is_private_and_gone_on_every_exit(tmp_path: Path) -> None:
+    with storage.scratch_folder(tmp_path) as scratch:
+        assert storage.own_scratch_folder(scratch.name)
+        assert oct(scratch.stat().st_mode & 0o777) == oct(0o700)
+        (scratch / "sub").mkdir()
+        (scratch / "sub" / "f").write_bytes(b"x")
+    assert not scratch.exists()
+    with pytest.raises(RuntimeError), storage.scratch_folder(tmp_path) as scratch:
+        raise RuntimeError("boom")
+    assert not scratch.exists()
+    with storage.scratch_folder(tmp_path) as first, storage.scratch_folder(tmp_path) as second:
+        assert first != second and first.is_dir() and second.is_dir()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_move_into_never_replaces_a_file(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "a").write_bytes(b"new")
+    (src / "b").write_bytes(b"new")
+    (dst / "b").write_bytes(b"old")
+    with pytest.raises(StorageError, match="exists already"):
+        storage.move_into(src, dst, ["a", "b"])
+    assert (dst / "b").read_bytes() == b"old"
+    (dst / "b").unlink()
+    storage.move_into(src, dst, ["b"])
+    assert (dst / "b").read_bytes() == b"new"
 
 
 def test_manifest_json_has_the_list_contract_fields(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,16 @@ from kkua_backupd.errors import (
 )
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
+from kkua_backupd.safefs import list_folder, unlink_in
 from kkua_backupd.sources.postgres.client import (
+    DIRECTORY_MEMBER_RE,
     EXTENSIONS,
     KIND,
     ServerInfo,
     child_env,
     connect,
     find_bin_dir,
+    in_threads,
     pg_dump_argv,
     server_info,
     tool_version,
@@ -40,18 +43,21 @@ from kkua_backupd.sources.postgres.pg_sql import SqlStream
 from kkua_backupd.sources.postgres.stats import PLAIN_IDENT, TABLE_KEYS, count_objects, referenced_roles, table_stats
 from kkua_backupd.sources.postgres.verify import sql_problems
 from kkua_backupd.store.storage import (
+    DIRECTORY_MEMBER_MARK,
     Manifest,
     ManifestFile,
     base_manifest,
     data_file_name,
+    move_into,
     new_set_id,
     now_local,
+    scratch_folder,
 )
 from kkua_backupd.stream.chain import (
     open_chain,
 )
 from kkua_backupd.stream.encrypt import encryption_of
-from kkua_backupd.stream.pipeline import FileInfo, stream_chunks
+from kkua_backupd.stream.pipeline import FileInfo, file_chunks, stream_chunks
 
 
 @dataclass
@@ -72,6 +78,7 @@ class DumpResult:
     problems: list[str] = field(default_factory=list)
     objects: int = 0
     encryption: dict[str, Any] | None = None  # encrypt.Keys.record()
+    parts: list[FileInfo] = field(default_factory=list)  # a directory set's files after its toc
 
 
 class _StatsThread(threading.Thread):
@@ -126,32 +133,26 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
         log.info("dump started", database=dbname, file=path.name, server_version=server.version,
                  pg_dump=str(bin_dir / "pg_dump"), format=fmt, compression=compression)
         started = time.monotonic()
-        with execute.ProcessGroup(KIND) as group, \
-                open_chain(path, compression, pg.compression_level, pg.threads, ctx.stages) as out:
-            child = group.spawn(pg_dump_argv(bin_dir, pg, dbname=dbname, fmt=fmt, snapshot=snapshot),
-                                env=child_env(pg), timeout=pg.dump_timeout)
-            stats.start()
-            assert child.stdout is not None
-            scanner = SqlStream(refuse_meta=False) if fmt == "plain" else None
-            for chunk in _scanned(stream_chunks(child.read, progress), scanner):
-                out.write(chunk)
-            uncompressed = out.raw
-            progress.clear()
-            try:
-                group.wait(child, what="pg_dump",
-                           hint="the backup user needs read access to every object; see the lines above")
-            except CommandFailed as exc:
-                denied = permission_error(pg, dbname, " ".join(exc.stderr_tail))
-                if denied is not None:
-                    raise denied from None
-                raise
-            stats.join()
-            if stats.error is not None:
-                denied = permission_error(pg, dbname, str(stats.error))
-                if denied is not None:
-                    raise denied
-                raise JobError(f"counting rows in {dbname} failed: {str(stats.error).strip()}")
-            info = out.close()
+        scanner = SqlStream(refuse_meta=False) if fmt == "plain" else None
+        parts: list[FileInfo] = []
+        if fmt == "directory":
+            stored = _dump_directory(ctx, folder, bin_dir, stats, dbname=dbname, snapshot=snapshot,
+                                     compression=compression, name_of=lambda member: data_file_name(
+                                         prefix, set_id, DIRECTORY_MEMBER_MARK + member, compression, keys.extension))
+            info, parts, uncompressed = stored[0][0], stored[0][1:], stored[1]
+        else:
+            with execute.ProcessGroup(KIND) as group, \
+                    open_chain(path, compression, pg.compression_level, pg.threads, ctx.stages) as out:
+                child = group.spawn(pg_dump_argv(bin_dir, pg, dbname=dbname, fmt=fmt, snapshot=snapshot),
+                                    env=child_env(pg), timeout=pg.dump_timeout)
+                stats.start()
+                assert child.stdout is not None
+                for chunk in _scanned(stream_chunks(child.read, progress), scanner):
+                    out.write(chunk)
+                uncompressed = out.raw
+                progress.clear()
+                _wait_dump(group, child, stats, pg, dbname)
+                info = out.close()
     except psycopg.Error as exc:
         denied = permission_error(pg, dbname, str(exc))
         if denied is not None:
@@ -165,13 +166,78 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
         stats.conn.close()
         snap_conn.close()
     seconds = time.monotonic() - started
-    log.info("dump finished", database=dbname, file=info.name, bytes=info.size, size=human_bytes(info.size),
+    stored_bytes = info.size + sum(p.size for p in parts)
+    log.info("dump finished", database=dbname, file=info.name, bytes=stored_bytes, size=human_bytes(stored_bytes),
              uncompressed=human_bytes(uncompressed), seconds=round(seconds, 2),
              rate=f"{human_bytes(uncompressed / max(seconds, 1e-6))}/s", tables=len(stats.result),
-             rows=sum(t["rows"] for t in stats.result.values()))
+             rows=sum(t["rows"] for t in stats.result.values()), files=1 + len(parts))
     problems = sql_problems(scanner, made_by_us=True) if scanner is not None else []
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
-                      fmt, compression, stats.roles, problems, stats.objects, keys.record())
+                      fmt, compression, stats.roles, problems, stats.objects, keys.record(), parts)
+
+
+def _wait_dump(group: execute.ProcessGroup, child: execute.Child, stats: _StatsThread, pg: PostgresConfig,
+               dbname: str) -> None:
+    """Wait for pg_dump, then for the row counts; raises JobError (a permission the backup role lacks named
+    with its GRANT) or CommandFailed."""
+    try:
+        group.wait(child, what="pg_dump",
+                   hint="the backup user needs read access to every object; see the lines above")
+    except CommandFailed as exc:
+        denied = permission_error(pg, dbname, " ".join(exc.stderr_tail))
+        if denied is not None:
+            raise denied from None
+        raise
+    stats.join()
+    if stats.error is not None:
+        denied = permission_error(pg, dbname, str(stats.error))
+        if denied is not None:
+            raise denied
+        raise JobError(f"counting rows in {dbname} failed: {str(stats.error).strip()}")
+
+
+def _dump_directory(ctx: JobContext, folder: Path, bin_dir: Path, stats: _StatsThread, *, dbname: str,  # noqa: PLR0913 - keyword-only, typed with the flows
+                    snapshot: str, compression: str, name_of: Callable[[str], str]) -> tuple[list[FileInfo], int]:
+    """pg_dump -Fd -j N (uncompressed) into a private scratch folder in `folder`, then each of its files through
+    the byte chain under the name `name_of(pg_dump's name)`, toc.dat first; the set's files are moved into
+    `folder` only once every one is written (a run killed before leaves a scratch folder, one killed while
+    they move leaves files without a manifest: both removed by the next run, remove_stale_partials). Returns
+    the files written and the bytes pg_dump wrote. The disk holds pg_dump's uncompressed output once, less
+    each file as soon as it is compressed."""
+    pg = ctx.config.postgres
+    with scratch_folder(folder) as scratch:
+        raw_dir = scratch / "dump"
+        with execute.ProcessGroup(KIND) as group:
+            child = group.spawn(pg_dump_argv(bin_dir, pg, dbname=dbname, fmt="directory", snapshot=snapshot,
+                                             directory=raw_dir),
+                                env=child_env(pg), stdout=execute.DEVNULL, timeout=pg.dump_timeout)
+            stats.start()
+            _wait_dump(group, child, stats, pg, dbname)
+        names = sorted(list_folder(raw_dir))
+        unknown = [n for n in names if not DIRECTORY_MEMBER_RE.match(n) or not (raw_dir / n).is_file()
+                   or (raw_dir / n).is_symlink()]
+        if unknown or "toc.dat" not in names:
+            raise JobError(f"pg_dump wrote {unknown[0] if unknown else 'no toc.dat'!r} into its directory, which "
+                           "kkua-backup does not know how to keep; no backup was written",
+                           hint="report this with the pg_dump version (see the log)")
+        progress = Progress("compressing the dump's files", enabled=ctx.interactive)
+
+        def store(member: str) -> tuple[FileInfo, int]:
+            with open_chain(scratch / name_of(member), compression, pg.compression_level, pg.threads,
+                            ctx.stages) as out:
+                for chunk in file_chunks(raw_dir / member, progress):
+                    out.write(chunk)
+                raw = out.raw
+                info = out.close()
+            unlink_in(raw_dir / member)  # the disk holds pg_dump's output once at most
+            return info, raw
+
+        stored = in_threads(store, ["toc.dat", *(n for n in names if n != "toc.dat")], pg.dump_jobs,
+                            weight=lambda member: (raw_dir / member).stat().st_size)
+        progress.clear()
+        written = [info for info, _ in stored]
+        move_into(scratch, folder, [f.name for f in written])
+    return written, sum(raw for _, raw in stored)
 
 
 _DENIED = re.compile(r"permission denied for (schema|table|sequence|view|materialized view|foreign table|"
@@ -250,8 +316,14 @@ def manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str,
     if total_seconds is not None:
         timings["total_seconds"] = round(total_seconds, 3)
     data.update(status=status, error=error, finished_at=now_local(), details=details, timings=timings,
-                files=[ManifestFile(name=result.file.name, size=result.file.size, sha256=result.file.sha256,
-                                    role="dump", compression=result.compression,
-                                    encryption=encryption_of(result.file.name))],
+                files=manifest_files(result),
                 encryption=result.encryption)
     return Manifest.model_validate(data)
+
+
+def manifest_files(result: DumpResult) -> list[ManifestFile]:
+    """The manifest's entries for the files a dump wrote: the dump (a directory set's toc.dat), then the
+    other files of a directory set."""
+    return [ManifestFile(name=f.name, size=f.size, sha256=f.sha256, role="dump" if i == 0 else "dump-part",
+                         compression=result.compression, encryption=encryption_of(f.name))
+            for i, f in enumerate([result.file, *result.parts])]

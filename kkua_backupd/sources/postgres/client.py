@@ -4,13 +4,15 @@ the server's version, and the command lines built for them (pure).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import re
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -22,16 +24,46 @@ from kkua_backupd.errors import (
 )
 from kkua_backupd.proc import execute
 from kkua_backupd.store.storage import (
+    DIRECTORY_MEMBER_MARK,
     BackupSet,
     Kind,
 )
+from kkua_backupd.stream.chain import without_compression
 
 KIND: Kind = "postgres"
 PG_LIB = Path("/usr/lib/postgresql")
-EXTENSIONS = {"plain": ".sql", "custom": ".dump"}
+EXTENSIONS = {"plain": ".sql", "custom": ".dump", "directory": f"{DIRECTORY_MEMBER_MARK}toc.dat"}
+# The names pg_dump -Fd -Z0 gives the files of its directory: toc.dat, NNNN.dat, and for large objects
+# blobs.toc / blobs_NNNN.toc and blob_NNNN.dat; nothing else is taken into a set or unpacked from one.
+DIRECTORY_MEMBER_RE = re.compile(r"^[A-Za-z0-9_]{1,64}\.(dat|toc)$")
 MAINTENANCE_DBS = ("postgres", "template1")
 VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def in_threads(work: Callable[[T], R], items: Sequence[T], workers: int, *,
+               weight: Callable[[T], int] | None = None) -> list[R]:
+    """`work` of each item on up to `workers` threads (the files of a directory set: compression, hashing and
+    decompression release the GIL), the heaviest (`weight`) begun first, results in the items' order. On the
+    first failure the items not begun are dropped, the running ones finish, and that failure is raised."""
+    if workers <= 1 or len(items) <= 1:
+        return [work(item) for item in items]
+    order = sorted(range(len(items)), key=lambda i: -weight(items[i])) if weight else range(len(items))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pg-files") as pool:
+        submitted = {i: pool.submit(work, items[i]) for i in order}
+        futures = [submitted[i] for i in range(len(items))]
+        done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+            raise failed.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
 
 
 @dataclass(frozen=True)
@@ -220,15 +252,30 @@ def child_env(pg: PostgresConfig) -> dict[str, str]:
     return env
 
 
-def pg_dump_argv(bin_dir: Path, pg: PostgresConfig, *, dbname: str, fmt: str,
-                 snapshot: str | None = None) -> tuple[str, ...]:
-    """pg_dump writing the whole database to stdout: plain SQL with DROP IF EXISTS (restorable by hand
-    into an existing database) or an uncompressed custom archive (our pipeline compresses)."""
+def member_name(name: str) -> str | None:
+    """The pg_dump file name a file of a directory set holds (`kkua_backup_ID.pgdir.3456.dat.gz.age` ->
+    `3456.dat`), or None when `name` is not such a file or what it names is not one pg_dump writes."""
+    stem = without_compression(name)
+    head, mark, member = stem.partition(DIRECTORY_MEMBER_MARK)
+    if not mark or not head or not DIRECTORY_MEMBER_RE.match(member):
+        return None
+    return member
+
+
+def pg_dump_argv(bin_dir: Path, pg: PostgresConfig, *, dbname: str, fmt: str,  # noqa: PLR0913 - keyword-only options of one command line
+                 snapshot: str | None = None, directory: Path | None = None) -> tuple[str, ...]:
+    """pg_dump writing the whole database: to stdout as plain SQL with DROP IF EXISTS (restorable by hand
+    into an existing database) or an uncompressed custom archive (our pipeline compresses), or as an
+    uncompressed directory archive into `directory` with postgres.dump_jobs parallel jobs."""
     argv: tuple[str, ...] = (str(bin_dir / "pg_dump"), *connection_args(pg, dbname))
     if fmt == "plain":
         argv += ("--format=plain", "--clean", "--if-exists")
     elif fmt == "custom":
         argv += ("--format=custom", "--compress=0")
+    elif fmt == "directory":
+        if directory is None:
+            raise ValueError("the directory format needs a directory")
+        argv += ("--format=directory", "--compress=0", f"--jobs={pg.dump_jobs}", "--file", str(directory))
     else:
         raise ValueError(f"unknown format {fmt!r}")
     if snapshot:
@@ -242,12 +289,19 @@ def psql_argv(bin_dir: Path, pg: PostgresConfig, dbname: str) -> tuple[str, ...]
             "--set", "ON_ERROR_STOP=1", "--file", "-")
 
 
-def pg_restore_script_argv(bin_dir: Path) -> tuple[str, ...]:
-    """pg_restore turning a custom archive on stdin into SQL on stdout."""
-    return (str(bin_dir / "pg_restore"), "--clean", "--if-exists", "--file", "-")
+def pg_restore_script_argv(bin_dir: Path, archive: Path | None = None) -> tuple[str, ...]:
+    """pg_restore turning a custom archive on stdin (or the directory archive `archive`) into SQL on stdout."""
+    return (str(bin_dir / "pg_restore"), "--clean", "--if-exists", "--file", "-",
+            *((str(archive),) if archive is not None else ()))
+
+
+def pg_restore_list_argv(bin_dir: Path, archive: Path) -> tuple[str, ...]:
+    """pg_restore printing the table of contents of the archive `archive` (a directory's toc.dat)."""
+    return (str(bin_dir / "pg_restore"), "--list", str(archive))
 
 
 def pg_restore_argv(bin_dir: Path, pg: PostgresConfig, dbname: str, archive: Path, jobs: int) -> tuple[str, ...]:
-    """pg_restore loading a custom archive file into a new database with `jobs` parallel workers."""
+    """pg_restore loading a custom archive file (or a directory archive) into a new database with `jobs`
+    parallel workers."""
     return (str(bin_dir / "pg_restore"), *connection_args(pg, dbname), "--exit-on-error",
             f"--jobs={max(1, jobs)}", str(archive))

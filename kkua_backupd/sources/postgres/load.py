@@ -11,7 +11,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from kkua_backupd.core.context import (
     JobContext,
 )
 from kkua_backupd.errors import (
+    IntegrityError,
     JobError,
     KkuaError,
     LockHeld,
@@ -35,6 +36,8 @@ from kkua_backupd.sources.postgres.client import (
     VERSION_RE,
     child_env,
     connect_maintenance,
+    in_threads,
+    member_name,
     pg_restore_argv,
     pg_restore_script_argv,
     psql_argv,
@@ -47,8 +50,11 @@ from kkua_backupd.store.storage import (
     PARTIAL_SUFFIX,
     ManifestFile,
     now_local,
+    run_alive,
+    scratch_folder,
 )
 from kkua_backupd.stream.chain import (
+    CheckResult,
     read_chain,
 )
 from kkua_backupd.stream.pipeline import AtomicFile, stream_chunks, write_atomic
@@ -287,27 +293,87 @@ def _watch_for(child: execute.Child, marker: bytes, seen: threading.Event) -> No
         tail = window[-len(marker):]
 
 
-def _script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: Path,
-                         archive_chunks: Iterable[bytes], feed_errors: list[BaseException]) -> Iterator[bytes]:
-    """SQL produced by pg_restore from a custom archive streamed on its stdin."""
-    child = group.spawn(pg_restore_script_argv(bin_dir), stdin=execute.PIPE,
+def script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: Path,  # noqa: PLR0913 - keyword-only archive
+                         archive_chunks: Iterable[bytes], feed_errors: list[BaseException], *,
+                         directory: Path | None = None) -> Iterator[bytes]:
+    """SQL produced by pg_restore from a custom archive streamed on its stdin, or from the directory archive
+    `directory` (then `archive_chunks` is not read)."""
+    child = group.spawn(pg_restore_script_argv(bin_dir, directory),
+                        stdin=execute.PIPE if directory is None else execute.DEVNULL,
                         timeout=ctx.config.postgres.restore_timeout)
-    feeder = threading.Thread(target=feed_pipe, args=(archive_chunks, child.stdin, feed_errors), daemon=True)
-    feeder.start()
+    feeder = None
+    if directory is None:
+        feeder = threading.Thread(target=feed_pipe, args=(archive_chunks, child.stdin, feed_errors), daemon=True)
+        feeder.start()
     assert child.stdout is not None
     yield from stream_chunks(child.read)
-    feeder.join()
+    if feeder is not None:
+        feeder.join()
     if feed_errors:
         raise feed_errors[0]
     group.wait(child, what="pg_restore")
 
 
+def file_present(path: Path, expected: ManifestFile | None) -> None:
+    """Raises IntegrityError when a set's file is missing or its size is not the manifest's."""
+    if not path.is_file():
+        raise IntegrityError(f"{path} is missing", hint="the set is incomplete; use another backup")
+    if expected is not None and path.stat().st_size != expected.size:
+        raise IntegrityError(f"{path.name} has {path.stat().st_size} bytes but its manifest says {expected.size}",
+                             hint="the file was truncated or replaced; use another backup")
+
+
+def checksum_error(name: str, found: str, expected: str) -> IntegrityError:
+    return IntegrityError(f"{name} does not match its checksum (sha256 {found[:12]}..., manifest {expected[:12]}...)",
+                          hint="the file is corrupt; use another backup")
+
+
+def unpack_directory(ctx: JobContext, folder: Path, files: Sequence[ManifestFile], into: Path, *,
+                     progress: Progress | None = None) -> list[CheckResult]:
+    """The files of a directory set (in `folder`) read back through the chain into the folder `into` under
+    pg_dump's names, each one's size and sha256 compared with its manifest entry as it ends: raises
+    IntegrityError (a file missing, changed or corrupt, a name pg_dump does not write, no toc.dat) before the
+    caller lets pg_restore read `into`; StorageError. Returns what each file held."""
+    members: list[str] = []
+    seen: set[str] = set()
+    for entry in files:
+        member = member_name(entry.name)
+        if member is None or member in seen:
+            raise IntegrityError(f"{entry.name} is not a file of a directory-format set (or names one twice)",
+                                 hint="the manifest was not written by kkua-backup; use another backup")
+        members.append(member)
+        seen.add(member)
+        file_present(folder / entry.name, entry)
+    if "toc.dat" not in seen:
+        raise IntegrityError("the set has no toc.dat (the directory archive's table of contents)",
+                             hint="the set is incomplete; use another backup")
+
+    def unpack(pair: tuple[ManifestFile, str]) -> CheckResult:
+        entry, member = pair
+        source = read_chain(folder / entry.name, entry.compression, progress=progress,
+                            readers=ctx.readers_for(entry.name))
+        with AtomicFile(into / member, 0o600) as out:
+            for chunk in source:
+                out.write(chunk)
+            if source.size != entry.size or source.sha256 != entry.sha256:
+                raise checksum_error(entry.name, source.sha256, entry.sha256)
+            out.commit()
+        return CheckResult(source.size, source.sha256, source.raw)
+
+    jobs = ctx.config.postgres.restore_jobs or os.cpu_count() or 1
+    return in_threads(unpack, list(zip(files, members, strict=True)), jobs, weight=lambda pair: pair[0].size)
+
+
 def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,  # noqa: PLR0913, PLR0917 - grouped with the flows written once
                  wipe: bool, new_database: bool, expected: ManifestFile | None,
-                 progress: Progress | None = None, transactional: bool = True) -> None:
+                 progress: Progress | None = None, transactional: bool = True,
+                 members: Sequence[ManifestFile] = (), unpacked: Path | None = None) -> None:
     """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
     going into a new database. The bytes are hashed as they are read; if they do not match `expected`
-    the load stops before its COMMIT. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
+    the load stops before its COMMIT. A directory set (`members`: every file of it, `path` its first) is
+    unpacked into a scratch folder first, every file checked (or read from `unpacked`, where the restore's
+    check left it unpacked and checked), then loaded the same two ways. Raises
+    CommandFailed/StepTimeout/IntegrityError on failure."""
     pg = ctx.config.postgres
     chunks = read_chain(path, compression, progress=progress, expected=expected, readers=ctx.readers_for(path.name))
     transactional = transactional or not new_database  # only a new database may load statement by statement
@@ -315,18 +381,39 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
         load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe, transactional=transactional)
         return
     jobs = pg.restore_jobs or os.cpu_count() or 1
+    if fmt == "directory":
+        with contextlib.ExitStack() as stack:
+            scratch = unpacked
+            if scratch is None:
+                scratch = stack.enter_context(scratch_folder(path.parent))
+                unpack_directory(ctx, path.parent, members, scratch, progress=progress)
+            if new_database and jobs > 1:
+                _pg_restore_jobs(ctx, bin_dir, dbname, scratch, jobs)
+                return
+            with execute.ProcessGroup(KIND) as group:
+                load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, (), [], directory=scratch),
+                         wipe=wipe, transactional=transactional)
+        return
     if new_database and jobs > 1:
         _parallel_restore(ctx, bin_dir, dbname, path, chunks, jobs)
         return
     with execute.ProcessGroup(KIND) as group:
         errors: list[BaseException] = []
-        load_sql(ctx, bin_dir, dbname, _script_from_archive(ctx, group, bin_dir, chunks, errors), wipe=wipe,
+        load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, chunks, errors), wipe=wipe,
                  transactional=transactional)
+
+
+def _pg_restore_jobs(ctx: JobContext, bin_dir: Path, dbname: str, archive: Path, jobs: int) -> None:
+    """pg_restore -j `jobs` of the archive file or directory `archive` into the new database `dbname`."""
+    pg = ctx.config.postgres
+    with execute.ProcessGroup(KIND) as group:
+        child = group.spawn(pg_restore_argv(bin_dir, pg, dbname, archive, jobs), env=child_env(pg),
+                            stdout=execute.DEVNULL, timeout=pg.restore_timeout)
+        group.wait(child, what="pg_restore")
 
 
 def _parallel_restore(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, chunks: Iterable[bytes],  # noqa: PLR0913, PLR0917 - grouped with the flows written once
                       jobs: int) -> None:
-    pg = ctx.config.postgres
     # pg_restore -j needs a seekable archive: unpack it next to the backup. Its name ends in .partial, so
     # if this process dies, the next run under the lock removes it (remove_stale_partials).
     scratch = path.with_name(f"kkua_restore_{now_local().strftime(ID_FORMAT)}_{os.getpid()}.dump")
@@ -335,11 +422,7 @@ def _parallel_restore(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, c
             for chunk in chunks:
                 out.write(chunk)
             out.flush()
-            archive = out.partial
-            with execute.ProcessGroup(KIND) as group:
-                child = group.spawn(pg_restore_argv(bin_dir, pg, dbname, archive, jobs), env=child_env(pg),
-                                    stdout=execute.DEVNULL, timeout=pg.restore_timeout)
-                group.wait(child, what="pg_restore")
+            _pg_restore_jobs(ctx, bin_dir, dbname, out.partial, jobs)
     finally:  # leaving the AtomicFile without commit removed it; make sure even if that failed
         scratch.with_name(scratch.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
 
@@ -417,16 +500,6 @@ def _comment_of(conn: psycopg.Connection, name: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _run_alive(pid: object) -> bool:
-    """Whether `pid` is still a kkua-backup process (a pid can be reused by anything after a kill)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        return b"kkua" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def _unfinished_notes(ctx: JobContext) -> list[tuple[Path, dict[str, Any]]]:
     """The notes in the state folder whose run is gone and whose server is the configured one."""
     folder = _note_folder(ctx)
@@ -447,7 +520,7 @@ def _unfinished_notes(ctx: JobContext) -> list[tuple[Path, dict[str, Any]]]:
             ctx.log.warning("unreadable note of a database a restore created; left alone", file=str(path),
                             error=str(exc))
             continue
-        if not isinstance(doc, dict) or doc.get("server") != f"{pg.host}:{pg.port}" or _run_alive(doc.get("pid")):
+        if not isinstance(doc, dict) or doc.get("server") != f"{pg.host}:{pg.port}" or run_alive(doc.get("pid")):
             continue
         notes.append((path, doc))
     return notes

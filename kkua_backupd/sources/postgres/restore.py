@@ -43,13 +43,14 @@ from kkua_backupd.sources.postgres.stats import (
     missing_roles,
     table_stats,
 )
-from kkua_backupd.sources.postgres.verify import check_set, set_format
+from kkua_backupd.sources.postgres.verify import check_directory, check_set, set_format
 from kkua_backupd.store.signing import sign
 from kkua_backupd.store.storage import (
     PREFIXES,
     BackupSet,
     kind_folder,
     resolve,
+    scratch_folder,
     write_manifest,
 )
 
@@ -80,6 +81,8 @@ class PostgresRestore:
         self._bin_dir = Path()
         self._exists = False
         self._transactional = True
+        self._stack = contextlib.ExitStack()  # the scratch folder of a directory set, until the session ends
+        self._unpacked: Path | None = None
 
     @property
     def admin(self) -> psycopg.Connection:
@@ -90,12 +93,28 @@ class PostgresRestore:
         drop_unfinished_databases(self.ctx, lock_held=True)
 
     def check(self) -> None:
+        """Read the set as the restore will. A directory set is unpacked into a scratch folder here, each
+        file checked, its table of contents listed, and the load reads that folder (removed when the
+        session ends, or by the next run after a kill); its SQL is read by the load itself."""
+        if self.fmt == "directory" and self.backup_set.manifest is not None:
+            scratch = self._stack.enter_context(scratch_folder(self.backup_set.folder))
+            try:
+                self.report["check"] = {"files": check_directory(self.ctx, self.backup_set, scratch, read_sql=False)}
+            except BaseException:
+                self._stack.close()
+                raise
+            self._unpacked = scratch
+            return
         self.report["check"] = check_set(self.ctx, self.backup_set)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """A maintenance connection for the plan and the load; what PostgreSQL refuses becomes a JobError."""
-        self._admin = connect_maintenance(self.ctx.config.postgres)
+        try:
+            self._admin = connect_maintenance(self.ctx.config.postgres)
+        except BaseException:
+            self._stack.close()
+            raise
         try:
             yield
         except psycopg.Error as exc:
@@ -104,6 +123,8 @@ class PostgresRestore:
         finally:
             self._admin.close()
             self._admin = None
+            self._stack.close()
+            self._unpacked = None
 
     def plan(self) -> RestorePlan:
         ctx, backup_set, target, admin = self.ctx, self.backup_set, self.database, self.admin
@@ -139,7 +160,7 @@ class PostgresRestore:
             ended = terminate_sessions(admin, target)
             if ended:
                 ctx.log.info("ended other sessions on the database", database=target, sessions=ended)
-        progress = Progress(f"restoring {backup_set.name}", total=backup_set.path().stat().st_size,
+        progress = Progress(f"restoring {backup_set.name}", total=backup_set.size,
                             enabled=ctx.interactive)
         load_started = time.monotonic()
         try:
@@ -147,7 +168,8 @@ class PostgresRestore:
                          wipe=created is None,
                          expected=backup_set.manifest.files[0] if backup_set.manifest else None,
                          new_database=created is not None, progress=progress,
-                         transactional=self._transactional or created is None)
+                         transactional=self._transactional or created is None,
+                         members=backup_set.manifest.files if backup_set.manifest else (), unpacked=self._unpacked)
         except KkuaError as exc:
             progress.clear()
             if created is not None:

@@ -17,7 +17,7 @@ from kkua_backupd.errors import (
 )
 from kkua_backupd.obs.progress import human_bytes
 from kkua_backupd.sources import BackupOptions, RestoreOptions
-from kkua_backupd.sources.postgres.backup import dump, manifest_for
+from kkua_backupd.sources.postgres.backup import dump, manifest_files, manifest_for
 from kkua_backupd.sources.postgres.client import KIND
 from kkua_backupd.sources.postgres.load import drop_unfinished_databases
 from kkua_backupd.sources.postgres.restore import PostgresRestore
@@ -28,7 +28,6 @@ from kkua_backupd.store.storage import (
     BackupSet,
     Kind,
     Manifest,
-    ManifestFile,
     write_manifest,
 )
 
@@ -53,10 +52,10 @@ class PostgresSource:
         if result.problems:
             status, error = "failed", f"dump would not restore: {result.problems[0]}"
         elif want_test:
-            written = ManifestFile(name=result.file.name, size=result.file.size, sha256=result.file.sha256)
+            written = manifest_files(result)
             outcome = test_restore_file(ctx, folder / result.file.name, result.fmt, result.compression,
-                                         set_id=result.set_id, expected=result.tables, expected_file=written,
-                                         objects=result.objects)
+                                         set_id=result.set_id, expected=result.tables, expected_file=written[0],
+                                         objects=result.objects, members=written)
             extra["test_restore"] = outcome
             if outcome["ran"] and not outcome["ok"]:
                 status, error = "failed", f"test restore failed: {outcome['error']}"
@@ -81,8 +80,9 @@ class PostgresSource:
             ctx.log.error("backup marked failed", file=file.name, reason=manifest.error)
             raise JobError(f"backup {file.name} was written but its {manifest.error}",
                            hint="the set is marked failed and is never used by `restore latest`")
-        ctx.log.info("backup finished", file=file.name, id=manifest.id, bytes=file.size,
-                     size=human_bytes(file.size), seconds=round(time.monotonic() - started, 2),
+        stored = sum(f.size for f in manifest.files)
+        ctx.log.info("backup finished", file=file.name, id=manifest.id, bytes=stored, size=human_bytes(stored),
+                     seconds=round(time.monotonic() - started, 2),
                      sha256=file.sha256, test_restore="passed" if test is not None else "skipped")
 
     def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:

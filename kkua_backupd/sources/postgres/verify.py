@@ -5,8 +5,10 @@ restores into a scratch database that prove it loads and holds what the manifest
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +39,30 @@ from kkua_backupd.sources.postgres.client import (
     client_hint,
     connect,
     connect_maintenance,
+    member_name,
+    pg_restore_list_argv,
     pg_restore_script_argv,
     restore_bin_dir,
     server_info,
     tool_major,
 )
-from kkua_backupd.sources.postgres.load import NewDatabase, feed_pipe, restore_into, scratch_name
+from kkua_backupd.sources.postgres.load import (
+    NewDatabase,
+    checksum_error,
+    feed_pipe,
+    file_present,
+    restore_into,
+    scratch_name,
+    script_from_archive,
+    unpack_directory,
+)
 from kkua_backupd.sources.postgres.pg_sql import SqlStream
 from kkua_backupd.sources.postgres.stats import compare_stats, legacy_keys, lock_capacity, table_stats
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import (
     BackupSet,
     ManifestFile,
+    scratch_folder,
     write_manifest,
 )
 from kkua_backupd.stream.chain import (
@@ -66,7 +80,8 @@ from kkua_backupd.stream.pipeline import stream_chunks
 
 def test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *, set_id: str,  # noqa: PLR0913 - keyword-only, typed with the flows
                        expected: dict[str, dict[str, Any]], expected_file: ManifestFile | None,
-                       legacy: bool = False, archive_major: int | None = None, objects: int = 0) -> dict[str, Any]:
+                       legacy: bool = False, archive_major: int | None = None, objects: int = 0,
+                       members: Sequence[ManifestFile] = ()) -> dict[str, Any]:
     """Restore a file into a scratch database, compare its tables with `expected`, always drop it.
 
     Returns {"ok", "ran", "database", "tables", "rows", "seconds", "problems", "error"}; never raises.
@@ -96,7 +111,7 @@ def test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *
             progress = Progress(f"test restore {path.name}", enabled=ctx.interactive)
             restore_into(ctx, bin_dir, scratch, path, fmt, compression, wipe=False, new_database=True,
                          expected=expected_file, progress=progress,
-                         transactional=objects + 100 <= lock_capacity(admin)[0])
+                         transactional=objects + 100 <= lock_capacity(admin)[0], members=members)
             progress.clear()
             checksums = any("checksum" in t for t in expected.values())
             with connect(pg, scratch) as conn:
@@ -201,22 +216,21 @@ def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compressi
 def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
     """Check every file of a set against its manifest (size, sha256) and decompress it fully; a plain
     dump's SQL is read as psql would read it, a custom archive is read to its end by pg_restore (and its
-    SQL read the same way). Raises IntegrityError on any difference or anything a restore would reject,
-    VersionTooNew when no pg_restore can read the archive. This is what gates a restore and what `verify`
-    runs."""
+    SQL read the same way), a directory set is unpacked and read the same way (`_check_directory`). Raises
+    IntegrityError on any difference or anything a restore would reject, VersionTooNew when no pg_restore
+    can read the archive. This is what gates a restore and what `verify` runs."""
     results = []
     files = backup_set.manifest.files if backup_set.manifest else None
+    fmt = set_format(backup_set)[0]
+    if fmt == "directory" and files:
+        with scratch_folder(backup_set.folder) as scratch:
+            return {"files": check_directory(ctx, backup_set, scratch, read_sql=True)}
     targets = [(f.name, f.compression, f) for f in files] if files else \
         [(backup_set.name, set_format(backup_set)[1], None)]
     for name, compression, expected in targets:
         path = backup_set.path(name)
-        if not path.is_file():
-            raise IntegrityError(f"{path} is missing", hint="the set is incomplete; use another backup")
-        if expected is not None and path.stat().st_size != expected.size:
-            raise IntegrityError(f"{name} has {path.stat().st_size} bytes but its manifest says {expected.size}",
-                                 hint="the file was truncated or replaced; use another backup")
+        file_present(path, expected)
         progress = Progress(f"checking {name}", total=path.stat().st_size, enabled=ctx.interactive)
-        fmt = set_format(backup_set)[0]
         if fmt == "plain":
             source = read_chain(path, compression, progress=progress, readers=ctx.readers_for(path.name))
             scanner = SqlStream(refuse_meta=False)
@@ -228,9 +242,7 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
             result, scanner, unreadable = _check_archive(ctx, backup_set, path, compression, progress)
         progress.clear()
         if expected is not None and result.sha256 != expected.sha256:
-            raise IntegrityError(f"{name} does not match its checksum (sha256 {result.sha256[:12]}..., "
-                                 f"manifest {expected.sha256[:12]}...)",
-                                 hint="the file is corrupt; use another backup")
+            raise checksum_error(name, result.sha256, expected.sha256)
         if fmt == "custom" and unreadable:
             raise IntegrityError(f"{name} would not restore: pg_restore cannot read the archive: {unreadable}",
                                  hint="nothing was changed; use another backup")
@@ -247,6 +259,56 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
     return {"files": results}
 
 
+_TABLE_DATA = re.compile(rb"^(\d+); \d+ \d+ TABLE DATA ", re.MULTILINE)
+
+
+def check_directory(ctx: JobContext, backup_set: BackupSet, scratch: Path, *, read_sql: bool) -> list[dict[str, Any]]:
+    """A directory set read as a restore reads it: every file unpacked into the private folder `scratch` (as
+    much disk as the uncompressed dump) and checked against the manifest, and `pg_restore --list` of the table
+    of contents, whose every table's data file must be in the set; with `read_sql`, the whole archive turned
+    into SQL by pg_restore and read to its end (as `_check_archive` does for a custom one). Raises as
+    `check_set`."""
+    assert backup_set.manifest is not None, "a directory set has a manifest"
+    files = backup_set.manifest.files
+    pg = ctx.config.postgres
+    name = backup_set.name
+    bin_dir = client_bin_dir(pg, archive_major_of(backup_set), doing=f"check {name}")
+    progress = Progress(f"checking {name}", total=backup_set.size, enabled=ctx.interactive)
+    scanner = SqlStream(refuse_meta=False)
+    checked = unpack_directory(ctx, backup_set.folder, files, scratch, progress=progress)
+    progress.clear()
+    try:
+        listing = execute.run(pg_restore_list_argv(bin_dir, scratch), job=KIND, timeout=pg.restore_timeout,
+                              what="pg_restore --list")
+        held = {member_name(f.name) for f in files}
+        absent = [f"{i.decode()}.dat" for i in _TABLE_DATA.findall(listing) if f"{i.decode()}.dat" not in held]
+        if absent:
+            raise IntegrityError(f"{name} would not restore: its table of contents names {len(absent)} data "
+                                 f"file(s) the set does not hold ({', '.join(absent[:3])})",
+                                 hint="nothing was changed; use another backup")
+        if read_sql:
+            with execute.ProcessGroup(KIND) as group:
+                for part in script_from_archive(ctx, group, bin_dir, (), [], directory=scratch):
+                    scanner.feed(part)
+            scanner.finish()
+    except CommandFailed as exc:
+        if isinstance(exc, StepTimeout):
+            raise
+        reason = " | ".join(line.strip() for line in exc.stderr_tail[-2:]) or exc.message
+        if "unsupported version" in reason:
+            raise VersionTooNew(f"cannot check {name}: pg_restore {tool_major(bin_dir)} cannot read it "
+                                f"({reason})", hint=client_hint(pg, None)) from None
+        raise IntegrityError(f"{name} would not restore: pg_restore cannot read the archive: {reason}",
+                             hint="nothing was changed; use another backup") from None
+    problems = sql_problems(scanner, made_by_us=True) if read_sql else []
+    if problems:
+        raise IntegrityError(f"{name} would not restore: {problems[0]}", hint="nothing was changed; use another backup")
+    ctx.log.info("directory set checked", file=name, files=len(files), size=human_bytes(backup_set.size),
+                 checksum="ok", decompress="ok", pg_restore="reads it to its end" if read_sql else "lists it")
+    return [{"name": f.name, "size": r.size, "sha256": r.sha256, "uncompressed": r.uncompressed, "checksum": "ok"}
+            for f, r in zip(files, checked, strict=True)]
+
+
 def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
     """`verify`: check the files and, if asked, restore them into a scratch database and compare."""
     def test() -> dict[str, Any]:
@@ -258,7 +320,8 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
                 legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None),
                 archive_major=archive_major_of(backup_set),
                 objects=int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0,
-                expected_file=backup_set.manifest.files[0] if backup_set.manifest else None)
+                expected_file=backup_set.manifest.files[0] if backup_set.manifest else None,
+                members=backup_set.manifest.files if backup_set.manifest else ())
 
     signature = check_signed(ctx, backup_set)
     try:

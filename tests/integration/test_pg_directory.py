@@ -1,0 +1,295 @@
+"""The directory format (issue 14): pg_dump -Fd -j N into a set of one file per pg_dump file, each through the
+byte chain, restored with pg_restore -j into a new database or in one transaction in place; damaged and
+missing files caught before any change; a killed backup's scratch folder removed by the next run. Real
+servers, the real CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kkua_backupd.demo.sandbox import ThrowawayPostgres, create_sample_data, schema_dump, table_contents
+from kkua_backupd.proc.workers import descendants
+from kkua_backupd.store.lock import holder_of
+from tests.support.helpers import alive, cmdline, describe, output, proc_stat, wait_for
+from tests.support.pg_bulk import fill_bulk
+
+from ..conftest import Env
+from .test_encrypted_backups import encryption, stored_bytes
+from .test_pg_roundtrip import damage
+
+KNOWN_ROW = b"kkua@example.com"  # a row of the sample data
+
+
+def backup(env: Env, *args: str) -> dict[str, object]:
+    result = env.run("--json", "backup", "postgres", *args, check=True)
+    manifest: dict[str, object] = json.loads(result.stdout)
+    return manifest
+
+
+def file_names(manifest: dict[str, object]) -> list[str]:
+    return [f["name"] for f in manifest["files"]]  # type: ignore[attr-defined]
+
+
+def scratch_folders(env: Env) -> list[Path]:
+    return sorted(env.folder.glob("kkua_scratch_*"))
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_directory_round_trip_in_place_and_into_a_new_database(env: Env, compression: str) -> None:
+    env.write_config(format="directory", compression=compression, dump_jobs=2, restore_jobs=2)
+    with env.connect() as conn:
+        before = table_contents(conn)
+    schema_before = schema_dump(env.server, env.database)
+
+    manifest = backup(env)
+    names = file_names(manifest)
+    ext = {"gzip": ".gz", "zstd": ".zst"}[compression]
+    stem = f"kkua_backup_{manifest['id']}.pgdir."
+    assert names[0] == f"{stem}toc.dat{ext}"
+    assert len(names) > 6  # toc.dat and one data file per table at least
+    assert all(n.startswith(stem) and n.endswith(".dat" + ext) for n in names)
+    assert [f["role"] for f in manifest["files"]][:2] == ["dump", "dump-part"]  # type: ignore[attr-defined]
+    assert manifest["details"]["format"] == "directory"  # type: ignore[index]
+    for name in names:
+        assert oct((env.folder / name).stat().st_mode & 0o777) == oct(0o640)
+    assert scratch_folders(env) == []
+    assert not list(env.folder.glob("*.partial"))
+
+    listing = json.loads(env.run("--json", "list", "postgres", check=True).stdout)
+    assert [(s["id"], s["status"], len(s["files"])) for s in listing] == [(manifest["id"], "ok", len(names))]
+    plain_list = env.run("list", "postgres", check=True).stdout
+    assert plain_list.count(names[0]) == 1 and names[1] not in plain_list
+
+    (verified,) = json.loads(env.run("--json", "verify", "latest", "--restore-test", check=True).stdout)
+    assert verified["ok"] is True, verified
+    assert verified["restore_test"]["ok"] is True
+    assert [f["name"] for f in verified["files"]] == names
+
+    damage(env)
+    report = json.loads(env.run("--json", "restore", "postgres", names[0], "--force", check=True).stdout)
+    assert report["verified"] is True
+    assert report["format"] == "directory"
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+    assert schema_dump(env.server, env.database) == schema_before
+
+    copy = f"{env.database}_dircopy"
+    env.run("restore", "postgres", manifest["id"], "--target-db", copy, check=True)  # type: ignore[arg-type]
+    with env.server.connect(copy) as conn:
+        assert table_contents(conn) == before
+    assert schema_dump(env.server, copy) == schema_before
+    assert scratch_folders(env) == []
+
+
+def test_test_restore_at_backup_time_and_row_checksums(env: Env) -> None:
+    env.write_config(format="directory", compression="none", restore_jobs=2)
+    manifest = backup(env, "--test-restore")
+    outcome = manifest["details"]["test_restore"]  # type: ignore[index]
+    assert outcome["ok"] is True and outcome["checksums"] is True, outcome
+    assert outcome["tables"] >= 6
+    assert all(n.endswith(".dat") for n in file_names(manifest))
+    with env.server.connect("postgres") as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'kkua_backup_test_%'").fetchall()
+    assert left == []
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _biggest_data_file(env: Env, manifest: dict[str, object]) -> Path:
+    parts = [env.folder / n for n in file_names(manifest)[1:]]
+    return max(parts, key=lambda p: p.stat().st_size)
+
+
+def test_a_flipped_byte_in_one_data_file_is_caught_by_verify_and_restore(env: Env) -> None:
+    env.write_config(format="directory", compression="gzip", restore_jobs=2)
+    manifest = backup(env)
+    _flip_byte(_biggest_data_file(env, manifest))
+    with env.connect() as conn:
+        conn.execute("DELETE FROM game_words WHERE id % 2 = 0")
+        before = table_contents(conn)
+    schema_before = schema_dump(env.server, env.database)
+
+    result = env.run("verify", "latest")
+    assert result.returncode == 3, describe(result)
+    assert "checksum" in output(result) or "decompress" in output(result) or "corrupt" in output(result), \
+        describe(result)
+
+    for extra in ((), ("--target-db", f"{env.database}_flipped")):
+        result = env.run("restore", "postgres", "latest", "--force", *extra)
+        assert result.returncode == 3, describe(result)
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+    assert schema_dump(env.server, env.database) == schema_before
+    with env.server.connect("postgres") as conn:
+        assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                            (f"{env.database}_flipped",)).fetchone() is None
+    assert scratch_folders(env) == []
+
+
+def test_a_missing_file_makes_the_set_incomplete_and_restore_refuse(env: Env) -> None:
+    env.write_config(format="directory", compression="zstd")
+    manifest = backup(env)
+    gone = _biggest_data_file(env, manifest)
+    gone.unlink()
+    listing = json.loads(env.run("--json", "list", "postgres", check=True).stdout)
+    assert listing[0]["status"] == "incomplete"
+    status = env.run("list", "postgres").stdout
+    assert "incomplete" in status
+    with env.connect() as conn:
+        conn.execute("DELETE FROM game_words")
+        before = table_contents(conn)
+    result = env.run("restore", "postgres", str(manifest["id"]), "--force")
+    assert result.returncode == 3, describe(result)
+    assert gone.name in output(result), describe(result)
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+
+
+def test_encrypted_directory_set_round_trip(env: Env) -> None:
+    env.write_config(format="directory", compression="zstd", restore_jobs=2)
+    encryption(env, "age")
+    with env.connect() as conn:
+        before = table_contents(conn)
+    manifest = backup(env)
+    assert all(n.endswith(".zst.age") for n in file_names(manifest))
+    assert all(f["encryption"] == "age" for f in manifest["files"])  # type: ignore[attr-defined]
+    assert KNOWN_ROW not in stored_bytes(env)
+    env.run("verify", "latest", "--restore-test", check=True)
+    damage(env)
+    env.run("restore", "postgres", "latest", "--force", check=True)
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+    copy = f"{env.database}_enc"
+    env.run("restore", "postgres", "latest", "--target-db", copy, check=True)
+    with env.server.connect(copy) as conn:
+        assert table_contents(conn) == before
+
+
+@pytest.fixture
+def bulky_db(pg_server: ThrowawayPostgres) -> Iterator[str]:
+    """The sample data plus ~60 MB of bulk rows, so pg_dump -Fd runs for a moment."""
+    name = f"kkua_dirbig_{os.getpid()}"
+    pg_server.create_database(name)
+    try:
+        with pg_server.connect(name) as conn:
+            create_sample_data(conn)
+            fill_bulk(conn, 60)
+        yield name
+    finally:
+        pg_server.drop_database(name)
+
+
+def test_kill9_during_a_directory_backup_leaves_nothing_after_the_next_run(env: Env, bulky_db: str) -> None:
+    env.write_config(database=bulky_db, format="directory", compression="gzip", dump_jobs=2)
+    proc = env.popen("backup", "postgres")
+
+    def dumping() -> tuple[Path, int] | None:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the backup ended (exit {proc.returncode}) before it could be killed\n{out}\n{err}")
+        scratch = scratch_folders(env)
+        dumps = [p for p in descendants(proc.pid) if Path(cmdline(p)[0] if cmdline(p) else "").name == "pg_dump"]
+        if scratch and dumps and any((scratch[0] / "dump").glob("*.dat")):
+            return scratch[0], dumps[0]
+        return None
+
+    try:
+        scratch, dump_pid = wait_for(dumping, "pg_dump writing into the scratch folder", timeout=120)
+        victims = [dump_pid, *descendants(proc.pid)]
+        our_group = os.getpgid(0)
+        os.kill(proc.pid, signal.SIGKILL)
+        for pid in victims:  # pg_dump and its workers too, as a machine crash would
+            stat = proc_stat(pid)
+            if stat is not None and stat[2] != our_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(stat[2], signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        wait_for(lambda: not any(alive(p) for p in victims) or None, "pg_dump to die", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert scratch.is_dir(), "expected the kill to leave the scratch folder behind"
+    assert holder_of(env.backup_dir, "postgres") is None
+    assert json.loads(env.run("--json", "list", "postgres", check=True).stdout) == []
+
+    env.write_config(format="directory", compression="gzip")  # the small database: a quick next run
+    result = env.run("backup", "postgres", check=True)
+    assert not scratch.exists()
+    assert scratch_folders(env) == []
+    logged = "".join(p.read_text() for p in env.log_dir.glob("*.log")) + output(result)
+    assert scratch.name in logged
+    listing = json.loads(env.run("--json", "list", "postgres", check=True).stdout)
+    assert len(listing) == 1 and listing[0]["status"] == "ok"
+    named = {f["name"] for f in listing[0]["files"]} | {f"{listing[0]['prefix']}{listing[0]['id']}.manifest.json"}
+    assert {p.name for p in env.folder.iterdir()} == named
+
+
+def test_pg_restore_reads_what_we_wrote_by_hand(env: Env, tmp_path: Path) -> None:
+    """The manual way back: decompress each file under its pg_dump name, then pg_restore --list."""
+    env.write_config(format="directory", compression="gzip")
+    manifest = backup(env)
+    out = tmp_path / "dir"
+    out.mkdir()
+    for name in file_names(manifest):
+        member = name.split(".pgdir.", 1)[1].removesuffix(".gz")
+        with (out / member).open("wb") as fh:
+            subprocess.run(["gunzip", "-c", str(env.folder / name)], stdout=fh, check=True)
+    listing = subprocess.run([str(env.server.bin_dir / "pg_restore"), "--list", str(out)], capture_output=True,
+                             text=True, check=True).stdout
+    assert "TABLE DATA public users" in listing
+
+
+def test_kill9_during_a_directory_restore_leaves_nothing_after_the_next_run(env: Env, bulky_db: str) -> None:
+    env.write_config(database=bulky_db, format="directory", compression="zstd", restore_jobs=2)
+    env.run("backup", "postgres", check=True)
+    target = f"{bulky_db}_killed"
+    proc = env.popen("restore", "postgres", "latest", "--target-db", target, "--force")
+
+    def loading() -> tuple[Path, int] | None:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the restore ended (exit {proc.returncode}) before it could be killed\n{out}\n{err}")
+        scratch = scratch_folders(env)
+        loaders = [p for p in descendants(proc.pid) if Path(cmdline(p)[0] if cmdline(p) else "").name == "pg_restore"
+                   and "--jobs=2" in cmdline(p)]
+        return (scratch[0], loaders[0]) if scratch and loaders else None
+
+    try:
+        scratch, loader = wait_for(loading, "pg_restore -j loading from the scratch folder", timeout=120)
+        victims = [loader, *descendants(proc.pid)]
+        os.kill(proc.pid, signal.SIGKILL)
+        for pid in victims:
+            stat = proc_stat(pid)
+            if stat is not None and stat[2] != os.getpgid(0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(stat[2], signal.SIGKILL)
+        proc.communicate(timeout=30)
+        wait_for(lambda: not any(alive(p) for p in victims) or None, "pg_restore to die", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert scratch.is_dir(), "expected the kill to leave the scratch folder behind"
+
+    result = env.run("verify", "latest")  # any command of the kind cleans up after killed runs
+    assert result.returncode == 0, describe(result)
+    assert not scratch.exists()
+    assert scratch_folders(env) == []
+    with env.server.connect("postgres") as conn:
+        assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target,)).fetchone() is None
