@@ -42,7 +42,6 @@ from kkua_backupd.errors import (
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
 from kkua_backupd.sources import BackupOptions, RestoreOptions
-from kkua_backupd.sources.redis import values as redis_values
 from kkua_backupd.sources.redis.local import LocalRedis, find_redis_bin
 from kkua_backupd.sources.redis.protocol import (
     SyncRefused,
@@ -827,11 +826,15 @@ class _DecodeEverything:
     ziplist, intset and stream node walked), so a restore test finds what only a load would find."""
 
     def __init__(self, valkey: bool) -> None:
+        # Imported here: a backup never decodes values, and the module costs its start-up time.
+        from kkua_backupd.sources.redis.values import decode
+
+        self._decode = decode
         self.valkey = valkey
         self.values = 0
 
     def key(self, db: int, key: bytes, rdb_type: int, value: bytes, expire_ms: int | None) -> None:
-        redis_values.decode(rdb_type, value, valkey=self.valkey)
+        self._decode(rdb_type, value, valkey=self.valkey)
         self.values += 1
 
     def big_start(self, db: int, key: bytes, expire_ms: int | None, header: bytes, stored: int) -> None:

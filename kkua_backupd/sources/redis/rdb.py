@@ -73,6 +73,24 @@ VALKEY_TYPE_NAMES = {**{t: n for t, n in TYPE_NAMES.items() if t < 22}, 22: "has
 _ONE_BLOB = frozenset({T_HASH_ZIPMAP, T_LIST_ZIPLIST, T_SET_INTSET, T_ZSET_ZIPLIST, T_HASH_ZIPLIST,
                        T_HASH_LISTPACK, T_ZSET_LISTPACK, T_SET_LISTPACK})
 _MODULE_CHARSET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# What the scanner's hot loop does with a record's first byte, one table look-up instead of comparisons:
+# a value held in one string, a quicklist 2, another value type, a type it does not know, an opcode.
+_BLOB, _QUICKLIST, _OTHER, _UNKNOWN, _OPCODE = 0, 1, 2, 3, 4
+
+
+def _shapes(valkey: bool) -> tuple[int, ...]:
+    def shape(t: int) -> int:
+        if t >= OP_SLOT_INFO:
+            return _OPCODE
+        if t > 25 or t == 8 or (valkey and t > 22):
+            return _UNKNOWN
+        if t == T_STRING or t in _ONE_BLOB:
+            return _BLOB
+        return _QUICKLIST if t == T_LIST_QUICKLIST_2 else _OTHER
+    return tuple(shape(t) for t in range(256))
+
+
+_REDIS_SHAPE, _VALKEY_SHAPE = _shapes(False), _shapes(True)
 NEWEST_REDIS_RDB = 13  # the newest versions this module reads (Redis 8.6 writes 13; its new types are refused
 NEWEST_VALKEY_RDB = 81  # by name if they appear)
 
@@ -322,7 +340,7 @@ class RdbScanner:
         valkey = summary.magic == "VALKEY"
         types = self._types
         wanted = self._wanted
-        one_blob = _ONE_BLOB
+        shape = _VALKEY_SHAPE if valkey else _REDIS_SHAPE
         skip_string = _skip_string
         db = self._db
         expire = self._expire
@@ -334,14 +352,15 @@ class RdbScanner:
                 start = p
                 t = b[p]
                 p += 1
-                if t < OP_SLOT_INFO - 1:  # a key and its value
-                    if t > 25 or t == 8 or (valkey and t > 22):
+                k = shape[t]
+                if k < _OPCODE:  # a key and its value
+                    if k == _UNKNOWN:
                         raise self._not_understood(f"a value of type {t}" if t < 200 else f"opcode {t}")
                     kstart = p
                     c = b[p]
                     p = p + 1 + c if c < 64 else skip_string(b, p, n)  # most keys: a 6-bit length
                     vstart = p
-                    if t == 0 or t in one_blob:  # a string, or a type held in one string (listpack, ...)
+                    if k == _BLOB:  # a string, or a type held in one string (listpack, ...)
                         c = b[p]
                         if c < 64:
                             p += 1 + c
@@ -357,7 +376,7 @@ class RdbScanner:
                             p = skip_string(b, p, n)
                         if p > n:
                             raise _Short(p)
-                    elif t == T_LIST_QUICKLIST_2:
+                    elif k == _QUICKLIST:
                         p = self._skip_quicklist(b, p, n)
                     else:
                         p = self._skip_value(t, b, p, n, valkey)
