@@ -102,6 +102,29 @@ def test_eof_mark_split_across_reads_is_not_part_of_the_rdb() -> None:
     sender.join()
 
 
+def test_eof_mark_found_in_reads_smaller_than_the_mark() -> None:
+    # Reads shorter than the 39 bytes held back: the held bytes overlap where they move to, and the mark
+    # arrives in pieces; bytes already buffered after the header line are read first.
+    mark = b"0123456789abcdef0123456789abcdef01234567"
+    rdb = b"REDIS0011" + bytes(range(256)) * 3
+    stream = b"$EOF:" + mark + b"\r\n" + rdb + mark
+    parts = [stream[:60]] + [stream[i:i + 7] for i in range(60, len(stream), 7)]
+    reader, sender = _reader_with(parts)
+    assert reader.line() == b"$EOF:" + mark
+    out = bytearray()
+    sizes: list[int] = []
+
+    def sink(data: bytes) -> None:
+        assert isinstance(data, bytes)  # never a view of the reused buffer
+        sizes.append(len(data))
+        out.extend(data)
+
+    assert _until_mark(reader, mark, sink, "Redis at test:1") == len(rdb)
+    assert bytes(out) == rdb
+    assert len(sizes) > 10, sizes
+    sender.join()
+
+
 def test_eof_transfer_cut_short_fails_clearly() -> None:
     mark = b"x" * 40
     reader, sender = _reader_with([b"REDIS0010" + b"y" * 500])

@@ -41,8 +41,8 @@ from kkua_backupd.errors import (
 )
 from kkua_backupd.obs.progress import Progress, human_bytes
 from kkua_backupd.proc import execute
+from kkua_backupd.safefs import open_folder
 from kkua_backupd.sources import BackupOptions, RestoreOptions
-from kkua_backupd.sources.redis import values as redis_values
 from kkua_backupd.sources.redis.local import LocalRedis, find_redis_bin
 from kkua_backupd.sources.redis.protocol import (
     SyncRefused,
@@ -60,6 +60,7 @@ from kkua_backupd.sources.redis.protocol import (
 from kkua_backupd.sources.redis.rdb import RdbScanner, RdbSummary
 from kkua_backupd.store.signing import sign
 from kkua_backupd.store.storage import (
+    PARTIAL_SUFFIX,
     PREFIXES,
     BackupSet,
     Kind,
@@ -576,7 +577,10 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
             return folder / data_file_name(prefix, set_id, EXTENSIONS[role], compression, keys.extension)
 
         files: list[ManifestFile] = []
+        side: _SideFiles | None = None
         try:
+            if extras:  # written while the RDB streams: their queries and fsyncs then add no time of their own
+                side = _SideFiles(ctx, client, (server_info, info_error, version), name, compression)
             rdb = _capture_rdb(ctx, client, name("rdb"), compression)
             made.append(folder / rdb.file.name)
             files.append(ManifestFile(name=rdb.file.name, size=rdb.file.size, sha256=rdb.file.sha256, role="rdb",
@@ -585,19 +589,10 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
                          redis_check_rdb=rdb.check["redis_check_rdb"], bytes=rdb.file.size,
                          uncompressed=human_bytes(rdb.raw_size), seconds=round(rdb.seconds, 2),
                          rate=f"{human_bytes(rdb.raw_size / max(rdb.seconds, 1e-6))}/s")
-            if extras:
-                stamp = now_local().isoformat()
-                doc = memory_document(server_info, info_error, stamp)
-                info = _write_small(ctx, name("memory"),
-                                    (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), compression)
-                made.append(folder / info.name)
-                files.append(ManifestFile(name=info.name, size=info.size, sha256=info.sha256, role="memory",
-                                          compression=compression))
-                info = _write_small(ctx, name("config"), _config_text(ctx, client, version, stamp).encode("utf-8"),
-                                    compression)
-                made.append(folder / info.name)
-                files.append(ManifestFile(name=info.name, size=info.size, sha256=info.sha256, role="config",
-                                          compression=compression))
+            if side is not None:
+                for role, info in side.publish():
+                    files.append(ManifestFile(name=info.name, size=info.size, sha256=info.sha256, role=role,
+                                              compression=compression))
             aof_details: dict[str, Any] | None = None
             aof_seconds = 0.0
             if aof_source is not None:
@@ -620,12 +615,85 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
                 keys.signing_key)
             write_manifest(folder, manifest)
         except BaseException:
+            if side is not None:
+                made += side.stop()
             for path in made:  # files of this set that will never get a manifest: ours to remove
                 path.unlink(missing_ok=True)
             raise
     finally:
         client.close()
     return manifest
+
+
+class _SideFiles:
+    """The INFO and CONFIG files of a set, written on a thread of their own while the RDB is captured.
+
+    They are written complete and fsynced, but under `NAME.partial`: a run killed during the capture leaves
+    only partial files (which the next run removes), never a side file without its RDB. `publish`, called
+    once the RDB is committed, waits for them, renames them to their names and returns [(role, FileInfo)]
+    in the manifest's order (memory, config), or raises what stopped them; `stop` (after a failed capture)
+    waits for them and returns the paths they wrote, for the caller to remove."""
+
+    def __init__(self, ctx: JobContext, client: redis.Redis, server: tuple[Mapping[str, Any] | None, str | None, str],
+                 name: Callable[[str], Path], compression: str) -> None:
+        self._ctx = ctx
+        self._client = client
+        self._server = server
+        self._name = name
+        self._compression = compression
+        self._written: list[tuple[str, FileInfo]] = []
+        self._error: BaseException | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="redis-side-files", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        ctx, compression = self._ctx, self._compression
+        server_info, info_error, version = self._server
+        try:
+            stamp = now_local().isoformat()
+            doc = memory_document(server_info, info_error, stamp)
+            info = _write_small(ctx, self._unpublished("memory"),
+                                (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), compression)
+            self._written.append(("memory", info))
+            if self._stopped.is_set():
+                return
+            text = _config_text(ctx, self._client, version, stamp)
+            self._written.append(("config", _write_small(ctx, self._unpublished("config"), text.encode("utf-8"),
+                                                         compression)))
+        except BaseException as exc:  # handed to the capturing thread, which raises it
+            self._error = exc
+
+    def _unpublished(self, role: str) -> Path:
+        path = self._name(role)
+        return path.with_name(path.name + PARTIAL_SUFFIX)
+
+    def publish(self) -> list[tuple[str, FileInfo]]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        published = []
+        folder = self._name("memory").parent
+        try:
+            fd = open_folder(folder)
+        except OSError as exc:
+            raise storage_error(exc, folder, "open") from None
+        try:
+            for role, info in self._written:
+                final = self._name(role).name
+                os.rename(info.name, final, src_dir_fd=fd, dst_dir_fd=fd)
+                published.append((role, FileInfo(final, info.size, info.sha256)))
+            os.fsync(fd)
+        except OSError as exc:
+            raise storage_error(exc, folder) from None
+        finally:
+            os.close(fd)
+        return published
+
+    def stop(self) -> list[Path]:
+        self._stopped.set()  # no further file is started; the one being written is finished, then removed
+        self._thread.join()
+        return [path for role, _ in self._written for path in (self._name(role), self._unpublished(role))]
 
 
 def _config_text(ctx: JobContext, client: redis.Redis, version: str, stamp: str) -> str:
@@ -827,11 +895,15 @@ class _DecodeEverything:
     ziplist, intset and stream node walked), so a restore test finds what only a load would find."""
 
     def __init__(self, valkey: bool) -> None:
+        # Imported here: a backup never decodes values, and the module costs its start-up time.
+        from kkua_backupd.sources.redis.values import decode
+
+        self._decode = decode
         self.valkey = valkey
         self.values = 0
 
     def key(self, db: int, key: bytes, rdb_type: int, value: bytes, expire_ms: int | None) -> None:
-        redis_values.decode(rdb_type, value, valkey=self.valkey)
+        self._decode(rdb_type, value, valkey=self.valkey)
         self.values += 1
 
     def big_start(self, db: int, key: bytes, expire_ms: int | None, header: bytes, stored: int) -> None:

@@ -205,12 +205,28 @@ class _Reader:
         self.buffer = bytearray()
 
     def _recv(self, size: int) -> bytes:
+        data: bytes = self._guarded(self.sock.recv, size)
+        return data
+
+    def into(self, view: memoryview) -> int:
+        """Fill the start of `view` (the buffer first, then one receive); 0 when the server closed the
+        connection. The socket's bytes land in the caller's buffer: no object per receive."""
+        if self.buffer:
+            got = min(len(view), len(self.buffer))
+            view[:got] = self.buffer[:got]
+            del self.buffer[:got]
+            return got
+        received: int = self._guarded(self.sock.recv_into, view)
+        return received
+
+    def _guarded(self, receive: Callable[[Any], Any], arg: Any) -> Any:
+        """`receive(arg)` bounded by the deadline, its errors said as the capture's."""
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise self._timed_out()
         self.sock.settimeout(remaining)
         try:
-            return self.sock.recv(size)
+            return receive(arg)
         except TimeoutError:
             raise self._timed_out() from None
         except OSError as exc:
@@ -367,27 +383,34 @@ def _exactly(reader: _Reader, length: int, sink: Callable[[bytes], None], server
 
 
 def _until_mark(reader: _Reader, mark: bytes, sink: Callable[[bytes], None], server: str) -> int:
-    """Pass bytes on until the 40-byte end mark (which is not part of the RDB); returns the RDB size."""
-    held = b""  # the last bytes seen, kept back in case they are the start of the mark
+    """Pass bytes on until the 40-byte end mark (which is not part of the RDB); returns the RDB size.
+
+    The socket is read into one buffer whose first bytes are those held back from the last read (they may
+    be the start of the mark), so each read costs one copy out of the kernel and one into the `bytes` the
+    sink gets, whatever the chunk size."""
+    buf = bytearray(EOF_MARK_SIZE - 1 + _RECV)
+    view = memoryview(buf)
+    held = 0  # bytes at the start of buf kept back in case they are the start of the mark
     size = 0
-    while True:
-        data = reader.chunk(_RECV)
-        if not data:
-            raise JobError(f"{server} closed the connection after {size + len(held)} bytes, before the end "
-                           "of the diskless RDB transfer",
-                           hint="the capture is incomplete and was discarded; check the server's log and retry")
-        window = held + data
-        at = window.find(mark)
-        if at >= 0:
-            if at:
-                sink(window[:at])
-            return size + at
-        keep = min(len(window), EOF_MARK_SIZE - 1)
-        out = window[: len(window) - keep]
-        if out:
-            sink(out)
-            size += len(out)
-        held = window[len(window) - keep:]
+    with view:
+        while True:
+            got = reader.into(view[held:])
+            if not got:
+                raise JobError(f"{server} closed the connection after {size + held} bytes, before the end "
+                               "of the diskless RDB transfer",
+                               hint="the capture is incomplete and was discarded; check the server's log and retry")
+            end = held + got
+            at = buf.find(mark, 0, end)
+            if at >= 0:
+                if at:
+                    sink(bytes(view[:at]))
+                return size + at
+            keep = min(end, EOF_MARK_SIZE - 1)
+            if end > keep:
+                sink(bytes(view[: end - keep]))
+                size += end - keep
+                buf[:keep] = buf[end - keep:end]  # (the right side is a copy: safe where the two overlap)
+            held = keep
 
 
 # ----------------------------------------------------------------------------------------------

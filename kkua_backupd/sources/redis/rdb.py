@@ -73,6 +73,24 @@ VALKEY_TYPE_NAMES = {**{t: n for t, n in TYPE_NAMES.items() if t < 22}, 22: "has
 _ONE_BLOB = frozenset({T_HASH_ZIPMAP, T_LIST_ZIPLIST, T_SET_INTSET, T_ZSET_ZIPLIST, T_HASH_ZIPLIST,
                        T_HASH_LISTPACK, T_ZSET_LISTPACK, T_SET_LISTPACK})
 _MODULE_CHARSET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# What the scanner's hot loop does with a record's first byte, one table look-up instead of comparisons:
+# a value held in one string, a quicklist 2, another value type, a type it does not know, an opcode.
+_BLOB, _QUICKLIST, _OTHER, _UNKNOWN, _OPCODE = 0, 1, 2, 3, 4
+
+
+def _shapes(valkey: bool) -> tuple[int, ...]:
+    def shape(t: int) -> int:
+        if t >= OP_SLOT_INFO:
+            return _OPCODE
+        if t > 25 or t == 8 or (valkey and t > 22):
+            return _UNKNOWN
+        if t == T_STRING or t in _ONE_BLOB:
+            return _BLOB
+        return _QUICKLIST if t == T_LIST_QUICKLIST_2 else _OTHER
+    return tuple(shape(t) for t in range(256))
+
+
+_REDIS_SHAPE, _VALKEY_SHAPE = _shapes(False), _shapes(True)
 NEWEST_REDIS_RDB = 13  # the newest versions this module reads (Redis 8.6 writes 13; its new types are refused
 NEWEST_VALKEY_RDB = 81  # by name if they appear)
 
@@ -310,65 +328,85 @@ class RdbScanner:
                                 hint="upgrade kkua-backup; keep this backup")
 
     def _run(self) -> None:
+        # The hot loop: one pass per record. Everything it touches per key lives in local variables (the
+        # current database's key and expiry counts, the largest value, the pending expiry), written back to
+        # the object only when the database changes and when the loop returns: attribute and dict writes per
+        # key cost more than the parsing of a small key.
         b = self._buf
         n = len(b)
         p = self._pos
         summary = self.summary
         sink = self.sink
         valkey = summary.magic == "VALKEY"
-        keys = summary.keys
         types = self._types
         wanted = self._wanted
-        while p < n:
-            start = p
-            try:
+        shape = _VALKEY_SHAPE if valkey else _REDIS_SHAPE
+        skip_string = _skip_string
+        db = self._db
+        expire = self._expire
+        counted = expired = 0  # keys, and keys with an expiry, of `db` not yet added to the summary
+        largest = summary.largest_value
+        start = p
+        try:
+            while p < n:
+                start = p
                 t = b[p]
                 p += 1
-                if t < OP_SLOT_INFO - 1:  # a key and its value
-                    if t > 25 or t == 8 or (valkey and t > 22):
+                k = shape[t]
+                if k < _OPCODE:  # a key and its value
+                    if k == _UNKNOWN:
                         raise self._not_understood(f"a value of type {t}" if t < 200 else f"opcode {t}")
                     kstart = p
                     c = b[p]
-                    p = p + 1 + c if c < 64 else _skip_string(b, p, n)  # most keys: a 6-bit length
+                    p = p + 1 + c if c < 64 else skip_string(b, p, n)  # most keys: a 6-bit length
                     vstart = p
-                    if t == T_STRING or t in _ONE_BLOB:
+                    if k == _BLOB:  # a string, or a type held in one string (listpack, ...)
                         c = b[p]
                         if c < 64:
                             p += 1 + c
-                        elif t == T_STRING and (c < 0xC0 or c == 0xC3) and c >= 0x80 and \
+                        elif t == 0 and (c < 0xC0 or c == 0xC3) and c >= 0x80 and \
                                 (big := _big_string(b, p, n)) is not None:
+                            self._db, self._expire = db, expire
+                            self._flush_counts(counted, expired, largest)
+                            counted = expired = 0
                             self._begin_big(b, kstart, vstart, big, n)
+                            expire, start = None, 0  # it took the expiry and left its buffer at 0
                             return
                         else:
-                            p = _skip_string(b, p, n)
+                            p = skip_string(b, p, n)
                         if p > n:
                             raise _Short(p)
+                    elif k == _QUICKLIST:
+                        p = self._skip_quicklist(b, p, n)
                     else:
                         p = self._skip_value(t, b, p, n, valkey)
-                    db = self._db
-                    keys[db] = keys.get(db, 0) + 1
-                    if self._expire is not None:
-                        summary.expires[db] = summary.expires.get(db, 0) + 1
+                    counted += 1
+                    if expire is not None:
+                        expired += 1
                     types[t] += 1
-                    if p - vstart > summary.largest_value:  # noqa: PLR1730 - no call in the hot loop
-                        summary.largest_value = p - vstart
+                    if p - vstart > largest:  # noqa: PLR1730 - no call in the hot loop
+                        largest = p - vstart
                     if t in wanted:
                         seen = summary.examples.setdefault(t, [])
                         seen.append(_string_at(b, kstart))
                         if len(seen) >= self._examples:
                             wanted.discard(t)
                     if sink is not None:
-                        sink.key(db, _string_at(b, kstart), t, bytes(b[vstart:p]), self._expire)
-                    self._expire = None
+                        sink.key(db, _string_at(b, kstart), t, bytes(b[vstart:p]), expire)
+                    expire = None
                 elif t == OP_EXPIRETIME_MS:
                     if p + 8 > n:
                         raise _Short(p + 8)
-                    self._expire = int.from_bytes(b[p:p + 8], "little", signed=True)
+                    expire = int.from_bytes(b[p:p + 8], "little", signed=True)
                     p += 8
                 elif t == OP_SELECTDB:
-                    self._db, p = _length(b, p)
-                    if self._db > 1 << 20:
-                        raise self._corrupt(f"selects database {self._db}")
+                    selected, p = _length(b, p)
+                    if selected > 1 << 20:
+                        raise self._corrupt(f"selects database {selected}")
+                    self._db = db
+                    self._flush_counts(counted, expired, largest)
+                    counted = expired = 0
+                    db = selected
                 elif t == OP_RESIZEDB:
                     _, p = _length(b, p)
                     _, p = _length(b, p)
@@ -392,10 +430,13 @@ class RdbScanner:
                     self._done = True
                     if p < n:
                         raise self._corrupt("has bytes after its end (EOF opcode and checksum)")
+                    start = p
+                    self._need = 0
+                    return
                 elif t == OP_EXPIRETIME:
                     if p + 4 > n:
                         raise _Short(p + 4)
-                    self._expire = int.from_bytes(b[p:p + 4], "little", signed=True) * 1000
+                    expire = int.from_bytes(b[p:p + 4], "little", signed=True) * 1000
                     p += 4
                 elif t == OP_IDLE:
                     _, p = _length(b, p)
@@ -405,7 +446,7 @@ class RdbScanner:
                     p += 1
                 elif t == OP_FUNCTION2:
                     code_at = p
-                    p = _skip_string(b, p, n)
+                    p = skip_string(b, p, n)
                     summary.functions += 1
                     if sink is not None:
                         sink.function(_string_at(b, code_at))
@@ -424,23 +465,31 @@ class RdbScanner:
                     raise self._not_understood("functions in the pre-release format of Redis 7.0 RC1/RC2")
                 else:
                     raise self._not_understood(f"opcode {t}")
-            except (_Short, IndexError) as short:
-                # Wait for more bytes; retry this record only once it can be complete (or the buffer has
-                # doubled), so a large record costs no quadratic re-reads.
-                need = short.need if isinstance(short, _Short) else 0
-                self._pos = start
-                self._need = max(need - start, 2 * (n - start)) if need else 2 * (n - start)
-                self._need = max(self._need, 1)
-                return
-            except struct.error:
-                self._pos = start
-                self._need = 2 * (n - start)
-                return
-            self._pos = p
+            start = p
             self._need = 0
-            if self._done:
-                return
-        self._pos = p
+        except (_Short, IndexError) as short:
+            # Wait for more bytes; retry this record only once it can be complete (or the buffer has
+            # doubled), so a large record costs no quadratic re-reads. The record's own effects (an expiry
+            # read, a database selected) are all made after its last read, so none of them happened.
+            need = short.need if isinstance(short, _Short) else 0
+            self._need = max(need - start, 2 * (n - start)) if need else 2 * (n - start)
+            self._need = max(self._need, 1)
+        except struct.error:
+            self._need = 2 * (n - start)
+        finally:
+            self._pos = start
+            self._db, self._expire = db, expire
+            self._flush_counts(counted, expired, largest)
+
+    def _flush_counts(self, counted: int, expired: int, largest: int) -> None:
+        """Add the hot loop's counts for the current database (`self._db`) to the summary."""
+        summary = self.summary
+        db = self._db
+        if counted:
+            summary.keys[db] = summary.keys.get(db, 0) + counted
+        if expired:
+            summary.expires[db] = summary.expires.get(db, 0) + expired
+        summary.largest_value = max(summary.largest_value, largest)
 
     def _begin_big(self, b: bytearray, kstart: int, vstart: int, big: tuple[int, int, int | None], n: int) -> None:
         """Start passing on a string value too big to hold: its header is read, its bytes follow."""
@@ -468,6 +517,28 @@ class RdbScanner:
         rest = self._big_feed(memoryview(bytes(b[:have])))
         del b[:have]
         assert not rest or not self._big_left
+
+    def _skip_quicklist(self, b: bytearray, p: int, n: int) -> int:
+        """The end of a quicklist 2 value at p (what Redis 7 writes for every list): its node count, then
+        per node a container kind (1 plain, 2 listpack) and one string."""
+        c = b[p]
+        if c < 64:
+            count, p = c, p + 1
+        else:
+            count, p = _length(b, p)
+        for _ in range(count):
+            c = b[p]
+            if c == 1 or c == 2:  # noqa: PLR1714 - two compares beat building a tuple per node
+                p += 1
+            else:
+                container, p = _length(b, p)
+                if container not in (1, 2):
+                    raise self._corrupt(f"has a quicklist node with container {container}")
+            c = b[p]
+            p = p + 1 + c if c < 64 else _skip_string(b, p, n)
+        if p > n:
+            raise _Short(p)
+        return p
 
     def _skip_value(self, t: int, b: bytearray, p: int, n: int, valkey: bool) -> int:
         """The end of a value of type `t` that starts at `p` (not a plain string or one-blob type)."""
