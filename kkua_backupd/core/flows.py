@@ -12,6 +12,7 @@ from typing import Any
 from kkua_backupd.core import observe, remotes, retention, state
 from kkua_backupd.core.context import (
     JobContext,
+    RestoreReport,
     VerifyReport,
     check_restorable,
     confirm,
@@ -76,13 +77,14 @@ def verify(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> Ver
     return source(backup_set.kind).verify_set(ctx, backup_set, restore_test=restore_test)
 
 
-def restore(ctx: JobContext, data_source: DataSource, spec: str, options: RestoreOptions) -> dict[str, Any]:
+def restore(ctx: JobContext, data_source: DataSource, spec: str, options: RestoreOptions) -> RestoreReport:
     """`restore` of one set into the source's server, in the same order whatever the source: under the
     kind's lock, clean up after killed runs; check the set (nothing changes before it passed); plan, and
     ask for confirmation when existing data is replaced; take the safety backup (or say there is none);
     apply; compare what the target holds with what the backup recorded, a difference failing the restore
-    (refuse_different_result). Returns the report `restore --json` prints. Raises UsageError, Refused,
-    IntegrityError, VersionTooNew, NotConfirmed before any change; LockHeld; JobError subclasses after."""
+    (refuse_different_result). Returns the report (its `to_json()` is what `restore --json` prints). Raises
+    UsageError, Refused, IntegrityError, VersionTooNew, NotConfirmed before any change; LockHeld; JobError
+    subclasses after."""
     run = data_source.restorer(ctx, spec, options)
     started = time.monotonic()
     with TargetLock(ctx.config.backup_dir, data_source.kind, f"restore {data_source.kind} {run.name}",
@@ -97,12 +99,12 @@ def restore(ctx: JobContext, data_source: DataSource, spec: str, options: Restor
             if replaces:
                 confirm(ctx, plan, force=options.force or ctx.config.restore.force)
             if plan.safety:
-                run.report["safety_backup"] = run.safety_backup()
+                run.report.safety_backup = run.safety_backup()
             elif replaces:
                 ctx.log.warning("no safety backup taken (--no-safety-backup)", **run.target_field)
             run.apply()
         problems = run.counts_after()
-    run.report["seconds"] = round(time.monotonic() - started, 2)
+    run.report.seconds = round(time.monotonic() - started, 2)
     refuse_different_result(ctx, run.name, run.target, problems, hint=run.undo_hint())
     run.finished()
     return run.report

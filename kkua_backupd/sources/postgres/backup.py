@@ -36,6 +36,7 @@ from kkua_backupd.sources.postgres.client import (
     server_info,
     tool_version,
 )
+from kkua_backupd.sources.postgres.manifest import PostgresDetails, RestoreTest, TableStats
 from kkua_backupd.sources.postgres.pg_sql import SqlStream
 from kkua_backupd.sources.postgres.stats import PLAIN_IDENT, TABLE_KEYS, count_objects, referenced_roles, table_stats
 from kkua_backupd.sources.postgres.verify import sql_problems
@@ -63,7 +64,7 @@ class DumpResult:
     file: FileInfo
     uncompressed: int
     seconds: float
-    tables: dict[str, dict[str, Any]]
+    tables: dict[str, TableStats]
     server: ServerInfo
     pg_dump_version: str
     fmt: str
@@ -82,7 +83,7 @@ class _StatsThread(threading.Thread):
         self.conn = conn
         self.checksums = checksums
         self.snapshot = ""
-        self.result: dict[str, dict[str, Any]] = {}
+        self.result: dict[str, TableStats] = {}
         self.roles: list[str] = []
         self.objects = 0
         self.error: BaseException | None = None
@@ -168,7 +169,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
     log.info("dump finished", database=dbname, file=info.name, bytes=info.size, size=human_bytes(info.size),
              uncompressed=human_bytes(uncompressed), seconds=round(seconds, 2),
              rate=f"{human_bytes(uncompressed / max(seconds, 1e-6))}/s", tables=len(stats.result),
-             rows=sum(t["rows"] for t in stats.result.values()))
+             rows=sum(t.rows for t in stats.result.values()))
     problems = sql_problems(scanner, made_by_us=True) if scanner is not None else []
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
                       fmt, compression, stats.roles, problems, stats.objects, keys.record())
@@ -236,20 +237,21 @@ def _scanned(chunks: Iterable[bytes], scanner: SqlStream | None) -> Iterator[byt
 
 
 def manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str, status: str = "ok",  # noqa: PLR0913 - keyword-only fields, typed with the flows
-                  error: str | None = None, extra: dict[str, Any] | None = None,
+                  error: str | None = None, test_restore: RestoreTest | None = None,
                   total_seconds: float | None = None) -> Manifest:
     data = base_manifest(KIND, set_type, prefix, result.set_id, result.created)
-    details: dict[str, Any] = {"database": dbname, "format": result.fmt, "compression": result.compression,
-                               "server_version": result.server.version, "pg_dump_version": result.pg_dump_version,
-                               "uncompressed_bytes": result.uncompressed, "table_keys": TABLE_KEYS,
-                               "objects": result.objects,
-                               "tables": result.tables,
-                               "roles": result.roles}
-    details.update(extra or {})
+    details = PostgresDetails(database=dbname, format=result.fmt, compression=result.compression,
+                              server_version=result.server.version, pg_dump_version=result.pg_dump_version,
+                              uncompressed_bytes=result.uncompressed, table_keys=TABLE_KEYS,
+                              objects=result.objects,
+                              tables=result.tables,
+                              roles=result.roles)
+    if test_restore is not None:
+        details.test_restore = test_restore
     timings = {"dump_seconds": round(result.seconds, 3)}
     if total_seconds is not None:
         timings["total_seconds"] = round(total_seconds, 3)
-    data.update(status=status, error=error, finished_at=now_local(), details=details, timings=timings,
+    data.update(status=status, error=error, finished_at=now_local(), details=details.stored(), timings=timings,
                 files=[ManifestFile(name=result.file.name, size=result.file.size, sha256=result.file.sha256,
                                     role="dump", compression=result.compression,
                                     encryption=encryption_of(result.file.name))],
