@@ -433,7 +433,7 @@ def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
                 test = details_of(s.manifest).tested
             except IntegrityError:  # details no version wrote: verify and restore say so; list lists it
                 test = None
-            status = "ok, unverified" if s.status == "ok" and test is not None and not test.ran else s.status
+            status = "ok, unverified" if s.status == "ok" and test is not None and test.ran is False else s.status
             rows.append((s.kind, s.id, s.manifest.created_at.strftime("%Y-%m-%d %H:%M:%S %z"), s.manifest.type,
                          status, human_bytes(s.size), s.name))
         if sets:

@@ -67,7 +67,7 @@ def _set_facts(config: Config, job: str, since: dt.datetime) -> dict[str, Any]:
         if details.key_count is not None:
             facts["last_keys"] = details.key_count
         test = details.tested
-        if test is not None:
+        if test is not None and test.ran is not None:
             facts["test_restore_at"] = state.iso(manifest.finished_at or manifest.created_at)
             facts["test_restore_ok"] = test.ok
         return facts

@@ -109,7 +109,7 @@ class StoredTest(Protocol):
     """A test restore recorded in a set's manifest (a PostgreSQL backup's `--test-restore`)."""
 
     ok: bool
-    ran: bool  # False: it could not run (the set is ok but unverified)
+    ran: bool | None  # False: it could not run (the set is ok but unverified); None: not recorded
 
 
 class SetDetails(Protocol):

@@ -31,7 +31,7 @@ class RestoreTest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     ok: bool = False
-    ran: bool = False
+    ran: bool | None = None  # None: not recorded (manifests older than the field)
     database: str = ""
     error: str | None = None
     problems: list[str] = Field(default_factory=list)

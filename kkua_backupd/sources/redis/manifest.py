@@ -68,8 +68,8 @@ class RedisDetails(StoredDetails):
     uncompressed_bytes: int = 0
     keyspace: dict[str, int] = Field(default_factory=dict)  # keys per database, from the RDB itself
     expires_per_db: dict[str, int] = Field(default_factory=dict)
-    keys: int = 0
-    expires: int = 0
+    keys: int | None = None
+    expires: int | None = None
     keyspace_exact: bool = False
     keyspace_info: dict[str, int] = Field(default_factory=dict)  # INFO keyspace when the capture began
     redis_check_rdb: str | None = None
@@ -88,7 +88,7 @@ class RedisDetails(StoredDetails):
 
     @property
     def key_count(self) -> int | None:
-        return self.keys if self.has("keys") else None
+        return self.keys
 
     @property
     def tested(self) -> None:
