@@ -250,7 +250,7 @@ def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) ->
         warn_future_sets(ctx, job)
     options = BackupOptions(test_restore=True if getattr(args, "test_restore", False) else None,
                             aof=True if getattr(args, "aof", False) else None)
-    return flows.run_job(ctx, job, options, runner=runner)
+    return flows.result_json(flows.run_job(ctx, job, options, runner=runner))
 
 
 def warn_future_sets(ctx: JobContext, kind: str | None = None) -> list[str]:
@@ -535,17 +535,17 @@ def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
                     f"{args.remote}; {len(report['kept'])} kept")
         return report
     from kkua_backupd.core import retention
-    report = retention.prune(ctx, dry_run=args.dry_run)
+    pruned = retention.prune(ctx, dry_run=args.dry_run)
     if not ctx.json_mode:
         verb = "would delete" if args.dry_run else "deleted"
-        for item in report["deleted"]:
-            _human(ctx, f"{verb}  {item['name']}  ({item['reason']})")
-        sets = sum(item.get("type") != "partial" for item in report["deleted"])
-        partials = len(report["deleted"]) - sets
+        for item in pruned.deleted:
+            _human(ctx, f"{verb}  {item.name}  ({item.reason})")
+        sets = sum(item.type != "partial" for item in pruned.deleted)
+        partials = len(pruned.deleted) - sets
         _human(ctx, f"{sets} set(s) {'would be deleted' if args.dry_run else 'deleted'}"
                     + (f", {partials} leftover partial file(s)" if partials else "")
-                    + f", {human_bytes(report.get('freed_bytes', 0))}; {len(report['kept'])} kept")
-    return report
+                    + f", {human_bytes(pruned.freed_bytes)}; {len(pruned.kept)} kept")
+    return pruned.to_json()
 
 
 def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:

@@ -41,7 +41,17 @@ def backup(ctx: JobContext, data_source: DataSource, options: BackupOptions) -> 
     return manifest
 
 
-def _run(ctx: JobContext, job: str, options: BackupOptions, record: state.RunRecord) -> Any:
+JobResult = Manifest | retention.RetentionReport  # a kind's backup: its manifest; retention: its report
+
+
+def result_json(result: JobResult) -> dict[str, Any]:
+    """The JSON document of a job's result (`backup --json`, `run --json`)."""
+    if isinstance(result, Manifest):
+        return result.model_dump(mode="json")
+    return result.to_json()
+
+
+def _run(ctx: JobContext, job: str, options: BackupOptions, record: state.RunRecord) -> JobResult:
     if job in KINDS:
         manifest = backup(ctx, source(job), options)
         record.finish(size=sum(f.size for f in manifest.files), files=[f.name for f in manifest.files])
@@ -50,20 +60,20 @@ def _run(ctx: JobContext, job: str, options: BackupOptions, record: state.RunRec
         except KkuaError:
             record.detail = remotes.UPLOAD_PENDING  # the daemon retries this run as a push
             raise
-        return manifest.model_dump(mode="json")
+        return manifest
     if job != RETENTION:
         raise ValueError(f"unknown job {job!r}")
     report = retention.prune(ctx, dry_run=False)
-    record.finish(size=report.get("freed_bytes"), detail=f"{len(report['deleted'])} set(s) deleted")
+    record.finish(size=report.freed_bytes, detail=f"{len(report.deleted)} set(s) deleted")
     if ctx.config.remote:
-        report["remotes"] = remotes.prune_remotes(ctx, dry_run=False)
+        report.remotes = remotes.prune_remotes(ctx, dry_run=False)
     return report
 
 
-def run_job(ctx: JobContext, job: str, options: BackupOptions, *, runner: str) -> Any:
+def run_job(ctx: JobContext, job: str, options: BackupOptions, *, runner: str) -> JobResult:
     """One job of the registry (a kind's backup, then its copies to the remotes; or retention, local and
-    remote), observed (its start and end recorded for `status`, metrics and notices); returns its JSON
-    document."""
+    remote), observed (its start and end recorded for `status`, metrics and notices); returns the backup's
+    manifest or retention's report (`result_json` is its JSON document)."""
     with observe.observed(ctx.config, job, runner=runner) as seen:
         return _run(ctx, job, options, seen.record)
 
