@@ -11,7 +11,6 @@ from kkua_backupd.config import PostgresConfig
 from kkua_backupd.sources.postgres import client as pg_client
 from kkua_backupd.sources.postgres import load as pg_load
 from kkua_backupd.sources.postgres import stats as pg_stats
-from kkua_backupd.sources.postgres.manifest import TableStats
 
 PG = PostgresConfig(host="db", port=5433, database="kkua", user="app", password=SecretStr("pw-xyzzy"))
 BIN = Path("/usr/lib/postgresql/15/bin")
@@ -65,10 +64,8 @@ def test_choose_bin_dir_prefers_same_major_then_oldest_newer() -> None:
 
 
 def test_compare_stats_reports_each_difference() -> None:
-    expected = {"public.a": TableStats(rows=3, checksum="1"), "public.b": TableStats(rows=1),
-                "public.c": TableStats(rows=0)}
-    found = {"public.a": TableStats(rows=3, checksum="2"), "public.b": TableStats(rows=2),
-             "public.d": TableStats(rows=0)}
+    expected = {"public.a": {"rows": 3, "checksum": "1"}, "public.b": {"rows": 1}, "public.c": {"rows": 0}}
+    found = {"public.a": {"rows": 3, "checksum": "2"}, "public.b": {"rows": 2}, "public.d": {"rows": 0}}
     assert pg_stats.compare_stats(expected, found) == [
         "public.c: missing",
         "public.d: not in the backup",

@@ -169,7 +169,7 @@ def dump(ctx: JobContext, folder: Path, *, prefix: str, fmt: str, compression: s
     log.info("dump finished", database=dbname, file=info.name, bytes=info.size, size=human_bytes(info.size),
              uncompressed=human_bytes(uncompressed), seconds=round(seconds, 2),
              rate=f"{human_bytes(uncompressed / max(seconds, 1e-6))}/s", tables=len(stats.result),
-             rows=sum(t.rows for t in stats.result.values()))
+             rows=sum(t["rows"] for t in stats.result.values()))
     problems = sql_problems(scanner, made_by_us=True) if scanner is not None else []
     return DumpResult(set_id, created, info, uncompressed, seconds, stats.result, server, pg_dump_version,
                       fmt, compression, stats.roles, problems, stats.objects, keys.record())

@@ -257,7 +257,7 @@ def _plan(ctx: JobContext, backup_set: BackupSet, target: str, *, in_place: bool
     plan.lines = [
         f"Restore {backup_set.name}",
         f"  made:      {created}, {human_bytes(backup_set.size)}"
-        + (f", {len(tables)} tables, {sum(t.rows for t in tables.values())} rows" if tables else ""),
+        + (f", {len(tables)} tables, {sum(t['rows'] for t in tables.values())} rows" if tables else ""),
         f"  into:      database {target!r} on {pg.host}:{pg.port}"
         + ("" if exists else " (new database)"),
     ]
@@ -291,5 +291,5 @@ def _verify_restored(ctx: JobContext, details: PostgresDetails | None, target: s
         found = table_stats(conn, checksums=False, legacy=legacy_keys(details))
     expected = details.tables if details is not None and details.has("tables") else None
     problems = compare_stats(expected, found) if expected is not None else []
-    report.tables, report.rows = len(found), sum(t.rows for t in found.values())
+    report.tables, report.rows = len(found), sum(t["rows"] for t in found.values())
     report.problems, report.verified = problems, not problems
