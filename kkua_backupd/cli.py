@@ -47,6 +47,7 @@ from kkua_backupd.sources import (
     BackupOptions,
     RestoreOptions,
     backup_log,
+    details_of,
     job_target,
     source,
 )
@@ -249,7 +250,7 @@ def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) ->
         warn_future_sets(ctx, job)
     options = BackupOptions(test_restore=True if getattr(args, "test_restore", False) else None,
                             aof=True if getattr(args, "aof", False) else None)
-    return flows.run_job(ctx, job, options, runner=runner)
+    return flows.result_json(flows.run_job(ctx, job, options, runner=runner))
 
 
 def warn_future_sets(ctx: JobContext, kind: str | None = None) -> list[str]:
@@ -301,15 +302,18 @@ def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
         note = f"the data from before is in {safety} (undo with: kkua-backup restore postgres {safety} --force)"
         exc.hint = f"{exc.hint}; {note}" if exc.hint else note
         raise
-    safety = report.get("safety_backup")
-    _human(ctx, f"Restored {report['file']} into database {report['database']!r}: {report['tables']} tables, "
-                f"{report['rows']} rows, {report['seconds']} s; row counts "
-                + ("match the backup." if report.get("check", {}).get("files", [{}])[0].get("checksum") == "ok"
+    from kkua_backupd.sources.postgres.restore import PostgresRestoreReport
+    assert isinstance(report, PostgresRestoreReport)
+    kept = report.safety_backup
+    checked = report.check.files if report.check is not None else []
+    _human(ctx, f"Restored {report.file} into database {report.database!r}: {report.tables} tables, "
+                f"{report.rows} rows, {report.seconds} s; row counts "
+                + ("match the backup." if checked and checked[0].get("checksum") == "ok"
                    else "not compared (no manifest)."))
-    if safety:
-        _human(ctx, f"The data from before is in {safety['file']} "
-                    f"(undo with: kkua-backup restore postgres {safety['file']})")
-    return report
+    if kept:
+        _human(ctx, f"The data from before is in {kept.file} "
+                    f"(undo with: kkua-backup restore postgres {kept.file})")
+    return report.to_json()
 
 
 def _restore_options(args: argparse.Namespace) -> RestoreOptions:
@@ -349,18 +353,19 @@ def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
         raise UsageError("--target-db is for `restore postgres`",
                          hint="to look at a Redis backup without touching the server, use `verify --restore-test`")
     from kkua_backupd.core import flows
+    from kkua_backupd.sources.redis.restore import RedisRestoreReport
     report = flows.restore(ctx, source("redis"), args.file, _restore_options(args))
-    counts = ", ".join(f"db{db}: {n}" for db, n in sorted(report.get("databases", {}).items(),
-                                                          key=lambda item: int(item[0])))
-    _human(ctx, f"Restored {report['file']} ({report['mode']} mode) into {ctx.config.redis.host}:"
-                f"{ctx.config.redis.port}: {report.get('keys', 0)} keys ({counts or 'none'}), {report['seconds']} s; "
-                + ("key counts match the backup." if report.get("counts_match") else
+    assert isinstance(report, RedisRestoreReport)
+    counts = ", ".join(f"db{db}: {n}" for db, n in sorted(report.databases.items(), key=lambda item: int(item[0])))
+    _human(ctx, f"Restored {report.file} ({report.mode} mode) into {ctx.config.redis.host}:"
+                f"{ctx.config.redis.port}: {report.keys} keys ({counts or 'none'}), {report.seconds} s; "
+                + ("key counts match the backup." if report.counts_match else
                    "key counts not compared (no manifest)."))
-    safety = report.get("safety_backup")
+    safety = report.safety_backup
     if safety:
-        _human(ctx, f"The data from before is in {safety['file']} "
-                    f"(undo with: kkua-backup restore redis {safety['file']} --flush)")
-    return report
+        _human(ctx, f"The data from before is in {safety.file} "
+                    f"(undo with: kkua-backup restore redis {safety.file} --flush)")
+    return report.to_json()
 
 
 def _drop_unfinished_databases(ctx: JobContext) -> None:
@@ -424,8 +429,11 @@ def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
         rows = [("KIND", "ID", "CREATED", "TYPE", "STATUS", "SIZE", "FILE")]
         for s in sets:
             assert s.manifest is not None
-            test = s.manifest.details.get("test_restore") or {}
-            status = "ok, unverified" if s.status == "ok" and test.get("ran") is False else s.status
+            try:
+                test = details_of(s.manifest).tested
+            except IntegrityError:  # details no version wrote: verify and restore say so; list lists it
+                test = None
+            status = "ok, unverified" if s.status == "ok" and test is not None and test.ran is False else s.status
             rows.append((s.kind, s.id, s.manifest.created_at.strftime("%Y-%m-%d %H:%M:%S %z"), s.manifest.type,
                          status, human_bytes(s.size), s.name))
         if sets:
@@ -503,8 +511,8 @@ def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
             code = max(code, 1)
         _human(ctx, f"{'OK  ' if report.ok else 'FAIL'}  {report.name}"
                     + (f"  ({report.error})" if report.error else "")
-                    + (f"  (checksums ok; {report.checked['warning']})" if report.checked.get("warning") else "")
-                    + (f"  restore test: {'passed' if report.restore_test['ok'] else 'failed'}"
+                    + (f"  (checksums ok; {report.checked.warning})" if report.checked.warning else "")
+                    + (f"  restore test: {'passed' if report.restore_test.ok else 'failed'}"
                        if report.restore_test is not None else ""))
         reports.append(report.to_json())
     return reports, code
@@ -527,17 +535,17 @@ def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
                     f"{args.remote}; {len(report['kept'])} kept")
         return report
     from kkua_backupd.core import retention
-    report = retention.prune(ctx, dry_run=args.dry_run)
+    pruned = retention.prune(ctx, dry_run=args.dry_run)
     if not ctx.json_mode:
         verb = "would delete" if args.dry_run else "deleted"
-        for item in report["deleted"]:
-            _human(ctx, f"{verb}  {item['name']}  ({item['reason']})")
-        sets = sum(item.get("type") != "partial" for item in report["deleted"])
-        partials = len(report["deleted"]) - sets
+        for item in pruned.deleted:
+            _human(ctx, f"{verb}  {item.name}  ({item.reason})")
+        sets = sum(item.type != "partial" for item in pruned.deleted)
+        partials = len(pruned.deleted) - sets
         _human(ctx, f"{sets} set(s) {'would be deleted' if args.dry_run else 'deleted'}"
                     + (f", {partials} leftover partial file(s)" if partials else "")
-                    + f", {human_bytes(report.get('freed_bytes', 0))}; {len(report['kept'])} kept")
-    return report
+                    + f", {human_bytes(pruned.freed_bytes)}; {len(pruned.kept)} kept")
+    return pruned.to_json()
 
 
 def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:

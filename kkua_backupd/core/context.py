@@ -7,7 +7,9 @@ import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from kkua_backupd.config import Config
 from kkua_backupd.errors import IntegrityError, JobError, KeyMissing, LockHeld, NotConfirmed, Refused, StorageError
@@ -124,7 +126,64 @@ def check_signed(ctx: JobContext, backup_set: BackupSet, *, required: bool = Fal
     return found
 
 
-def checksums_only(ctx: JobContext, backup_set: BackupSet, missing: KeyMissing) -> dict[str, Any]:
+class CheckedSet(BaseModel):
+    """What the checks of a set's files found (the `check` of a restore, the files part of a verify): each
+    file's name, size, sha256, what it decompressed to and its checksum verdict (a source adds its own keys
+    per file: an RDB's version, counts, redis-check-rdb), and per source: the RDB's version; whether the
+    set could be decrypted here; its signature. Only what was given is printed, in this order."""
+
+    model_config = ConfigDict(extra="forbid")
+    files: list[dict[str, Any]] = Field(default_factory=list)
+    rdb_version: int | None = None  # redis
+    decrypted: bool | None = None  # False: the checksums only (no key on this host)
+    warning: str | None = None
+    signature: str | None = None  # store/signing.py's verdict; None for a file without a manifest
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class RestoreTestOutcome(Protocol):
+    """A test restore's outcome, whatever the source (`verify --restore-test`; a PostgreSQL backup's
+    `--test-restore`): whether it passed, why not, and its JSON document."""
+
+    ok: bool
+    error: str | None
+    problems: list[str]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class SafetyBackup(BaseModel):
+    """The safety backup a restore took before its first change: its main file."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    size: int
+    sha256: str
+
+
+class RestoreReport(BaseModel):
+    """What a restore did, for any source (the document `restore --json` prints): the fields every restore
+    has; a source's report (sources/<kind>/restore.py) adds its own and the order they are printed in."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    ORDER: ClassVar[tuple[str, ...]] = ("kind", "file", "id", "check", "safety_backup", "seconds")
+    kind: str
+    file: str
+    id: str
+    check: CheckedSet | None = None
+    safety_backup: SafetyBackup | None = None
+    seconds: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields set by the restore's steps, in the source's order (`ORDER`)."""
+        doc = self.model_dump(mode="json", exclude_unset=True)
+        return {key: doc[key] for key in self.ORDER if key in doc} | doc
+
+
+def checksums_only(ctx: JobContext, backup_set: BackupSet, missing: KeyMissing) -> CheckedSet:
     """`verify` of an encrypted set on a host without its key: each file's size and sha256 against the
     manifest (raises IntegrityError on a difference), and a report that says it could not be decrypted."""
     files = []
@@ -141,7 +200,7 @@ def checksums_only(ctx: JobContext, backup_set: BackupSet, missing: KeyMissing) 
                       "decrypted": False})
     ctx.log.warning(f"checksums match, but the set could not be decrypted here: {missing.message}",
                     file=backup_set.name)
-    return {"files": files, "decrypted": False, "warning": f"could not decrypt: {missing.message}"}
+    return CheckedSet(files=files, decrypted=False, warning=f"could not decrypt: {missing.message}")
 
 
 @dataclass(frozen=True)
@@ -155,9 +214,9 @@ class VerifyReport:
     name: str
     ok: bool
     status: str | None = None
-    checked: dict[str, Any] = field(default_factory=dict)
+    checked: CheckedSet = field(default_factory=CheckedSet)
     error: str | None = None
-    restore_test: dict[str, Any] | None = None
+    restore_test: RestoreTestOutcome | None = None
 
     @classmethod
     def failed(cls, backup_set: BackupSet, error: str) -> VerifyReport:
@@ -168,17 +227,17 @@ class VerifyReport:
         doc: dict[str, Any] = {"kind": self.kind, "id": self.id, "name": self.name}
         if self.status is not None:
             doc["status"] = self.status
-        doc.update(self.checked)
+        doc.update(self.checked.to_json())
         doc["ok"] = self.ok
         if self.error is not None:
             doc["error"] = self.error
         if self.restore_test is not None:
-            doc["restore_test"] = self.restore_test
+            doc["restore_test"] = self.restore_test.to_json()
         return doc
 
 
-def verify_report(backup_set: BackupSet, checked: dict[str, Any],
-                  restore_test: Callable[[], dict[str, Any]] | None) -> VerifyReport:
+def verify_report(backup_set: BackupSet, checked: CheckedSet,
+                  restore_test: Callable[[], RestoreTestOutcome] | None) -> VerifyReport:
     """`verify` of one set, for either kind: the file checks already done (`checked`), whether the set is
     marked good, and the outcome of `restore_test` when one is asked for."""
     ok = backup_set.status in ("ok", "unverified")
@@ -187,7 +246,7 @@ def verify_report(backup_set: BackupSet, checked: dict[str, Any],
         error = f"marked {backup_set.status}: {backup_set.manifest.error or 'see its manifest'}"
     outcome = restore_test() if restore_test is not None else None
     if outcome is not None:
-        ok = ok and outcome["ok"]
+        ok = ok and outcome.ok
     return VerifyReport(kind=backup_set.kind, id=backup_set.id, name=backup_set.name, ok=ok,
                         status=backup_set.status, checked=checked, error=error, restore_test=outcome)
 

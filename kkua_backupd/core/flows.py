@@ -12,6 +12,7 @@ from typing import Any
 from kkua_backupd.core import observe, remotes, retention, state
 from kkua_backupd.core.context import (
     JobContext,
+    RestoreReport,
     VerifyReport,
     check_restorable,
     confirm,
@@ -40,7 +41,17 @@ def backup(ctx: JobContext, data_source: DataSource, options: BackupOptions) -> 
     return manifest
 
 
-def _run(ctx: JobContext, job: str, options: BackupOptions, record: state.RunRecord) -> Any:
+JobResult = Manifest | retention.RetentionReport  # a kind's backup: its manifest; retention: its report
+
+
+def result_json(result: JobResult) -> dict[str, Any]:
+    """The JSON document of a job's result (`backup --json`, `run --json`)."""
+    if isinstance(result, Manifest):
+        return result.model_dump(mode="json")
+    return result.to_json()
+
+
+def _run(ctx: JobContext, job: str, options: BackupOptions, record: state.RunRecord) -> JobResult:
     if job in KINDS:
         manifest = backup(ctx, source(job), options)
         record.finish(size=sum(f.size for f in manifest.files), files=[f.name for f in manifest.files])
@@ -49,20 +60,20 @@ def _run(ctx: JobContext, job: str, options: BackupOptions, record: state.RunRec
         except KkuaError:
             record.detail = remotes.UPLOAD_PENDING  # the daemon retries this run as a push
             raise
-        return manifest.model_dump(mode="json")
+        return manifest
     if job != RETENTION:
         raise ValueError(f"unknown job {job!r}")
     report = retention.prune(ctx, dry_run=False)
-    record.finish(size=report.get("freed_bytes"), detail=f"{len(report['deleted'])} set(s) deleted")
+    record.finish(size=report.freed_bytes, detail=f"{len(report.deleted)} set(s) deleted")
     if ctx.config.remote:
-        report["remotes"] = remotes.prune_remotes(ctx, dry_run=False)
+        report.remotes = remotes.prune_remotes(ctx, dry_run=False)
     return report
 
 
-def run_job(ctx: JobContext, job: str, options: BackupOptions, *, runner: str) -> Any:
+def run_job(ctx: JobContext, job: str, options: BackupOptions, *, runner: str) -> JobResult:
     """One job of the registry (a kind's backup, then its copies to the remotes; or retention, local and
-    remote), observed (its start and end recorded for `status`, metrics and notices); returns its JSON
-    document."""
+    remote), observed (its start and end recorded for `status`, metrics and notices); returns the backup's
+    manifest or retention's report (`result_json` is its JSON document)."""
     with observe.observed(ctx.config, job, runner=runner) as seen:
         return _run(ctx, job, options, seen.record)
 
@@ -76,13 +87,14 @@ def verify(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> Ver
     return source(backup_set.kind).verify_set(ctx, backup_set, restore_test=restore_test)
 
 
-def restore(ctx: JobContext, data_source: DataSource, spec: str, options: RestoreOptions) -> dict[str, Any]:
+def restore(ctx: JobContext, data_source: DataSource, spec: str, options: RestoreOptions) -> RestoreReport:
     """`restore` of one set into the source's server, in the same order whatever the source: under the
     kind's lock, clean up after killed runs; check the set (nothing changes before it passed); plan, and
     ask for confirmation when existing data is replaced; take the safety backup (or say there is none);
     apply; compare what the target holds with what the backup recorded, a difference failing the restore
-    (refuse_different_result). Returns the report `restore --json` prints. Raises UsageError, Refused,
-    IntegrityError, VersionTooNew, NotConfirmed before any change; LockHeld; JobError subclasses after."""
+    (refuse_different_result). Returns the report (its `to_json()` is what `restore --json` prints). Raises
+    UsageError, Refused, IntegrityError, VersionTooNew, NotConfirmed before any change; LockHeld; JobError
+    subclasses after."""
     run = data_source.restorer(ctx, spec, options)
     started = time.monotonic()
     with TargetLock(ctx.config.backup_dir, data_source.kind, f"restore {data_source.kind} {run.name}",
@@ -97,12 +109,12 @@ def restore(ctx: JobContext, data_source: DataSource, spec: str, options: Restor
             if replaces:
                 confirm(ctx, plan, force=options.force or ctx.config.restore.force)
             if plan.safety:
-                run.report["safety_backup"] = run.safety_backup()
+                run.report.safety_backup = run.safety_backup()
             elif replaces:
                 ctx.log.warning("no safety backup taken (--no-safety-backup)", **run.target_field)
             run.apply()
         problems = run.counts_after()
-    run.report["seconds"] = round(time.monotonic() - started, 2)
+    run.report.seconds = round(time.monotonic() - started, 2)
     refuse_different_result(ctx, run.name, run.target, problems, hint=run.undo_hint())
     run.finished()
     return run.report

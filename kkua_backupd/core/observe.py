@@ -16,11 +16,11 @@ from typing import Any
 
 from kkua_backupd.config import Config
 from kkua_backupd.core import state
-from kkua_backupd.errors import KkuaError, Refused
+from kkua_backupd.errors import IntegrityError, KkuaError, Refused
 from kkua_backupd.obs import logs, metrics
 from kkua_backupd.obs.notifications import Notice, Notifier, new_run_id
 from kkua_backupd.proc import execute
-from kkua_backupd.sources import JOBS, KINDS
+from kkua_backupd.sources import JOBS, KINDS, details_of
 from kkua_backupd.store.storage import list_sets
 
 
@@ -57,17 +57,19 @@ def _set_facts(config: Config, job: str, since: dt.datetime) -> dict[str, Any]:
         manifest = backup_set.manifest
         if manifest is None or manifest.type != "backup" or manifest.created_at < since.replace(microsecond=0):
             continue
-        details = manifest.details
         facts: dict[str, Any] = {}
-        tables = details.get("tables")
-        if isinstance(tables, dict):
-            facts["last_rows"] = sum(int(t.get("rows", 0)) for t in tables.values() if isinstance(t, dict))
-        if isinstance(details.get("keys"), int):
-            facts["last_keys"] = details["keys"]
-        test = details.get("test_restore")
-        if isinstance(test, dict) and test.get("ran") is not None:
+        try:
+            details = details_of(manifest)
+        except IntegrityError:  # not a manifest this tool wrote: nothing to tell from it
+            return facts
+        if details.rows is not None:
+            facts["last_rows"] = details.rows
+        if details.key_count is not None:
+            facts["last_keys"] = details.key_count
+        test = details.tested
+        if test is not None and test.ran is not None:
             facts["test_restore_at"] = state.iso(manifest.finished_at or manifest.created_at)
-            facts["test_restore_ok"] = bool(test.get("ok"))
+            facts["test_restore_ok"] = test.ok
         return facts
     return {}
 

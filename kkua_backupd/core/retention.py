@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from kkua_backupd.config import RetentionConfig
 from kkua_backupd.core.context import JobContext
 from kkua_backupd.errors import LockHeld, StorageError
@@ -335,7 +337,51 @@ def _delete_files(folder: Path, names: Sequence[str], log: Any) -> str | None:
     return None
 
 
-def _prune_kind(ctx: JobContext, kind: str, now: dt.datetime, report: dict[str, Any], *, dry_run: bool) -> list[str]:
+class SkippedPath(BaseModel):
+    """A file or folder retention left alone, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    reason: str
+
+
+class KeptSet(BaseModel):
+    """A set retention kept, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    id: str
+    name: str
+    type: str
+    status: str
+    reason: str
+
+
+class DeletedSet(KeptSet):
+    """A set (or a partial file left by a killed run: type "partial") retention deleted, or would delete."""
+
+    files: list[str]
+    bytes: int
+
+
+class RetentionReport(BaseModel):
+    """What a prune did (`prune --json`, `run retention --json`): per set, and the remotes' own reports
+    when remotes are configured and the run was a retention job."""
+
+    model_config = ConfigDict(extra="forbid")
+    deleted: list[DeletedSet] = Field(default_factory=list)
+    kept: list[KeptSet] = Field(default_factory=list)
+    skipped: list[SkippedPath] = Field(default_factory=list)
+    freed_bytes: int = 0
+    dry_run: bool = False
+    remotes: dict[str, Any] | None = None  # core/remotes.prune_remotes, per remote
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+def _prune_kind(ctx: JobContext, kind: str, now: dt.datetime, report: RetentionReport, *,
+                dry_run: bool) -> list[str]:
     """Scan, decide and (unless dry_run) delete in one kind's folder; the caller holds the lock.
 
     Returns the deletion errors (the other sets are still handled); raises StorageError if the folder
@@ -348,18 +394,18 @@ def _prune_kind(ctx: JobContext, kind: str, now: dt.datetime, report: dict[str, 
         raise storage_error(exc, folder, "read the backup folder") from None
     for item in scan.skipped:
         ctx.log.debug(f"leaving {Path(item['path']).name} alone: {item['reason']}", kind=kind)
-    report["skipped"].extend(scan.skipped)
+    report.skipped.extend(SkippedPath(**item) for item in scan.skipped)
     changed = False
     for decision in select(scan.candidates, now, ctx.config.retention):
         c = decision.candidate
         if decision.action == "skip":
             ctx.log.warning(f"not touching {c.name}: {decision.reason}", kind=kind, id=c.id)
-            report["skipped"].append({"path": str(folder / c.manifest), "reason": decision.reason})
+            report.skipped.append(SkippedPath(path=str(folder / c.manifest), reason=decision.reason))
             continue
         if decision.action == "keep":
             ctx.log.debug(f"keeping {c.name}: {decision.reason}", kind=kind, id=c.id)
-            report["kept"].append({"kind": kind, "id": c.id, "name": c.name, "type": c.type,
-                                   "status": c.status, "reason": decision.reason})
+            report.kept.append(KeptSet(kind=kind, id=c.id, name=c.name, type=c.type, status=c.status,
+                                       reason=decision.reason))
             continue
         # Data files first, the manifest last: a prune cut short leaves the manifest, so the set shows
         # as "incomplete" (never restored by `latest`, never counted as good) and the next prune
@@ -373,9 +419,9 @@ def _prune_kind(ctx: JobContext, kind: str, now: dt.datetime, report: dict[str, 
         if error:
             errors.append(error)
             continue
-        report["deleted"].append({"kind": kind, "id": c.id, "name": c.name, "type": c.type, "status": c.status,
-                                  "reason": decision.reason, "files": names, "bytes": c.bytes})
-        report["freed_bytes"] += c.bytes
+        report.deleted.append(DeletedSet(kind=kind, id=c.id, name=c.name, type=c.type, status=c.status,
+                                         reason=decision.reason, files=names, bytes=c.bytes))
+        report.freed_bytes += c.bytes
     for partial, action, reason in select_partials(scan.partials, now):
         if action == "keep":
             ctx.log.debug(f"keeping {partial.name}: {reason}", kind=kind)
@@ -387,10 +433,9 @@ def _prune_kind(ctx: JobContext, kind: str, now: dt.datetime, report: dict[str, 
         if error:
             errors.append(error)
             continue
-        report["deleted"].append({"kind": kind, "id": "", "name": partial.name, "type": "partial",
-                                  "status": "partial", "reason": reason, "files": [partial.name],
-                                  "bytes": partial.bytes})
-        report["freed_bytes"] += partial.bytes
+        report.deleted.append(DeletedSet(kind=kind, id="", name=partial.name, type="partial", status="partial",
+                                         reason=reason, files=[partial.name], bytes=partial.bytes))
+        report.freed_bytes += partial.bytes
     if changed:
         # The unlinks are only durable once the folder itself is synced.
         try:
@@ -400,7 +445,7 @@ def _prune_kind(ctx: JobContext, kind: str, now: dt.datetime, report: dict[str, 
     return errors
 
 
-def prune(ctx: JobContext, *, dry_run: bool) -> dict[str, Any]:
+def prune(ctx: JobContext, *, dry_run: bool) -> RetentionReport:
     """Apply retention to backup_dir/postgres and backup_dir/redis; returns the report the CLI prints.
 
     A real run holds the "retention" lock throughout (so two prunes never overlap and `status` sees it
@@ -419,11 +464,11 @@ def prune(ctx: JobContext, *, dry_run: bool) -> dict[str, Any]:
         return _prune(ctx, dry_run=False)
 
 
-def _prune(ctx: JobContext, *, dry_run: bool) -> dict[str, Any]:
+def _prune(ctx: JobContext, *, dry_run: bool) -> RetentionReport:
     """prune() once the retention lock is held (or for a dry run)."""
     backup_dir = ctx.config.backup_dir
     now = dt.datetime.now(dt.UTC)
-    report: dict[str, Any] = {"deleted": [], "kept": [], "skipped": [], "freed_bytes": 0, "dry_run": dry_run}
+    report = RetentionReport(deleted=[], kept=[], skipped=[], freed_bytes=0, dry_run=dry_run)
     errors: list[str] = []
     for kind in KINDS:
         folder = kind_folder(backup_dir, kind)
@@ -435,7 +480,7 @@ def _prune(ctx: JobContext, *, dry_run: bool) -> dict[str, Any]:
                 reason = (f"{kind} lock held now (pid {holder.get('pid')}, {holder.get('purpose')!r}); "
                           f"a real prune would skip {kind} until it is free")
                 ctx.log.warning(reason, kind=kind)
-                report["skipped"].append({"path": str(folder), "reason": reason})
+                report.skipped.append(SkippedPath(path=str(folder), reason=reason))
             errors += _prune_kind(ctx, kind, now, report, dry_run=dry_run)
             continue
         lock = TargetLock(backup_dir, kind, "retention")
@@ -444,16 +489,16 @@ def _prune(ctx: JobContext, *, dry_run: bool) -> dict[str, Any]:
         except LockHeld as exc:
             reason = f"{kind} not pruned this time: {exc.message}; the next retention run will do it"
             ctx.log.warning(reason, kind=kind)
-            report["skipped"].append({"path": str(folder), "reason": reason})
+            report.skipped.append(SkippedPath(path=str(folder), reason=reason))
             continue
         try:
             errors += _prune_kind(ctx, kind, now, report, dry_run=dry_run)
         finally:
             lock.release()
-    ctx.log.info("retention would delete nothing" if dry_run and not report["deleted"] else
+    ctx.log.info("retention would delete nothing" if dry_run and not report.deleted else
                  "retention dry run finished" if dry_run else "retention finished",
-                 deleted=len(report["deleted"]), kept=len(report["kept"]), skipped=len(report["skipped"]),
-                 freed_bytes=report["freed_bytes"], days=ctx.config.retention.days,
+                 deleted=len(report.deleted), kept=len(report.kept), skipped=len(report.skipped),
+                 freed_bytes=report.freed_bytes, days=ctx.config.retention.days,
                  keep_last=ctx.config.retention.keep_last)
     if errors:
         raise StorageError(f"retention could not delete {len(errors)} file(s), first: {errors[0]}",

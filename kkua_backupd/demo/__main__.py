@@ -21,7 +21,9 @@ from typing import Any
 from kkua_backupd.demo.redis_sample import compare, create_sample, snapshot
 from kkua_backupd.demo.sandbox import ThrowawayPostgres, create_sample_data, schema_dump, table_contents
 from kkua_backupd.obs.progress import human_bytes
+from kkua_backupd.sources.postgres.manifest import PostgresDetails
 from kkua_backupd.sources.redis.local import LocalRedis
+from kkua_backupd.sources.redis.manifest import RedisDetails
 
 
 def _say(text: str) -> None:
@@ -110,9 +112,10 @@ def run_demo(root: Path) -> None:
             for f in manifest["files"]:
                 _say(f"  backup file: {demo.backups / 'postgres' / f['name']} ({human_bytes(f['size'])}, "
                      f"sha256 {f['sha256'][:16]}...)")
-            test = manifest["details"]["test_restore"]
-            _say(f"  test restore: {'passed' if test['ok'] else 'FAILED'} ({test['tables']} tables, "
-                 f"{test['rows']} rows, checksums compared)")
+            test = PostgresDetails.model_validate(manifest["details"]).test_restore
+            assert test is not None, "backup --test-restore records its test restore"
+            _say(f"  test restore: {'passed' if test.ok else 'FAILED'} ({test.tables} tables, "
+                 f"{test.rows} rows, checksums compared)")
             report = demo.cli("verify", "latest")
             _say(f"  verify: {'ok' if all(r['ok'] for r in report) else 'FAILED'}")
             target = f"kkua_restored_{fmt}"
@@ -134,9 +137,9 @@ def run_demo(root: Path) -> None:
         manifest = demo.cli("backup", "redis")
         for f in manifest["files"]:
             _say(f"  backup file: {demo.backups / 'redis' / f['name']} ({human_bytes(f['size'])})")
-        _say(f"  captured over the replication protocol ({manifest['details'].get('capture')}), "
-             f"RDB version {manifest['details'].get('rdb_version')}, keys per db "
-             f"{manifest['details'].get('keyspace')}")
+        details = RedisDetails.model_validate(manifest["details"])
+        _say(f"  captured over the replication protocol ({details.capture}), "
+             f"RDB version {details.rdb_version}, keys per db {details.keyspace}")
         report = demo.cli("verify", "latest", "--restore-test")
         _say(f"  verify --restore-test: {'ok' if all(r['ok'] for r in report) else 'FAILED'} "
              "(sha256, decompression, RDB checked and loaded into a throwaway redis-server)")

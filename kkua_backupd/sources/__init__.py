@@ -21,7 +21,7 @@ from kkua_backupd.store.storage import KINDS, Kind
 
 if TYPE_CHECKING:
     from kkua_backupd.config import Config
-    from kkua_backupd.core.context import JobContext, RestorePlan, VerifyReport
+    from kkua_backupd.core.context import JobContext, RestorePlan, RestoreReport, SafetyBackup, VerifyReport
     from kkua_backupd.store.storage import BackupSet, Manifest
 
 RETENTION: Final = "retention"
@@ -64,7 +64,7 @@ class Restore(Protocol):
     checks: str  # what can still check a file without a manifest (check_restorable)
     requested: dict[str, Any]  # the fields of the "restore requested" log line
     target_field: dict[str, Any]  # how the log names the target ({"database": ...}, {"server": ...})
-    report: dict[str, Any]  # the document `restore --json` prints, filled in by the steps
+    report: RestoreReport  # what the restore did (`restore --json` prints its to_json()), filled in by the steps
 
     def prepare(self) -> None:
         """Under the lock, first: clean up after runs killed midway (and say so)."""
@@ -84,8 +84,8 @@ class Restore(Protocol):
         cannot take, before any change."""
         ...
 
-    def safety_backup(self) -> dict[str, Any]:
-        """A backup of the target's current data (file, size, sha256), taken after the confirmation."""
+    def safety_backup(self) -> SafetyBackup:
+        """A backup of the target's current data (its main file), taken after the confirmation."""
         ...
 
     def apply(self) -> None:
@@ -102,6 +102,33 @@ class Restore(Protocol):
 
     def finished(self) -> None:
         """Log the restore's end."""
+        ...
+
+
+class StoredTest(Protocol):
+    """A test restore recorded in a set's manifest (a PostgreSQL backup's `--test-restore`)."""
+
+    ok: bool
+    ran: bool | None  # False: it could not run (the set is ok but unverified); None: not recorded
+
+
+class SetDetails(Protocol):
+    """What any source's typed manifest details (sources/<kind>/manifest.py) tell `status`, the metrics and
+    `list` about a set."""
+
+    @property
+    def rows(self) -> int | None:
+        """Rows in every table (PostgreSQL), else None."""
+        ...
+
+    @property
+    def key_count(self) -> int | None:
+        """Keys in every database (Redis), else None."""
+        ...
+
+    @property
+    def tested(self) -> StoredTest | None:
+        """The test restore the backup ran, if one did."""
         ...
 
 
@@ -141,14 +168,16 @@ class Registered:
 
     module: str
     target: Callable[[Config], str]
+    details: str  # the module whose `DETAILS` is the typed view of its manifests' details
     backup_log: str = "backup.log"
 
 
 REGISTRY: Final[dict[str, Registered]] = {
     "postgres": Registered("kkua_backupd.sources.postgres.source",
-                           lambda c: f"{c.postgres.host}:{c.postgres.port}/{c.postgres.database}"),
+                           lambda c: f"{c.postgres.host}:{c.postgres.port}/{c.postgres.database}",
+                           details="kkua_backupd.sources.postgres.manifest"),
     "redis": Registered("kkua_backupd.sources.redis.backup", lambda c: f"{c.redis.host}:{c.redis.port}",
-                        backup_log="redis_backup.log"),
+                        details="kkua_backupd.sources.redis.manifest", backup_log="redis_backup.log"),
 }
 assert tuple(REGISTRY) == KINDS, "every kind of the backup folder has its source, in the same order"
 # The module that backs up and verifies each kind (its `SOURCE`).
@@ -167,6 +196,9 @@ __all__ = [
     "Kind",
     "Restore",
     "RestoreOptions",
+    "SetDetails",
+    "StoredTest",
+    "details_of",
     "job_module",
     "job_target",
     "source",
@@ -181,6 +213,14 @@ def job_module(kind: str) -> ModuleType:
 def source(kind: str) -> DataSource:
     """The DataSource of `kind`."""
     found: DataSource = job_module(kind).SOURCE
+    return found
+
+
+def details_of(manifest: Manifest) -> SetDetails:
+    """The typed details of a manifest, read by its kind's model (fields missing in older manifests take
+    their defaults); raises IntegrityError for details no version of the tool wrote."""
+    model = importlib.import_module(REGISTRY[manifest.kind].details).DETAILS
+    found: SetDetails = manifest.details_as(model)
     return found
 
 

@@ -7,6 +7,7 @@ are shown by name only when asked for explicitly (backups made by the old shell 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import functools
@@ -20,12 +21,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from kkua_backupd import __version__
-from kkua_backupd.errors import KkuaError, Refused, StorageError, UsageError
+from kkua_backupd.errors import IntegrityError, KkuaError, Refused, StorageError, UsageError
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.safefs import open_folder, owner_problem, read_small
 from kkua_backupd.stream.pipeline import EXTENSIONS, storage_error, write_atomic
@@ -112,6 +113,26 @@ class ManifestFile(BaseModel):
     encryption: str | None = None  # "age" | "gpg": the stored bytes are compressed then encrypted
 
 
+class StoredDetails(BaseModel):
+    """A source's typed view of `Manifest.details` (sources/<kind>/manifest.py): fields missing in older
+    manifests take their defaults, unknown ones from newer versions are kept. `stored()` is the dict written:
+    only the fields given when the view was made, in the order the model declares them, so a manifest
+    holds the same keys, order and values as when the details were a dict built by hand."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def stored(self) -> dict[str, Any]:
+        """The details as written into a manifest: no defaults or nulls that were not given."""
+        return self.model_dump(exclude_unset=True)
+
+    def has(self, name: str) -> bool:
+        """Whether the manifest holds field `name` (a default is not the manifest's word)."""
+        return name in self.model_fields_set
+
+
+_Details = TypeVar("_Details", bound=StoredDetails)
+
+
 class Manifest(BaseModel):
     """The record of a backup set, written last; unknown fields from newer versions are kept."""
 
@@ -138,6 +159,18 @@ class Manifest(BaseModel):
     def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
         """A hand-written time without an offset is local time (sets must sort against each other)."""
         return value if value is None or value.tzinfo else value.astimezone()
+
+    def details_as(self, model: builtins.type[_Details]) -> _Details:
+        """`details` as its source's typed view; raises IntegrityError when a field has a shape no version
+        of the tool wrote (a crafted or damaged manifest)."""
+        try:
+            return model.model_validate(self.details)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise IntegrityError(f"manifest {self.prefix}{self.id}: details.{where}: {first['msg']}",
+                                 hint="the manifest was damaged or not written by kkua-backup; use another "
+                                      "backup") from None
 
 
 @dataclass(frozen=True)

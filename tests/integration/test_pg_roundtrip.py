@@ -193,3 +193,42 @@ def test_verify_and_list(env: Env, tmp_path: Path) -> None:
     verified = json.loads(env.run("--json", "verify", "all", "--restore-test", check=True).stdout)
     assert [r["ok"] for r in verified] == [True, True]
     assert all(r["restore_test"]["ok"] for r in verified)
+
+
+def test_manifests_of_older_versions_list_verify_and_restore(env: Env) -> None:
+    """The details a backup writes have main's keys in main's order; a set whose manifest predates
+    `table_keys`, `roles`, `objects` and the test restore's `ran` (and carries a field of a newer version)
+    still lists as ok, verifies with a test restore and restores, and keeps that field when rewritten; details
+    of a shape no version wrote are refused by name, before anything changes."""
+    written = json.loads(env.run("--json", "backup", "postgres", "--test-restore", check=True).stdout)
+    details = written["details"]
+    assert list(details) == ["database", "format", "compression", "server_version", "pg_dump_version",
+                             "uncompressed_bytes", "table_keys", "objects", "tables", "roles", "test_restore"]
+    assert list(details["test_restore"]) == ["ok", "ran", "database", "error", "problems", "tables", "rows",
+                                             "checksums", "seconds"]
+    assert list(details["tables"]["public.users"]) == ["rows", "checksum"]
+    path = next(env.folder.glob("*.manifest.json"))
+    assert json.loads(path.read_text()) == written
+    old = json.loads(path.read_text())
+    for key in ("table_keys", "roles", "objects"):
+        del old["details"][key]
+    del old["details"]["test_restore"]["ran"]
+    old["details"]["jobs"] = 4  # from a newer version
+    path.write_text(json.dumps(old, indent=2))
+    listing = env.run("list", "postgres", check=True).stdout
+    assert " ok " in listing and "unverified" not in listing
+    verified = json.loads(env.run("--json", "verify", "latest", "--restore-test", check=True).stdout)
+    assert [(r["ok"], r["restore_test"]["ok"]) for r in verified] == [(True, True)]
+    copy = f"{env.database}_old_manifest"
+    report = json.loads(env.run("--json", "restore", "postgres", "latest", "--target-db", copy, "--force",
+                                check=True).stdout)
+    assert list(report) == ["kind", "file", "id", "database", "format", "compression", "check", "load_seconds",
+                            "tables", "rows", "problems", "verified", "seconds"]
+    assert report["verified"] is True and report["problems"] == [] and report["database"] == copy
+    assert json.loads(path.read_text())["details"]["jobs"] == 4
+    old["details"]["tables"]["public.users"]["rows"] = "many"
+    path.write_text(json.dumps(old, indent=2))
+    refused = env.run("restore", "postgres", "latest", "--target-db", f"{copy}_2", "--force")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "details.tables.public.users.rows" in refused.stdout + refused.stderr
+    assert env.run("list", "postgres", check=True).returncode == 0

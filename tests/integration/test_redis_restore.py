@@ -513,3 +513,41 @@ def test_no_secret_in_argv_logs_or_backup_files(workdir: Path) -> None:
             assert REDIS_TEST_PASSWORD.encode() not in data, path
     finally:
         server.close()
+
+
+def test_manifests_of_older_versions_verify_and_restore(sample_env: RedisEnv) -> None:
+    """A backup's details have main's keys in main's order; a set whose manifest has the first version's
+    details (no `rdb`, no `keyspace_info`, key counts as {"db0": {"keys": n}}) and a field of a newer
+    version still verifies with a restore test and restores with its key counts compared; damaged details
+    are refused by name before anything changes."""
+    made = backup(sample_env)
+    path = sample_env.folder / f"redis_backup_{made['id']}.manifest.json"
+    manifest = json.loads(path.read_text())
+    assert list(manifest["details"]) == [
+        "server_version", "rdb_version", "capture", "transfer", "compression", "uncompressed_bytes", "keyspace",
+        "expires_per_db", "keys", "expires", "keyspace_exact", "keyspace_info", "redis_check_rdb", "rdb"]
+    assert list(manifest["details"]["rdb"]) == [
+        "rdb_version", "rdb_format", "rdb_writer", "keys", "expires", "keys_per_db", "expires_per_db",
+        "value_types", "functions", "modules", "crc64", "largest_value_bytes"]
+    details = manifest["details"]
+    for key in ("rdb", "keyspace_info"):
+        del details[key]
+    details["keyspace"] = {f"db{db}": {"keys": n} for db, n in details["keyspace"].items()}
+    details["shards"] = 1  # from a newer version
+    path.write_text(json.dumps(manifest, indent=2))
+    verified = json.loads(sample_env.run("--json", "verify", "latest", "--restore-test", check=True).stdout)
+    assert [(r["ok"], r["restore_test"]["ok"], r["restore_test"]["problems"]) for r in verified] == [(True, True, [])]
+    report = report_of(restore(sample_env, "latest", "--force"))
+    assert report["counts_match"] is True and report["differences"] == []
+    assert list(report) == ["kind", "file", "id", "mode", "aof", "flush", "safety_backup", "rdb_version",
+                            "server_version", "check", "keys", "databases", "expired_skipped", "converted",
+                            "by_commands", "functions", "copy_seconds", "keys_per_second", "flushed", "notes",
+                            "counts_match", "differences", "seconds"]
+    assert list(report["check"]) == ["files", "rdb_version"]
+    details["keyspace"] = ["db0", 5]
+    path.write_text(json.dumps(manifest, indent=2))
+    before = snapshot(sample_env.server)
+    refused = restore(sample_env, "latest", "--force")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "details.keyspace" in refused.stdout + refused.stderr
+    unchanged(sample_env.server, before)

@@ -17,7 +17,7 @@ import pytest
 
 from kkua_backupd.config import Config
 from kkua_backupd.core import flows
-from kkua_backupd.core.context import JobContext, RestorePlan, VerifyReport
+from kkua_backupd.core.context import JobContext, RestorePlan, RestoreReport, SafetyBackup, VerifyReport
 from kkua_backupd.errors import JobError, NotConfirmed, Refused
 from kkua_backupd.obs import logs
 from kkua_backupd.sources import BackupOptions, RestoreOptions
@@ -81,7 +81,7 @@ class TextRestore:
         self.target = str(self.server)
         self.requested: dict[str, Any] = {"server": self.target}
         self.target_field: dict[str, Any] = {"server": self.target}
-        self.report: dict[str, Any] = {"kind": source.kind, "file": self.name}
+        self.report = RestoreReport(kind=source.kind, file=self.name, id=self.backup_set.id)
         self.fail_at = ""
         self.differs = False
 
@@ -110,11 +110,11 @@ class TextRestore:
         return RestorePlan(self.backup_set, self.target, in_place=True, target_exists=self.server.exists(),
                            safety=self.options.safety_backup and self.server.exists(), lines=["Restore it"])
 
-    def safety_backup(self) -> dict[str, Any]:
+    def safety_backup(self) -> SafetyBackup:
         self._step("safety_backup")
         kept = self.server.with_name("safety.data")
         kept.write_bytes(self.server.read_bytes())
-        return {"file": kept.name}
+        return SafetyBackup(file=kept.name, size=kept.stat().st_size, sha256="0" * 64)
 
     def apply(self) -> None:
         self._step("apply")
@@ -182,7 +182,11 @@ def test_a_restore_runs_the_sources_steps_in_one_order_under_the_lock(ctx: JobCo
     assert data_source.seen == [*(f"{step}: {lock}" for step in RESTORE_STEPS), "finished: lock None"]
     assert run.server.read_bytes() == b"REDIS0011" + b"x" * 100_000
     assert run.server.with_name("safety.data").read_bytes() == b"what the server held"
-    assert report["safety_backup"] == {"file": "safety.data"} and isinstance(report["seconds"], float)
+    assert report.safety_backup is not None and report.safety_backup.file == "safety.data"
+    assert isinstance(report.seconds, float)
+    assert report.to_json() == {"kind": "redis", "file": run.name, "id": run.backup_set.id,
+                                "safety_backup": {"file": "safety.data", "size": 20, "sha256": "0" * 64},
+                                "seconds": report.seconds}
 
 
 def test_no_answer_changes_nothing_and_the_safety_backup_comes_after_the_question(

@@ -39,6 +39,7 @@ from kkua_backupd.sources.postgres.client import (
     server_info,
     tool_version,
 )
+from kkua_backupd.sources.postgres.manifest import PostgresDetails, RestoreTest, TableStats
 from kkua_backupd.sources.postgres.pg_sql import SqlStream
 from kkua_backupd.sources.postgres.stats import PLAIN_IDENT, TABLE_KEYS, count_objects, referenced_roles, table_stats
 from kkua_backupd.sources.postgres.verify import sql_problems
@@ -69,7 +70,7 @@ class DumpResult:
     file: FileInfo
     uncompressed: int
     seconds: float
-    tables: dict[str, dict[str, Any]]
+    tables: dict[str, TableStats]
     server: ServerInfo
     pg_dump_version: str
     fmt: str
@@ -89,7 +90,7 @@ class _StatsThread(threading.Thread):
         self.conn = conn
         self.checksums = checksums
         self.snapshot = ""
-        self.result: dict[str, dict[str, Any]] = {}
+        self.result: dict[str, TableStats] = {}
         self.roles: list[str] = []
         self.objects = 0
         self.error: BaseException | None = None
@@ -302,20 +303,21 @@ def _scanned(chunks: Iterable[bytes], scanner: SqlStream | None) -> Iterator[byt
 
 
 def manifest_for(result: DumpResult, *, set_type: str, prefix: str, dbname: str, status: str = "ok",  # noqa: PLR0913 - keyword-only fields, typed with the flows
-                  error: str | None = None, extra: dict[str, Any] | None = None,
+                  error: str | None = None, test_restore: RestoreTest | None = None,
                   total_seconds: float | None = None) -> Manifest:
     data = base_manifest(KIND, set_type, prefix, result.set_id, result.created)
-    details: dict[str, Any] = {"database": dbname, "format": result.fmt, "compression": result.compression,
-                               "server_version": result.server.version, "pg_dump_version": result.pg_dump_version,
-                               "uncompressed_bytes": result.uncompressed, "table_keys": TABLE_KEYS,
-                               "objects": result.objects,
-                               "tables": result.tables,
-                               "roles": result.roles}
-    details.update(extra or {})
+    details = PostgresDetails(database=dbname, format=result.fmt, compression=result.compression,
+                              server_version=result.server.version, pg_dump_version=result.pg_dump_version,
+                              uncompressed_bytes=result.uncompressed, table_keys=TABLE_KEYS,
+                              objects=result.objects,
+                              tables=result.tables,
+                              roles=result.roles)
+    if test_restore is not None:
+        details.test_restore = test_restore
     timings = {"dump_seconds": round(result.seconds, 3)}
     if total_seconds is not None:
         timings["total_seconds"] = round(total_seconds, 3)
-    data.update(status=status, error=error, finished_at=now_local(), details=details, timings=timings,
+    data.update(status=status, error=error, finished_at=now_local(), details=details.stored(), timings=timings,
                 files=manifest_files(result),
                 encryption=result.encryption)
     return Manifest.model_validate(data)

@@ -23,6 +23,7 @@ from kkua_backupd.errors import (
     VersionTooNew,
 )
 from kkua_backupd.proc import execute
+from kkua_backupd.sources.postgres.manifest import details_of
 from kkua_backupd.store.storage import (
     DIRECTORY_MEMBER_MARK,
     BackupSet,
@@ -230,9 +231,10 @@ def client_bin_dir(pg: PostgresConfig, made_by: int | None, *, doing: str) -> Pa
 
 def archive_major_of(backup_set: BackupSet) -> int | None:
     """The major version of the pg_dump that made a set (from its manifest; None when unknown)."""
-    if backup_set.manifest is None:
+    details = details_of(backup_set)
+    if details is None:
         return None
-    return parse_tool_version(str(backup_set.manifest.details.get("pg_dump_version", "")))
+    return parse_tool_version(details.pg_dump_version)
 
 
 

@@ -9,13 +9,17 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import psycopg
+from pydantic import Field
 
 from kkua_backupd.core.context import (
+    CheckedSet,
     JobContext,
     RestorePlan,
+    RestoreReport,
+    SafetyBackup,
 )
 from kkua_backupd.errors import (
     JobError,
@@ -35,6 +39,7 @@ from kkua_backupd.sources.postgres.client import (
     server_info,
 )
 from kkua_backupd.sources.postgres.load import NewDatabase, drop_unfinished_databases, restore_into, terminate_sessions
+from kkua_backupd.sources.postgres.manifest import PostgresDetails, details_of
 from kkua_backupd.sources.postgres.stats import (
     compare_stats,
     count_objects,
@@ -57,6 +62,23 @@ from kkua_backupd.store.storage import (
 # Restore
 
 
+class PostgresRestoreReport(RestoreReport):
+    """A PostgreSQL restore: the target database, the set's format, how long the load took, and what the
+    database holds afterwards (`problems`: how it differs from what the backup recorded)."""
+
+    ORDER: ClassVar[tuple[str, ...]] = ("kind", "file", "id", "database", "format", "compression", "check",
+                                        "safety_backup", "load_seconds", "tables", "rows", "problems", "verified",
+                                        "seconds")
+    database: str
+    format: str
+    compression: str
+    load_seconds: float | None = None
+    tables: int = 0
+    rows: int = 0
+    problems: list[str] = Field(default_factory=list)
+    verified: bool = False
+
+
 class PostgresRestore:
     """A restore of a PostgreSQL set, in core/flows.restore's order: into the configured database in one
     transaction (the file checked before anything changes, so a failed restore leaves the old data in
@@ -74,9 +96,9 @@ class PostgresRestore:
         self.target = repr(self.database)
         self.requested = {"database": self.database, "host": pg.host, "port": pg.port}
         self.target_field = {"database": self.database}
-        self.report: dict[str, Any] = {"kind": KIND, "file": self.name, "id": self.backup_set.id,
-                                       "database": self.database, "format": self.fmt,
-                                       "compression": self.compression}
+        self.report = PostgresRestoreReport(kind=KIND, file=self.name, id=self.backup_set.id,
+                                            database=self.database, format=self.fmt, compression=self.compression)
+        self._details: PostgresDetails | None = None  # read by check(), once the set is trusted
         self._admin: psycopg.Connection | None = None
         self._bin_dir = Path()
         self._exists = False
@@ -96,16 +118,18 @@ class PostgresRestore:
         """Read the set as the restore will. A directory set is unpacked into a scratch folder here, each
         file checked, its table of contents listed, and the load reads that folder (removed when the
         session ends, or by the next run after a kill); its SQL is read by the load itself."""
+        self._details = details_of(self.backup_set)
         if self.fmt == "directory" and self.backup_set.manifest is not None:
             scratch = self._stack.enter_context(scratch_folder(self.backup_set.folder))
             try:
-                self.report["check"] = {"files": check_directory(self.ctx, self.backup_set, scratch, read_sql=False)}
+                self.report.check = CheckedSet(files=check_directory(self.ctx, self.backup_set, scratch,
+                                                                     read_sql=False))
             except BaseException:
                 self._stack.close()
                 raise
             self._unpacked = scratch
             return
-        self.report["check"] = check_set(self.ctx, self.backup_set)
+        self.report.check = check_set(self.ctx, self.backup_set)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -131,7 +155,7 @@ class PostgresRestore:
         pg = ctx.config.postgres
         self._bin_dir = restore_bin_dir(pg, server_info(admin), archive_major=archive_major_of(backup_set))
         self._exists = exists = database_exists(admin, target)
-        needed = backup_set.manifest.details.get("roles", []) if backup_set.manifest else []
+        needed = self._details.roles if self._details is not None else []
         absent = missing_roles(admin, needed)
         if absent:
             raise Refused(f"the backup's objects belong to or are granted to role(s) {', '.join(absent)}, "
@@ -146,7 +170,7 @@ class PostgresRestore:
         return _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
                      safety=self.options.safety_backup and target_db is None and exists)
 
-    def safety_backup(self) -> dict[str, Any]:
+    def safety_backup(self) -> SafetyBackup:
         return _safety_backup(self.ctx, self.database)
 
     def apply(self) -> None:
@@ -181,20 +205,19 @@ class PostgresRestore:
         progress.clear()
         if created is not None:
             created.finished()
-        self.report["load_seconds"] = round(time.monotonic() - load_started, 2)
+        self.report.load_seconds = round(time.monotonic() - load_started, 2)
 
     def counts_after(self) -> list[str]:
-        self.report.update(_verify_restored(self.ctx, self.backup_set, self.database))
-        problems: list[str] = self.report["problems"]
-        return problems
+        _verify_restored(self.ctx, self._details, self.database, self.report)
+        return self.report.problems
 
     def undo_hint(self) -> str:
         return "inspect the database; the safety backup holds the data from before"
 
     def finished(self) -> None:
         report = self.report
-        self.ctx.log.info("restore finished", file=self.name, database=self.database, tables=report["tables"],
-                          rows=report["rows"], seconds=report["seconds"], verified="row counts match the backup"
+        self.ctx.log.info("restore finished", file=self.name, database=self.database, tables=report.tables,
+                          rows=report.rows, seconds=report.seconds, verified="row counts match the backup"
                           if self.backup_set.manifest else "no manifest to compare with")
 
 
@@ -203,7 +226,8 @@ def _fits_one_transaction(ctx: JobContext, admin: psycopg.Connection, backup_set
     """Whether the restore's locks fit in the server's lock table. A restore in place that does not fit is
     refused here, before any change, naming the setting to raise; a new database that does not fit is
     loaded statement by statement instead (it is dropped again if the load fails, so nothing is lost)."""
-    backup_objects = int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0
+    details = details_of(backup_set)
+    backup_objects = details.objects if details is not None else 0
     if not backup_objects:
         return True
     now = 0
@@ -252,7 +276,8 @@ def _plan(ctx: JobContext, backup_set: BackupSet, target: str, *, in_place: bool
     plan = RestorePlan(backup_set, target, in_place, exists, safety)
     m = backup_set.manifest
     created = m.created_at.strftime("%Y-%m-%d %H:%M:%S %z") if m else "unknown (no manifest)"
-    tables = m.details.get("tables", {}) if m else {}
+    details = details_of(backup_set)
+    tables = details.tables if details is not None else {}
     plan.lines = [
         f"Restore {backup_set.name}",
         f"  made:      {created}, {human_bytes(backup_set.size)}"
@@ -270,7 +295,7 @@ def _plan(ctx: JobContext, backup_set: BackupSet, target: str, *, in_place: bool
     return plan
 
 
-def _safety_backup(ctx: JobContext, dbname: str) -> dict[str, Any]:
+def _safety_backup(ctx: JobContext, dbname: str) -> SafetyBackup:
     pg = ctx.config.postgres
     folder = kind_folder(ctx.config.backup_dir, KIND)
     prefix = PREFIXES[KIND]["safety"]
@@ -279,15 +304,16 @@ def _safety_backup(ctx: JobContext, dbname: str) -> dict[str, Any]:
     write_manifest(folder, sign(manifest_for(result, set_type="safety", prefix=prefix, dbname=dbname),
                                 ctx.keys.signing_key))
     ctx.log.info("safety backup written", file=result.file.name, size=human_bytes(result.file.size))
-    return {"file": result.file.name, "size": result.file.size, "sha256": result.file.sha256}
+    return SafetyBackup(file=result.file.name, size=result.file.size, sha256=result.file.sha256)
 
 
-def _verify_restored(ctx: JobContext, backup_set: BackupSet, target: str) -> dict[str, Any]:
+def _verify_restored(ctx: JobContext, details: PostgresDetails | None, target: str,
+                     report: PostgresRestoreReport) -> None:
+    """What `target` holds now against the tables the backup recorded, into the report."""
     pg = ctx.config.postgres
     with connect(pg, target) as conn:
-        found = table_stats(conn, checksums=False,
-                            legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None))
-    expected = backup_set.manifest.details.get("tables") if backup_set.manifest else None
+        found = table_stats(conn, checksums=False, legacy=legacy_keys(details))
+    expected = details.tables if details is not None and details.has("tables") else None
     problems = compare_stats(expected, found) if expected is not None else []
-    return {"tables": len(found), "rows": sum(t["rows"] for t in found.values()), "problems": problems,
-            "verified": not problems}
+    report.tables, report.rows = len(found), sum(t["rows"] for t in found.values())
+    report.problems, report.verified = problems, not problems

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from kkua_backupd.core.context import (
     JobContext,
@@ -20,6 +19,7 @@ from kkua_backupd.sources import BackupOptions, RestoreOptions
 from kkua_backupd.sources.postgres.backup import dump, manifest_files, manifest_for
 from kkua_backupd.sources.postgres.client import KIND
 from kkua_backupd.sources.postgres.load import drop_unfinished_databases
+from kkua_backupd.sources.postgres.manifest import PostgresDetails
 from kkua_backupd.sources.postgres.restore import PostgresRestore
 from kkua_backupd.sources.postgres.verify import test_restore_file, verify_set
 from kkua_backupd.store.signing import sign
@@ -47,7 +47,7 @@ class PostgresSource:
         prefix = PREFIXES[KIND]["backup"]
         result = dump(ctx, folder, prefix=prefix, fmt=pg.format, compression=pg.compression,
                       dbname=pg.database, checksums=want_test)
-        extra: dict[str, Any] = {}
+        test_restore = None
         status, error = "ok", None
         if result.problems:
             status, error = "failed", f"dump would not restore: {result.problems[0]}"
@@ -56,11 +56,11 @@ class PostgresSource:
             outcome = test_restore_file(ctx, folder / result.file.name, result.fmt, result.compression,
                                          set_id=result.set_id, expected=result.tables, expected_file=written[0],
                                          objects=result.objects, members=written)
-            extra["test_restore"] = outcome
-            if outcome["ran"] and not outcome["ok"]:
-                status, error = "failed", f"test restore failed: {outcome['error']}"
+            test_restore = outcome
+            if outcome.ran and not outcome.ok:
+                status, error = "failed", f"test restore failed: {outcome.error}"
         manifest = manifest_for(result, set_type="backup", prefix=prefix, dbname=pg.database, status=status,
-                                 error=error, extra=extra, total_seconds=time.monotonic() - started)
+                                 error=error, test_restore=test_restore, total_seconds=time.monotonic() - started)
         manifest = sign(manifest, ctx.keys.signing_key)
         write_manifest(folder, manifest)
         return manifest
@@ -69,12 +69,12 @@ class PostgresSource:
         """Raises JobError when the set is marked failed, or ok but unverified (its test restore could not
         run); else logs the backup's end."""
         file = manifest.files[0]
-        test = manifest.details.get("test_restore")
-        if test is not None and not test["ok"] and not test["ran"]:
+        test = manifest.details_as(PostgresDetails).tested
+        if test is not None and not test.ok and not test.ran:
             ctx.log.error("backup is ok but unverified: its test restore could not run", file=file.name,
-                          reason=test["error"])
+                          reason=test.error)
             raise JobError(f"backup {file.name} is ok but unverified: its test restore could not run: "
-                           f"{test['error']}", hint="the set stays usable; fix the cause, then run `kkua-backup "
+                           f"{test.error}", hint="the set stays usable; fix the cause, then run `kkua-backup "
                                                     f"verify {manifest.id} --restore-test`")
         if manifest.status != "ok":
             ctx.log.error("backup marked failed", file=file.name, reason=manifest.error)

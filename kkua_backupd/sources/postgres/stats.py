@@ -5,10 +5,12 @@ objects and lock slots a restore in one transaction needs.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Mapping
 
 import psycopg
 from psycopg import sql
+
+from kkua_backupd.sources.postgres.manifest import PostgresDetails, TableStats
 
 # Every user table (not system, not owned by an extension): what counts and checksums cover.
 TABLES_SQL = """
@@ -98,20 +100,21 @@ def table_key(schema: str, name: str, *, legacy: bool = False) -> str:
     return f"{ident(schema)}.{ident(name)}"
 
 
-def legacy_keys(details: dict[str, Any] | None) -> bool:
-    """Whether a manifest's table keys were written before they were quoted."""
-    return bool(details) and details.get("table_keys") != TABLE_KEYS  # type: ignore[union-attr]
+def legacy_keys(details: PostgresDetails | None) -> bool:
+    """Whether a manifest's table keys were written before they were quoted (a manifest without details
+    says nothing: not legacy)."""
+    return details is not None and bool(details.stored()) and details.table_keys != TABLE_KEYS
 
 
 def table_stats(conn: psycopg.Connection, *, checksums: bool, snapshot: str | None = None,
-                legacy: bool = False) -> dict[str, dict[str, Any]]:
+                legacy: bool = False) -> dict[str, TableStats]:
     """Row count (and an order-independent content checksum) of every user table.
 
     Tables are counted STATS_BATCH at a time, each batch in a transaction of its own (importing
     `snapshot` when given), so the locks held at once stay few however many tables there are:
     pg_dump already holds one per table. `conn` must be in autocommit mode."""
     tables = [(str(a), str(b)) for a, b in conn.execute(TABLES_SQL).fetchall()]
-    stats: dict[str, dict[str, Any]] = {}
+    stats: dict[str, TableStats] = {}
     for first in range(0, len(tables), STATS_BATCH):
         batch = tables[first:first + STATS_BATCH]
         parts = []
@@ -130,7 +133,7 @@ def table_stats(conn: psycopg.Connection, *, checksums: bool, snapshot: str | No
             row = conn.execute(query).fetchone()
         assert row is not None
         for (schema, name), values in zip(batch, row, strict=True):
-            entry: dict[str, Any] = {"rows": int(values[0])}
+            entry = TableStats(rows=int(values[0]))
             if checksums:
                 entry["checksum"] = values[1]
             stats[table_key(schema, name, legacy=legacy)] = entry
@@ -151,7 +154,7 @@ def missing_roles(conn: psycopg.Connection, roles: list[str]) -> list[str]:
     return [r for r in roles if r not in present]
 
 
-def compare_stats(expected: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]]) -> list[str]:
+def compare_stats(expected: Mapping[str, TableStats], found: Mapping[str, TableStats]) -> list[str]:
     """Differences between two table_stats results, one readable line each (empty when equal)."""
     problems = []
     for table in sorted(set(expected) - set(found)):

@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 
 from kkua_backupd.core.context import (
+    CheckedSet,
     JobContext,
     VerifyReport,
     check_signed,
@@ -56,6 +57,7 @@ from kkua_backupd.sources.postgres.load import (
     script_from_archive,
     unpack_directory,
 )
+from kkua_backupd.sources.postgres.manifest import RestoreTest, TableStats, details_of
 from kkua_backupd.sources.postgres.pg_sql import SqlStream
 from kkua_backupd.sources.postgres.stats import compare_stats, legacy_keys, lock_capacity, table_stats
 from kkua_backupd.store.lock import TargetLock
@@ -79,12 +81,12 @@ from kkua_backupd.stream.pipeline import stream_chunks
 
 
 def test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *, set_id: str,  # noqa: PLR0913 - keyword-only, typed with the flows
-                       expected: dict[str, dict[str, Any]], expected_file: ManifestFile | None,
+                       expected: dict[str, TableStats], expected_file: ManifestFile | None,
                        legacy: bool = False, archive_major: int | None = None, objects: int = 0,
-                       members: Sequence[ManifestFile] = ()) -> dict[str, Any]:
+                       members: Sequence[ManifestFile] = ()) -> RestoreTest:
     """Restore a file into a scratch database, compare its tables with `expected`, always drop it.
 
-    Returns {"ok", "ran", "database", "tables", "rows", "seconds", "problems", "error"}; never raises.
+    Returns the outcome (ok, ran, database, tables, rows, seconds, problems, error); never raises.
     `ran` is False when the test could not run at all (server unreachable, no suitable client, no right
     to create the scratch database): that says nothing about the backup, which then stays ok but
     unverified. Only a restore that ran and failed, or a result that differs, is a failed test.
@@ -92,7 +94,7 @@ def test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *
     pg = ctx.config.postgres
     scratch = scratch_name(set_id)
     started = time.monotonic()
-    outcome: dict[str, Any] = {"ok": False, "ran": False, "database": scratch, "error": None, "problems": []}
+    outcome = RestoreTest(ok=False, ran=False, database=scratch, error=None, problems=[])
     ctx.log.info("test restore started", file=path.name, scratch_database=scratch)
     admin: psycopg.Connection | None = None
     try:
@@ -101,12 +103,12 @@ def test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *
         scratch_db = NewDatabase(ctx, admin, scratch, f"test restore of {path.name}")
         scratch_db.create()
     except (KkuaError, psycopg.Error) as exc:
-        outcome["error"] = str(exc).strip().splitlines()[0]
+        outcome.error = str(exc).strip().splitlines()[0]
         if admin is not None:
             admin.close()
         admin = None
     if admin is not None:
-        outcome["ran"] = True
+        outcome.ran = True
         try:
             progress = Progress(f"test restore {path.name}", enabled=ctx.interactive)
             restore_into(ctx, bin_dir, scratch, path, fmt, compression, wipe=False, new_database=True,
@@ -116,29 +118,29 @@ def test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *
             checksums = any("checksum" in t for t in expected.values())
             with connect(pg, scratch) as conn:
                 found = table_stats(conn, checksums=checksums, legacy=legacy)
-            outcome["problems"] = compare_stats(expected, found)
-            outcome.update(tables=len(found), rows=sum(t["rows"] for t in found.values()),
-                           checksums=checksums)
-            outcome["ok"] = not outcome["problems"]
-            if outcome["problems"]:
-                outcome["error"] = "; ".join(outcome["problems"][:5])
+            outcome.problems = compare_stats(expected, found)
+            outcome.tables, outcome.rows = len(found), sum(t["rows"] for t in found.values())
+            outcome.checksums = checksums
+            outcome.ok = not outcome.problems
+            if outcome.problems:
+                outcome.error = "; ".join(outcome.problems[:5])
         except (KkuaError, psycopg.Error) as exc:
-            outcome["error"] = str(exc).strip().splitlines()[0]
+            outcome.error = str(exc).strip().splitlines()[0]
         finally:
             try:
                 scratch_db.drop()
             except psycopg.Error as exc:
                 ctx.log.error("scratch database could not be dropped", database=scratch, error=str(exc).strip())
             admin.close()
-    outcome["seconds"] = round(time.monotonic() - started, 2)
-    if outcome["ok"]:
-        ctx.log.info("test restore passed", file=path.name, tables=outcome["tables"], rows=outcome["rows"],
-                     checksums="compared" if outcome.get("checksums") else "not recorded",
-                     seconds=outcome["seconds"])
-    elif not outcome["ran"]:
-        ctx.log.error("test restore could not run", file=path.name, error=outcome["error"])
+    outcome.seconds = round(time.monotonic() - started, 2)
+    if outcome.ok:
+        ctx.log.info("test restore passed", file=path.name, tables=outcome.tables, rows=outcome.rows,
+                     checksums="compared" if outcome.checksums else "not recorded",
+                     seconds=outcome.seconds)
+    elif not outcome.ran:
+        ctx.log.error("test restore could not run", file=path.name, error=outcome.error)
     else:
-        ctx.log.error("test restore failed", file=path.name, error=outcome["error"])
+        ctx.log.error("test restore failed", file=path.name, error=outcome.error)
     return outcome
 
 
@@ -154,7 +156,9 @@ def sql_problems(scanner: SqlStream, *, made_by_us: bool) -> list[str]:
 def set_format(backup_set: BackupSet) -> tuple[str, str]:
     """(format, compression) of a set, from its manifest or, for files made without one, its name."""
     if backup_set.manifest is not None:
-        return backup_set.manifest.details.get("format", "plain"), backup_set.manifest.files[0].compression
+        details = details_of(backup_set)
+        assert details is not None
+        return details.format, backup_set.manifest.files[0].compression
     name = without_encryption_suffix(backup_set.name)
     compression = compression_of(name)
     stem = without_compression(name)
@@ -213,7 +217,7 @@ def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compressi
     return CheckResult(archive.size, archive.sha256, archive.raw), scanner, None
 
 
-def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
+def check_set(ctx: JobContext, backup_set: BackupSet) -> CheckedSet:
     """Check every file of a set against its manifest (size, sha256) and decompress it fully; a plain
     dump's SQL is read as psql would read it, a custom archive is read to its end by pg_restore (and its
     SQL read the same way), a directory set is unpacked and read the same way (`_check_directory`). Raises
@@ -224,7 +228,7 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
     fmt = set_format(backup_set)[0]
     if fmt == "directory" and files:
         with scratch_folder(backup_set.folder) as scratch:
-            return {"files": check_directory(ctx, backup_set, scratch, read_sql=True)}
+            return CheckedSet(files=check_directory(ctx, backup_set, scratch, read_sql=True))
     targets = [(f.name, f.compression, f) for f in files] if files else \
         [(backup_set.name, set_format(backup_set)[1], None)]
     for name, compression, expected in targets:
@@ -256,7 +260,7 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
         ctx.log.info("file checked", file=name, size=human_bytes(result.size),
                      checksum="ok" if expected is not None else "not recorded (no manifest)", decompress="ok",
                      **({"pg_restore": "reads it to its end"} if fmt == "custom" else {}))
-    return {"files": results}
+    return CheckedSet(files=results)
 
 
 _TABLE_DATA = re.compile(rb"^(\d+); \d+ \d+ TABLE DATA ", re.MULTILINE)
@@ -311,15 +315,16 @@ def check_directory(ctx: JobContext, backup_set: BackupSet, scratch: Path, *, re
 
 def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
     """`verify`: check the files and, if asked, restore them into a scratch database and compare."""
-    def test() -> dict[str, Any]:
+    def test() -> RestoreTest:
         fmt, compression = set_format(backup_set)
-        expected = backup_set.manifest.details.get("tables", {}) if backup_set.manifest else {}
+        details = details_of(backup_set)
         with TargetLock(ctx.config.backup_dir, KIND, "verify --restore-test"):
             return test_restore_file(
-                ctx, backup_set.path(), fmt, compression, set_id=backup_set.id or "adhoc", expected=expected,
-                legacy=legacy_keys(backup_set.manifest.details if backup_set.manifest else None),
+                ctx, backup_set.path(), fmt, compression, set_id=backup_set.id or "adhoc",
+                expected=details.tables if details is not None else {},
+                legacy=legacy_keys(details),
                 archive_major=archive_major_of(backup_set),
-                objects=int(backup_set.manifest.details.get("objects", 0)) if backup_set.manifest else 0,
+                objects=details.objects if details is not None else 0,
                 expected_file=backup_set.manifest.files[0] if backup_set.manifest else None,
                 members=backup_set.manifest.files if backup_set.manifest else ())
 
@@ -329,15 +334,18 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
     except KeyMissing as missing:  # an encrypted set on a host without its key: the checksums still say much
         if restore_test:
             raise
-        return verify_report(backup_set, {**checksums_only(ctx, backup_set, missing), "signature": signature}, None)
+        checked = checksums_only(ctx, backup_set, missing)
+        checked.signature = signature
+        return verify_report(backup_set, checked, None)
     except IntegrityError as exc:
         if "would not restore" in exc.message:
             _mark_failed(ctx, backup_set, exc.message)
         raise
-    report = verify_report(backup_set, {**checked, "signature": signature}, test if restore_test else None)
+    checked.signature = signature
+    report = verify_report(backup_set, checked, test if restore_test else None)
     outcome = report.restore_test
-    if outcome and outcome.get("ran") and not outcome["ok"]:
-        _mark_failed(ctx, backup_set, f"test restore failed: {outcome['error']}")
+    if isinstance(outcome, RestoreTest) and outcome.ran and not outcome.ok:
+        _mark_failed(ctx, backup_set, f"test restore failed: {outcome.error}")
     return report
 
 

@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from kkua_backupd.core.context import JobContext, VerifyReport, check_signed, checksums_only, verify_report
+from kkua_backupd.core.context import (
+    CheckedSet,
+    JobContext,
+    VerifyReport,
+    check_signed,
+    checksums_only,
+    verify_report,
+)
 from kkua_backupd.errors import (
     CommandFailed,
     IntegrityError,
@@ -44,6 +51,7 @@ from kkua_backupd.proc import execute
 from kkua_backupd.safefs import open_folder
 from kkua_backupd.sources import BackupOptions, RestoreOptions
 from kkua_backupd.sources.redis.local import LocalRedis, find_redis_bin
+from kkua_backupd.sources.redis.manifest import AofDetails, LoadTest, RdbDetails, RedisDetails, details_of
 from kkua_backupd.sources.redis.protocol import (
     SyncRefused,
     bgsave,
@@ -515,11 +523,11 @@ class _ChainFile(io.RawIOBase):
         return len(chunk)
 
 
-def write_aof(ctx: JobContext, source: AofSource, path: Path, compression: str) -> tuple[FileInfo, dict[str, Any]]:
+def write_aof(ctx: JobContext, source: AofSource, path: Path, compression: str) -> tuple[FileInfo, AofDetails]:
     """Archive the AOF into `path`: the multi-part folder as a tar (manifest first, then the base and incr
     files it names), the single file as it is; raises JobError if the files change under us."""
     cfg = ctx.config.redis
-    details: dict[str, Any] = {"form": source.form, "name": source.name}
+    details = AofDetails(form=source.form, name=source.name)
     with open_chain(path, compression, cfg.compression_level, cfg.threads, ctx.stages) as out:
         try:
             if source.form == "single":
@@ -544,8 +552,8 @@ def write_aof(ctx: JobContext, source: AofSource, path: Path, compression: str) 
                             raise JobError(f"AOF backup: {member} disappeared while it was archived (an AOF "
                                            "rewrite ran)", hint="run the backup again") from None
                         members.append(name)
-                details["members"] = members
-            details["bytes"] = out.raw
+                details.members = members
+            details.bytes = out.raw
         except OSError as exc:
             raise storage_error(exc, source.base / source.name, "read") from None
         return out.close(), details
@@ -593,7 +601,7 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
                 for role, info in side.publish():
                     files.append(ManifestFile(name=info.name, size=info.size, sha256=info.sha256, role=role,
                                               compression=compression))
-            aof_details: dict[str, Any] | None = None
+            aof_details: AofDetails | None = None
             aof_seconds = 0.0
             if aof_source is not None:
                 aof_started = time.monotonic()
@@ -602,8 +610,8 @@ def _make_set(ctx: JobContext, folder: Path, *, prefix: str, set_type: str, want
                 made.append(folder / info.name)
                 files.append(ManifestFile(name=info.name, size=info.size, sha256=info.sha256, role="aof",
                                           compression=compression))
-                ctx.log.info("AOF archived", file=info.name, form=aof_details["form"], bytes=info.size,
-                             members=len(aof_details.get("members", [])) or None)
+                ctx.log.info("AOF archived", file=info.name, form=aof_details.form, bytes=info.size,
+                             members=len(aof_details.members or []) or None)
             manifest = _manifest(prefix, set_type, set_id, created, files, rdb, version, compression, aof_details,
                                  timings={"capture_seconds": round(rdb.seconds, 3),
                                           "server_wait_seconds": round(rdb.wait_seconds, 3),
@@ -711,25 +719,25 @@ def _config_text(ctx: JobContext, client: redis.Redis, version: str, stamp: str)
 
 
 def _manifest(prefix: str, set_type: str, set_id: str, created: Any, files: list[ManifestFile], rdb: RdbCapture,  # noqa: PLR0913, PLR0917 - manifest fields, typed with the flows
-              version: str, compression: str, aof: dict[str, Any] | None, *, timings: dict[str, float]) -> Manifest:
+              version: str, compression: str, aof: AofDetails | None, *, timings: dict[str, float]) -> Manifest:
     summary: RdbSummary = rdb.check["summary"]
     # Counts per database come from the RDB itself: exactly what the backup holds (keys already past their
     # expiry included, which a server drops when it loads them).
-    details: dict[str, Any] = {
-        "server_version": version, "rdb_version": rdb.rdb_version, "capture": rdb.method, "transfer": rdb.form,
-        "compression": compression, "uncompressed_bytes": rdb.raw_size,
-        "keyspace": {str(db): n for db, n in sorted(summary.keys.items())},
-        "expires_per_db": {str(db): n for db, n in sorted(summary.expires.items())},
-        "keys": summary.total_keys, "expires": sum(summary.expires.values()),
-        "keyspace_exact": True, "keyspace_info": {db: c["keys"] for db, c in rdb.keyspace.items()},
-        "redis_check_rdb": rdb.check["redis_check_rdb"], "rdb": summary.as_details(),
-    }
+    details = RedisDetails(
+        server_version=version, rdb_version=rdb.rdb_version, capture=rdb.method, transfer=rdb.form,
+        compression=compression, uncompressed_bytes=rdb.raw_size,
+        keyspace={str(db): n for db, n in sorted(summary.keys.items())},
+        expires_per_db={str(db): n for db, n in sorted(summary.expires.items())},
+        keys=summary.total_keys, expires=sum(summary.expires.values()),
+        keyspace_exact=True, keyspace_info={db: c["keys"] for db, c in rdb.keyspace.items()},
+        redis_check_rdb=rdb.check["redis_check_rdb"], rdb=RdbDetails.model_validate(summary.as_details()),
+    )
     if rdb.fallback_reason:
-        details["sync_refused"] = rdb.fallback_reason
+        details.sync_refused = rdb.fallback_reason
     if aof is not None:
-        details["aof"] = aof
+        details.aof = aof
     data = base_manifest(KIND, set_type, prefix, set_id, created)
-    data.update(finished_at=now_local(), details=details, timings=timings, files=files)
+    data.update(finished_at=now_local(), details=details.stored(), timings=timings, files=files)
     return Manifest.model_validate(data)
 
 
@@ -748,13 +756,13 @@ class RedisSource:
                          extras=True)
 
     def finished(self, ctx: JobContext, manifest: Manifest, started: float) -> None:
-        details = manifest.details
-        if details["capture"] == "bgsave":
-            ctx.log.warning("this backup used BGSAVE because SYNC is not allowed", reason=details.get("sync_refused"))
+        details = manifest.details_as(RedisDetails)
+        if details.capture == "bgsave":
+            ctx.log.warning("this backup used BGSAVE because SYNC is not allowed", reason=details.sync_refused)
         ctx.log.info("backup finished", file=manifest.files[0].name, id=manifest.id,
-                     bytes=sum(f.size for f in manifest.files), keys=details["keys"],
-                     databases=len(details["keyspace"]), capture=details["capture"],
-                     rdb_version=details["rdb_version"], seconds=round(time.monotonic() - started, 2))
+                     bytes=sum(f.size for f in manifest.files), keys=details.keys,
+                     databases=len(details.keyspace), capture=details.capture,
+                     rdb_version=details.rdb_version, seconds=round(time.monotonic() - started, 2))
 
     def verify_set(self, ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) -> VerifyReport:
         return verify_set(ctx, backup_set, restore_test=restore_test)
@@ -804,13 +812,13 @@ def _check_rdb_file(ctx: JobContext, path: Path, compression: str, progress: Pro
     return result
 
 
-def check_set(ctx: JobContext, backup_set: BackupSet) -> dict[str, Any]:
+def check_set(ctx: JobContext, backup_set: BackupSet) -> CheckedSet:
     """`check_files` as a JSON-ready report: {"files": [{name, role, size, sha256, uncompressed, checksum,
     ...}], "rdb_version": n | None}."""
     return check_files(ctx, backup_set)[0]
 
 
-def check_files(ctx: JobContext, backup_set: BackupSet) -> tuple[dict[str, Any], RdbSummary | None]:
+def check_files(ctx: JobContext, backup_set: BackupSet) -> tuple[CheckedSet, RdbSummary | None]:
     """Check every file of a set against its manifest (size, sha256) and decompress it fully; the RDB is
     read through by our own reader (every record, counts, CRC-64), and by `redis-check-rdb` too where the
     local one knows its version. Raises IntegrityError on any difference, RdbNotUnderstood for a type this
@@ -854,7 +862,7 @@ def check_files(ctx: JobContext, backup_set: BackupSet) -> tuple[dict[str, Any],
                      checksum="ok" if expected is not None else "not recorded (no manifest)", decompress="ok",
                      rdb_version=entry.get("rdb_version"), keys=entry.get("keys"), crc64=(entry.get("rdb") or {}).get(
                          "crc64"), redis_check_rdb=entry.get("redis_check_rdb"))
-    return {"files": results, "rdb_version": version}, summary
+    return CheckedSet(files=results, rdb_version=version), summary
 
 
 def same_sha256(path: Path, name: str, expected: str) -> None:
@@ -919,16 +927,16 @@ class _DecodeEverything:
         return
 
 
-def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None = None) -> dict[str, Any]:
+def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None = None) -> LoadTest:
     """The restore test of a set: every value of its RDB decoded by the reader a logical restore uses (no
     local server needed), key counts per database compared with the manifest, and, where a local
-    redis-server can read this RDB, a load into a throwaway one with its counts compared too. Returns
-    {"ok", "keys", "databases", "seconds", "problems", "error", "loaded"}; never raises for a backup that
-    does not pass (that is the result)."""
+    redis-server can read this RDB, a load into a throwaway one with its counts compared too. Returns the
+    outcome (ok, keys, databases, seconds, problems, error, loaded); never raises for a backup that does not
+    pass (that is the result)."""
     started = time.monotonic()
-    outcome: dict[str, Any] = {"ok": False, "error": None, "problems": [], "loaded": None}
+    outcome = LoadTest(ok=False, error=None, problems=[], loaded=None)
     name, _, compression, expected = next(f for f in set_files(backup_set) if f[1] == "rdb")
-    details = backup_set.manifest.details if backup_set.manifest else {}
+    details = details_of(backup_set)
     folder = Path(tempfile.mkdtemp(prefix="kkua-verify-redis-"))
     try:
         valkey = summary.valkey if summary is not None else False
@@ -938,14 +946,14 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
             scanner.feed(chunk)
         read = scanner.finish()
         found = {str(db): n for db, n in sorted(read.keys.items())}
-        outcome.update(keys=read.total_keys, databases=found, values_decoded=decoder.values)
-        if "keyspace" in details:
-            outcome["problems"] = compare_counts(details["keyspace"], details.get("expires_per_db", {}), found)
+        outcome.keys, outcome.databases, outcome.values_decoded = read.total_keys, found, decoder.values
+        if details is not None and details.has("keyspace"):
+            outcome.problems = compare_counts(details.keyspace, details.expires_per_db, found)
         ctx.log.info("every value decoded", file=name, values=decoder.values, crc64=read.checksum)
         local = local_server_version(ctx.config.redis.bin_dir)
         readable = max_rdb_version(local) if local else 0
         if local is None or read.magic != "REDIS" or read.version > readable:
-            outcome["loaded"] = (f"not loaded into a server: the local redis-server {local or '(none)'} reads RDB up "
+            outcome.loaded = (f"not loaded into a server: the local redis-server {local or '(none)'} reads RDB up "
                                  f"to {readable}, this is {read.magic} {read.version}")
         else:
             with AtomicFile(folder / "dump.rdb", 0o600) as out:
@@ -956,22 +964,22 @@ def test_load(ctx: JobContext, backup_set: BackupSet, summary: RdbSummary | None
             with LocalRedis(folder, settings={"dbfilename": "dump.rdb"},
                             bin_dir=ctx.config.redis.bin_dir) as server, server.client() as client:
                 loaded = {db: c["keys"] for db, c in keyspace(client.info("keyspace")).items()}
-            outcome["loaded"] = f"loaded by redis-server {local}"
-            outcome["problems"] += [f"loaded by redis-server: {p}" for p in compare_counts(
+            outcome.loaded = f"loaded by redis-server {local}"
+            outcome.problems += [f"loaded by redis-server: {p}" for p in compare_counts(
                 found, {str(db): n for db, n in read.expires.items()}, loaded)]
-        outcome["ok"] = not outcome["problems"]
-        if outcome["problems"]:
-            outcome["error"] = "; ".join(outcome["problems"][:5])
+        outcome.ok = not outcome.problems
+        if outcome.problems:
+            outcome.error = "; ".join(outcome.problems[:5])
     except (KkuaError, redis.RedisError, OSError) as exc:
-        outcome["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        outcome.error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    outcome["seconds"] = round(time.monotonic() - started, 2)
-    if outcome["ok"]:
-        ctx.log.info("test load passed", file=name, keys=outcome["keys"], seconds=outcome["seconds"],
-                     server=outcome["loaded"])
+    outcome.seconds = round(time.monotonic() - started, 2)
+    if outcome.ok:
+        ctx.log.info("test load passed", file=name, keys=outcome.keys, seconds=outcome.seconds,
+                     server=outcome.loaded)
     else:
-        ctx.log.error("test load failed", file=name, error=outcome["error"])
+        ctx.log.error("test load failed", file=name, error=outcome.error)
     return outcome
 
 
@@ -983,6 +991,9 @@ def verify_set(ctx: JobContext, backup_set: BackupSet, *, restore_test: bool) ->
     except KeyMissing as missing:  # an encrypted set on a host without its key: the checksums still say much
         if restore_test:
             raise
-        return verify_report(backup_set, {**checksums_only(ctx, backup_set, missing), "signature": signature}, None)
-    return verify_report(backup_set, {**report, "signature": signature},
+        checked = checksums_only(ctx, backup_set, missing)
+        checked.signature = signature
+        return verify_report(backup_set, checked, None)
+    report.signature = signature
+    return verify_report(backup_set, report,
                          (lambda: test_load(ctx, backup_set, summary)) if restore_test else None)

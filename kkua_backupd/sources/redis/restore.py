@@ -30,13 +30,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from kkua_backupd.config import Config, RedisConfig
-from kkua_backupd.core.context import JobContext, RestorePlan
+from kkua_backupd.core.context import JobContext, RestorePlan, RestoreReport, SafetyBackup
 from kkua_backupd.errors import (
     CommandFailed,
     ConnectionFailed,
@@ -57,6 +57,7 @@ from kkua_backupd.sources.redis.copy import Plan as CopyPlan
 from kkua_backupd.sources.redis.copy import Target as TargetInfo
 from kkua_backupd.sources.redis.copy import copy, describe_server, flush_databases, plan_copy
 from kkua_backupd.sources.redis.local import LocalRedis
+from kkua_backupd.sources.redis.manifest import details_of
 from kkua_backupd.sources.redis.rdb import NEWEST_REDIS_RDB, NEWEST_VALKEY_RDB, RdbScanner, RdbSummary, file_header
 from kkua_backupd.store.storage import PREFIXES, BackupSet, ManifestFile, resolve
 from kkua_backupd.stream.chain import compression_of, read_chain
@@ -253,6 +254,41 @@ def _counts(data: dict[Any, Any]) -> dict[int, int]:
 # The restore's steps (their order is core/flows.restore's)
 
 
+class RedisRestoreReport(RestoreReport):
+    """A Redis restore: how (mode, AOF, --flush), the server and the RDB version, what the copy or the file
+    swap did, and the keys the server holds afterwards (`differences`: how they differ from the backup)."""
+
+    ORDER: ClassVar[tuple[str, ...]] = (
+        "kind", "file", "id", "mode", "aof", "flush", "safety_backup", "rdb_version", "server_version", "check",
+        "aof_handling", "moved_aside", "keys", "databases", "expired_skipped", "converted", "by_commands",
+        "functions", "copy_seconds", "keys_per_second", "flushed", "notes", "aof_enabled", "counts_match",
+        "differences", "seconds")
+    mode: str
+    aof: bool
+    flush: bool
+    rdb_version: int | None = None  # the set's RDB (not for an AOF)
+    server_version: str | None = None
+    aof_handling: str | None = None  # file mode
+    moved_aside: list[str] = Field(default_factory=list)  # file mode
+    keys: int = 0
+    databases: dict[str, int] = Field(default_factory=dict)
+    expired_skipped: int = 0
+    converted: int = 0  # logical mode
+    by_commands: int = 0
+    functions: int = 0
+    copy_seconds: float = 0.0
+    keys_per_second: int = 0
+    flushed: list[int] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    aof_enabled: bool | None = None  # file mode
+    counts_match: bool | None = None  # None: no manifest to compare with
+    differences: list[str] = Field(default_factory=list)
+
+    @property
+    def safety_file(self) -> str | None:
+        return self.safety_backup.file if self.safety_backup is not None else None
+
+
 @dataclass(frozen=True)
 class _Request:
     """One restore as asked and as checked: the set and the file chosen from it, the target as found, the
@@ -262,7 +298,7 @@ class _Request:
     backup_set: BackupSet
     source: Source
     target: TargetInfo
-    report: dict[str, Any]
+    report: RedisRestoreReport
     flush: bool
     safety_backup: bool
 
@@ -301,9 +337,8 @@ class RedisRestore:
         self.target = f"{rc.host}:{rc.port}"
         self.requested = {"mode": self.mode, "flush": options.flush, "host": rc.host, "port": rc.port}
         self.target_field = {"server": self.target}
-        self.report: dict[str, Any] = {"kind": KIND, "file": self.name, "id": self.backup_set.id,
-                                       "mode": self.mode, "aof": self.source.aof, "flush": options.flush,
-                                       "safety_backup": None}
+        self.report = RedisRestoreReport(kind=KIND, file=self.name, id=self.backup_set.id, mode=self.mode,
+                                         aof=self.source.aof, flush=options.flush, safety_backup=None)
         self._earlier: str | None = None
         self._summary: RdbSummary | None = None
         self._req: _Request | None = None
@@ -334,9 +369,9 @@ class RedisRestore:
             raise
         try:
             if not source.aof:
-                report["rdb_version"] = check_rdb_version(ctx, path, source, target, self.mode)
-            report["server_version"] = target.version
-            report["check"], self._summary = check_files(ctx, backup_set)
+                report.rdb_version = check_rdb_version(ctx, path, source, target, self.mode)
+            report.server_version = target.version
+            report.check, self._summary = check_files(ctx, backup_set)
         except (IntegrityError, VersionTooNew):
             # A reader stopped at damage before any sha256 was complete: a file of the right size that is
             # not the one the backup wrote is named as such first (a wrong size has its own message).
@@ -389,7 +424,7 @@ class RedisRestore:
             self._layout, self._stamp, lines = _file_plan(self.req)
         return RestorePlan(self.backup_set, self.target, True, True, self.options.safety_backup, lines)
 
-    def safety_backup(self) -> dict[str, Any]:
+    def safety_backup(self) -> SafetyBackup:
         return _safety_backup(self.req)
 
     def apply(self) -> None:
@@ -404,20 +439,19 @@ class RedisRestore:
         _compare_counts(self.backup_set, self.report)
         if self._earlier:
             _clear_marker(self.ctx)  # the server answered and holds what this restore put there
-        differences: list[str] = self.report["differences"]
-        return differences
+        return self.report.differences
 
     def undo_hint(self) -> str:
-        safety = (self.report["safety_backup"] or {}).get("file")
+        safety = self.report.safety_file
         return (f"the data from before is in {safety} (undo with: {undo_command(safety)})" if safety
                 else "no safety backup was taken (--no-safety-backup)")
 
     def finished(self) -> None:
         report = self.report
-        self.ctx.log.info("restore finished", file=self.name, mode=self.mode, keys=report["keys"],
-                          databases=report["databases"], seconds=report["seconds"],
-                          counts="match the backup" if report["counts_match"] else
-                          "not compared (no manifest)" if report["counts_match"] is None else
+        self.ctx.log.info("restore finished", file=self.name, mode=self.mode, keys=report.keys,
+                          databases=report.databases, seconds=report.seconds,
+                          counts="match the backup" if report.counts_match else
+                          "not compared (no manifest)" if report.counts_match is None else
                           "differ from the backup")
 
 
@@ -426,7 +460,8 @@ def _plan_lines(req: _Request, effect: str) -> list[str]:
     rc = ctx.config.redis
     m = backup_set.manifest
     made = m.created_at.strftime("%Y-%m-%d %H:%M:%S %z") if m else "unknown (no manifest)"
-    counts = _counts(m.details.get("keyspace", {})) if m else {}
+    details = details_of(backup_set)
+    counts = _counts(details.keyspace) if details is not None else {}
     now = ", ".join(f"db{db}: {n}" for db, n in sorted(target.keyspace.items())) or "empty"
     lines = [f"Restore {source.name}",
              f"  made:      {made}, {human_bytes(backup_set.size)}"
@@ -440,7 +475,7 @@ def _plan_lines(req: _Request, effect: str) -> list[str]:
     return lines
 
 
-def _safety_backup(req: _Request) -> dict[str, Any]:
+def _safety_backup(req: _Request) -> SafetyBackup:
     """The safety backup, taken after the confirmation: the last step before the first change."""
     ctx, backup_set = req.ctx, req.backup_set
     rc = ctx.config.redis
@@ -453,7 +488,7 @@ def _safety_backup(req: _Request) -> dict[str, Any]:
                        ) from None
     main = manifest.files[0]
     ctx.log.info("safety backup written", file=main.name, size=human_bytes(main.size))
-    return {"file": main.name, "size": main.size, "sha256": main.sha256}
+    return SafetyBackup(file=main.name, size=main.size, sha256=main.sha256)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,11 +533,11 @@ def _copy_logical(req: _Request, summary: RdbSummary, rdb: Callable[[Callable[[b
         raise _logical_failure(req, written, flushed, exc) from None
     seconds = max(time.monotonic() - copy_started, 1e-6)
     total = sum(stats.restored.values())
-    report.update({"keys": total, "databases": {str(db): n for db, n in sorted(stats.restored.items())},
-                   "expired_skipped": stats.expired, "converted": stats.converted, "by_commands": stats.by_commands,
-                   "functions": stats.functions,
-                   "copy_seconds": round(seconds, 2), "keys_per_second": round(total / seconds),
-                   "flushed": written if flush else [], "notes": plan.notes})
+    report.keys, report.databases = total, {str(db): n for db, n in sorted(stats.restored.items())}
+    report.expired_skipped, report.converted, report.by_commands = stats.expired, stats.converted, stats.by_commands
+    report.functions = stats.functions
+    report.copy_seconds, report.keys_per_second = round(seconds, 2), round(total / seconds)
+    report.flushed, report.notes = written if flush else [], plan.notes
     ctx.log.info("keys copied", keys=total, expired_skipped=stats.expired, converted=stats.converted,
                  size=human_bytes(stats.payload_bytes), seconds=round(seconds, 2),
                  keys_per_second=round(total / seconds))
@@ -526,7 +561,7 @@ def _logical_failure(req: _Request, written: list[int], flushed: list[int], exc:
              + (f" after db {', '.join(map(str, flushed))} had been emptied (--flush)" if flushed else
                 " over its previous data (the backup's keys replace those of the same name)")
              + f"; {holds}")
-    safety = (report.get("safety_backup") or {}).get("file")
+    safety = report.safety_file
     if safety:
         undo = f"to undo, restore the data from before: {undo_command(safety)}"
         fresh = [db for db in written if db not in target.keyspace]
@@ -556,7 +591,8 @@ def _throwaway(ctx: JobContext, backup_set: BackupSet, source: Source, tmp: Path
     """A local redis-server that has loaded the backup (RDB or AOF), stopped and removed afterwards."""
     folder = tmp / "server"
     folder.mkdir(mode=0o700)
-    recorded = _counts(backup_set.manifest.details.get("keyspace", {})) if backup_set.manifest else {}
+    details = details_of(backup_set)
+    recorded = _counts(details.keyspace) if details is not None else {}
     # Enough databases to load every one the backup has; a target with fewer is refused afterwards.
     settings = {"databases": str(max(16, target.databases, max(recorded, default=0) + 1)), "appendonly": "no",
                 "repl-diskless-sync-delay": "0"}
@@ -665,7 +701,7 @@ def _file_mode(req: _Request, layout: FileLayout, stamp: str) -> None:
     undo = _Undo(layout.dir)
     # Written before the stop, removed once the server answers again: if we are killed (kill -9 runs no
     # `finally`) while Redis is down, the next `restore` and `status` say so (interrupted_file_restore).
-    _write_marker(ctx, source, layout, report.get("safety_backup"))
+    _write_marker(ctx, source, layout, report.safety_file)
     in_place = False
     try:
         # Stop first: a server stopped after the file is placed would save its own data over it (SIGTERM save).
@@ -677,17 +713,17 @@ def _file_mode(req: _Request, layout: FileLayout, stamp: str) -> None:
         moved: list[str] = []
         if source.aof:
             moved = _install_aof(install, path, source)
-            report["aof_handling"] = "backup AOF installed"
+            report.aof_handling = "backup AOF installed"
         else:
             _install_rdb(install, path, source)
             if layout.appendonly:
                 moved = _rebuild_aof_from_rdb(ctx, layout, stamp, owner, undo)
-                report["aof_handling"] = "AOF moved aside and rebuilt from the restored RDB (as its base file)"
+                report.aof_handling = "AOF moved aside and rebuilt from the restored RDB (as its base file)"
             else:
-                report["aof_handling"] = "AOF off; nothing to do"
-        report["moved_aside"] = moved
+                report.aof_handling = "AOF off; nothing to do"
+        report.moved_aside = moved
         in_place = True
-        ctx.log.info("files in place", dir=str(layout.dir), aof=report["aof_handling"],
+        ctx.log.info("files in place", dir=str(layout.dir), aof=report.aof_handling,
                      moved_aside=", ".join(moved) or "-")
         _run_command(ctx, rc, rc.start_command or [], "start")
         _wait_loaded(rc)
@@ -700,10 +736,10 @@ def _file_mode(req: _Request, layout: FileLayout, stamp: str) -> None:
             persistence = client.info("persistence")
     except (redis.RedisError, OSError) as exc:
         raise redis_protocol.connection_error(rc, exc) from None
-    report.update({"keys": sum(counts.values()), "databases": {str(db): n for db, n in sorted(counts.items())},
-                   "expired_skipped": int(persistence.get("rdb_last_load_keys_expired", 0) or 0),
-                   "aof_enabled": bool(persistence.get("aof_enabled"))})
-    ctx.log.info("redis started with the restored data", keys=report["keys"], aof_enabled=report["aof_enabled"])
+    report.keys, report.databases = sum(counts.values()), {str(db): n for db, n in sorted(counts.items())}
+    report.expired_skipped = int(persistence.get("rdb_last_load_keys_expired", 0) or 0)
+    report.aof_enabled = bool(persistence.get("aof_enabled"))
+    ctx.log.info("redis started with the restored data", keys=report.keys, aof_enabled=report.aof_enabled)
 
 
 class _Undo:
@@ -859,12 +895,12 @@ def _marker_path(config: Config) -> Path:
     return config.state_file.parent / _MARKER
 
 
-def _write_marker(ctx: JobContext, source: Source, layout: FileLayout, safety: dict[str, Any] | None) -> None:
+def _write_marker(ctx: JobContext, source: Source, layout: FileLayout, safety: str | None) -> None:
     rc = ctx.config.redis
     path = _marker_path(ctx.config)
     doc = {"pid": os.getpid(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "file": source.name,
            "server": f"{rc.host}:{rc.port}", "dir": str(layout.dir), "start_command": rc.start_command or [],
-           "safety_backup": (safety or {}).get("file")}
+           "safety_backup": safety}
     try:
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         write_atomic(path, json.dumps(doc).encode())
@@ -1104,17 +1140,15 @@ def _wait_loaded(rc: RedisConfig) -> None:
 # After
 
 
-def _compare_counts(backup_set: BackupSet, report: dict[str, Any]) -> None:
+def _compare_counts(backup_set: BackupSet, report: RedisRestoreReport) -> None:
     """Compare key counts per database with what the backup recorded (a database may hold fewer keys by at
     most its keys with a TTL: they expire); the differences go into the report (refuse_different_result
     decides on them, as for every source)."""
-    m = backup_set.manifest
-    if m is None or "keyspace" not in m.details:
-        report["counts_match"] = None
-        report["differences"] = []
+    details = details_of(backup_set)
+    if details is None or not details.has("keyspace"):
+        report.counts_match = None
+        report.differences = []
         return
-    expected = {str(db): n for db, n in _counts(m.details["keyspace"]).items()}
-    expires = {str(db): n for db, n in _counts(m.details.get("expires_per_db", {})).items()}
-    differences = compare_counts(expected, expires, report["databases"])
-    report["counts_match"] = not differences
-    report["differences"] = differences
+    differences = compare_counts(details.keyspace, details.expires_per_db, report.databases)
+    report.counts_match = not differences
+    report.differences = differences
