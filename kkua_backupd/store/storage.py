@@ -26,18 +26,15 @@ from kkua_backupd import __version__
 from kkua_backupd.errors import KkuaError, Refused, StorageError, UsageError
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.safefs import open_folder, owner_problem, read_small
+from kkua_backupd.store.kinds import KINDS as KINDS  # noqa: PLC0414 (re-exported: the folder's kinds)
+from kkua_backupd.store.kinds import PREFIXES as PREFIXES  # noqa: PLC0414 (re-exported)
+from kkua_backupd.store.kinds import Kind as Kind  # noqa: PLC0414 (re-exported)
 from kkua_backupd.stream.pipeline import EXTENSIONS, storage_error, write_atomic
 
-Kind = Literal["postgres", "redis"]
-KINDS: tuple[Kind, ...] = ("postgres", "redis")
 ID_FORMAT = "%Y%m%d_%H%M%S"
 ID_RE = re.compile(r"^\d{8}_\d{6}$")
 MANIFEST_SUFFIX = ".manifest.json"
 PARTIAL_SUFFIX = ".partial"
-PREFIXES: dict[str, dict[str, str]] = {
-    "postgres": {"backup": "kkua_backup_", "safety": "safety_backup_before_restore_"},
-    "redis": {"backup": "redis_backup_", "safety": "safety_backup_before_restore_"},
-}
 _NAME_RE = re.compile(r"^(?P<prefix>[a-z_]+?_)(?P<id>\d{8}_\d{6})(?P<rest>[._].*)$")
 # The tool's own folders in backup_dir besides the kinds' (lock.LOCK_DIR, the default state folder).
 LOCK_FOLDER_NAMES = (".locks", ".state")
