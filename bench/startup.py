@@ -4,13 +4,14 @@ whole `backup postgres` of a tiny database against `pg_dump -Fc -Z0 > /dev/null`
 
 Run from the repository root:
 
-    .venv/bin/python bench/startup.py [--repeat 10] [--code DIR] [--json FILE]
+    .venv/bin/python bench/startup.py [--repeat 10] [--before DIR] [--json FILE]
 
-`--code DIR` measures the package in DIR instead (a checkout of another commit, `git worktree add`):
-it goes first on PYTHONPATH, so `before` and `after` are timed by the same script in the same run.
-Every measurement runs `--repeat` times, interleaved; the table shows the best and the median wall
-time. The interpreter's own start (`python -c pass`, site and the venv's editable-install hook
-included) is measured too, so what the package adds can be read off.
+`--before DIR` also measures the package in DIR (another commit's kkua_backupd/, e.g. from
+`git archive main kkua_backupd | tar -x -C DIR`), put first on PYTHONPATH, interleaved with this
+checkout's, so both are timed under the same load. Every measurement runs `--repeat` times,
+interleaved; the table shows the best and the median wall time. The interpreter's own start
+(`python -c pass`, site and the venv's editable-install hook included) and `pg_dump -Fc -Z0 >/dev/null`
+of the same database are measured too, so what the package adds can be read off.
 
 It starts its own throwaway PostgreSQL server (never the one on 5432) with a tiny sample database.
 The server and all temporary files are removed at the end.
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -75,16 +77,19 @@ def write_config(workdir: Path, server: ThrowawayPostgres) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--code", type=Path, default=ROOT, help="the folder holding kkua_backupd/ to measure")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="also measure the kkua_backupd/ in this folder (another commit), interleaved")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
-    code = args.code.resolve()
-    # As installed: pip compiles the bytecode at install time (see pg_backup.py's as_installed).
-    compileall.compile_dir(str(code / "kkua_backupd"), quiet=1)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONDONTWRITEBYTECODE", "PGPASSWORD", "KKUA_BACKUP_CONFIG", "JOURNAL_STREAM",
-                        "NOTIFY_SOCKET", "TEST_RESTORE") and not k.startswith("DATABASE_")}
-    env["PYTHONPATH"] = str(code)
+    codes = {"after": ROOT, **({"before": args.before.resolve()} if args.before else {})}
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("PYTHONDONTWRITEBYTECODE", "PGPASSWORD", "KKUA_BACKUP_CONFIG", "JOURNAL_STREAM",
+                             "NOTIFY_SOCKET", "TEST_RESTORE", "PYTHONPATH") and not k.startswith("DATABASE_")}
+    envs: dict[str, dict[str, str]] = {}
+    for label, code in codes.items():
+        # As installed: pip compiles the bytecode at install time (see pg_backup.py's as_installed).
+        compileall.compile_dir(str(code / "kkua_backupd"), quiet=1)
+        envs[label] = dict(base_env, PYTHONPATH=str(code))
     with tempfile.TemporaryDirectory(prefix="kkua-startup-") as tmp:
         workdir = Path(tmp)
         server = ThrowawayPostgres()  # under /tmp: initdb runs as postgres and must reach it
@@ -98,39 +103,57 @@ def main() -> int:
             config = str(write_config(workdir, server))
             py = sys.executable
             ours = [py, "-c", ENTRY]
-            pg_env = dict(env, PGPASSWORD=server.password)
-            cases: dict[str, list[str]] = {
-                "python -c pass": [py, "-c", "pass"],
+            pg_dump = "pg_dump -Fc -Z0 >/dev/null"
+            commands: dict[str, list[str]] = {
                 "--help": [*ours, "--help"],
                 "--version": [*ours, "--version"],
                 "status": [*ours, "--config", config, "status"],
                 "list": [*ours, "--config", config, "list"],
                 "config check": [*ours, "--config", config, "config", "check"],
                 "backup postgres": [*ours, "--config", config, "backup", "postgres"],
-                "pg_dump -Fc -Z0 >/dev/null": [str(server.bin_dir / "pg_dump"), "-Fc", "-Z0", "-h", server.host,
-                                               "-p", str(server.port), "-U", server.user, "-d", DBNAME],
             }
-            timed(cases["backup postgres"], env, workdir)
-            walls: dict[str, list[float]] = {name: [] for name in cases}
+            cases: dict[tuple[str, str], tuple[list[str], dict[str, str]]] = {
+                ("python -c pass", ""): ([py, "-c", "pass"], base_env),
+                (pg_dump, ""): ([str(server.bin_dir / "pg_dump"), "-Fc", "-Z0", "-h", server.host, "-p",
+                                 str(server.port), "-U", server.user, "-d", DBNAME],
+                                dict(base_env, PGPASSWORD=server.password)),
+            }
+            for name, argv in commands.items():
+                for label in codes:
+                    cases[(name, label)] = (argv, envs[label])
+            for label in codes:  # not timed: the first backup creates the folders and the state file
+                timed(commands["backup postgres"], envs[label], workdir)
+            walls: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
             for rep in range(args.repeat):
                 log(f"round {rep + 1}/{args.repeat}")
-                for name, argv in cases.items():
+                for key, (argv, env) in cases.items():
                     # status exits 1 while a job (redis, retention) has never run: an answer, not a failure
-                    ok = (0, 1) if name == "status" else (0,)
-                    walls[name].append(timed(argv, pg_env if name.startswith("pg_dump") else env, workdir, ok=ok))
+                    ok = (0, 1) if key[0] == "status" else (0,)
+                    walls[key].append(timed(argv, env, workdir, ok=ok))
         finally:
             server.destroy()
-    rows = {name: {"best": min(w), "median": statistics.median(w)} for name, w in walls.items()}
-    base = rows["python -c pass"]["median"]
-    print(f"code: {code}  repeat: {args.repeat}  load average: {os.getloadavg()[0]:.2f}")
-    print(f"{'measurement':30} {'best s':>8} {'median s':>9} {'median - python s':>18}")
-    for name, row in rows.items():
-        print(f"{name:30} {row['best']:8.3f} {row['median']:9.3f} {row['median'] - base:18.3f}")
-    overhead = rows["backup postgres"]["median"] - rows["pg_dump -Fc -Z0 >/dev/null"]["median"]
-    print(f"backup postgres - pg_dump alone (median): {overhead:.3f} s")
+    rows = {key: {"best": min(w), "median": statistics.median(w)} for key, w in walls.items()}
+    print(f"repeat: {args.repeat}  load average at the end: {os.getloadavg()[0]:.2f}  "
+          + "  ".join(f"{label}: {code}" for label, code in codes.items()))
+    print(f"{'measurement':30} {'code':7} {'best s':>8} {'median s':>9}")
+    for (name, label), row in rows.items():
+        print(f"{name:30} {label:7} {row['best']:8.3f} {row['median']:9.3f}")
+    summary: dict[str, Any] = {}
+    for label in codes:
+        backup = rows[("backup postgres", label)]
+        summary[label] = {"backup_minus_pg_dump_median": backup["median"] - rows[(pg_dump, "")]["median"],
+                          "backup_minus_pg_dump_best": backup["best"] - rows[(pg_dump, "")]["best"]}
+        print(f"{label}: backup postgres - pg_dump alone: median {summary[label]['backup_minus_pg_dump_median']:.3f} s,"
+              f" best {summary[label]['backup_minus_pg_dump_best']:.3f} s")
+    if "before" in codes:
+        for name in commands:
+            ratio = rows[(name, "after")]["median"] / rows[(name, "before")]["median"]
+            summary.setdefault("after_over_before_median", {})[name] = round(ratio, 3)
+            print(f"{name:30} after/before (median): {ratio:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"code": str(code), "repeat": args.repeat, "rows": rows,
-                                         "backup_overhead": overhead}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"repeat": args.repeat, "codes": {k: str(v) for k, v in codes.items()},
+                                         "rows": [{"measurement": n, "code": c, **r} for (n, c), r in rows.items()],
+                                         "summary": summary}, indent=2) + "\n")
     return 0
 
 
