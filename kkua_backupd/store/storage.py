@@ -309,7 +309,17 @@ def remove_stale_partials(folder: Path) -> list[str]:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
-    """Write the manifest atomically; this is what makes the set exist."""
+    """Write the manifest atomically; this is what makes the set exist. First the folder is fsynced once,
+    making the renames of the set's data files durable (the byte chain fsyncs each file and renames it, and
+    leaves the folder to this one pass): the manifest never exists before its data files do."""
+    try:
+        fd = open_folder(folder)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise storage_error(exc, folder, "sync") from None
     path = folder / manifest_name(manifest.prefix, manifest.id)
     body = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
     write_atomic(path, body.encode("utf-8"))

@@ -293,8 +293,11 @@ class AtomicFile:
         except OSError as exc:
             raise storage_error(exc, self.path) from None
 
-    def commit(self) -> FileInfo:
-        """fsync, rename into place and fsync the folder; returns the file's name, size and sha256."""
+    def commit(self, *, sync_folder: bool = True) -> FileInfo:
+        """fsync, rename into place and fsync the folder; returns the file's name, size and sha256.
+        `sync_folder=False` leaves the folder's fsync (what makes the rename survive a power loss) to the
+        caller, who does it once for several files: a backup set's data files get theirs from
+        store.storage.write_manifest, before the manifest is written (docs/decisions/0020)."""
         assert self._fh is not None and self._dir_fd is not None
         try:
             self._fh.flush()
@@ -302,7 +305,8 @@ class AtomicFile:
             self._fh.close()
             self._fh = None
             os.rename(self.partial.name, self.path.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-            os.fsync(self._dir_fd)
+            if sync_folder:
+                os.fsync(self._dir_fd)
         except OSError as exc:
             raise storage_error(exc, self.path) from None  # the partial file goes in abort()
         self._close_dir()
