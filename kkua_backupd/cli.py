@@ -13,10 +13,8 @@ import datetime as dt
 import hashlib
 import json
 import os
-import secrets
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -608,6 +606,8 @@ def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) 
 
 def cmd_key(args: argparse.Namespace) -> dict[str, Any]:
     """`key generate|signing-key --out PATH`: a new key in a new file, 0600; refuses an existing file."""
+    import secrets
+
     from kkua_backupd.config import SIGNING_KEY_BYTES
     from kkua_backupd.stream.encrypt import generate_identity
     path = Path(args.out)
@@ -722,6 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KkuaError as exc:
         return _fail(exc, json_mode, log)
     except Exception as exc:  # a bug: say so in one line, keep the traceback for the report
+        import traceback
+
         for line in traceback.format_exc().splitlines():
             log.debug(line)
         return _fail(KkuaError(f"unexpected {type(exc).__name__}: {exc}",
