@@ -50,14 +50,20 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def timed(argv: list[str], env: dict[str, str], cwd: Path, *, ok: tuple[int, ...] = (0,)) -> float:
-    started = time.perf_counter()
-    proc = subprocess.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, check=False)
-    wall = time.perf_counter() - started
-    if proc.returncode not in ok:
-        raise RuntimeError(f"{argv[-3:]} exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-2000:]}")
-    return wall
+def timed(argv: list[str], env: dict[str, str], cwd: Path, *, ok: tuple[int, ...] = (0,)) -> tuple[float, float]:
+    """Run argv to completion: its wall time and the CPU time (user + system) of the process and its children
+    (pg_dump, for a backup), which the machine's load distorts less than the wall time."""
+    with tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode not in ok:
+            err.seek(0)
+            raise RuntimeError(f"{argv[-3:]} exited {proc.returncode}: {err.read().decode(errors='replace')[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def write_config(workdir: Path, server: ThrowawayPostgres) -> Path:
@@ -124,20 +130,24 @@ def main() -> int:
             for label in codes:  # not timed: the first backup creates the folders and the state file
                 timed(commands["backup postgres"], envs[label], workdir)
             walls: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
+            cpus: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
             for rep in range(args.repeat):
                 log(f"round {rep + 1}/{args.repeat}")
                 for key, (argv, env) in cases.items():
                     # status exits 1 while a job (redis, retention) has never run: an answer, not a failure
                     ok = (0, 1) if key[0] == "status" else (0,)
-                    walls[key].append(timed(argv, env, workdir, ok=ok))
+                    wall, cpu = timed(argv, env, workdir, ok=ok)
+                    walls[key].append(wall)
+                    cpus[key].append(cpu)
         finally:
             server.destroy()
-    rows = {key: {"best": min(w), "median": statistics.median(w)} for key, w in walls.items()}
+    rows = {key: {"best": min(w), "median": statistics.median(w), "cpu_median": statistics.median(cpus[key])}
+            for key, w in walls.items()}
     print(f"repeat: {args.repeat}  load average at the end: {os.getloadavg()[0]:.2f}  "
           + "  ".join(f"{label}: {code}" for label, code in codes.items()))
-    print(f"{'measurement':30} {'code':7} {'best s':>8} {'median s':>9}")
+    print(f"{'measurement':30} {'code':7} {'best s':>8} {'median s':>9} {'cpu s (median)':>15}")
     for (name, label), row in rows.items():
-        print(f"{name:30} {label:7} {row['best']:8.3f} {row['median']:9.3f}")
+        print(f"{name:30} {label:7} {row['best']:8.3f} {row['median']:9.3f} {row['cpu_median']:15.3f}")
     summary: dict[str, Any] = {}
     for label in codes:
         backup = rows[("backup postgres", label)]
@@ -148,8 +158,10 @@ def main() -> int:
     if "before" in codes:
         for name in commands:
             ratio = rows[(name, "after")]["median"] / rows[(name, "before")]["median"]
+            cpu_ratio = rows[(name, "after")]["cpu_median"] / rows[(name, "before")]["cpu_median"]
             summary.setdefault("after_over_before_median", {})[name] = round(ratio, 3)
-            print(f"{name:30} after/before (median): {ratio:.2f}")
+            summary.setdefault("after_over_before_cpu", {})[name] = round(cpu_ratio, 3)
+            print(f"{name:30} after/before: wall (median) {ratio:.2f}, cpu (median) {cpu_ratio:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"repeat": args.repeat, "codes": {k: str(v) for k, v in codes.items()},
                                          "rows": [{"measurement": n, "code": c, **r} for (n, c), r in rows.items()],
