@@ -18,7 +18,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -218,6 +217,8 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, load: Callable[[], Mapping[str, Mapping[str, Any]]],
                  remotes: Callable[[], Mapping[str, Mapping[str, Any]]] = dict) -> None:
+        from http.server import ThreadingHTTPServer  # the daemon's endpoint only, not the text file
+
         from prometheus_client.exposition import MetricsHandler
 
         handler = MetricsHandler.factory(_registry(load, remotes, live=True))
