@@ -13,28 +13,17 @@ import datetime as dt
 import hashlib
 import json
 import os
-import secrets
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kkua_backupd import __version__
-from kkua_backupd.config import (
-    CONFIG_ENV,
-    DEFAULT_CONFIG_PATH,
-    SIGNING_KEY_BYTES,
-    Config,
-    LoadedConfig,
-    load_config,
-    redacted,
-    secrets_of,
-)
-from kkua_backupd.core import health, observe, remotes, state
-from kkua_backupd.core.context import JobContext, VerifyReport, clean_stale, context_for
+# Only what parsing the command line needs is imported here: `--help`, `--version` and usage errors load
+# no pydantic, structlog, psycopg, redis-py or compressor, and each command imports what it uses inside its
+# function (tests/unit/test_startup.py; docs/performance.md, start-up).
+from kkua_backupd import CONFIG_ENV, DEFAULT_CONFIG_PATH, __version__
 from kkua_backupd.errors import ConfigError, IntegrityError, Interrupted, JobError, KkuaError, Refused, UsageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.progress import human_bytes, interactive
@@ -51,14 +40,11 @@ from kkua_backupd.sources import (
     job_target,
     source,
 )
-from kkua_backupd.store.storage import (
-    BackupSet,
-    latest,
-    list_sets,
-    resolve,
-    unmanaged_files,
-)
-from kkua_backupd.stream.encrypt import generate_identity
+
+if TYPE_CHECKING:
+    from kkua_backupd.config import Config, LoadedConfig
+    from kkua_backupd.core.context import JobContext
+    from kkua_backupd.store.storage import BackupSet
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
              "prune": "backup.log", "push": "backup.log"}
@@ -239,6 +225,7 @@ def _human(ctx: JobContext, text: str) -> None:
 
 def job_context(config: Config, job: str, *, json_mode: bool) -> JobContext:
     """The context of one job, its log lines carrying the job and its target."""
+    from kkua_backupd.core.context import context_for
     return context_for(config, logs.get_logger(job=job, target=job_target(config, job)), job=job,
                        interactive=interactive() and not json_mode, json_mode=json_mode)
 
@@ -255,6 +242,7 @@ def run_job(ctx: JobContext, job: str, args: argparse.Namespace, runner: str) ->
 
 def warn_future_sets(ctx: JobContext, kind: str | None = None) -> list[str]:
     """Log (and return) a warning for each set dated in the future: a clock that is or was wrong."""
+    from kkua_backupd.store.storage import list_sets
     warnings = [s.future_warning() for s in list_sets(ctx.config.backup_dir, kind) if s.future]
     for text in warnings:
         ctx.log.warning(text)
@@ -274,6 +262,9 @@ def cmd_backup(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) 
 
 
 def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
+    from kkua_backupd.core import remotes
+    from kkua_backupd.core.context import clean_stale
+    from kkua_backupd.store.storage import resolve
     clean_stale(ctx, args.target)  # a killed restore's safety backup, a scratch archive
     if args.from_remote:
         # Downloaded, checked against the remote's manifest and moved into backup_dir; from here on the
@@ -341,6 +332,7 @@ def _checksum_first(ctx: JobContext, backup_set: BackupSet, exc: IntegrityError)
 
 def _safety_made_since(ctx: JobContext, kind: str, since: dt.datetime) -> str | None:
     """The safety backup of `kind` a restore started at `since` took, if it took one."""
+    from kkua_backupd.store.storage import list_sets
     for backup_set in list_sets(ctx.config.backup_dir, kind):
         m = backup_set.manifest
         if m is not None and m.type == "safety" and m.created_at >= since.replace(microsecond=0):
@@ -377,6 +369,7 @@ def _drop_unfinished_databases(ctx: JobContext) -> None:
 
 
 def cmd_list_remote(ctx: JobContext, args: argparse.Namespace) -> Any:
+    from kkua_backupd.core import remotes
     from kkua_backupd.remote import open_remote
     name = args.remote
     with contextlib.closing(open_remote(remotes.remote_config(ctx.config, name))) as remote:
@@ -395,6 +388,7 @@ def cmd_list_remote(ctx: JobContext, args: argparse.Namespace) -> Any:
 
 
 def cmd_push(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
+    from kkua_backupd.core import remotes
     if not ctx.config.remote:
         raise UsageError("no remote is configured", hint="add a [[remote]] entry (docs/remotes.md)")
     report = remotes.push(ctx, [args.remote] if args.remote else None, push_all=args.all)
@@ -406,6 +400,7 @@ def cmd_push(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_verify_remote(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
+    from kkua_backupd.core import remotes
     if args.restore_test:
         raise UsageError("--restore-test checks local sets; restore a remote set with `restore ... --from`",
                          hint="or run `verify --remote NAME --download`")
@@ -419,6 +414,7 @@ def cmd_verify_remote(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, i
 
 
 def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
+    from kkua_backupd.store.storage import list_sets, unmanaged_files
     if args.remote:
         return cmd_list_remote(ctx, args)
     _drop_unfinished_databases(ctx)
@@ -464,6 +460,7 @@ def cmd_list(ctx: JobContext, args: argparse.Namespace) -> Any:
 
 
 def _sets_to_verify(ctx: JobContext, which: str) -> list[BackupSet]:
+    from kkua_backupd.store.storage import latest, list_sets, resolve
     backup_dir = ctx.config.backup_dir
     if which == "all":
         sets = list_sets(backup_dir)
@@ -487,6 +484,7 @@ def _sets_to_verify(ctx: JobContext, which: str) -> list[BackupSet]:
 
 
 def cmd_verify(ctx: JobContext, args: argparse.Namespace) -> tuple[Any, int]:
+    from kkua_backupd.core.context import VerifyReport, clean_stale
     if args.remote:
         return cmd_verify_remote(ctx, args)
     if args.download:
@@ -524,6 +522,7 @@ def _install() -> Any:
 
 
 def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
+    from kkua_backupd.core import remotes
     if args.remote:
         report = remotes.prune_remote(ctx, args.remote, dry_run=args.dry_run)
         verb = "would delete" if args.dry_run else "deleted"
@@ -549,7 +548,9 @@ def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
 
 
 def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:
-    from kkua_backupd.sources.redis.restore import interrupted_file_restore
+    from kkua_backupd.core import health, state
+    from kkua_backupd.sources.redis.marker import interrupted_file_restore
+    from kkua_backupd.store.storage import list_sets
     report = state.status_report(ctx.config)
     report["warnings"] = [s.future_warning() for s in list_sets(ctx.config.backup_dir) if s.future]
     notice = interrupted_file_restore(ctx.config)
@@ -571,6 +572,7 @@ def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:
 
 def cmd_check(ctx: JobContext) -> tuple[Any, int]:
     """`kkua-backup check`: every check of core.health.CHECKS and the installation's, one line each."""
+    from kkua_backupd.core import health
     from kkua_backupd.install.common import check_installed
     results = health.run_checks(ctx.config, [*health.CHECKS, check_installed])
     code = health.exit_code(results)
@@ -583,6 +585,7 @@ def cmd_check(ctx: JobContext) -> tuple[Any, int]:
 
 def cmd_notify_failure(ctx: JobContext, args: argparse.Namespace) -> Any:
     """What `OnFailure=` runs: tell the failure of UNIT unless its job already did."""
+    from kkua_backupd.core import observe
     told = observe.report_unit_failure(ctx.config, args.unit)
     _human(ctx, f"failure of {args.unit} told for: {', '.join(told)}" if told else
            f"{args.unit}: its jobs already told their failure (or none failed)")
@@ -590,6 +593,8 @@ def cmd_notify_failure(ctx: JobContext, args: argparse.Namespace) -> Any:
 
 
 def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) -> tuple[Any, int]:
+    from kkua_backupd.config import redacted
+    from kkua_backupd.core import health
     problems = health.trust_problems(ctx.config)
     doc = {"path": str(loaded.path) if loaded.path else None, "config": redacted(ctx.config),
            "sources": loaded.sources, "problems": problems}
@@ -609,6 +614,10 @@ def cmd_config(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) 
 
 def cmd_key(args: argparse.Namespace) -> dict[str, Any]:
     """`key generate|signing-key --out PATH`: a new key in a new file, 0600; refuses an existing file."""
+    import secrets
+
+    from kkua_backupd.config import SIGNING_KEY_BYTES
+    from kkua_backupd.stream.encrypt import generate_identity
     path = Path(args.out)
     if args.action == "generate":
         text, recipient = generate_identity()
@@ -670,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `kkua-backup`; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from kkua_backupd.config import secrets_of  # after parsing: --help and usage errors load no pydantic
     json_mode = getattr(args, "json", False)
     sink = logs.setup(to_stderr=json_mode, verbose=getattr(args, "verbose", False))
     log = logs.get_logger()
@@ -720,6 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KkuaError as exc:
         return _fail(exc, json_mode, log)
     except Exception as exc:  # a bug: say so in one line, keep the traceback for the report
+        import traceback
+
         for line in traceback.format_exc().splitlines():
             log.debug(line)
         return _fail(KkuaError(f"unexpected {type(exc).__name__}: {exc}",
@@ -734,6 +746,7 @@ CONFIG_OPTIONAL = {("systemd", "uninstall"), ("systemd", "status"), ("cron", "un
 
 
 def _load_config(args: argparse.Namespace, log: Any) -> LoadedConfig:
+    from kkua_backupd.config import Config, LoadedConfig, load_config
     try:
         return load_config(getattr(args, "config", None))
     except ConfigError as exc:

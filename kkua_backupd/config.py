@@ -29,12 +29,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from kkua_backupd import CONFIG_ENV as CONFIG_ENV  # noqa: PLC0414 (re-exported: the config's names for it)
+from kkua_backupd import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH  # noqa: PLC0414 (re-exported)
 from kkua_backupd import schedule
 from kkua_backupd.errors import ConfigError, KeyMissing
 from kkua_backupd.stream.encrypt import AgeIdentity, Keys, parse_identities, parse_recipient, recipient_lines
-
-DEFAULT_CONFIG_PATH = Path("/etc/kkua-backup/config.toml")
-CONFIG_ENV = "KKUA_BACKUP_CONFIG"
 
 # Paths are written as TOML strings, so they are the one type allowed to convert.
 PathValue = Annotated[Path, Strict(False)]

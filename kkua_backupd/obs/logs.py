@@ -3,6 +3,9 @@
 Under systemd (`JOURNAL_STREAM` set) each console line starts with a `<N>` syslog priority and carries
 no timestamp or colour, since journald adds its own. The files in `log_dir` (backup.log, restore.log, ...)
 get a timestamp and the level in words. Known secrets are masked in every line, whatever its source.
+
+structlog is imported when a line is first logged, not before: a command that only prints (`status`,
+`list`) starts without it (docs/performance.md, start-up).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import threading
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
-from typing import Any, TextIO
-
-import structlog
+from typing import TYPE_CHECKING, Any, TextIO
 
 from kkua_backupd.safefs import FILE_MODE, open_file
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3, "critical": 2}
 _SECRET_MASK = "<redacted>"  # noqa: S105 (the marker, not a secret)
@@ -129,10 +133,11 @@ class LogSink:
                 for fh in self.files.values():
                     with contextlib.suppress(OSError):
                         fh.write(text + "\n")
-        raise structlog.DropEvent
+        raise _structlog().DropEvent
 
 
 _sink: LogSink | None = None
+_configured: list[LogSink | None] = [None]  # the sink structlog's chain ends with now
 
 
 def setup(*, to_stderr: bool = False, verbose: bool = False) -> LogSink:
@@ -144,12 +149,42 @@ def setup(*, to_stderr: bool = False, verbose: bool = False) -> LogSink:
     if _sink is not None:
         _sink.close()
     _sink = sink
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, sink],
-        wrapper_class=structlog.make_filtering_bound_logger(0),
-        cache_logger_on_first_use=False,
-    )
+    if "structlog" in sys.modules:  # loaded already: configure now, as the loggers bound before expect
+        _structlog()
     return sink
+
+
+def _structlog() -> ModuleType:
+    """structlog, configured for the sink `setup` made (imported on the first line logged)."""
+    import structlog
+
+    if _sink is not None and _configured[0] is not _sink:
+        structlog.configure(
+            processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, _sink],
+            wrapper_class=structlog.make_filtering_bound_logger(0),
+            cache_logger_on_first_use=False,
+        )
+        _configured[0] = _sink
+    return structlog
+
+
+class _Logger:
+    """What `get_logger` returns: the fields to bind, and the structlog logger made from them on the first
+    line logged (`bind` needs no structlog). Every other attribute is the structlog logger's."""
+
+    __slots__ = ("_bound", "_fields")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+        self._bound: Any = None
+
+    def bind(self, **fields: Any) -> _Logger:
+        return _Logger({**self._fields, **fields})
+
+    def __getattr__(self, name: str) -> Any:
+        if self._bound is None:
+            self._bound = _structlog().get_logger().bind(**self._fields)
+        return getattr(self._bound, name)
 
 
 def sink() -> LogSink:
@@ -158,5 +193,6 @@ def sink() -> LogSink:
 
 
 def get_logger(**fields: Any) -> Any:
-    """A structlog logger with `fields` bound to every event it logs."""
-    return structlog.get_logger().bind(**fields)
+    """A structlog logger with `fields` bound to every event it logs (structlog itself is imported when the
+    first line is logged)."""
+    return _Logger(fields)

@@ -18,15 +18,15 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import MetricsHandler
+from typing import TYPE_CHECKING, Any
 
 from kkua_backupd.errors import StorageError
+
+# prometheus_client is imported where metrics are rendered or served: a job without [metrics] never loads it.
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
 PREFIX = "kkua_backup"
 # Not `job`: Prometheus sets `job` on every target (node_exporter's), and a scraped `job` would be renamed.
@@ -73,6 +73,8 @@ class JobsCollector:
         self.live = live
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         jobs = self.load()
         for name, help_text, key in _GAUGES:
             family = GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=[LABEL])
@@ -124,6 +126,8 @@ class RemotesCollector:
         self.load = load
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         remotes = self.load()
         labels = [REMOTE_LABEL]
         count = GaugeMetricFamily(f"{PREFIX}_remote_pending_sets",
@@ -150,6 +154,8 @@ class RemotesCollector:
 
 def _registry(jobs: Callable[[], Mapping[str, Mapping[str, Any]]],
               remotes: Callable[[], Mapping[str, Mapping[str, Any]]], *, live: bool) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(JobsCollector(jobs, live=live))
     registry.register(RemotesCollector(remotes))
@@ -159,6 +165,8 @@ def _registry(jobs: Callable[[], Mapping[str, Mapping[str, Any]]],
 def render(jobs: Mapping[str, Mapping[str, Any]], *, live: bool = False,
            remotes: Mapping[str, Mapping[str, Any]] | None = None) -> bytes:
     """The metrics of `jobs` (and of `remotes`, per remote) in the Prometheus text format."""
+    from prometheus_client import generate_latest
+
     return generate_latest(_registry(lambda: jobs, lambda: remotes or {}, live=live))
 
 
@@ -209,6 +217,10 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, load: Callable[[], Mapping[str, Mapping[str, Any]]],
                  remotes: Callable[[], Mapping[str, Mapping[str, Any]]] = dict) -> None:
+        from http.server import ThreadingHTTPServer  # the daemon's endpoint only, not the text file
+
+        from prometheus_client.exposition import MetricsHandler
+
         handler = MetricsHandler.factory(_registry(load, remotes, live=True))
         family = ThreadingHTTPServer
         if ":" in host:  # an IPv6 address

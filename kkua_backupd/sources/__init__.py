@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from kkua_backupd.store.storage import KINDS, Kind
+from kkua_backupd.store.kinds import KINDS, Kind
 
 if TYPE_CHECKING:
     from kkua_backupd.config import Config

@@ -29,18 +29,15 @@ from kkua_backupd import __version__
 from kkua_backupd.errors import IntegrityError, KkuaError, Refused, StorageError, UsageError
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.safefs import open_folder, owner_problem, read_small
+from kkua_backupd.store.kinds import KINDS as KINDS  # noqa: PLC0414 (re-exported: the folder's kinds)
+from kkua_backupd.store.kinds import PREFIXES as PREFIXES  # noqa: PLC0414 (re-exported)
+from kkua_backupd.store.kinds import Kind as Kind  # noqa: PLC0414 (re-exported)
 from kkua_backupd.stream.pipeline import EXTENSIONS, storage_error, write_atomic
 
-Kind = Literal["postgres", "redis"]
-KINDS: tuple[Kind, ...] = ("postgres", "redis")
 ID_FORMAT = "%Y%m%d_%H%M%S"
 ID_RE = re.compile(r"^\d{8}_\d{6}$")
 MANIFEST_SUFFIX = ".manifest.json"
 PARTIAL_SUFFIX = ".partial"
-PREFIXES: dict[str, dict[str, str]] = {
-    "postgres": {"backup": "kkua_backup_", "safety": "safety_backup_before_restore_"},
-    "redis": {"backup": "redis_backup_", "safety": "safety_backup_before_restore_"},
-}
 _NAME_RE = re.compile(r"^(?P<prefix>[a-z_]+?_)(?P<id>\d{8}_\d{6})(?P<rest>[._].*)$")
 # The tool's own folders in backup_dir besides the kinds' (lock.LOCK_DIR, the default state folder).
 LOCK_FOLDER_NAMES = (".locks", ".state")
@@ -442,7 +439,17 @@ def remove_stale_partials(folder: Path) -> list[str]:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
-    """Write the manifest atomically; this is what makes the set exist."""
+    """Write the manifest atomically; this is what makes the set exist. First the folder is fsynced once,
+    making the renames of the set's data files durable (the byte chain fsyncs each file and renames it, and
+    leaves the folder to this one pass): the manifest never exists before its data files do."""
+    try:
+        fd = open_folder(folder)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise storage_error(exc, folder, "sync") from None
     path = folder / manifest_name(manifest.prefix, manifest.id)
     body = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
     write_atomic(path, body.encode("utf-8"))

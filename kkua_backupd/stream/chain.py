@@ -62,7 +62,10 @@ def without_compression(name: str) -> str:
 
 class FileSink:
     """The chain's last stage: the bytes hashed and counted into an AtomicFile (`NAME.partial`, renamed into
-    place by `close`, removed by `abort`); after `close`, `info` holds the file's name, size and sha256."""
+    place by `close`, removed by `abort`); after `close`, `info` holds the file's name, size and sha256.
+    Every file of the chain belongs to a backup set: `close` fsyncs it and renames it, and the set's folder
+    is fsynced once for all of them by store.storage.write_manifest, before the manifest exists (one fsync
+    pass, docs/decisions/0020)."""
 
     def __init__(self, path: Path, mode: int = FILE_MODE) -> None:
         self.file = AtomicFile(path, mode)
@@ -72,7 +75,7 @@ class FileSink:
         self.file.write(data)
 
     def close(self) -> None:
-        self.info = self.file.commit()
+        self.info = self.file.commit(sync_folder=False)
 
     def abort(self) -> None:
         self.file.abort()

@@ -21,9 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import IO, Any, Literal, Protocol
-
-import zstandard
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 try:
     from isal import isal_zlib as _deflate
@@ -40,6 +38,9 @@ from kkua_backupd.safefs import (
     open_file,
     open_folder,
 )
+
+if TYPE_CHECKING:
+    import zstandard  # imported where zstd is written or read
 
 Compression = Literal["gzip", "zstd", "none"]
 CHUNK = 1 << 20
@@ -72,6 +73,8 @@ class _Identity:
 
 class _Zstd:
     def __init__(self, level: int, threads: int) -> None:
+        import zstandard  # here, not at the top: only what writes or reads zstd loads it
+
         # 1 MiB jobs: zstd's default job size (8 MiB at level 1-3) costs ~60 MiB of buffers with two
         # threads; 1 MiB keeps memory near 10 MiB for a few percent more CPU and the same ratio.
         params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads, job_size=1 << 20,
@@ -165,7 +168,12 @@ def decompress(kind: str, chunks: Iterable[bytes], *, name: str = "backup") -> I
         return
     if kind not in ("gzip", "zstd"):
         raise ValueError(f"unknown compression {kind!r}")
-    dctx = zstandard.ZstdDecompressor() if kind == "zstd" else None
+    dctx: zstandard.ZstdDecompressor | None = None
+    zstd_error: type[Exception] = zlib.error
+    if kind == "zstd":
+        import zstandard  # only what reads zstd loads it
+
+        dctx, zstd_error = zstandard.ZstdDecompressor(), zstandard.ZstdError
 
     def new() -> Any:
         return dctx.decompressobj() if dctx is not None else deflate.decompressobj(31)
@@ -186,7 +194,7 @@ def decompress(kind: str, chunks: Iterable[bytes], *, name: str = "backup") -> I
                     started = False
                 else:
                     data = b""
-    except (zlib.error, deflate.error, zstandard.ZstdError) as exc:
+    except (zlib.error, deflate.error, zstd_error) as exc:
         raise IntegrityError(f"{name} is corrupt: the {kind} data does not decompress ({exc})",
                              hint="use another backup; this one cannot be restored") from None
     if started:
@@ -285,8 +293,11 @@ class AtomicFile:
         except OSError as exc:
             raise storage_error(exc, self.path) from None
 
-    def commit(self) -> FileInfo:
-        """fsync, rename into place and fsync the folder; returns the file's name, size and sha256."""
+    def commit(self, *, sync_folder: bool = True) -> FileInfo:
+        """fsync, rename into place and fsync the folder; returns the file's name, size and sha256.
+        `sync_folder=False` leaves the folder's fsync (what makes the rename survive a power loss) to the
+        caller, who does it once for several files: a backup set's data files get theirs from
+        store.storage.write_manifest, before the manifest is written (docs/decisions/0020)."""
         assert self._fh is not None and self._dir_fd is not None
         try:
             self._fh.flush()
@@ -294,7 +305,8 @@ class AtomicFile:
             self._fh.close()
             self._fh = None
             os.rename(self.partial.name, self.path.name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-            os.fsync(self._dir_fd)
+            if sync_folder:
+                os.fsync(self._dir_fd)
         except OSError as exc:
             raise storage_error(exc, self.path) from None  # the partial file goes in abort()
         self._close_dir()

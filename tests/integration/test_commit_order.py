@@ -124,6 +124,21 @@ def test_commit_order_and_what_a_kill_at_each_step_leaves(world: tuple[Env | Red
         assert opened and int(calls[folder_fsync][1]) == opened[-1], \
             f"the first fsync after the manifest's rename is not the folder's: {between}"
 
+    # One fsync pass (docs/decisions/0020): each data file is fsynced before its rename, and the folder is
+    # fsynced once for all of them, after the last data rename and before the manifest is created.
+    opened_folder: dict[int, bool] = {}  # fd -> opened on a folder (O_DIRECTORY), as of that point in the trace
+    folder_syncs, file_syncs = [], []
+    for i, (name, args, ret) in enumerate(calls):
+        if name == "openat" and ret >= 0:
+            opened_folder[ret] = "O_DIRECTORY" in args
+        elif name == "fsync":
+            (folder_syncs if opened_folder.get(int(args), False) else file_syncs).append(i)
+    before_manifest = [i for i in folder_syncs if min(data_renames) < i < manifest_opens[0]]
+    assert len(before_manifest) == 1 and before_manifest[0] > max(data_renames), \
+        f"expected one folder fsync after the data files' renames, before the manifest: {calls}"
+    for previous, i in zip([-1, *data_renames], data_renames, strict=False):
+        assert any(previous < j < i for j in file_syncs), f"a data file was renamed without its own fsync: {calls}"
+
     # Where to kill: counted in the main process's calls of one syscall, as strace's when= counts them.
     rename_name = calls[renames[0][0]][0]
     nth_rename = {i: n for n, (i, _) in enumerate(renames, start=1)}

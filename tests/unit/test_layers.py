@@ -19,7 +19,7 @@ NAME = "kkua_backupd"
 # config (with schedule) sits under sources: every layer above reads the typed config; it imports only
 # schedule, errors and stream/encrypt.py's key parsers (recipients are checked at load: fail closed). stream runs
 # gpg through proc/execute.py (docs/decisions/0015-encryption.md). `version` is kkua_backupd/__init__.py (the
-# version string and nothing else).
+# version string and where the config file is looked for; nothing else, so `--help` imports nothing heavy).
 # remote (S3 and SSH stores: put, stat, list, read, delete) sits beside sources, above config: core decides what
 # a set on a remote is and what to copy; a remote only moves files.
 # demo is a front-end beside cli: it may use anything below, and nothing imports it.
@@ -34,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "core.context": {"config", "schedule", "store", "stream", "obs", "safefs", "errors", "version"},
     "sources": {"core.context", "config", "schedule", "stream", "store", "proc", "obs", "safefs", "errors", "version"},
     "remote": {"config", "schedule", "stream", "store", "proc", "obs", "safefs", "errors", "version"},
-    "config": {"schedule", "stream", "safefs", "errors"},
+    "config": {"schedule", "stream", "safefs", "errors", "version"},
     "schedule": {"errors"},
     "store": {"stream", "obs", "safefs", "errors", "version"},
     "stream": {"proc", "obs", "safefs", "errors"},

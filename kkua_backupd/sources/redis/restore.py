@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import redis
 from pydantic import Field, SecretStr
 
-from kkua_backupd.config import Config, RedisConfig
+from kkua_backupd.config import RedisConfig
 from kkua_backupd.core.context import JobContext, RestorePlan, RestoreReport, SafetyBackup
 from kkua_backupd.errors import (
     CommandFailed,
@@ -58,6 +58,7 @@ from kkua_backupd.sources.redis.copy import Target as TargetInfo
 from kkua_backupd.sources.redis.copy import copy, describe_server, flush_databases, plan_copy
 from kkua_backupd.sources.redis.local import LocalRedis
 from kkua_backupd.sources.redis.manifest import details_of
+from kkua_backupd.sources.redis.marker import interrupted_file_restore, marker_path, read_marker, undo_command
 from kkua_backupd.sources.redis.rdb import NEWEST_REDIS_RDB, NEWEST_VALKEY_RDB, RdbScanner, RdbSummary, file_header
 from kkua_backupd.store.storage import PREFIXES, BackupSet, ManifestFile, resolve
 from kkua_backupd.stream.chain import compression_of, read_chain
@@ -874,30 +875,16 @@ def _after_failure(ctx: JobContext, layout: FileLayout, undo: _Undo, exc: BaseEx
 
 def _safety_note(ctx: JobContext) -> str:
     """Where the data from before this restore is, with the command that brings it back, when known."""
-    marker = _read_marker(ctx.config)
+    marker = read_marker(ctx.config)
     name = (marker or {}).get("safety_backup")
     if not name:
         return ""
     return f"the data from before is in {name} (undo with: {undo_command(name)})"
 
 
-def undo_command(safety_file: str) -> str:
-    """The command that puts back the data a safety backup holds."""
-    return f"kkua-backup restore redis {safety_file} --force --flush"
-
-
-# A file-mode restore in progress (or killed while Redis was stopped): written before the stop command,
-# removed once the server answers again.
-_MARKER = "redis-file-restore.json"
-
-
-def _marker_path(config: Config) -> Path:
-    return config.state_file.parent / _MARKER
-
-
 def _write_marker(ctx: JobContext, source: Source, layout: FileLayout, safety: str | None) -> None:
     rc = ctx.config.redis
-    path = _marker_path(ctx.config)
+    path = marker_path(ctx.config)
     doc = {"pid": os.getpid(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "file": source.name,
            "server": f"{rc.host}:{rc.port}", "dir": str(layout.dir), "start_command": rc.start_command or [],
            "safety_backup": safety}
@@ -908,45 +895,11 @@ def _write_marker(ctx: JobContext, source: Source, layout: FileLayout, safety: s
         ctx.log.warning("cannot record the restore in progress", file=str(path), error=str(exc))
 
 
-def _read_marker(config: Config) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(_marker_path(config).read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def _clear_marker(ctx: JobContext) -> None:
     with contextlib.suppress(OSError):
-        _marker_path(ctx.config).unlink(missing_ok=True)
+        marker_path(ctx.config).unlink(missing_ok=True)
 
 
-def interrupted_file_restore(config: Config) -> str | None:
-    """A line for `status` and `restore` when a file-mode restore was killed (kill -9 runs no cleanup)
-    after it may have stopped Redis, or None. Says that Redis may be down, how to start it, and where the
-    data from before is."""
-    marker = _read_marker(config)
-    if marker is None:
-        return None
-    pid = marker.get("pid")
-    if isinstance(pid, int) and Path(f"/proc/{pid}").exists() and _is_ours(pid):
-        return (f"a file-mode restore of {marker.get('file')} runs now (pid {pid}, since {marker.get('started_at')}); "
-                f"Redis at {marker.get('server')} may be stopped until it ends")
-    safety = marker.get("safety_backup")
-    return (f"a file-mode restore of {marker.get('file')} (pid {pid}, started {marker.get('started_at')}) was killed "
-            f"before it ended, after which Redis at {marker.get('server')} may be DOWN: if it is, start it with: "
-            f"{' '.join(marker.get('start_command') or [])}; files in {marker.get('dir')} named *.before-restore-* "
-            "are the previous ones"
-            + (f"; the data from before is in {safety} (undo with: {undo_command(safety)})" if safety else "")
-            + "; this notice goes away after the next successful restore")
-
-
-def _is_ours(pid: int) -> bool:
-    """Whether `pid` is still a kkua-backup process (a pid can be reused by anything after a kill)."""
-    try:
-        return b"kkua" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def _owner_of(layout: FileLayout) -> tuple[int, int]:
