@@ -440,7 +440,9 @@ class GpgEncrypt:
                 self._gpg.child.stdin.close()
         while self._drainer.is_alive():
             with contextlib.suppress(queue.Empty):
-                self._gpg.parts.get(timeout=0.1)
+                if self._gpg.parts.get(timeout=0.1) is None:
+                    self._gpg.parts.put(None)  # the end mark is the drainer's: taken here, it would wait forever
+                    self._drainer.join()
             self._drainer.join(timeout=0.1)
         self._gpg.cleanup()
         self._held.clear()
