@@ -123,6 +123,11 @@ class Manifest(BaseModel):
     timings: dict[str, float] = {}
     encryption: dict[str, Any] | None = None  # method and recipients (stream/encrypt.py Keys.record)
     mac: dict[str, str] | None = None  # store/signing.py
+    # Set by this host when it downloaded the set from a remote (core/remotes.py fetch): the remote's name,
+    # when, and whether its signature was checked. Outside the MAC; overwritten at every fetch, so a remote
+    # cannot claim a set was made here. A set with it is not restored in one pass unless its signature
+    # verified (core/context.py one_pass_refusal).
+    fetched: dict[str, Any] | None = None
 
     @field_validator("created_at", "finished_at")
     @classmethod

@@ -13,7 +13,9 @@ import contextlib
 import errno
 import hashlib
 import os
+import queue
 import shutil
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -338,3 +340,54 @@ def file_chunks(path: Path, progress: Progress | None = None) -> Iterator[bytes]
         raise storage_error(exc, path, "read") from None
     with fh:
         yield from stream_chunks(fh.read, progress)
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def read_ahead(chunks: Iterable[bytes], *, depth: int = 8, name: str = "read-ahead") -> Iterator[bytes]:
+    """Iterate `chunks` on a thread of its own, up to `depth` chunks ahead of the consumer, so that reading,
+    hashing, decrypting and decompressing (which release the GIL) run while the consumer works on the
+    chunks before. Whatever the iteration raises is raised here, where the consumer would have met it, after
+    the chunks that came before it. When the consumer stops early, the thread stops at its next chunk."""
+    ahead: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(_Failed(exc))
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ahead.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            assert isinstance(item, bytes)
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -16,13 +16,17 @@ import psycopg
 from kkua_backupd.core.context import (
     JobContext,
     RestorePlan,
+    compare_checksums,
+    one_pass_refusal,
 )
 from kkua_backupd.errors import (
+    IntegrityError,
     JobError,
     KkuaError,
     Refused,
 )
 from kkua_backupd.obs.progress import Progress, human_bytes
+from kkua_backupd.safefs import unlink_in
 from kkua_backupd.sources import RestoreOptions
 from kkua_backupd.sources.postgres.backup import dump, manifest_for
 from kkua_backupd.sources.postgres.client import (
@@ -43,7 +47,7 @@ from kkua_backupd.sources.postgres.stats import (
     missing_roles,
     table_stats,
 )
-from kkua_backupd.sources.postgres.verify import check_set, set_format
+from kkua_backupd.sources.postgres.verify import check_set, file_in_place, set_format
 from kkua_backupd.store.signing import sign
 from kkua_backupd.store.storage import (
     PREFIXES,
@@ -58,8 +62,9 @@ from kkua_backupd.store.storage import (
 
 class PostgresRestore:
     """A restore of a PostgreSQL set, in core/flows.restore's order: into the configured database in one
-    transaction (the file checked before anything changes, so a failed restore leaves the old data in
-    place), or into a new `--target-db` (dropped again on failure)."""
+    transaction, so a failed restore leaves the old data in place, or into a new `--target-db` (dropped again
+    on failure). A trusted plain set (core/context.one_pass_refusal) is checked while it loads, in one pass:
+    the COMMIT is sent only once its sha256, size and SQL passed; any other set is read in full first."""
 
     checks = "a decompress test"
 
@@ -80,6 +85,7 @@ class PostgresRestore:
         self._bin_dir = Path()
         self._exists = False
         self._transactional = True
+        self._one_pass = False
 
     @property
     def admin(self) -> psycopg.Connection:
@@ -90,7 +96,25 @@ class PostgresRestore:
         drop_unfinished_databases(self.ctx, lock_held=True)
 
     def check(self) -> None:
-        self.report["check"] = check_set(self.ctx, self.backup_set)
+        """The pre-check (verify.check_set: every byte read, hashed, decompressed and scanned before anything
+        changes), or for a trusted plain set only what costs nothing (the file there, its size) and the rest
+        while it loads (`apply`)."""
+        ctx, backup_set = self.ctx, self.backup_set
+        refusal = one_pass_refusal(ctx, backup_set)
+        if refusal is None and self.fmt != "plain":
+            refusal = f"the {self.fmt} format is read by pg_restore"
+        if refusal is None and backup_set.manifest is not None and len(backup_set.manifest.files) != 1:
+            refusal = "it has more than one file"
+        if refusal is None:
+            entry = backup_set.manifest.files[0] if backup_set.manifest else None
+            file_in_place(backup_set, backup_set.name, entry)
+            self._one_pass = True
+            self.report["check"] = {"mode": "one pass", "files": []}
+            ctx.log.info("checking the set while it loads (one pass): the restore commits only if its size, sha256 "
+                         "and SQL match", file=self.name)
+            return
+        ctx.log.info("reading the set in full before the restore (pre-check)", file=self.name, reason=refusal)
+        self.report["check"] = {"mode": "pre-check", "reason": refusal, **check_set(ctx, backup_set)}
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -122,8 +146,11 @@ class PostgresRestore:
             raise Refused(f"database {target!r} already exists",
                           hint="--target-db restores into a new database: choose another name or drop it")
         self._transactional = _fits_one_transaction(ctx, admin, backup_set, target, in_place=exists)
-        return _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
+        plan = _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
                      safety=self.options.safety_backup and target_db is None and exists)
+        plan.lines.append("  check:     " + ("while it loads (one pass); nothing is kept unless it matches"
+                                             if self._one_pass else "done (the whole file was read)"))
+        return plan
 
     def safety_backup(self) -> dict[str, Any]:
         return _safety_backup(self.ctx, self.database)
@@ -143,23 +170,71 @@ class PostgresRestore:
                             enabled=ctx.interactive)
         load_started = time.monotonic()
         try:
-            restore_into(ctx, self._bin_dir, target, backup_set.path(), self.fmt, self.compression,
-                         wipe=created is None,
-                         expected=backup_set.manifest.files[0] if backup_set.manifest else None,
-                         new_database=created is not None, progress=progress,
-                         transactional=self._transactional or created is None)
+            loaded = restore_into(ctx, self._bin_dir, target, backup_set.path(), self.fmt, self.compression,
+                                  wipe=created is None,
+                                  expected=backup_set.manifest.files[0] if backup_set.manifest else None,
+                                  new_database=created is not None, progress=progress,
+                                  transactional=self._transactional or created is None)
         except KkuaError as exc:
             progress.clear()
+            unrestorable = self._unrestorable(exc)
             if created is not None:
                 created.drop()
+                if unrestorable is not None:
+                    raise IntegrityError(f"{unrestorable.message}; the new database {target!r} was dropped again",
+                                         hint=unrestorable.hint) from None
                 raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
                                f"the database was dropped again: {exc}") from None
+            if unrestorable is not None:
+                self._remove_safety_backup()
+                raise IntegrityError(f"{unrestorable.message}; the restore was rolled back before its COMMIT: "
+                                     f"database {target!r} still holds its previous data",
+                                     hint=unrestorable.hint) from None
             raise JobError(f"restore of {backup_set.name} failed and was rolled back; database {target!r}"
                            f" still holds its previous data: {exc}", hint=restore_hint(exc)) from None
         progress.clear()
         if created is not None:
             created.finished()
         self.report["load_seconds"] = round(time.monotonic() - load_started, 2)
+        if self._one_pass and loaded is not None:
+            self.report["check"]["files"] = [{"name": self.name, "size": loaded.size, "sha256": loaded.sha256,
+                                              "uncompressed": loaded.uncompressed, "checksum": "ok"}]
+            ctx.log.info("file checked while it loaded", file=self.name, size=human_bytes(loaded.size),
+                         checksum="ok", decompress="ok")
+
+    def _unrestorable(self, exc: KkuaError) -> IntegrityError | None:
+        """After a one-pass load failed: what the pre-check would have refused the set for, found on the way
+        (a file that differs from its manifest first, then what the load refused), or None when the set is
+        as its manifest says and the load failed for another reason. The load stopped before its COMMIT."""
+        if not self._one_pass:
+            return None
+        try:
+            compare_checksums(self.backup_set)
+        except IntegrityError as mismatch:
+            return IntegrityError(mismatch.message, hint=mismatch.hint)
+        except KkuaError:
+            pass  # unreadable now: the load's own error says what happened
+        if isinstance(exc, IntegrityError):
+            return IntegrityError(f"{self.name} would not restore: {exc.message}", hint=exc.hint)
+        return None
+
+    def _remove_safety_backup(self) -> None:
+        """A one-pass restore rolled back for what the pre-check would have refused: the safety backup this
+        run took holds what the database still holds, and the pre-check would not have taken it."""
+        made = self.report.pop("safety_backup", None)
+        if not made:
+            return
+        try:
+            safety = resolve(self.ctx.config.backup_dir, KIND, made["file"])
+            for path in (safety.manifest_path, safety.path()):  # the manifest first: never half a set listed
+                if path is not None:
+                    unlink_in(path)
+        except (KkuaError, OSError) as exc:
+            self.ctx.log.warning("the safety backup taken for this restore could not be removed; it holds the "
+                                 "data the database still holds", file=made["file"], error=str(exc))
+            return
+        self.ctx.log.info("removed the safety backup taken for this restore: the restore was rolled back, and "
+                          "the database still holds the data it saved", file=made["file"])
 
     def counts_after(self) -> list[str]:
         self.report.update(_verify_restored(self.ctx, self.backup_set, self.database))
