@@ -13,7 +13,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import queue
 import shutil
 import threading
 import zlib
@@ -350,38 +349,50 @@ class _Failed:
 _DONE = object()
 
 
-def read_ahead(chunks: Iterable[bytes], *, depth: int = 8, name: str = "read-ahead") -> Iterator[bytes]:
-    """Iterate `chunks` on a thread of its own, up to `depth` chunks ahead of the consumer, so that reading,
-    hashing, decrypting and decompressing (which release the GIL) run while the consumer works on the
-    chunks before. Whatever the iteration raises is raised here, where the consumer would have met it, after
-    the chunks that came before it. When the consumer stops early, the thread stops at its next chunk."""
-    ahead: queue.Queue[object] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+def read_ahead(chunks: Iterable[bytes], *, limit: int = 4 * CHUNK, name: str = "read-ahead") -> Iterator[bytes]:
+    """Iterate `chunks` on a thread of its own, up to `limit` bytes (and at least one chunk) ahead of the
+    consumer, so that reading, hashing, decrypting and decompressing (which release the GIL) run while the
+    consumer works on the chunks before; memory stays bounded by `limit` and one chunk. Whatever the
+    iteration raises is raised here, where the consumer would have met it, after the chunks that came before
+    it. When the consumer stops early, the thread stops at its next chunk."""
+    ready: deque[object] = deque()
+    queued = 0
+    stopped = False
+    cond = threading.Condition()
 
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def put(item: object, size: int) -> bool:
+        nonlocal queued
+        with cond:
+            while queued >= limit and not stopped:
+                cond.wait()
+            if stopped:
+                return False
+            ready.append(item)
+            queued += size
+            cond.notify_all()
+            return True
 
     def run() -> None:
         try:
             for chunk in chunks:
-                if not put(chunk):
+                if not put(chunk, len(chunk)):
                     return
         except BaseException as exc:  # handed to the consumer, which raises it
-            put(_Failed(exc))
+            put(_Failed(exc), 0)
             return
-        put(_DONE)
+        put(_DONE, 0)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     try:
         while True:
-            item = ahead.get()
+            with cond:
+                while not ready:
+                    cond.wait()
+                item = ready.popleft()
+                if isinstance(item, bytes):
+                    queued -= len(item)
+                cond.notify_all()
             if item is _DONE:
                 return
             if isinstance(item, _Failed):
@@ -389,5 +400,7 @@ def read_ahead(chunks: Iterable[bytes], *, depth: int = 8, name: str = "read-ahe
             assert isinstance(item, bytes)
             yield item
     finally:
-        stop.set()
+        with cond:
+            stopped = True
+            cond.notify_all()
         thread.join()

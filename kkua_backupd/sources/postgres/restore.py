@@ -16,7 +16,6 @@ import psycopg
 from kkua_backupd.core.context import (
     JobContext,
     RestorePlan,
-    compare_checksums,
     one_pass_refusal,
 )
 from kkua_backupd.errors import (
@@ -203,20 +202,19 @@ class PostgresRestore:
                          checksum="ok", decompress="ok")
 
     def _unrestorable(self, exc: KkuaError) -> IntegrityError | None:
-        """After a one-pass load failed: what the pre-check would have refused the set for, found on the way
-        (a file that differs from its manifest first, then what the load refused), or None when the set is
-        as its manifest says and the load failed for another reason. The load stopped before its COMMIT."""
+        """After a one-pass load failed (it stopped before its COMMIT): what the pre-check would have refused
+        the set for, found by running it now (verify.check_set: a file that differs from its manifest, SQL
+        cut short or with a meta-command), or None when the set passes it and the load failed for another
+        reason (a statement the server refused, a missing role), which is said as it always was."""
         if not self._one_pass:
             return None
         try:
-            compare_checksums(self.backup_set)
-        except IntegrityError as mismatch:
-            return IntegrityError(mismatch.message, hint=mismatch.hint)
+            check_set(self.ctx, self.backup_set)
+        except IntegrityError as found:
+            return found
         except KkuaError:
             pass  # unreadable now: the load's own error says what happened
-        if isinstance(exc, IntegrityError):
-            return IntegrityError(f"{self.name} would not restore: {exc.message}", hint=exc.hint)
-        return None
+        return exc if isinstance(exc, IntegrityError) else None
 
     def _remove_safety_backup(self) -> None:
         """A one-pass restore rolled back for what the pre-check would have refused: the safety backup this
