@@ -650,6 +650,9 @@ def summarize(runs: list[Run]) -> dict[int, dict[str, dict[str, Any]]]:
             "dump_median": (round(statistics.median(r.extra["dump_seconds"] for r in rs
                                                     if r.extra.get("dump_seconds") is not None), 3)
                             if any(r.extra.get("dump_seconds") is not None for r in rs) else None),
+            "load_median": (round(statistics.median(r.extra["load_seconds"] for r in rs
+                                                    if r.extra.get("load_seconds") is not None), 3)
+                            if any(r.extra.get("load_seconds") is not None for r in rs) else None),
             "threads": rs[-1].threads,
             "extra": rs[-1].extra,
         }
@@ -727,6 +730,10 @@ def ratios(summary: dict[int, dict[str, dict[str, Any]]], main: int) -> list[dic
         target = "<= 1.0" if mode[0] == "plain" else "(info)"
         out.append({"ratio": f"{restore_name(*mode)} / {tool_name.split(': ', 1)[1]} (time)", "value": v,
                     "target": target, "met": v <= 1.0 if mode[0] == "plain" else None})
+        load = s[restore_name(*mode)].get("load_median")
+        if load:  # the report's load_seconds: without start-up, checks before the load, row counts after
+            out.append({"ratio": f"{restore_name(*mode)} load phase only / {tool_name.split(': ', 1)[1]}",
+                        "value": load / wall(tool_name), "target": "(info)", "met": None})
     out.append({"ratio": "source plain (pg_dump -Fp) / source custom (-Fc -Z0), for reference",
                 "value": wall("source: pg_dump -Fp >/dev/null") / src, "target": "(info)", "met": None})
     return out
