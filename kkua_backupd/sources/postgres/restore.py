@@ -7,9 +7,9 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 
@@ -19,7 +19,6 @@ from kkua_backupd.core.context import (
     one_pass_refusal,
 )
 from kkua_backupd.errors import (
-    IntegrityError,
     JobError,
     KkuaError,
     Refused,
@@ -55,6 +54,7 @@ from kkua_backupd.store.storage import (
     resolve,
     write_manifest,
 )
+from kkua_backupd.stream.chain import read_chain
 
 # Restore
 
@@ -106,7 +106,7 @@ class PostgresRestore:
             refusal = "it has more than one file"
         if refusal is None:
             entry = backup_set.manifest.files[0] if backup_set.manifest else None
-            file_in_place(backup_set, backup_set.name, entry)
+            _opens(ctx, file_in_place(backup_set, backup_set.name, entry), self.compression)
             self._one_pass = True
             self.report["check"] = {"mode": "one pass", "files": []}
             ctx.log.info("checking the set while it loads (one pass): the restore commits only if its size, sha256 "
@@ -180,15 +180,15 @@ class PostgresRestore:
             if created is not None:
                 created.drop()
                 if unrestorable is not None:
-                    raise IntegrityError(f"{unrestorable.message}; the new database {target!r} was dropped again",
-                                         hint=unrestorable.hint) from None
+                    raise type(unrestorable)(f"{unrestorable.message}; the new database {target!r} was dropped "
+                                             "again", hint=unrestorable.hint) from None
                 raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
                                f"the database was dropped again: {exc}") from None
             if unrestorable is not None:
                 self._remove_safety_backup()
-                raise IntegrityError(f"{unrestorable.message}; the restore was rolled back before its COMMIT: "
-                                     f"database {target!r} still holds its previous data",
-                                     hint=unrestorable.hint) from None
+                raise type(unrestorable)(f"{unrestorable.message}; the restore was rolled back before its COMMIT: "
+                                         f"database {target!r} still holds its previous data",
+                                         hint=unrestorable.hint) from None
             raise JobError(f"restore of {backup_set.name} failed and was rolled back; database {target!r}"
                            f" still holds its previous data: {exc}", hint=restore_hint(exc)) from None
         progress.clear()
@@ -201,7 +201,7 @@ class PostgresRestore:
             ctx.log.info("file checked while it loaded", file=self.name, size=human_bytes(loaded.size),
                          checksum="ok", decompress="ok")
 
-    def _unrestorable(self, exc: KkuaError) -> IntegrityError | None:
+    def _unrestorable(self, exc: KkuaError) -> Refused | None:
         """After a one-pass load failed (it stopped before its COMMIT): what the pre-check would have refused
         the set for, found by running it now (verify.check_set: a file that differs from its manifest, SQL
         cut short or with a meta-command), or None when the set passes it and the load failed for another
@@ -210,11 +210,11 @@ class PostgresRestore:
             return None
         try:
             check_set(self.ctx, self.backup_set)
-        except IntegrityError as found:
+        except Refused as found:  # IntegrityError, WrongKey: what the check before the load would have said
             return found
         except KkuaError:
             pass  # unreadable now: the load's own error says what happened
-        return exc if isinstance(exc, IntegrityError) else None
+        return exc if isinstance(exc, Refused) else None
 
     def _remove_safety_backup(self) -> None:
         """A one-pass restore rolled back for what the pre-check would have refused: the safety backup this
@@ -247,6 +247,16 @@ class PostgresRestore:
         self.ctx.log.info("restore finished", file=self.name, database=self.database, tables=report["tables"],
                           rows=report["rows"], seconds=report["seconds"], verified="row counts match the backup"
                           if self.backup_set.manifest else "no manifest to compare with")
+
+
+def _opens(ctx: JobContext, path: Path, compression: str) -> None:
+    """Before a one-pass restore changes anything: read the file's first chunk back through its chain, so a
+    key this host lacks (KeyMissing, exit 2), one that does not open the file (WrongKey, exit 3), or data
+    that is not what its name says is found as the full check would find it, before the safety backup."""
+    chunks = cast(Generator[bytes, None, None], iter(read_chain(path, compression,
+                                                                readers=ctx.readers_for(path.name))))
+    with contextlib.closing(chunks):
+        next(chunks, None)
 
 
 def _fits_one_transaction(ctx: JobContext, admin: psycopg.Connection, backup_set: BackupSet, target: str, *,
