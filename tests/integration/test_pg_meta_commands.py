@@ -116,35 +116,45 @@ def test_psql_itself_refuses_a_meta_command_inside_the_restore_frame(env: Env, w
     assert pg_load.run_psql(ctx, bin_dir, env.database, [b"SELECT '" + marker + b"';\n"], marker=marker)
 
 
-def test_a_re_signed_set_with_a_meta_command_loads_in_one_pass_and_the_command_never_runs(env: Env,
-                                                                                         workdir: Path) -> None:
-    """With a signing key, a set whose SQL was given `\\! touch` and whose manifest was re-signed (by someone
-    holding the hosts' key) passes every check before the load, so it loads in one pass: the scan refuses the
-    line before psql sees it, the transaction is rolled back, the command never runs."""
+@pytest.mark.parametrize("signing", ["re-signed", "no signing key"])
+def test_a_set_with_a_meta_command_and_a_matching_manifest_loads_in_one_pass_and_the_command_never_runs(
+        env: Env, workdir: Path, signing: str) -> None:
+    """A set made here whose SQL was given `\\! touch` and whose manifest was made to match (re-signed by
+    someone holding the hosts' key, or with no signing key configured) passes every check before the load, so
+    it loads in one pass: the scan refuses the line before psql sees it, the transaction is rolled back, the
+    command never runs."""
     proof = workdir / "pwned"
-    key_text = os.urandom(32).hex()
-    (env.root / "signing.key").write_text(key_text + "\n")
-    (env.root / "signing.key").chmod(0o600)
-    subprocess.run(["age-keygen", "-o", str(env.root / "age.key")], check=True, capture_output=True)
-    recipient = subprocess.run(["age-keygen", "-y", str(env.root / "age.key")], check=True, capture_output=True,
-                               text=True).stdout.strip()
     env.write_config(format="plain", compression="gzip")
-    with env.config_path.open("a") as fh:
-        fh.write(f'\n[encryption]\nmethod = "age"\nrecipients = ["{recipient}"]\n'
-                 f'identity_file = "{env.root / "age.key"}"\nsigning_key_file = "{env.root / "signing.key"}"\n')
+    key_text = os.urandom(32).hex()
+    if signing == "re-signed":
+        (env.root / "signing.key").write_text(key_text + "\n")
+        (env.root / "signing.key").chmod(0o600)
+        subprocess.run(["age-keygen", "-o", str(env.root / "age.key")], check=True, capture_output=True)
+        recipient = subprocess.run(["age-keygen", "-y", str(env.root / "age.key")], check=True,
+                                   capture_output=True, text=True).stdout.strip()
+        with env.config_path.open("a") as fh:
+            fh.write(f'\n[encryption]\nmethod = "age"\nrecipients = ["{recipient}"]\n'
+                     f'identity_file = "{env.root / "age.key"}"\n'
+                     f'signing_key_file = "{env.root / "signing.key"}"\n')
     manifest = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
     path = env.folder / manifest["files"][0]["name"]
-    assert path.name.endswith(".sql.gz.age") and manifest["mac"]
-    text = gzip.decompress(subprocess.run(["age", "-d", "-i", str(env.root / "age.key"), str(path)], check=True,
-                                          capture_output=True).stdout)
+    stored = path.read_bytes()
+    if signing == "re-signed":
+        assert path.name.endswith(".sql.gz.age") and manifest["mac"]
+        stored = subprocess.run(["age", "-d", "-i", str(env.root / "age.key"), str(path)], check=True,
+                                capture_output=True).stdout
+    text = gzip.decompress(stored)
     at = text.index(b"\n\\.\n") + len(b"\n\\.\n")
     planted = gzip.compress(text[:at] + meta_commands(proof)["shell"] + text[at:])
-    path.write_bytes(subprocess.run(["age", "-r", recipient], input=planted, check=True, capture_output=True).stdout)
+    if signing == "re-signed":
+        planted = subprocess.run(["age", "-r", recipient], input=planted, check=True, capture_output=True).stdout
+    path.write_bytes(planted)
     mpath = env.folder / f"kkua_backup_{manifest['id']}.manifest.json"
     doc = Manifest.model_validate_json(mpath.read_text())
     doc.files[0] = doc.files[0].model_copy(update={"size": path.stat().st_size,
                                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    mpath.write_text(sign(doc.model_copy(update={"mac": None}), bytes.fromhex(key_text)).model_dump_json())
+    doc = doc.model_copy(update={"mac": None})
+    mpath.write_text((sign(doc, bytes.fromhex(key_text)) if signing == "re-signed" else doc).model_dump_json())
     with env.connect() as conn:
         conn.execute("CREATE TABLE public.after_backup (id int)")
     before = contents_of(env)
