@@ -11,8 +11,9 @@ with `fill_bulk` rows, and times, at the largest size:
 * our backup (`kkua-backup backup postgres`, test_restore off) in plain/custom x gzip/zstd,
 * the guide's way: `pg_dump ... | gzip > file`,
 * the source alone: `pg_dump -Fc -Z0 ... > /dev/null` (and, for reference, plain `pg_dump > /dev/null`),
-* our restore (`kkua-backup restore postgres FILE --target-db NEW --force`, plain gzip file) against
-  `gunzip -c FILE | psql -q -d NEW2`;
+* our restore (`kkua-backup restore postgres FILE --target-db NEW --force`) of the plain gzip, plain zstd
+  and custom gzip sets against the plain tools on the same file: `gunzip -c FILE | psql -q -d NEW2`,
+  `zstd -dc FILE | psql -q -d NEW2` and `gunzip -c FILE | pg_restore -d NEW2` (ratios ours / tool);
 
 and, at every size, our backups and our restore again for the memory comparison. Each measurement runs
 `--repeat` times (interleaved); the table shows the MEDIAN wall time and the HIGHEST peak memory seen.
@@ -64,6 +65,17 @@ from tests.support.pg_bulk import fill_bulk  # noqa: E402
 
 DBNAME = "kkua_bench"
 MODES = (("plain", "gzip"), ("plain", "zstd"), ("custom", "gzip"), ("custom", "zstd"))
+# The sets restored, each against the plain tools' way with the same file (`{file}`, `{psql}`, `{bin}`, `{conn}`
+# and `{db}` filled in); the plain gzip one runs at every size (memory), the others at the main size.
+RESTORES: dict[tuple[str, str], tuple[str, str]] = {
+    ("plain", "gzip"): ("guide: gunzip | psql", "gunzip -c {file} | {psql} -q {conn} --dbname={db} > /dev/null"),
+    ("plain", "zstd"): ("tool: zstd -dc | psql", "zstd -dcq {file} | {psql} -q {conn} --dbname={db} > /dev/null"),
+    ("custom", "gzip"): ("tool: gunzip | pg_restore", "gunzip -c {file} | {bin}/pg_restore {conn} --dbname={db}"),
+}
+
+
+def restore_name(fmt: str, compression: str) -> str:
+    return f"ours restore ({fmt} {compression})"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 MIB = 1024 * 1024
@@ -377,9 +389,11 @@ class Bench:
         self.pass_file.write_text(server.password + "\n")
         self.pass_file.chmod(0o600)
         self.log_dir = workdir / "logs"
-        self.restore_dir = workdir / "restore-src"
-        (self.restore_dir / "postgres").mkdir(parents=True)
-        self.restore_file: str | None = None
+        # one folder per restored mode: two sets made in the same second would share an id
+        self.restore_dirs = {mode: workdir / f"restore-src-{mode[0]}-{mode[1]}" for mode in RESTORES}
+        for folder in self.restore_dirs.values():
+            (folder / "postgres").mkdir(parents=True)
+        self.restore_files: dict[tuple[str, str], str] = {}
         self.restore_counter = 0
         self.code_before = code_fingerprint()
         self.cli_env = as_installed({k: v for k, v in os.environ.items()
@@ -496,14 +510,15 @@ class Bench:
         run.uncompressed_bytes = int(manifest["details"]["uncompressed_bytes"])
         run.extra["dump_seconds"] = manifest.get("timings", {}).get("dump_seconds")
         folder = backup_dir / "postgres"
-        if fmt == "plain" and compression == "gzip":
-            # Keep the newest plain gzip set as the restore source (data file + manifest).
-            for old in (self.restore_dir / "postgres").iterdir():
+        if (fmt, compression) in RESTORES:
+            # Keep the newest set of this mode as its restore source (data file + manifest).
+            keep = self.restore_dirs[(fmt, compression)] / "postgres"
+            for old in keep.iterdir():
                 old.unlink()
             for f in folder.iterdir():
                 if f.name.startswith(f"{manifest['prefix']}{manifest['id']}"):
-                    shutil.move(str(f), self.restore_dir / "postgres" / f.name)
-            self.restore_file = data["name"]
+                    shutil.move(str(f), keep / f.name)
+            self.restore_files[(fmt, compression)] = data["name"]
         shutil.rmtree(backup_dir, ignore_errors=True)
         return run
 
@@ -535,32 +550,33 @@ class Bench:
         if got != expected:
             raise RuntimeError(f"{what} into {target}: {got} rows, expected {expected}")
 
-    def our_restore(self, size_mb: int, rep: int, expected_rows: int) -> Run:
-        assert self.restore_file is not None
+    def our_restore(self, size_mb: int, rep: int, expected_rows: int, mode: tuple[str, str]) -> Run:
+        file = self.restore_files[mode]
         target = self._new_db_name()
-        cfg = self.config("restore", self.restore_dir)
+        cfg = self.config(f"restore-{mode[0]}-{mode[1]}", self.restore_dirs[mode])
         try:
-            run, report = self.our_cli("ours restore (plain gzip)", size_mb, rep, cfg, "restore", "postgres",
-                                       self.restore_file, "--target-db", target, "--force")
-            run.output_bytes = (self.restore_dir / "postgres" / self.restore_file).stat().st_size
+            run, report = self.our_cli(restore_name(*mode), size_mb, rep, cfg, "restore", "postgres",
+                                       file, "--target-db", target, "--force")
+            run.output_bytes = (self.restore_dirs[mode] / "postgres" / file).stat().st_size
             run.extra["load_seconds"] = report.get("load_seconds")
+            run.extra["check"] = (report.get("check") or {}).get("mode", "pre-check")
             self._expect_rows(target, expected_rows, "our restore")
         finally:
             self.server.drop_database(target)
         return run
 
-    def guide_restore(self, size_mb: int, rep: int, expected_rows: int) -> Run:
-        assert self.restore_file is not None
+    def tool_restore(self, size_mb: int, rep: int, expected_rows: int, mode: tuple[str, str]) -> Run:
+        name, template = RESTORES[mode]
         target = self._new_db_name()
-        path = self.restore_dir / "postgres" / self.restore_file
+        path = self.restore_dirs[mode] / "postgres" / self.restore_files[mode]
         with self.server.connect() as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target)))  # empty NEW2, not timed
         try:
-            cmd = (f"gunzip -c {shlex.quote(str(path))} | {shlex.quote(str(self.bin / 'psql'))} -q "
-                   f"{self.conn_opts} --dbname={target} > /dev/null")
-            run = self.tool("guide: gunzip | psql", size_mb, rep, cmd, None)
+            cmd = template.format(file=shlex.quote(str(path)), psql=shlex.quote(str(self.bin / "psql")),
+                                  bin=shlex.quote(str(self.bin)), conn=self.conn_opts, db=target)
+            run = self.tool(name, size_mb, rep, cmd, None)
             run.output_bytes = path.stat().st_size
-            self._expect_rows(target, expected_rows, "gunzip | psql")
+            self._expect_rows(target, expected_rows, name)
         finally:
             self.server.drop_database(target)
         return run
@@ -569,6 +585,11 @@ class Bench:
 
     def _backup_step(self, size_mb: int, fmt: str, comp: str) -> Callable[[int], Run]:
         return lambda rep: self.our_backup(size_mb, rep, fmt, comp)
+
+    def _restore_step(self, size_mb: int, expected: int, mode: tuple[str, str], *, ours: bool) -> Callable[[int], Run]:
+        if ours:
+            return lambda rep: self.our_restore(size_mb, rep, expected, mode)
+        return lambda rep: self.tool_restore(size_mb, rep, expected, mode)
 
     def run_size(self, size_mb: int, full: bool) -> None:
         info = self.grow_to(size_mb)
@@ -583,9 +604,11 @@ class Bench:
             steps.append(("source -Fp", lambda r: self.source_alone(size_mb, r, "plain")))
         if full:
             steps.append(("ours startup", lambda r: self.our_startup(size_mb, r)))
-        steps.append(("ours restore", lambda r: self.our_restore(size_mb, r, expected)))
-        if full:
-            steps.append(("guide restore", lambda r: self.guide_restore(size_mb, r, expected)))
+        for mode in RESTORES:
+            if full or mode == ("plain", "gzip"):
+                steps.append((restore_name(*mode), self._restore_step(size_mb, expected, mode, ours=True)))
+            if full:
+                steps.append((RESTORES[mode][0], self._restore_step(size_mb, expected, mode, ours=False)))
         for rep in range(1, self.args.repeat + 1):  # interleaved, so drift hits every variant alike
             for label, step in steps:
                 run = step(rep)
@@ -627,6 +650,9 @@ def summarize(runs: list[Run]) -> dict[int, dict[str, dict[str, Any]]]:
             "dump_median": (round(statistics.median(r.extra["dump_seconds"] for r in rs
                                                     if r.extra.get("dump_seconds") is not None), 3)
                             if any(r.extra.get("dump_seconds") is not None for r in rs) else None),
+            "load_median": (round(statistics.median(r.extra["load_seconds"] for r in rs
+                                                    if r.extra.get("load_seconds") is not None), 3)
+                            if any(r.extra.get("load_seconds") is not None for r in rs) else None),
             "threads": rs[-1].threads,
             "extra": rs[-1].extra,
         }
@@ -699,9 +725,15 @@ def ratios(summary: dict[int, dict[str, dict[str, Any]]], main: int) -> list[dic
         if dump:
             out.append({"ratio": f"ours {fmt}+zstd dump phase only (manifest dump_seconds) / source alone",
                         "value": dump / src, "target": "(info)", "met": None})
-    v = wall("ours restore (plain gzip)") / wall("guide: gunzip | psql")
-    out.append({"ratio": "ours restore / gunzip | psql (time; lower is better)", "value": v, "target": "(none)",
-                "met": None})
+    for mode, (tool_name, _) in RESTORES.items():
+        v = wall(restore_name(*mode)) / wall(tool_name)
+        target = "<= 1.0" if mode[0] == "plain" else "(info)"
+        out.append({"ratio": f"{restore_name(*mode)} / {tool_name.split(': ', 1)[1]} (time)", "value": v,
+                    "target": target, "met": v <= 1.0 if mode[0] == "plain" else None})
+        load = s[restore_name(*mode)].get("load_median")
+        if load:  # the report's load_seconds: without start-up, checks before the load, row counts after
+            out.append({"ratio": f"{restore_name(*mode)} load phase only / {tool_name.split(': ', 1)[1]}",
+                        "value": load / wall(tool_name), "target": "(info)", "met": None})
     out.append({"ratio": "source plain (pg_dump -Fp) / source custom (-Fc -Z0), for reference",
                 "value": wall("source: pg_dump -Fp >/dev/null") / src, "target": "(info)", "met": None})
     return out

@@ -4,6 +4,7 @@ restore, the confirmation, the verify report."""
 from __future__ import annotations
 
 import hashlib
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,6 +134,8 @@ class CheckedSet(BaseModel):
     set could be decrypted here; its signature. Only what was given is printed, in this order."""
 
     model_config = ConfigDict(extra="forbid")
+    mode: str | None = None  # postgres restore: "one pass" (checked while it loads) or "pre-check"
+    reason: str | None = None  # why a pre-check (core/context.one_pass_refusal)
     files: list[dict[str, Any]] = Field(default_factory=list)
     rdb_version: int | None = None  # redis
     decrypted: bool | None = None  # False: the checksums only (no key on this host)
@@ -183,9 +186,49 @@ class RestoreReport(BaseModel):
         return {key: doc[key] for key in self.ORDER if key in doc} | doc
 
 
+def one_pass_refusal(ctx: JobContext, backup_set: BackupSet) -> str | None:
+    """Why the set must be read in full before a restore loads any byte of it (the pre-check), or None when
+    it may be restored in one pass: its bytes hashed, decrypted and decompressed while they load, the COMMIT
+    sent only once they matched the manifest (docs/restore.md, docs/decisions/0018). One pass needs bytes
+    whose authenticity is settled before the first one loads, since a crafted file can do harm inside a
+    transaction that is later rolled back: a set with a manifest, status ok, in folders that pass the
+    ownership checks (only root and kkua-backup can have written it), made on this host (or, fetched from a
+    remote, with a signature that verified), and signed when a signing key is configured. Call it after
+    check_restorable (which raises on a bad signature)."""
+    manifest = backup_set.manifest
+    if manifest is None:
+        return "it has no manifest"
+    if backup_set.status != "ok":
+        return f"it is marked {backup_set.status}"
+    if backup_set.future:
+        return "it is dated in the future"
+    problems = folder_problems(backup_set.folder, root=ctx.config.backup_dir)
+    if problems:
+        return problems[0]
+    key = ctx.keys.signing_key
+    signed = check_signature(manifest, key, required=False) == "ok" if key is not None else False
+    if key is not None and not signed:
+        return "a signing key is configured and the set carries no signature"
+    if manifest.fetched is not None and not signed:
+        return (f"it was fetched from remote {manifest.fetched.get('remote', '?')} and no signature proves who "
+                "made it")
+    if manifest.host != socket.gethostname() and not signed:
+        return f"it was made on host {manifest.host or '(unknown)'}, not this one, and carries no signature"
+    return None
+
+
 def checksums_only(ctx: JobContext, backup_set: BackupSet, missing: KeyMissing) -> CheckedSet:
     """`verify` of an encrypted set on a host without its key: each file's size and sha256 against the
     manifest (raises IntegrityError on a difference), and a report that says it could not be decrypted."""
+    files = compare_checksums(backup_set)
+    ctx.log.warning(f"checksums match, but the set could not be decrypted here: {missing.message}",
+                    file=backup_set.name)
+    return CheckedSet(files=files, decrypted=False, warning=f"could not decrypt: {missing.message}")
+
+
+def compare_checksums(backup_set: BackupSet) -> list[dict[str, Any]]:
+    """Each file's size and sha256, read as stored, against the manifest; raises IntegrityError ("does not
+    match its checksum") on a difference, StorageError when a file cannot be read."""
     files = []
     for entry in backup_set.manifest.files if backup_set.manifest else []:
         digest, size = hashlib.sha256(), 0
@@ -198,9 +241,7 @@ def checksums_only(ctx: JobContext, backup_set: BackupSet, missing: KeyMissing) 
                                  f"{entry.sha256[:12]}...)", hint="the file is corrupt; use another backup")
         files.append({"name": entry.name, "size": size, "sha256": digest.hexdigest(), "checksum": "ok",
                       "decrypted": False})
-    ctx.log.warning(f"checksums match, but the set could not be decrypted here: {missing.message}",
-                    file=backup_set.name)
-    return CheckedSet(files=files, decrypted=False, warning=f"could not decrypt: {missing.message}")
+    return files
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ JobResult = Manifest | retention.RetentionReport  # a kind's backup: its manifes
 def result_json(result: JobResult) -> dict[str, Any]:
     """The JSON document of a job's result (`backup --json`, `run --json`)."""
     if isinstance(result, Manifest):
-        return result.model_dump(mode="json")
+        return result.document()
     return result.to_json()
 
 

@@ -44,6 +44,7 @@ from kkua_backupd.store.storage import (
     manifest_name,
     now_local,
     set_name_problem,
+    write_manifest,
 )
 from kkua_backupd.stream.pipeline import AtomicFile, fsync_dir
 
@@ -98,7 +99,7 @@ class RemoteSet:
         return self.manifest.status
 
     def to_json(self, remote: str) -> dict[str, Any]:
-        data = self.manifest.model_dump(mode="json")
+        data = self.manifest.document()
         data.update(status=self.status, remote=remote, missing=self.missing)
         return data
 
@@ -422,8 +423,13 @@ def _fetch(ctx: JobContext, remote: Remote, name: str, kind: str, spec: str) -> 
             with AtomicFile(staging / chosen.manifest_file) as out:
                 out.write(chosen.raw)
                 out.commit()
-            staged = BackupSet(staging, manifest)
-            check_authenticity(ctx, chosen.raw, staged)
+            check_authenticity(ctx, chosen.raw, BackupSet(staging, manifest))
+            # The local copy says where it came from (outside the MAC, set here whatever the remote's copy
+            # says): a restore then knows it was not made on this host (core/context.py one_pass_refusal).
+            manifest = manifest.model_copy(update={"fetched": {
+                "remote": name, "at": now_local().isoformat(timespec="seconds"),
+                "signature": "ok" if ctx.keys.signing_key is not None else "not checked (no signing key)"}})
+            write_manifest(staging, manifest)
             ctx.log.info("set downloaded and checked", remote=name, set=set_key(kind, chosen.id),
                          bytes=human_bytes(total), seconds=round(time.monotonic() - started, 1))
             for entry_name in [*(f.name for f in manifest.files), chosen.manifest_file]:  # the manifest last

@@ -150,6 +150,16 @@ class Manifest(BaseModel):
     timings: dict[str, float] = {}
     encryption: dict[str, Any] | None = None  # method and recipients (stream/encrypt.py Keys.record)
     mac: dict[str, str] | None = None  # store/signing.py
+    # Set by this host when it downloaded the set from a remote (core/remotes.py fetch): the remote's name,
+    # when, and whether its signature was checked. Outside the MAC; overwritten at every fetch, so a remote
+    # cannot claim a set was made here. A set with it is not restored in one pass unless its signature
+    # verified (core/context.py one_pass_refusal).
+    fetched: dict[str, Any] | None = None
+
+    def document(self) -> dict[str, Any]:
+        """The manifest as JSON (what is written, and printed by --json); `fetched` only on a set fetched
+        from a remote, so every other manifest keeps the bytes it had."""
+        return self.model_dump(mode="json", exclude={"fetched"} if self.fetched is None else None)
 
     @field_validator("created_at", "finished_at")
     @classmethod
@@ -257,7 +267,7 @@ class BackupSet:
     def to_json(self) -> dict[str, Any]:
         """The set as `list --json` shows it."""
         assert self.manifest is not None, "only sets with a manifest are listed"
-        data = self.manifest.model_dump(mode="json")
+        data = self.manifest.document()
         data["status"] = self.status
         data["problem"] = self.problem
         data["future"] = self.future
@@ -451,7 +461,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
     except OSError as exc:
         raise storage_error(exc, folder, "sync") from None
     path = folder / manifest_name(manifest.prefix, manifest.id)
-    body = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+    body = json.dumps(manifest.document(), indent=2, ensure_ascii=False) + "\n"
     write_atomic(path, body.encode("utf-8"))
     return path
 

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -350,3 +351,68 @@ def file_chunks(path: Path, progress: Progress | None = None) -> Iterator[bytes]
         raise storage_error(exc, path, "read") from None
     with fh:
         yield from stream_chunks(fh.read, progress)
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def read_ahead(chunks: Iterable[bytes], *, limit: int = 4 * CHUNK, name: str = "read-ahead") -> Iterator[bytes]:
+    """Iterate `chunks` on a thread of its own, up to `limit` bytes (and at least one chunk) ahead of the
+    consumer, so that reading, hashing, decrypting and decompressing (which release the GIL) run while the
+    consumer works on the chunks before; memory stays bounded by `limit` and one chunk. Whatever the
+    iteration raises is raised here, where the consumer would have met it, after the chunks that came before
+    it. When the consumer stops early, the thread stops at its next chunk."""
+    ready: deque[object] = deque()
+    queued = 0
+    stopped = False
+    cond = threading.Condition()
+
+    def put(item: object, size: int) -> bool:
+        nonlocal queued
+        with cond:
+            while queued >= limit and not stopped:
+                cond.wait()
+            if stopped:
+                return False
+            ready.append(item)
+            queued += size
+            cond.notify_all()
+            return True
+
+    def run() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk, len(chunk)):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(_Failed(exc), 0)
+            return
+        put(_DONE, 0)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            with cond:
+                while not ready:
+                    cond.wait()
+                item = ready.popleft()
+                if isinstance(item, bytes):
+                    queued -= len(item)
+                cond.notify_all()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            assert isinstance(item, bytes)
+            yield item
+    finally:
+        with cond:
+            stopped = True
+            cond.notify_all()
+        thread.join()

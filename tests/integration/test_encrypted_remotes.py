@@ -37,6 +37,8 @@ def test_encrypted_sets_leave_the_host_encrypted_and_restore_from_a_remote(
     result = env.run("restore", "postgres", "latest", "--from", "box", "--force", "--target-db", target)
     assert result.returncode == 0, describe(result)
     assert "signature matches" in output(result)
+    # fetched, but its signature verified: it loads in one pass
+    assert "while it loads (one pass)" in output(result), describe(result)
     with env.connect(target) as conn:
         assert table_contents(conn) == before
 
@@ -91,3 +93,8 @@ def test_without_a_signing_key_a_fetched_set_restores_with_a_warning(
     result = env.run("restore", "postgres", "latest", "--from", "box", "--force", "--target-db", target)
     assert result.returncode == 0, describe(result)
     assert "authenticity cannot be proven" in output(result)
+    # nothing proves who made it: read in full before the load, now and at every later restore of it
+    assert "pre-check" in output(result) and "fetched from remote box" in output(result), describe(result)
+    again = env.run("restore", "postgres", made["id"], "--force", "--target-db", f"{target}_again")
+    assert again.returncode == 0, describe(again)
+    assert "pre-check" in output(again) and "fetched from remote box" in output(again), describe(again)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,10 @@ from kkua_backupd.errors import CommandFailed
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.sources.postgres import client as pg_client
 from kkua_backupd.sources.postgres import load as pg_load
+from kkua_backupd.store.signing import sign
+from kkua_backupd.store.storage import Manifest
 from tests.support.helpers import describe, output
+from tests.support.pg_data import contents_of
 
 from ..conftest import Env
 
@@ -109,3 +114,58 @@ def test_psql_itself_refuses_a_meta_command_inside_the_restore_frame(env: Env, w
 
     # the frame itself is no obstacle to SQL
     assert pg_load.run_psql(ctx, bin_dir, env.database, [b"SELECT '" + marker + b"';\n"], marker=marker)
+
+
+@pytest.mark.parametrize("signing", ["re-signed", "no signing key"])
+def test_a_set_with_a_meta_command_and_a_matching_manifest_loads_in_one_pass_and_the_command_never_runs(
+        env: Env, workdir: Path, signing: str) -> None:
+    """A set made here whose SQL was given `\\! touch` and whose manifest was made to match (re-signed by
+    someone holding the hosts' key, or with no signing key configured) passes every check before the load, so
+    it loads in one pass: the scan refuses the line before psql sees it, the transaction is rolled back, the
+    command never runs."""
+    proof = workdir / "pwned"
+    env.write_config(format="plain", compression="gzip")
+    key_text = os.urandom(32).hex()
+    if signing == "re-signed":
+        (env.root / "signing.key").write_text(key_text + "\n")
+        (env.root / "signing.key").chmod(0o600)
+        subprocess.run(["age-keygen", "-o", str(env.root / "age.key")], check=True, capture_output=True)
+        recipient = subprocess.run(["age-keygen", "-y", str(env.root / "age.key")], check=True,
+                                   capture_output=True, text=True).stdout.strip()
+        with env.config_path.open("a") as fh:
+            fh.write(f'\n[encryption]\nmethod = "age"\nrecipients = ["{recipient}"]\n'
+                     f'identity_file = "{env.root / "age.key"}"\n'
+                     f'signing_key_file = "{env.root / "signing.key"}"\n')
+    manifest = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    path = env.folder / manifest["files"][0]["name"]
+    stored = path.read_bytes()
+    if signing == "re-signed":
+        assert path.name.endswith(".sql.gz.age") and manifest["mac"]
+        stored = subprocess.run(["age", "-d", "-i", str(env.root / "age.key"), str(path)], check=True,
+                                capture_output=True).stdout
+    text = gzip.decompress(stored)
+    at = text.index(b"\n\\.\n") + len(b"\n\\.\n")
+    planted = gzip.compress(text[:at] + meta_commands(proof)["shell"] + text[at:])
+    if signing == "re-signed":
+        planted = subprocess.run(["age", "-r", recipient], input=planted, check=True, capture_output=True).stdout
+    path.write_bytes(planted)
+    mpath = env.folder / f"kkua_backup_{manifest['id']}.manifest.json"
+    doc = Manifest.model_validate_json(mpath.read_text())
+    doc.files[0] = doc.files[0].model_copy(update={"size": path.stat().st_size,
+                                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    doc = doc.model_copy(update={"mac": None})
+    mpath.write_text((sign(doc, bytes.fromhex(key_text)) if signing == "re-signed" else doc).model_dump_json())
+    with env.connect() as conn:
+        conn.execute("CREATE TABLE public.after_backup (id int)")
+    before = contents_of(env)
+
+    # not verified first (verify would mark it failed, and a failed set gets the full check before the load)
+    for args in ((), ("--target-db", "kkua_meta_copy")):
+        result = env.run("restore", "postgres", "latest", "--force", *args)
+        assert result.returncode == 3, describe(result)
+        assert "while it loads (one pass)" in output(result) and "meta-command" in output(result), describe(result)
+        assert not proof.exists(), "a planted meta-command ran"
+        assert contents_of(env) == before
+        assert not list(env.folder.glob("safety_backup_*"))
+    with env.connect() as conn:
+        assert not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'kkua_meta_copy'").fetchall()

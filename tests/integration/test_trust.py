@@ -366,3 +366,97 @@ def test_restore_removes_partial_files_a_killed_run_left_and_nothing_else(env: E
     assert (env.folder / "notes.partial").exists()
     assert (env.folder / "safety_backup_before_restore_20240101_101501.sql.gz.partial").is_symlink()
     assert snapshot(outside) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# one-pass restores (issue 14): only for sets whose bytes are trusted before the first one loads
+
+# The CLI as `env.run` starts it, then how many bytes the process read (rchar: every read(), file or pipe)
+READ_COUNTER = r"""
+import sys
+from kkua_backupd.cli import main
+code = 70
+try:
+    code = main(sys.argv[2:])
+finally:
+    rchar = next(line for line in open("/proc/self/io") if line.startswith("rchar:"))
+    with open(sys.argv[1], "w") as fh:
+        fh.write(rchar.split()[1])
+sys.exit(code)
+"""
+
+
+def restore_counting_reads(env: Env, *args: str) -> tuple[dict[str, Any], int]:
+    """`kkua-backup --json restore postgres ARGS`: its report, and the bytes the CLI process read."""
+    counter = env.root / "rchar"
+    result = subprocess.run([sys.executable, "-c", READ_COUNTER, str(counter), "--json", "restore", "postgres",
+                             *args], capture_output=True, text=True, env=env.cli_env(), timeout=300, check=False)
+    assert result.returncode == 0, describe(result)
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report, int(counter.read_text())
+
+
+def rewrite_manifest(env: Env, manifest: dict[str, Any], **fields: Any) -> None:
+    """Change fields outside the signature, as only root or kkua-backup can (the folder passes its checks)."""
+    path = env.folder / f"{manifest['prefix']}{manifest['id']}.manifest.json"
+    doc = json.loads(path.read_text())
+    doc.update(fields)
+    path.write_text(json.dumps(doc))
+
+
+def test_a_trusted_set_is_read_once_and_any_other_gets_the_full_check_first(env: Env) -> None:
+    """A set made here, in folders that pass their checks, loads in one pass (the file read once, checked as it
+    loads); a set made on another host, one fetched from a remote, and an unsigned one where a signing key is
+    configured are read in full before anything changes, as before. The bytes the CLI reads prove which."""
+    env.write_config(compression="none")  # the file's bytes are what is read: a clear difference
+    with env.connect() as conn:
+        conn.execute("CREATE TABLE public.filler AS SELECT g, repeat(md5(g::text), 4) AS pad "
+                     "FROM generate_series(1, 60000) g")
+        before = table_contents(conn)
+    manifest = backup(env, "postgres")
+    size = manifest["files"][0]["size"]
+    assert size > 6 << 20, size
+    args = ("latest", "--force", "--no-safety-backup")
+
+    one_pass, read_once = restore_counting_reads(env, *args)
+    assert one_pass["check"]["mode"] == "one pass", one_pass["check"]
+    assert one_pass["check"]["files"][0]["checksum"] == "ok"
+    assert one_pass["check"]["files"][0]["sha256"] == manifest["files"][0]["sha256"]
+    assert "checking the set while it loads (one pass)" in (env.log_dir / "restore.log").read_text()
+
+    untrusted = {
+        "made on another host": ({"host": "elsewhere.example"}, "made on host elsewhere.example"),
+        "fetched without a signature": ({"fetched": {"remote": "offsite"}}, "fetched from remote offsite"),
+    }
+    for what, (fields, reason) in untrusted.items():
+        rewrite_manifest(env, manifest, **{"host": manifest["host"], "fetched": None, **fields})
+        checked, read_twice = restore_counting_reads(env, *args)
+        assert checked["check"]["mode"] == "pre-check" and reason in checked["check"]["reason"], (what, checked)
+        assert checked["check"]["files"][0]["checksum"] == "ok"
+        # the pre-check reads the whole file once more before the load reads it
+        assert read_twice - read_once > 0.9 * size, (what, read_once, read_twice, size)
+        assert read_once < read_twice - 0.9 * size
+    rewrite_manifest(env, manifest, host=manifest["host"], fetched=None)
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+
+    # a signing key configured: an unsigned set gets the pre-check; a signed one loads in one pass, even when
+    # its manifest says another host or a remote (the signature proves this tool's hosts made it)
+    secret = env.root / "signing.key"
+    secret.write_text(os.urandom(32).hex() + "\n")
+    secret.chmod(0o600)
+    subprocess.run(["age-keygen", "-o", str(env.root / "age.key")], check=True, capture_output=True)
+    recipient = subprocess.run(["age-keygen", "-y", str(env.root / "age.key")], check=True, capture_output=True,
+                               text=True).stdout.strip()
+    with env.config_path.open("a") as fh:
+        fh.write(f'\n[encryption]\nmethod = "age"\nrecipients = ["{recipient}"]\n'
+                 f'identity_file = "{env.root / "age.key"}"\nsigning_key_file = "{secret}"\n')
+    unsigned, _ = restore_counting_reads(env, manifest["id"], "--force", "--no-safety-backup")
+    assert unsigned["check"]["mode"] == "pre-check" and "no signature" in unsigned["check"]["reason"], unsigned
+    signed = backup(env, "postgres")
+    assert signed["mac"] and signed["files"][0]["name"].endswith(".sql.age")
+    rewrite_manifest(env, signed, host="elsewhere.example", fetched={"remote": "offsite"})
+    report, _ = restore_counting_reads(env, signed["id"], "--force", "--no-safety-backup")
+    assert report["check"]["mode"] == "one pass", report["check"]
+    with env.connect() as conn:
+        assert table_contents(conn) == before

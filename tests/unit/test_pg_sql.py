@@ -18,6 +18,7 @@ CASES = [
     b"/* c ; /* n */ ; */ SELECT 1;\n-- PostgreSQL database dump complete\n",
     b"COPY t (a, b) FROM stdin;\n\\.\nCOPY u FROM stdin;\nx\n\\.\r\n",
     b"COPY t FROM stdin;\nCOMMIT;\n\\\\.\n\\.\nSELECT 'x\n;COMMIT;\n';\n",
+    b"COPY t FROM stdin;\na\\N\n\\.x\n\\N\t\\\\.\n\\\n\\.\r\nSELECT 1;\nCOPY u FROM stdin;\n\\.",
 ]
 
 
@@ -35,8 +36,8 @@ def test_any_chunking_gives_the_same_stream(data: bytes) -> None:
     for step in (1, 2, 3, 7):
         parts, out2 = run(data, step)
         assert out2 == out
-        assert (parts.problems, parts.pending, parts.copies, parts.folded) == \
-            (whole.problems, whole.pending, whole.copies, whole.folded)
+        assert (parts.problems, parts.pending, parts.copies, parts.folded, parts.line_no, parts.truncated) == \
+            (whole.problems, whole.pending, whole.copies, whole.folded, whole.line_no, whole.truncated)
 
 
 def test_copy_data_passes_unchanged_and_nothing_is_pending() -> None:

@@ -7,6 +7,8 @@ import os
 import random
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,39 @@ def test_a_verified_read_raises_after_the_last_chunk_when_the_file_changed(tmp_p
         for chunk in chain.read_chain(path, "none", expected=info):
             received.append(chunk)
     assert sum(map(len, received)) == info.size  # every byte was handed on, the verdict comes last
+
+
+# ----------------------------------------------------------------------------------------------
+# read_ahead: the restore's reading, hashing and decompression on a thread of its own
+
+
+def test_read_ahead_keeps_order_and_raises_after_the_chunks_before_the_error() -> None:
+    def source() -> Iterator[bytes]:
+        yield b"one"
+        yield b"two"
+        raise IntegrityError("bad byte")
+
+    got: list[bytes] = []
+    with pytest.raises(IntegrityError, match="bad byte"):
+        for chunk in pipeline.read_ahead(source(), limit=1):
+            got.append(chunk)
+    assert got == [b"one", b"two"]
+
+
+def test_read_ahead_stays_within_its_limit_and_stops_its_thread_when_the_consumer_stops() -> None:
+    produced: list[int] = []
+
+    def source() -> Iterator[bytes]:
+        for i in range(1000):
+            produced.append(i)
+            yield bytes(100)
+
+    ahead = pipeline.read_ahead(source(), limit=1000, name="test-read-ahead")
+    for consumed, _ in enumerate(ahead, start=1):
+        # at most `limit` bytes queued, one chunk being queued, one handed over
+        assert len(produced) - consumed <= 1000 // 100 + 2
+        if consumed == 50:
+            break
+    ahead.close()
+    assert not [t for t in threading.enumerate() if t.name == "test-read-ahead"], "the thread still runs"
+    assert len(produced) < 1000

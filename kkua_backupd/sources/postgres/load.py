@@ -57,7 +57,7 @@ from kkua_backupd.stream.chain import (
     CheckResult,
     read_chain,
 )
-from kkua_backupd.stream.pipeline import AtomicFile, stream_chunks, write_atomic
+from kkua_backupd.stream.pipeline import AtomicFile, read_ahead, stream_chunks, write_atomic
 
 # Run before the dump's SQL, inside the restore's transaction: every user schema and every large object
 # goes, so objects created after the backup cannot block or survive the restore. `public` itself stays (its
@@ -218,6 +218,7 @@ def run_psql(ctx: JobContext, bin_dir: Path, dbname: str, parts: Iterable[bytes]
         child = group.spawn(psql_argv(bin_dir, pg, dbname), env=child_env(pg), stdin=execute.PIPE,
                             stdout=execute.PIPE, timeout=pg.restore_timeout)
         assert child.stdin is not None
+        execute.widen_pipe(child.stdin.fileno())  # 1 MiB writes land at once, psql reads them in one go
         seen = threading.Event()
         watcher = threading.Thread(target=_watch_for, args=(child, marker, seen), daemon=True)
         watcher.start()
@@ -237,10 +238,13 @@ def run_psql(ctx: JobContext, bin_dir: Path, dbname: str, parts: Iterable[bytes]
 
 
 def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool,  # noqa: PLR0913 - keyword-only options, typed with the flows
-             transactional: bool = True) -> None:
+             transactional: bool = True, whole_dump: bool = False) -> None:
     """Run SQL into `dbname` in one transaction (see `transaction_frame`), with an optional wipe first;
-    COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails and
-    JobError if the SQL did not run to its end; either way nothing was kept.
+    COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails,
+    IntegrityError if the SQL is one a restore refuses (a meta-command, cut short, or with `whole_dump` not
+    the whole of a pg_dump dump: its closing comment missing, a COMMIT or ROLLBACK of its own) and JobError
+    if psql did not run it to its end; whichever, nothing was kept. `whole_dump` is for SQL the tool
+    wrote (a set with a manifest): what the pre-check (verify.check_set) refuses is refused before COMMIT.
 
     The SQL is read on its way (`SqlStream`): a psql meta-command other than pg_dump's own
     `\\restrict`/`\\unrestrict` stops the load before it is sent, and those two are dropped, since
@@ -267,20 +271,31 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
             refused.append(exc)
             return
         # only reached when the whole stream was read and sent, and it did not stop inside something
-        if scanner.truncated is None:
+        if scanner.truncated is None and not (whole_dump and dump_problems(scanner)):
             if transactional:
                 yield transaction_frame(nonce, pending=scanner.pending)[1]
             else:
                 yield (";\n" if scanner.pending else "\n").encode() + f"SELECT '{marker.decode()}';\n".encode()
 
     seen = run_psql(ctx, bin_dir, dbname, parts(), marker=marker)
-    if refused:
-        raise JobError(f"{refused[0]}; nothing was kept")
-    if scanner.truncated is not None:
-        raise JobError(f"{scanner.truncated}; nothing was kept")
+    problems = [str(refused[0])] if refused else \
+        dump_problems(scanner) if whole_dump else [scanner.truncated] if scanner.truncated else []
+    if problems:
+        raise IntegrityError(f"the SQL would not restore: {problems[0]}; the load stopped before its COMMIT",
+                             hint="nothing was kept; use another backup")
     if not seen:
         raise JobError("psql reached the end of the SQL without committing it (the file is truncated inside a "
                        "data block, or ends the session itself); the transaction was rolled back")
+
+
+def dump_problems(scanner: SqlStream) -> list[str]:
+    """What a restore refuses in SQL pg_dump wrote, once the scanner read all of it: what it found (a
+    meta-command, a COMMIT or ROLLBACK of the file's own, the stream cut short) and, pg_dump ending every
+    dump with its "dump complete" comment, a dump without it."""
+    problems = list(scanner.problems)
+    if not scanner.complete and scanner.truncated is None:
+        problems.append("the SQL ends before pg_dump's closing comment: the dump is truncated")
+    return problems
 
 
 def _watch_for(child: execute.Child, marker: bytes, seen: threading.Event) -> None:
@@ -367,19 +382,22 @@ def unpack_directory(ctx: JobContext, folder: Path, files: Sequence[ManifestFile
 def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,  # noqa: PLR0913, PLR0917 - grouped with the flows written once
                  wipe: bool, new_database: bool, expected: ManifestFile | None,
                  progress: Progress | None = None, transactional: bool = True,
-                 members: Sequence[ManifestFile] = (), unpacked: Path | None = None) -> None:
+                 members: Sequence[ManifestFile] = (), unpacked: Path | None = None) -> CheckResult | None:
     """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
     going into a new database. The bytes are hashed as they are read; if they do not match `expected`
-    the load stops before its COMMIT. A directory set (`members`: every file of it, `path` its first) is
+    the load stops before its COMMIT, and so does a plain dump the tool wrote that does not end as pg_dump
+    ends one (`load_sql`'s whole_dump). A directory set (`members`: every file of it, `path` its first) is
     unpacked into a scratch folder first, every file checked (or read from `unpacked`, where the restore's
-    check left it unpacked and checked), then loaded the same two ways. Raises
-    CommandFailed/StepTimeout/IntegrityError on failure."""
+    check left it unpacked and checked), then loaded the same two ways. Returns, for a plain dump, the
+    file's size, sha256 and the bytes loaded. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
     pg = ctx.config.postgres
     chunks = read_chain(path, compression, progress=progress, expected=expected, readers=ctx.readers_for(path.name))
     transactional = transactional or not new_database  # only a new database may load statement by statement
     if fmt == "plain":
-        load_sql(ctx, bin_dir, dbname, chunks, wipe=wipe, transactional=transactional)
-        return
+        # read, hashed, decrypted and decompressed on a thread of its own while this one scans and sends
+        load_sql(ctx, bin_dir, dbname, read_ahead(chunks, name="restore-read"), wipe=wipe,
+                 transactional=transactional, whole_dump=expected is not None)
+        return CheckResult(chunks.size, chunks.sha256, chunks.raw)
     jobs = pg.restore_jobs or os.cpu_count() or 1
     if fmt == "directory":
         with contextlib.ExitStack() as stack:
@@ -389,18 +407,19 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
                 unpack_directory(ctx, path.parent, members, scratch, progress=progress)
             if new_database and jobs > 1:
                 _pg_restore_jobs(ctx, bin_dir, dbname, scratch, jobs)
-                return
+                return None
             with execute.ProcessGroup(KIND) as group:
                 load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, (), [], directory=scratch),
                          wipe=wipe, transactional=transactional)
-        return
+        return None
     if new_database and jobs > 1:
         _parallel_restore(ctx, bin_dir, dbname, path, chunks, jobs)
-        return
+        return None
     with execute.ProcessGroup(KIND) as group:
         errors: list[BaseException] = []
         load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, chunks, errors), wipe=wipe,
                  transactional=transactional)
+    return None
 
 
 def _pg_restore_jobs(ctx: JobContext, bin_dir: Path, dbname: str, archive: Path, jobs: int) -> None:

@@ -148,7 +148,9 @@ class SqlStream:
 
     # ------------------------------------------------------------------------------------------
     def _copy_data(self, data: bytes, out: bytearray) -> int:
-        """Pass COPY data on until its `\\.` line; returns how many bytes of `data` were used."""
+        """Pass COPY data on until its `\\.` line; returns how many bytes of `data` were used. Its lines are
+        not visited one by one (a restore's time goes there): only a line that starts with a backslash and a
+        dot can end the data, so the search is for that, and lines are counted in one go."""
         if self._carry:
             data = self._carry + data
             carried = len(self._carry)
@@ -158,26 +160,28 @@ class SqlStream:
         pos = 0
         n = len(data)
         while True:
-            if not self._bol:
-                nl = data.find(b"\n", pos)
-                if nl < 0:
+            if self._bol:
+                head = data[pos:pos + 4]
+                for end in (b"\\.\n", b"\\.\r\n"):
+                    if head.startswith(end):
+                        out += data[pos:pos + len(end)]
+                        self.line_no += 1
+                        self._copy = False
+                        return pos + len(end) - carried
+                if len(head) < 4 and (b"\\.\r\n".startswith(head) or b"\\.\n".startswith(head)):
+                    self._carry = head
+                    return n - carried
+                self._bol = False
+            found = data.find(b"\n\\.", pos)
+            if found < 0:
+                found = data.rfind(b"\n", pos)
+                if found < 0:
                     out += data[pos:]
                     return n - carried
-                out += data[pos:nl + 1]
-                self.line_no += 1
-                pos = nl + 1
-                self._bol = True
-            head = data[pos:pos + 4]
-            for end in (b"\\.\n", b"\\.\r\n"):
-                if head.startswith(end):
-                    out += data[pos:pos + len(end)]
-                    self.line_no += 1
-                    self._copy = False
-                    return pos + len(end) - carried
-            if len(head) < 4 and (b"\\.\r\n".startswith(head) or b"\\.\n".startswith(head)):
-                self._carry = head
-                return n - carried
-            self._bol = False
+            out += data[pos:found + 1]
+            self.line_no += data.count(b"\n", pos, found + 1)
+            pos = found + 1
+            self._bol = True
 
     def _flush(self, line: bytes, start: int, end: int, out: bytearray) -> None:
         if self._holding:

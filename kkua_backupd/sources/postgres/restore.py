@@ -7,9 +7,9 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import psycopg
 from pydantic import Field
@@ -20,6 +20,7 @@ from kkua_backupd.core.context import (
     RestorePlan,
     RestoreReport,
     SafetyBackup,
+    one_pass_refusal,
 )
 from kkua_backupd.errors import (
     JobError,
@@ -27,6 +28,7 @@ from kkua_backupd.errors import (
     Refused,
 )
 from kkua_backupd.obs.progress import Progress, human_bytes
+from kkua_backupd.safefs import unlink_in
 from kkua_backupd.sources import RestoreOptions
 from kkua_backupd.sources.postgres.backup import dump, manifest_for
 from kkua_backupd.sources.postgres.client import (
@@ -48,7 +50,7 @@ from kkua_backupd.sources.postgres.stats import (
     missing_roles,
     table_stats,
 )
-from kkua_backupd.sources.postgres.verify import check_directory, check_set, set_format
+from kkua_backupd.sources.postgres.verify import check_directory, check_set, file_in_place, set_format
 from kkua_backupd.store.signing import sign
 from kkua_backupd.store.storage import (
     PREFIXES,
@@ -58,6 +60,7 @@ from kkua_backupd.store.storage import (
     scratch_folder,
     write_manifest,
 )
+from kkua_backupd.stream.chain import read_chain
 
 # Restore
 
@@ -81,8 +84,9 @@ class PostgresRestoreReport(RestoreReport):
 
 class PostgresRestore:
     """A restore of a PostgreSQL set, in core/flows.restore's order: into the configured database in one
-    transaction (the file checked before anything changes, so a failed restore leaves the old data in
-    place), or into a new `--target-db` (dropped again on failure)."""
+    transaction, so a failed restore leaves the old data in place, or into a new `--target-db` (dropped again
+    on failure). A trusted plain set (core/context.one_pass_refusal) is checked while it loads, in one pass:
+    the COMMIT is sent only once its sha256, size and SQL passed; any other set is read in full first."""
 
     checks = "a decompress test"
 
@@ -105,6 +109,7 @@ class PostgresRestore:
         self._transactional = True
         self._stack = contextlib.ExitStack()  # the scratch folder of a directory set, until the session ends
         self._unpacked: Path | None = None
+        self._one_pass = False
 
     @property
     def admin(self) -> psycopg.Connection:
@@ -115,21 +120,39 @@ class PostgresRestore:
         drop_unfinished_databases(self.ctx, lock_held=True)
 
     def check(self) -> None:
-        """Read the set as the restore will. A directory set is unpacked into a scratch folder here, each
-        file checked, its table of contents listed, and the load reads that folder (removed when the
-        session ends, or by the next run after a kill); its SQL is read by the load itself."""
-        self._details = details_of(self.backup_set)
-        if self.fmt == "directory" and self.backup_set.manifest is not None:
-            scratch = self._stack.enter_context(scratch_folder(self.backup_set.folder))
+        """The pre-check (verify.check_set: every byte read, hashed, decompressed and scanned before anything
+        changes), or for a trusted plain set only what costs nothing (the file there, its size) and the rest
+        while it loads (`apply`). A directory set is unpacked into a scratch folder here, each file checked,
+        its table of contents listed, and the load reads that folder (removed when the session ends, or by
+        the next run after a kill); its SQL is read by the load itself."""
+        ctx, backup_set = self.ctx, self.backup_set
+        self._details = details_of(backup_set)
+        refusal = one_pass_refusal(ctx, backup_set)
+        if refusal is None and self.fmt != "plain":
+            refusal = f"the {self.fmt} format is read by pg_restore"
+        if refusal is None and backup_set.manifest is not None and len(backup_set.manifest.files) != 1:
+            refusal = "it has more than one file"
+        if refusal is None:
+            entry = backup_set.manifest.files[0] if backup_set.manifest else None
+            _opens(ctx, file_in_place(backup_set, backup_set.name, entry), self.compression)
+            self._one_pass = True
+            self.report.check = CheckedSet(mode="one pass", files=[])
+            ctx.log.info("checking the set while it loads (one pass): the restore commits only if its size, sha256 "
+                         "and SQL match", file=self.name)
+            return
+        ctx.log.info("reading the set in full before the restore (pre-check)", file=self.name, reason=refusal)
+        if self.fmt == "directory" and backup_set.manifest is not None:
+            scratch = self._stack.enter_context(scratch_folder(backup_set.folder))
             try:
-                self.report.check = CheckedSet(files=check_directory(self.ctx, self.backup_set, scratch,
-                                                                     read_sql=False))
+                checked = CheckedSet(files=check_directory(ctx, backup_set, scratch, read_sql=False))
             except BaseException:
                 self._stack.close()
                 raise
             self._unpacked = scratch
-            return
-        self.report.check = check_set(self.ctx, self.backup_set)
+        else:
+            checked = check_set(ctx, backup_set)
+        checked.mode, checked.reason = "pre-check", refusal
+        self.report.check = checked
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -167,8 +190,11 @@ class PostgresRestore:
             raise Refused(f"database {target!r} already exists",
                           hint="--target-db restores into a new database: choose another name or drop it")
         self._transactional = _fits_one_transaction(ctx, admin, backup_set, target, in_place=exists)
-        return _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
+        plan = _plan(ctx, backup_set, target, in_place=target_db is None, exists=exists,
                      safety=self.options.safety_backup and target_db is None and exists)
+        plan.lines.append("  check:     " + ("while it loads (one pass); nothing is kept unless it matches"
+                                             if self._one_pass else "done (the whole file was read)"))
+        return plan
 
     def safety_backup(self) -> SafetyBackup:
         return _safety_backup(self.ctx, self.database)
@@ -188,24 +214,74 @@ class PostgresRestore:
                             enabled=ctx.interactive)
         load_started = time.monotonic()
         try:
-            restore_into(ctx, self._bin_dir, target, backup_set.path(), self.fmt, self.compression,
-                         wipe=created is None,
-                         expected=backup_set.manifest.files[0] if backup_set.manifest else None,
-                         new_database=created is not None, progress=progress,
-                         transactional=self._transactional or created is None,
-                         members=backup_set.manifest.files if backup_set.manifest else (), unpacked=self._unpacked)
+            loaded = restore_into(ctx, self._bin_dir, target, backup_set.path(), self.fmt, self.compression,
+                                  wipe=created is None,
+                                  expected=backup_set.manifest.files[0] if backup_set.manifest else None,
+                                  new_database=created is not None, progress=progress,
+                                  transactional=self._transactional or created is None,
+                                  members=backup_set.manifest.files if backup_set.manifest else (),
+                                  unpacked=self._unpacked)
         except KkuaError as exc:
             progress.clear()
+            unrestorable = self._unrestorable(exc)
             if created is not None:
                 created.drop()
+                if unrestorable is not None:
+                    raise type(unrestorable)(f"{unrestorable.message}; the new database {target!r} was dropped "
+                                             "again", hint=unrestorable.hint) from None
                 raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
                                f"the database was dropped again: {exc}") from None
+            if unrestorable is not None:
+                self._remove_safety_backup()
+                raise type(unrestorable)(f"{unrestorable.message}; the restore was rolled back before its COMMIT: "
+                                         f"database {target!r} still holds its previous data",
+                                         hint=unrestorable.hint) from None
             raise JobError(f"restore of {backup_set.name} failed and was rolled back; database {target!r}"
                            f" still holds its previous data: {exc}", hint=restore_hint(exc)) from None
         progress.clear()
         if created is not None:
             created.finished()
         self.report.load_seconds = round(time.monotonic() - load_started, 2)
+        if self._one_pass and loaded is not None and self.report.check is not None:
+            self.report.check.files = [{"name": self.name, "size": loaded.size, "sha256": loaded.sha256,
+                                        "uncompressed": loaded.uncompressed, "checksum": "ok"}]
+            ctx.log.info("file checked while it loaded", file=self.name, size=human_bytes(loaded.size),
+                         checksum="ok", decompress="ok")
+
+    def _unrestorable(self, exc: KkuaError) -> Refused | None:
+        """After a one-pass load failed (it stopped before its COMMIT): what the pre-check would have refused
+        the set for, found by running it now (verify.check_set: a file that differs from its manifest, SQL
+        cut short or with a meta-command), or None when the set passes it and the load failed for another
+        reason (a statement the server refused, a missing role), which is said as it always was."""
+        if not self._one_pass:
+            return None
+        try:
+            check_set(self.ctx, self.backup_set)
+        except Refused as found:  # IntegrityError, WrongKey: what the check before the load would have said
+            return found
+        except KkuaError:
+            pass  # unreadable now: the load's own error says what happened
+        return exc if isinstance(exc, Refused) else None
+
+    def _remove_safety_backup(self) -> None:
+        """A one-pass restore rolled back for what the pre-check would have refused: the safety backup this
+        run took holds what the database still holds, and the pre-check would not have taken it."""
+        made = self.report.safety_backup
+        if made is None:
+            return
+        self.report.safety_backup = None
+        self.report.model_fields_set.discard("safety_backup")  # not in the report: no safety backup is left
+        try:
+            safety = resolve(self.ctx.config.backup_dir, KIND, made.file)
+            for path in (safety.manifest_path, safety.path()):  # the manifest first: never half a set listed
+                if path is not None:
+                    unlink_in(path)
+        except (KkuaError, OSError) as exc:
+            self.ctx.log.warning("the safety backup taken for this restore could not be removed; it holds the "
+                                 "data the database still holds", file=made.file, error=str(exc))
+            return
+        self.ctx.log.info("removed the safety backup taken for this restore: the restore was rolled back, and "
+                          "the database still holds the data it saved", file=made.file)
 
     def counts_after(self) -> list[str]:
         _verify_restored(self.ctx, self._details, self.database, self.report)
@@ -219,6 +295,16 @@ class PostgresRestore:
         self.ctx.log.info("restore finished", file=self.name, database=self.database, tables=report.tables,
                           rows=report.rows, seconds=report.seconds, verified="row counts match the backup"
                           if self.backup_set.manifest else "no manifest to compare with")
+
+
+def _opens(ctx: JobContext, path: Path, compression: str) -> None:
+    """Before a one-pass restore changes anything: read the file's first chunk back through its chain, so a
+    key this host lacks (KeyMissing, exit 2), one that does not open the file (WrongKey, exit 3), or data
+    that is not what its name says is found as the full check would find it, before the safety backup."""
+    chunks = cast(Generator[bytes, None, None], iter(read_chain(path, compression,
+                                                                readers=ctx.readers_for(path.name))))
+    with contextlib.closing(chunks):
+        next(chunks, None)
 
 
 def _fits_one_transaction(ctx: JobContext, admin: psycopg.Connection, backup_set: BackupSet, target: str, *,

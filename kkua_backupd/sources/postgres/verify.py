@@ -50,6 +50,7 @@ from kkua_backupd.sources.postgres.client import (
 from kkua_backupd.sources.postgres.load import (
     NewDatabase,
     checksum_error,
+    dump_problems,
     feed_pipe,
     file_present,
     restore_into,
@@ -145,12 +146,9 @@ def test_restore_file(ctx: JobContext, path: Path, fmt: str, compression: str, *
 
 
 def sql_problems(scanner: SqlStream, *, made_by_us: bool) -> list[str]:
-    """What a restore of the SQL the scanner read would reject (empty when it would run to its end).
-    pg_dump ends every dump with its "dump complete" comment; one of ours without it was cut short."""
-    problems = list(scanner.problems)
-    if made_by_us and not scanner.complete and scanner.truncated is None:
-        problems.append("the SQL ends before pg_dump's closing comment: the dump is truncated")
-    return problems
+    """What a restore of the SQL the scanner read would reject (empty when it would run to its end); for
+    SQL the tool wrote, as a one-pass restore refuses it before its COMMIT (load.dump_problems)."""
+    return dump_problems(scanner) if made_by_us else list(scanner.problems)
 
 
 def set_format(backup_set: BackupSet) -> tuple[str, str]:
@@ -217,6 +215,14 @@ def _check_archive(ctx: JobContext, backup_set: BackupSet, path: Path, compressi
     return CheckResult(archive.size, archive.sha256, archive.raw), scanner, None
 
 
+def file_in_place(backup_set: BackupSet, name: str, expected: ManifestFile | None) -> Path:
+    """The path of the set's file `name`, once it is there with the size its manifest recorded; raises
+    IntegrityError otherwise. What every restore checks before anything changes, even in one pass."""
+    path = backup_set.path(name)
+    file_present(path, expected)
+    return path
+
+
 def check_set(ctx: JobContext, backup_set: BackupSet) -> CheckedSet:
     """Check every file of a set against its manifest (size, sha256) and decompress it fully; a plain
     dump's SQL is read as psql would read it, a custom archive is read to its end by pg_restore (and its
@@ -232,8 +238,7 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> CheckedSet:
     targets = [(f.name, f.compression, f) for f in files] if files else \
         [(backup_set.name, set_format(backup_set)[1], None)]
     for name, compression, expected in targets:
-        path = backup_set.path(name)
-        file_present(path, expected)
+        path = file_in_place(backup_set, name, expected)
         progress = Progress(f"checking {name}", total=path.stat().st_size, enabled=ctx.interactive)
         if fmt == "plain":
             source = read_chain(path, compression, progress=progress, readers=ctx.readers_for(path.name))
