@@ -25,18 +25,32 @@ STRACE = shutil.which("strace")
 pytestmark = pytest.mark.skipif(STRACE is None, reason="strace is not installed (scripts/setup.sh installs it)")
 
 _SYSCALL = re.compile(r'^(?P<name>rename|renameat2?|fsync|openat)\((?P<args>.*)\)\s+=\s+(?P<ret>-?\d+)')
+_RESUMED = re.compile(r"^<\.\.\. \w+ resumed>(?P<rest>.*)$")
 
 
-def traced_backup(world: Env | RedisEnv, kind: str, trace: Path) -> list[tuple[str, str, int]]:
-    """Run `backup KIND` under strace (main process only); returns its (syscall, args, result) in order."""
-    result = subprocess.run([STRACE or "strace", "-qq", "-o", str(trace), "-e",
+def traced_backup(world: Env | RedisEnv, kind: str, trace: Path, *,
+                  threads: bool = False) -> list[tuple[str, str, int]]:
+    """Run `backup KIND` under strace (main thread only, or with `threads` all its threads, each call placed
+    where it returned); returns its (syscall, args, result) in order."""
+    result = subprocess.run([STRACE or "strace", "-qq", *(["-f"] if threads else []), "-o", str(trace), "-e",
                              "trace=rename,renameat,renameat2,fsync,openat", "-e", "signal=none",
                              sys.executable, "-m", "kkua_backupd", "backup", kind],
                             capture_output=True, text=True, env=world.cli_env(), timeout=300, check=False)
     assert result.returncode == 0, describe(result)
     calls = []
-    for line in trace.read_text().splitlines():
-        match = _SYSCALL.match(line)
+    started: dict[str, str] = {}  # a thread's call interrupted by another's: "openat(... <unfinished ...>"
+    for traced in trace.read_text().splitlines():
+        thread, call = "", traced
+        if threads:
+            thread, _, call = traced.partition(" ")
+            call = call.lstrip()
+        if call.endswith("<unfinished ...>"):
+            started[thread] = call.removesuffix("<unfinished ...>").rstrip()
+            continue
+        resumed = _RESUMED.match(call)
+        if resumed and thread in started:
+            call = started.pop(thread) + resumed["rest"]
+        match = _SYSCALL.match(call)
         if match:
             calls.append((match["name"], match["args"], int(match["ret"])))
     return calls
@@ -136,8 +150,31 @@ def test_commit_order_and_what_a_kill_at_each_step_leaves(world: tuple[Env | Red
     before_manifest = [i for i in folder_syncs if min(data_renames) < i < manifest_opens[0]]
     assert len(before_manifest) == 1 and before_manifest[0] > max(data_renames), \
         f"expected one folder fsync after the data files' renames, before the manifest: {calls}"
-    for previous, i in zip([-1, *data_renames], data_renames, strict=False):
-        assert any(previous < j < i for j in file_syncs), f"a data file was renamed without its own fsync: {calls}"
+    # Each data file fsynced, on the descriptor it was written through, before its rename: traced with the
+    # threads too, since a Redis set's INFO and CONFIG files are written on a thread while the RDB streams.
+    everything = traced_backup(env, kind, workdir / "trace-threads", threads=True)
+    names = {f["name"] for f in sets(env, kind)[0]["files"]}
+    moved = [i for i, (name, args, _) in enumerate(everything) if name.startswith("rename") and new_name(args) in names]
+    assert len(moved) == len(names), everything
+    def renamed(args: str) -> tuple[str, str]:
+        old, new = (path.rsplit("/", 1)[-1] for path in re.findall(r'"([^"]*)"', args)[:2])
+        return old, new
+
+    for i in moved:
+        written = renamed(everything[i][1])[0]
+        while True:  # a file renamed more than once (INFO: NAME.partial.partial, NAME.partial, NAME): its first name
+            earlier = [j for j in range(i) if everything[j][0].startswith("rename")
+                       and renamed(everything[j][1])[1] == written]
+            if not earlier:
+                break
+            written = renamed(everything[earlier[-1]][1])[0]
+        created = [(j, ret) for j, (name, args, ret) in enumerate(everything[:i])
+                   if name == "openat" and "O_CREAT" in args and re.search(rf'[/"]{re.escape(written)}"', args)]
+        assert created, f"{written} was renamed but never created: {everything}"
+        opened_at, fd = created[-1]
+        assert any(opened_at < j < i and name == "fsync" and int(args) == fd
+                   for j, (name, args, _) in enumerate(everything)), \
+            f"a data file ({written}) was renamed without its own fsync: {everything}"
 
     # Where to kill: counted in the main process's calls of one syscall, as strace's when= counts them.
     rename_name = calls[renames[0][0]][0]

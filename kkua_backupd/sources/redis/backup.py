@@ -691,7 +691,7 @@ class _SideFiles:
                 final = self._name(role).name
                 os.rename(info.name, final, src_dir_fd=fd, dst_dir_fd=fd)
                 published.append((role, FileInfo(final, info.size, info.sha256)))
-            os.fsync(fd)
+            # the renames are made durable by write_manifest's one folder fsync before the manifest (decision 0020)
         except OSError as exc:
             raise storage_error(exc, folder) from None
         finally:
