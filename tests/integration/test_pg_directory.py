@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from kkua_backupd.demo.sandbox import ThrowawayPostgres, create_sample_data, schema_dump, table_contents
+from kkua_backupd.demo.sandbox import ThrowawayPostgres, schema_dump, table_contents
 from kkua_backupd.proc.workers import descendants
 from kkua_backupd.store.lock import holder_of
 from tests.support.helpers import alive, cmdline, describe, output, proc_stat, wait_for
-from tests.support.pg_bulk import fill_bulk
+from tests.support.pg_bulk import bulk_database
 
 from ..conftest import Env
 from .test_encrypted_backups import encryption, stored_bytes
@@ -180,15 +180,8 @@ def test_encrypted_directory_set_round_trip(env: Env) -> None:
 @pytest.fixture
 def bulky_db(pg_server: ThrowawayPostgres) -> Iterator[str]:
     """The sample data plus ~60 MB of bulk rows, so pg_dump -Fd runs for a moment."""
-    name = f"kkua_dirbig_{os.getpid()}"
-    pg_server.create_database(name)
-    try:
-        with pg_server.connect(name) as conn:
-            create_sample_data(conn)
-            fill_bulk(conn, 60)
+    with bulk_database(pg_server, f"kkua_dirbig_{os.getpid()}", 60) as name:
         yield name
-    finally:
-        pg_server.drop_database(name)
 
 
 def test_kill9_during_a_directory_backup_leaves_nothing_after_the_next_run(env: Env, bulky_db: str) -> None:

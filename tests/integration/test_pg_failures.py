@@ -34,7 +34,7 @@ from kkua_backupd.demo.sandbox import (
 from kkua_backupd.proc.workers import descendants
 from kkua_backupd.store.lock import holder_of
 from tests.support.helpers import alive, cmdline, describe, output, proc_stat, wait_for
-from tests.support.pg_bulk import fill_bulk
+from tests.support.pg_bulk import bulk_database
 from tests.support.pg_data import contents_of
 from tests.support.terminal import run_with_terminal
 
@@ -139,15 +139,8 @@ def wait_for_partial_and_dump(env: Env, proc: subprocess.Popen[str]) -> tuple[Pa
 @pytest.fixture(scope="module")
 def big_db(pg_server: ThrowawayPostgres) -> Iterator[str]:
     """A database with the sample data plus ~150 MB of bulk rows, so a dump takes a few seconds."""
-    name = f"kkua_failbig_{os.getpid()}"
-    pg_server.create_database(name)
-    try:
-        with pg_server.connect(name) as conn:
-            create_sample_data(conn)
-            fill_bulk(conn, BIG_DB_MB)
+    with bulk_database(pg_server, f"kkua_failbig_{os.getpid()}", BIG_DB_MB) as name:
         yield name
-    finally:
-        pg_server.drop_database(name)
 
 
 @pytest.fixture

@@ -256,7 +256,8 @@ def test_kill_9_mid_upload_leaves_no_remote_set_and_push_completes(redis_env: Re
 def test_kill_9_during_an_ssh_upload_leaves_no_remote_set_and_push_completes(env: Env, sshd: Sshd) -> None:
     add_remotes(env.config_path, sshd.remote_toml("box"))
     proc = env.popen("backup", "postgres")
-    wait_for(lambda: any("rsync" in cmdline(pid)[:1][0] for pid in descendants(proc.pid) if cmdline(pid)) or None,
+    # argv read once per process: one that ends between two reads has none
+    wait_for(lambda: any("rsync" in "".join(cmdline(pid)[:1]) for pid in descendants(proc.pid)) or None,
              "rsync to start", timeout=120)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

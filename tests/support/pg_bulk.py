@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from kkua_backupd.demo.sandbox import ThrowawayPostgres, create_sample_data
 
 _BULK_TABLE_DDL = """
 CREATE TABLE IF NOT EXISTS {table} (
@@ -78,3 +82,17 @@ def fill_bulk(conn: psycopg.Connection[Any], megabytes: int, table: str = "bench
 
 
 # ------------------------------------------------------------------ comparisons
+
+
+@contextlib.contextmanager
+def bulk_database(server: ThrowawayPostgres, name: str, megabytes: int) -> Iterator[str]:
+    """A new database `name` on `server` with the sample data plus about `megabytes` of bulk rows, so a dump
+    or a restore of it runs for a moment; dropped at the end."""
+    server.create_database(name)
+    try:
+        with server.connect(name) as conn:
+            create_sample_data(conn)
+            fill_bulk(conn, megabytes)
+        yield name
+    finally:
+        server.drop_database(name)
