@@ -18,7 +18,7 @@ import pytest
 from kkua_backupd.demo.sandbox import ThrowawayPostgres, schema_dump, table_contents
 from kkua_backupd.proc.workers import descendants
 from kkua_backupd.store.lock import holder_of
-from tests.support.helpers import alive, cmdline, describe, output, proc_stat, wait_for
+from tests.support.helpers import alive, cmdline, crash, describe, output, proc_stat, wait_for
 from tests.support.pg_bulk import bulk_database
 
 from ..conftest import Env
@@ -201,15 +201,7 @@ def test_kill9_during_a_directory_backup_leaves_nothing_after_the_next_run(env: 
     try:
         scratch, dump_pid = wait_for(dumping, "pg_dump writing into the scratch folder", timeout=120)
         victims = [dump_pid, *descendants(proc.pid)]
-        our_group = os.getpgid(0)
-        os.kill(proc.pid, signal.SIGKILL)
-        for pid in victims:  # pg_dump and its workers too, as a machine crash would
-            stat = proc_stat(pid)
-            if stat is not None and stat[2] != our_group:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(stat[2], signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        crash(proc, victims)  # the CLI and pg_dump, as a machine crash would
         proc.communicate(timeout=30)
         wait_for(lambda: not any(alive(p) for p in victims) or None, "pg_dump to die", timeout=30)
     finally:

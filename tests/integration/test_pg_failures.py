@@ -7,7 +7,6 @@ config, 3 refused.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
@@ -33,7 +32,7 @@ from kkua_backupd.demo.sandbox import (
 )
 from kkua_backupd.proc.workers import descendants
 from kkua_backupd.store.lock import holder_of
-from tests.support.helpers import alive, cmdline, describe, output, proc_stat, wait_for
+from tests.support.helpers import alive, cmdline, crash, describe, output, proc_stat, wait_for
 from tests.support.pg_bulk import bulk_database
 from tests.support.pg_data import contents_of
 from tests.support.terminal import run_with_terminal
@@ -399,15 +398,7 @@ def test_kill9_during_backup_leaves_no_set_and_next_backup_cleans_up(env: Env, b
     try:
         partial, dump_pid = wait_for_partial_and_dump(env, proc)
         victims = [dump_pid, *descendants(proc.pid)]
-        our_group = os.getpgid(0)
-        os.kill(proc.pid, signal.SIGKILL)  # the CLI: a crash, no cleanup of any kind
-        for pid in victims:  # and pg_dump (its own process group), as a machine crash would
-            stat = proc_stat(pid)
-            if stat is not None and stat[2] != our_group:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(stat[2], signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        crash(proc, victims)  # the CLI and pg_dump, as a machine crash would
         proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         wait_for(lambda: not any(alive(p) for p in victims) or None, "pg_dump to die", timeout=30)

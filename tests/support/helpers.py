@@ -3,6 +3,9 @@ and waiting for a condition by polling with a deadline (never a bare sleep)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -59,3 +62,17 @@ def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 60.0
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def crash(proc: subprocess.Popen[bytes] | subprocess.Popen[str], victims: list[int]) -> None:
+    """SIGKILL the CLI `proc` (no cleanup of any kind) and the children in `victims` (pg_dump in its own process
+    group, its workers), as a machine crash would."""
+    our_group = os.getpgid(0)
+    os.kill(proc.pid, signal.SIGKILL)
+    for pid in victims:
+        stat = proc_stat(pid)
+        if stat is not None and stat[2] != our_group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(stat[2], signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
