@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -44,6 +45,7 @@ from kkua_backupd.sources import (
 if TYPE_CHECKING:
     from kkua_backupd.config import Config, LoadedConfig
     from kkua_backupd.core.context import JobContext
+    from kkua_backupd.core.status_cache import StatusSettings
     from kkua_backupd.store.storage import BackupSet
 
 LOG_FILES = {"backup": "backup.log", "run": "backup.log", "verify": "backup.log", "restore": "restore.log",
@@ -547,26 +549,25 @@ def cmd_prune(ctx: JobContext, args: argparse.Namespace) -> Any:
     return pruned.to_json()
 
 
-def cmd_status(ctx: JobContext, args: argparse.Namespace) -> Any:
+def cmd_status(config: StatusSettings, *, json_mode: bool) -> Any:
+    """`status`, from the validated config or, when it is unchanged, the record of it (core/status_cache.py):
+    nothing here imports pydantic unless a set may be dated in the future."""
     from kkua_backupd.core import health, state
     from kkua_backupd.sources.redis.marker import interrupted_file_restore
-    from kkua_backupd.store.storage import list_sets
-    report = state.status_report(ctx.config)
-    report["warnings"] = [s.future_warning() for s in list_sets(ctx.config.backup_dir) if s.future]
-    notice = interrupted_file_restore(ctx.config)
+    report = state.status_report(config)
+    report["warnings"] = []
+    if state.maybe_future_sets(config.backup_dir):
+        from kkua_backupd.store.storage import list_sets
+        report["warnings"] = [s.future_warning() for s in list_sets(config.backup_dir) if s.future]
+    notice = interrupted_file_restore(config)
     report["redis_restore"] = notice
-    problems = health.mark_problems(ctx.config, report)
-    if not ctx.json_mode:
-        _human(ctx, f"times in {report['timezone']}")
-        for line in state.format_status(report):
-            _human(ctx, line)
-        for text in report["warnings"]:
-            _human(ctx, f"warning: {text}")
-        if notice:
-            _human(ctx, f"WARNING: {notice}")
-        for job, found in problems.items():
-            for text in found:
-                _human(ctx, f"PROBLEM: {job}: {text}")
+    problems = health.mark_problems(config, report)
+    if not json_mode:
+        lines = [f"times in {report['timezone']}", *state.format_status(report)]
+        lines += [f"warning: {text}" for text in report["warnings"]]
+        lines += [f"WARNING: {notice}"] if notice else []
+        lines += [f"PROBLEM: {job}: {text}" for job, found in problems.items() for text in found]
+        sys.stdout.write("".join(line + "\n" for line in lines))
     return (report, 1) if problems or (notice and "was killed" in notice) else report
 
 
@@ -679,7 +680,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `kkua-backup`; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from kkua_backupd.config import secrets_of  # after parsing: --help and usage errors load no pydantic
     json_mode = getattr(args, "json", False)
     sink = logs.setup(to_stderr=json_mode, verbose=getattr(args, "verbose", False))
     log = logs.get_logger()
@@ -691,11 +691,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if json_mode:
                 _print_json(key_result)
             return 0
-        loaded = _load_config(args, log)
+        from kkua_backupd.core import status_cache  # no pydantic: `status` may not need it
+        if args.command == "status" and (view := status_cache.cached(getattr(args, "config", None),
+                                                                     os.environ)) is not None:
+            return _print_result(cmd_status(view, json_mode=json_mode), json_mode)
+        from kkua_backupd.config import secrets_of  # after parsing: --help and usage errors load no pydantic
+        started = time.time_ns()
+        loaded, validated = _load_config(args, log)
         config = loaded.config
         set_trusted_roots(*config.trusted_folders)
         for secret in secrets_of(config):
             sink.add_secret(secret)
+        if validated:  # the record `status` reads next time; never read by anything that acts
+            status_cache.remember(loaded, getattr(args, "config", None), os.environ, started)
         main_job = {"backup": getattr(args, "target", ""), "run": getattr(args, "job", ""),
                     "restore": getattr(args, "target", ""), "prune": "retention",
                     "push": "push"}.get(args.command, "")
@@ -711,20 +719,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify": lambda: cmd_verify(ctx, args),
             "prune": lambda: cmd_prune(ctx, args),
             "push": lambda: cmd_push(ctx, args),
-            "status": lambda: cmd_status(ctx, args),
+            "status": lambda: cmd_status(config, json_mode=json_mode),
             "systemd": lambda: _install().systemd_command(ctx, args, loaded),
             "cron": lambda: _install().cron_command(ctx, args, loaded),
             "config": lambda: cmd_config(ctx, args, loaded),
             "check": lambda: cmd_check(ctx),
             "notify-failure": lambda: cmd_notify_failure(ctx, args),
         }
-        result = handlers[args.command]()
-        code = 0
-        if isinstance(result, tuple):
-            result, code = result
-        if json_mode:
-            _print_json(result)
-        return code
+        return _print_result(handlers[args.command](), json_mode)
     except KeyboardInterrupt:
         return _fail(Interrupted("interrupted (Ctrl-C)", hint="no partial file was kept"), json_mode, log)
     except KkuaError as exc:
@@ -741,20 +743,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         sink.close()
 
 
+def _print_result(result: Any, json_mode: bool) -> int:
+    """Print a command's result (with --json) and return its exit code: a result is `doc` or `(doc, code)`."""
+    code = 0
+    if isinstance(result, tuple):
+        result, code = result
+    if json_mode:
+        _print_json(result)
+    return code
+
+
 # Commands that must work with a broken or half-written config (taking an installation away, looking at it).
 CONFIG_OPTIONAL = {("systemd", "uninstall"), ("systemd", "status"), ("cron", "uninstall"), ("cron", "status")}
 
 
-def _load_config(args: argparse.Namespace, log: Any) -> LoadedConfig:
+def _load_config(args: argparse.Namespace, log: Any) -> tuple[LoadedConfig, bool]:
+    """The config, and whether it is the one validated (False: the built-in defaults a command that does not
+    need it goes on with)."""
     from kkua_backupd.config import Config, LoadedConfig, load_config
     try:
-        return load_config(getattr(args, "config", None))
+        return load_config(getattr(args, "config", None)), True
     except ConfigError as exc:
         if (args.command, getattr(args, "action", None)) not in CONFIG_OPTIONAL:
             raise
         log.warning(f"{exc.message}; going on with built-in defaults, which `{args.command} {args.action}` "
                     "does not need", problems=len(exc.problems))
-        return LoadedConfig(Config(), None, {})
+        return LoadedConfig(Config(), None, {}), False
 
 
 def _fail(exc: KkuaError, json_mode: bool, log: Any) -> int:

@@ -8,6 +8,7 @@ each naming its key path and where the value came from.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
 import stat
@@ -31,6 +32,7 @@ from pydantic_core import PydanticCustomError
 
 from kkua_backupd import CONFIG_ENV as CONFIG_ENV  # noqa: PLC0414 (re-exported: the config's names for it)
 from kkua_backupd import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH  # noqa: PLC0414 (re-exported)
+from kkua_backupd import resolve_config_path as resolve_config_path  # noqa: PLC0414 (re-exported)
 from kkua_backupd import schedule
 from kkua_backupd.errors import ConfigError, KeyMissing
 from kkua_backupd.stream.encrypt import AgeIdentity, Keys, parse_identities, parse_recipient, recipient_lines
@@ -512,22 +514,15 @@ def _problem_text(err: Any) -> str:
     return message
 
 
-def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> tuple[Path, bool]:
-    """Return the config path and whether it was asked for explicitly (`--config` or the variable)."""
-    if cli_path:
-        return Path(cli_path), True
-    if environ.get(CONFIG_ENV):
-        return Path(environ[CONFIG_ENV]), True
-    return DEFAULT_CONFIG_PATH, False
-
-
 class LoadedConfig:
-    """The validated config plus where each overridden value came from (for `config check`)."""
+    """The validated config plus where each overridden value came from (for `config check`), and the sha256
+    of the config file's bytes it was made from (None: no file; core/status_cache.py keys on it)."""
 
-    def __init__(self, config: Config, path: Path | None, sources: dict[str, str]) -> None:
+    def __init__(self, config: Config, path: Path | None, sources: dict[str, str], digest: str | None = None) -> None:
         self.config = config
         self.path = path
         self.sources = sources
+        self.digest = digest
 
 
 def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -538,9 +533,12 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
     problems: list[str] = []
     sources: dict[str, str] = {}
     where = str(path)
+    digest: str | None = None
     try:
         with path.open("rb") as fh:
-            data = tomllib.load(fh)
+            content = fh.read()
+        digest = hashlib.sha256(content).hexdigest()
+        data = tomllib.loads(content.decode())  # what tomllib.load does, on the bytes the digest is of
         for key in data:
             sources[key] = where
     except FileNotFoundError:
@@ -620,7 +618,7 @@ def load_config(cli_path: str | None = None, environ: Mapping[str, str] | None =
         config = config.model_copy(update={"encryption": _with_keys(config.encryption, problems)})
     if problems:
         raise ConfigError(f"invalid configuration in {where}", problems=problems)
-    return LoadedConfig(config, used_path, sources)
+    return LoadedConfig(config, used_path, sources, digest)
 
 
 def secret_mode_problem(mode: int, path: Path) -> str | None:

@@ -16,17 +16,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from kkua_backupd import schedule
-from kkua_backupd.config import Config
 from kkua_backupd.core import state
 from kkua_backupd.errors import KeyMissing, KkuaError
 from kkua_backupd.obs.progress import human_bytes
 from kkua_backupd.safefs import folder_problems
 from kkua_backupd.sources import JOBS, KINDS
-from kkua_backupd.store.storage import LOCK_FOLDER_NAMES, list_sets
-from kkua_backupd.stream.encrypt import GPG, identity_recipient, parse_recipient
+
+if TYPE_CHECKING:  # `status` marks its problems without pydantic (core/status_cache.py); the checks import more
+    from kkua_backupd.config import Config
+    from kkua_backupd.core.status_cache import StatusSettings
 
 T = TypeVar("T")
 Level = Literal["OK", "WARN", "FAIL", "UNKNOWN"]
@@ -53,7 +54,7 @@ class CheckResult:
         return {"name": self.name, "level": self.level, "message": self.message, "fix": self.fix}
 
 
-Check = Callable[[Config], list[CheckResult]]
+Check = Callable[["Config"], list[CheckResult]]
 
 
 def exit_code(results: list[CheckResult]) -> int:
@@ -93,7 +94,7 @@ def last_success(entry: dict[str, Any]) -> dt.datetime | None:
     return when
 
 
-def overdue_since(config: Config, job: str, entry: dict[str, Any], moment: dt.datetime) -> dt.datetime | None:
+def overdue_since(config: StatusSettings, job: str, entry: dict[str, Any], moment: dt.datetime) -> dt.datetime | None:
     """The scheduled run after `job`'s last success when it is more than schedule.overdue_after (plus the
     randomized delay) in the past without a newer success; None when the job is not overdue or never ran."""
     success = last_success(entry)
@@ -109,7 +110,7 @@ def overdue_since(config: Config, job: str, entry: dict[str, Any], moment: dt.da
     return planned[0] if moment > due else None
 
 
-def job_problems(config: Config, jobs: dict[str, dict[str, Any]], moment: dt.datetime) -> dict[str, list[str]]:
+def job_problems(config: StatusSettings, jobs: dict[str, dict[str, Any]], moment: dt.datetime) -> dict[str, list[str]]:
     """For `status`: per job (of a status report's `jobs`), why it is not in order: its last run failed, or
     it is overdue. Jobs in order are absent."""
     records = state.load(config)["jobs"]
@@ -129,14 +130,15 @@ def job_problems(config: Config, jobs: dict[str, dict[str, Any]], moment: dt.dat
     return found
 
 
-def pending_limit(config: Config) -> dt.timedelta:
+def pending_limit(config: StatusSettings) -> dt.timedelta:
     """How long an upload may stay pending before `status` and `check` call it a problem: twice
     schedule.overdue_after (2 h by default, the alert rule's threshold). The next run, the daemon's retries
     and `push` send a pending set within that unless the remote stays unreachable (docs/decisions/0016)."""
     return dt.timedelta(seconds=2 * config.schedule.overdue_after)
 
 
-def upload_problems(config: Config, remotes: dict[str, dict[str, Any]], moment: dt.datetime) -> dict[str, list[str]]:
+def upload_problems(config: StatusSettings, remotes: dict[str, dict[str, Any]],
+                    moment: dt.datetime) -> dict[str, list[str]]:
     """For `status`: per remote (of a status report's `remotes`), an upload pending longer than
     `pending_limit`, with the last push's error. Remotes in order are absent."""
     limit = pending_limit(config)
@@ -162,7 +164,7 @@ def _in_zone(text: object, zone: dt.tzinfo) -> object:
     return state.iso(when.astimezone(zone)) if when is not None else text
 
 
-def mark_problems(config: Config, report: dict[str, Any]) -> dict[str, list[str]]:
+def mark_problems(config: StatusSettings, report: dict[str, Any]) -> dict[str, list[str]]:
     """Complete a `status` report: each job's and remote's `problems` and `ok`, the report's `ok`, and every
     time shown in the schedule's zone (named in `timezone`). Returns the problems by job and by `remote NAME`
     (none: everything in order)."""
@@ -227,6 +229,7 @@ def check_jobs(config: Config) -> list[CheckResult]:
 def trust_problems(config: Config) -> list[str]:
     """What in the tool's folders lets someone other than root and kkua-backup change backups or the tool's
     files: group- or world-writable folders, strangers' folders, symlinks (docs/security.md)."""
+    from kkua_backupd.store.storage import LOCK_FOLDER_NAMES
     found: list[str] = []
     backup_dir = config.backup_dir
     for folder, root in ([(backup_dir, backup_dir)]
@@ -238,6 +241,7 @@ def trust_problems(config: Config) -> list[str]:
 
 def next_backup_size(config: Config) -> int:
     """What the next backups of every kind need: the newest good set of each kind, together."""
+    from kkua_backupd.store.storage import list_sets
     total = 0
     for kind in KINDS:
         sets = [s for s in list_sets(config.backup_dir, kind)
@@ -441,6 +445,7 @@ def check_remotes(config: Config) -> list[CheckResult]:
 def check_encryption(config: Config) -> list[CheckResult]:
     """[encryption]: the recipients (or the gpg passphrase and the gpg binary), the identity where one is
     configured, and the signing key."""
+    from kkua_backupd.stream.encrypt import GPG, identity_recipient, parse_recipient
     enc = config.encryption
     if enc is None:
         level: Level = "WARN" if config.remote else "OK"

@@ -18,10 +18,9 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kkua_backupd import schedule
-from kkua_backupd.config import Config
 from kkua_backupd.errors import KkuaError, Refused, StorageError
 from kkua_backupd.obs import logs
 from kkua_backupd.obs.logs import get_logger
@@ -29,7 +28,11 @@ from kkua_backupd.obs.progress import human_bytes
 from kkua_backupd.safefs import FILE_MODE, open_file, open_folder, read_small
 from kkua_backupd.sources import JOBS
 from kkua_backupd.store import lock
-from kkua_backupd.stream.pipeline import write_atomic
+from kkua_backupd.store.kinds import FUTURE_TOLERANCE, KINDS, MANIFEST_SUFFIX
+
+if TYPE_CHECKING:  # `status` reads the state without pydantic (core/status_cache.py)
+    from kkua_backupd.config import Config
+    from kkua_backupd.core.status_cache import StatusSettings
 
 STATE_VERSION = 1
 DAEMON_FILE = "daemon.json"
@@ -123,6 +126,7 @@ def update(config: Config) -> Iterator[dict[str, Any]]:
         # A writer killed between creating and renaming its temp file left it behind; it is ours
         # (we hold the lock) and would make the exclusive create fail.
         _remove_partial(path)
+        from kkua_backupd.stream.pipeline import write_atomic  # writers only: `status` just reads
         write_atomic(path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     finally:
         os.close(fd)
@@ -138,7 +142,7 @@ def _remove_partial(path: Path) -> None:
         os.close(fd)
 
 
-def load(config: Config) -> dict[str, Any]:
+def load(config: StatusSettings) -> dict[str, Any]:
     """The state as it is now (no lock needed: the file is only ever replaced by a rename)."""
     return _read(config.state_file, repair=False)
 
@@ -282,7 +286,7 @@ def mark_ended(config: Config, job: str, *, pid: int, error: str, override: bool
 # the daemon's presence
 
 
-def daemon_path(config: Config) -> Path:
+def daemon_path(config: StatusSettings) -> Path:
     """Where the running daemon leaves its pid."""
     return config.state_file.parent / DAEMON_FILE
 
@@ -295,6 +299,7 @@ def write_daemon_info(config: Config, info: dict[str, Any]) -> None:
     except OSError as exc:
         raise StorageError(f"cannot use the state folder {path.parent}: {exc.strerror}",
                            hint="check that it is writable by the backup user") from None
+    from kkua_backupd.stream.pipeline import write_atomic
     write_atomic(path, (json.dumps(info, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
@@ -306,7 +311,7 @@ def clear_daemon_info(config: Config, pid: int) -> None:
             daemon_path(config).unlink()
 
 
-def _daemon_file(config: Config) -> dict[str, Any]:
+def _daemon_file(config: StatusSettings) -> dict[str, Any]:
     try:
         data = json.loads(read_small(daemon_path(config), root=config.state_file.parent).decode("utf-8"))
     except (OSError, ValueError, KkuaError):
@@ -314,7 +319,7 @@ def _daemon_file(config: Config) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def daemon_status(config: Config) -> dict[str, Any]:
+def daemon_status(config: StatusSettings) -> dict[str, Any]:
     """Whether the daemon runs: its pid file names a live process (a dead pid means it does not)."""
     info = _daemon_file(config)
     pid = info.get("pid")
@@ -370,7 +375,7 @@ def _mask(text: str) -> str:
     return logs.sink().mask(text)
 
 
-def remote_status(config: Config, data: dict[str, Any] | None = None) -> dict[str, Any]:
+def remote_status(config: StatusSettings, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per configured remote: where it is, what is pending since when, the last attempt, success and error."""
     data = data if data is not None else load(config)
     recorded = _dict(data.get("remotes"))
@@ -399,13 +404,13 @@ def pending_uploads(config: Config) -> dict[str, list[str]]:
 # schedules and status
 
 
-def schedule_of(config: Config, job: str) -> str:
+def schedule_of(config: StatusSettings, job: str) -> str:
     """The OnCalendar expression of `job`."""
     value: str = getattr(config.schedule, job)
     return value
 
 
-def planned_run(config: Config, job: str, after: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
+def planned_run(config: StatusSettings, job: str, after: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
     """The next elapse of `job`'s schedule strictly after `after`, and when it runs once the randomized
     delay is added (the same for the daemon and `status`); None when the schedule never elapses again."""
     elapse = schedule.next_elapse(schedule_of(config, job), after, timezone=config.schedule.timezone)
@@ -419,7 +424,26 @@ def _size(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def status_report(config: Config) -> dict[str, Any]:
+def maybe_future_sets(backup_dir: Path) -> bool:
+    """Whether a set in `backup_dir` may be dated in the future, read without the manifest model (pydantic):
+    True when a manifest's `created_at` is later than now plus FUTURE_TOLERANCE, or when a manifest cannot
+    be read this way; `status` then lists the sets as `list` does (store.storage.list_sets) to say which."""
+    limit = dt.datetime.now().astimezone() + FUTURE_TOLERANCE
+    for kind in KINDS:
+        folder = backup_dir / kind
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(f"*{MANIFEST_SUFFIX}"):
+            try:
+                created = dt.datetime.fromisoformat(json.loads(read_small(path, root=folder))["created_at"])
+            except (OSError, KkuaError, ValueError, KeyError, TypeError):
+                return True
+            if (created if created.tzinfo is not None else created.astimezone()) > limit:
+                return True
+    return False
+
+
+def status_report(config: StatusSettings) -> dict[str, Any]:
     """Per job: schedule, next run, last start/end/result/size, whether it runs now; and the daemon."""
     data = load(config)
     moment = now()

@@ -29,14 +29,15 @@ from kkua_backupd import __version__
 from kkua_backupd.errors import IntegrityError, KkuaError, Refused, StorageError, UsageError
 from kkua_backupd.obs.logs import get_logger
 from kkua_backupd.safefs import open_folder, owner_problem, read_small
+from kkua_backupd.store.kinds import FUTURE_TOLERANCE as FUTURE_TOLERANCE  # noqa: PLC0414 (re-exported)
 from kkua_backupd.store.kinds import KINDS as KINDS  # noqa: PLC0414 (re-exported: the folder's kinds)
+from kkua_backupd.store.kinds import MANIFEST_SUFFIX as MANIFEST_SUFFIX  # noqa: PLC0414 (re-exported)
 from kkua_backupd.store.kinds import PREFIXES as PREFIXES  # noqa: PLC0414 (re-exported)
 from kkua_backupd.store.kinds import Kind as Kind  # noqa: PLC0414 (re-exported)
 from kkua_backupd.stream.pipeline import EXTENSIONS, storage_error, write_atomic
 
 ID_FORMAT = "%Y%m%d_%H%M%S"
 ID_RE = re.compile(r"^\d{8}_\d{6}$")
-MANIFEST_SUFFIX = ".manifest.json"
 PARTIAL_SUFFIX = ".partial"
 _NAME_RE = re.compile(r"^(?P<prefix>[a-z_]+?_)(?P<id>\d{8}_\d{6})(?P<rest>[._].*)$")
 # The tool's own folders in backup_dir besides the kinds' (lock.LOCK_DIR, the default state folder).
@@ -50,9 +51,6 @@ _SCRATCH_RE = re.compile(r"^kkua_scratch_\d{8}_\d{6}_\d+\.partial$")
 # The files of a PostgreSQL directory-format set: PREFIX+ID + this mark + pg_dump's own file name
 # (toc.dat, NNNN.dat, blobs*.toc, blob_*.dat) + compression and encryption extensions (docs/decisions/0019).
 DIRECTORY_MEMBER_MARK = ".pgdir."
-# A set dated later than now + this is "in the future" (clock skew, a hand-made manifest): warned about,
-# never `latest`, never counted toward keep_last (docs/security.md).
-FUTURE_TOLERANCE = dt.timedelta(minutes=5)
 
 
 def set_name_problem(kind: str, set_type: str, prefix: str, set_id: str, manifest_file: str,  # noqa: PLR0913, PLR0917 - the parts of a set name, as a manifest holds them

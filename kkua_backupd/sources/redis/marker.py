@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from kkua_backupd.config import Config
+
+class HasStateFile(Protocol):
+    """What the marker needs of the config: config.Config, or `status`'s record of it (core/status_cache.py)."""
+
+    @property
+    def state_file(self) -> Path: ...
 
 
 def undo_command(safety_file: str) -> str:
@@ -22,12 +26,12 @@ def undo_command(safety_file: str) -> str:
 _MARKER = "redis-file-restore.json"
 
 
-def marker_path(config: Config) -> Path:
+def marker_path(config: HasStateFile) -> Path:
     """Where a file-mode restore records itself while Redis may be stopped."""
     return config.state_file.parent / _MARKER
 
 
-def read_marker(config: Config) -> dict[str, Any] | None:
+def read_marker(config: HasStateFile) -> dict[str, Any] | None:
     """The marker of a file-mode restore in progress (or killed), or None."""
     try:
         doc = json.loads(marker_path(config).read_text())
@@ -36,7 +40,7 @@ def read_marker(config: Config) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def interrupted_file_restore(config: Config) -> str | None:
+def interrupted_file_restore(config: HasStateFile) -> str | None:
     """A line for `status` and `restore` when a file-mode restore was killed (kill -9 runs no cleanup)
     after it may have stopped Redis, or None. Says that Redis may be down, how to start it, and where the
     data from before is."""
