@@ -364,7 +364,11 @@ def cmd_restore_redis(ctx: JobContext, args: argparse.Namespace) -> Any:
 
 def _drop_unfinished_databases(ctx: JobContext) -> None:
     """Databases that a killed restore created and did not finish are dropped at the start of `list` and
-    `verify` too (backup and restore do it under their lock); nothing is asked of the server without a note."""
+    `verify` too (backup and restore do it under their lock); nothing is asked of the server without a note,
+    and psycopg is not even imported."""
+    from kkua_backupd.sources.postgres import unfinished_notes_present
+    if not unfinished_notes_present(ctx.config.state_file.parent):
+        return
     from kkua_backupd.sources.postgres import load as pg_load
 
     pg_load.drop_unfinished_databases(ctx)

@@ -31,6 +31,7 @@ from kkua_backupd.errors import (
 from kkua_backupd.obs.progress import Progress
 from kkua_backupd.proc import execute
 from kkua_backupd.safefs import list_folder, read_small, unlink_in
+from kkua_backupd.sources.postgres import NEW_DB_NOTE
 from kkua_backupd.sources.postgres.client import (
     KIND,
     VERSION_RE,
@@ -459,7 +460,6 @@ def create_database(conn: psycopg.Connection, name: str) -> None:
 # the mark, then the note. Every postgres command starts by dropping the marked databases of notes whose run
 # is gone (`drop_unfinished_databases`), one log line each.
 
-NEW_DB_NOTE = "postgres-new-database-"
 _MARK = "kkua-backup: unfinished restore {nonce}; dropped by the next kkua-backup run if this restore died"
 
 
