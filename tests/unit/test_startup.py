@@ -100,3 +100,41 @@ def test_status_json_and_config_check_import_no_client_library(tmp_path: Path, c
         assert code in (0, 1), argv
         assert "kkua_backupd.config" in modules, argv
         assert heavy_in(modules, allowed=STATUS_NEEDS) == [], argv
+
+
+# `status` with the record of an unchanged config (core/status_cache.py, docs/decisions/0024): no pydantic, no
+# config models, no manifest model (no set is dated in the future), no store, no job context.
+STATUS_WARM_NEEDS = ("kkua_backupd.core.", "kkua_backupd.core.state", "kkua_backupd.core.health",
+                     "kkua_backupd.core.status_cache", "kkua_backupd.sources.redis.",
+                     "kkua_backupd.sources.redis.marker")
+
+
+def test_status_from_the_record_of_an_unchanged_config_imports_no_pydantic(tmp_path: Path, config: Path) -> None:
+    (tmp_path / "backups" / ".state").mkdir(mode=0o750)  # made by the first job: the record's folder
+    code, modules = loaded(tmp_path, "--config", str(config), "status")  # validates, writes the record
+    assert code in (0, 1) and "pydantic" in modules
+    for argv in (["status"], ["--json", "status"]):
+        code, modules = loaded(tmp_path, "--config", str(config), *argv)
+        assert code in (0, 1), argv
+        assert "kkua_backupd.core.status_cache" in modules and "kkua_backupd.core.health" in modules, argv
+        assert heavy_in(modules, allowed=STATUS_WARM_NEEDS) == [], argv
+
+
+def test_list_and_verify_import_psycopg_only_for_a_note_of_an_unfinished_database(tmp_path: Path,
+                                                                                   config: Path) -> None:
+    """The clean-up after killed restores (sources/postgres/load.drop_unfinished_databases) needs psycopg only
+    when the state folder holds a note of a database one created."""
+    state = tmp_path / "backups" / ".state"
+    state.mkdir(mode=0o750)
+    for argv in (["list"], ["verify"]):
+        code, modules = loaded(tmp_path, "--config", str(config), *argv)
+        assert code == (0 if argv == ["list"] else 2), argv  # verify: no set to verify
+        assert "kkua_backupd.store.storage" in modules, argv  # it did list the folder
+        postgres = [m for m in modules
+                    if m.split(".")[0] == "psycopg" or m.startswith("kkua_backupd.sources.postgres.")]
+        assert postgres == [], argv
+    note = state / "postgres-new-database-999999-0123456789abcdef.json"
+    note.write_text(json.dumps({"database": "x", "server": "127.0.0.1:1", "pid": 999999,
+                                "nonce": "0123456789abcdef"}))
+    code, modules = loaded(tmp_path, "--config", str(config), "list")
+    assert code == 0 and "psycopg" in modules and "kkua_backupd.sources.postgres.load" in modules
