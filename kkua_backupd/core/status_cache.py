@@ -16,11 +16,13 @@ validated afresh.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,7 @@ ZONEINFO_DIR = "/usr/share/zoneinfo"
 # A file validation read whose ctime is this close to the start of the validation (or later) may have
 # changed while it was read: no record is written then (the file system's clock is coarse, a few ms).
 SETTLED_NS = 50_000_000
+STALE_PARTIAL_S = 60
 
 
 class ScheduleSettings(Protocol):
@@ -341,6 +344,20 @@ def remember(loaded: LoadedConfig, cli_path: str | None, environ: Mapping[str, s
     from kkua_backupd.stream.pipeline import write_atomic
     doc = {"format": CACHE_FORMAT, "entries": [entry, *[e for e in entries if e.get("key") != entry["key"]]][:KEEP]}
     try:
+        _remove_stale_partial(folder)
         write_atomic(folder / CACHE_FILE, (json.dumps(doc, indent=1) + "\n").encode("utf-8"), FILE_MODE)
     except (OSError, KkuaError):
-        return
+        return  # another command writing it now (its .partial exists), or a folder this user may not write
+
+
+def _remove_stale_partial(folder: Path) -> None:
+    """Remove the `.partial` of a writer killed before its rename (a write takes milliseconds; one a minute
+    old is nobody's), so that a kill does not stop the record from ever being written again."""
+    fd = open_folder(folder, root=folder)
+    try:
+        name = CACHE_FILE + ".partial"
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < time.time() - STALE_PARTIAL_S:
+                os.unlink(name, dir_fd=fd)  # unlink never follows a symlink
+    finally:
+        os.close(fd)

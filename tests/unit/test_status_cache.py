@@ -246,3 +246,15 @@ def test_what_the_reader_assumes_matches_the_loader() -> None:
     assert (Path(status_cache.DEFAULT_BACKUP_DIR), Path(status_cache.DEFAULT_LOG_DIR)) == (defaults.backup_dir,
                                                                                          defaults.log_dir)
     assert defaults.state_file == defaults.backup_dir / status_cache.STATE_FOLDER / status_cache.STATE_NAME
+
+
+def test_a_partial_record_left_by_a_killed_writer_does_not_stop_the_next(world: World) -> None:
+    partial = world.state / (CACHE_FILE + ".partial")
+    partial.write_text("{")  # a writer now: left alone, and this run writes no record
+    assert world.run("status")[2]
+    assert partial.exists() and not world.cache.exists()
+    old = time.time() - 2 * status_cache.STALE_PARTIAL_S
+    os.utime(partial, (old, old))  # a writer killed a while ago
+    assert world.run("status")[2]
+    assert not partial.exists() and world.cache.exists()
+    assert not world.run("status")[2]
