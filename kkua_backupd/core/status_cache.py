@@ -49,9 +49,11 @@ ENV_NAMES = ("KKUA_BACKUP_CONFIG", "DATABASE_HOST", "DATABASE_PORT", "DATABASE_N
              "DATABASE_PASSWORD", "REDIS_PASSWORD", "KKUA_HEALTHCHECKS_URL", "KKUA_WEBHOOK_URL",
              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
              "TZ")
-# The sources whose rules decide whether a config is valid (besides pydantic's): an edited checkout or an
-# upgrade without a new version number changes their stat, and so the key.
+# The sources whose rules decide whether a config is valid: an edited checkout or an upgrade without a new
+# version number changes their stat, and so the key.
 VALIDATING_SOURCES = ("config.py", "schedule.py", "stream/encrypt.py")
+# ... and the libraries' (their __init__ files, rewritten by every install or upgrade).
+VALIDATING_LIBRARIES = ("pydantic", "pydantic_core")
 # config.Config's defaults for the folders, read here from the raw file to find the record without pydantic
 # (tests/unit/test_status_cache.py checks them against Config()); a record whose folders differ from the
 # validated ones it holds is not used.
@@ -211,8 +213,14 @@ def _stat_of(path: str) -> list[int] | str:
 
 
 def _sources() -> list[list[int] | str]:
+    """The stat of the sources that validate: ours, and pydantic's (found without importing it)."""
+    import importlib.util
     package = Path(__file__).resolve().parent.parent
-    return [_stat_of(str(package / name)) for name in VALIDATING_SOURCES]
+    found = [_stat_of(str(package / name)) for name in VALIDATING_SOURCES]
+    for library in VALIDATING_LIBRARIES:
+        spec = importlib.util.find_spec(library)
+        found.append(_stat_of(spec.origin) if spec is not None and spec.origin else f"no {library}")
+    return found
 
 
 def key_of(config_path: Path, digest: str | None, files: Sequence[str], environ: Mapping[str, str]) -> str:
