@@ -208,6 +208,8 @@ def _stat_of(path: str) -> list[int] | str:
         info = os.stat(path)
     except OSError as exc:
         return f"error {exc.errno}"
+    except ValueError:  # a NUL in the name (a crafted record)
+        return "error"
     return [info.st_dev, info.st_ino, info.st_mode, info.st_uid, info.st_gid, info.st_size, info.st_mtime_ns,
             info.st_ctime_ns]
 
@@ -270,7 +272,10 @@ def _read_record(folder: Path) -> Any:
     with os.fdopen(fd, "rb") as fh:
         if stat.S_IMODE(os.fstat(fd).st_mode) & 0o022:
             raise ValueError(f"{CACHE_FILE} is writable by others")
-        return json.loads(fh.read(LIMIT).decode("utf-8"))
+        try:
+            return json.loads(fh.read(LIMIT).decode("utf-8"))
+        except RecursionError:  # a crafted nest of brackets
+            raise ValueError("nested too deeply") from None
 
 
 def _entries(doc: object) -> list[dict[str, Any]]:
@@ -329,6 +334,14 @@ def remember(loaded: LoadedConfig, cli_path: str | None, environ: Mapping[str, s
     """Record the view of the config `loaded` (validated from `started_ns` on, time.time_ns()) for `status`,
     when the state folder exists and this user may write it; never fails the command. Nothing is written when
     the record is there already, or when a file validation read changed around its reading."""
+    try:
+        _remember(loaded, cli_path, environ, started_ns)
+    except Exception as exc:  # the record only saves `status` time: it never fails a job (-v says why)
+        from kkua_backupd.obs.logs import get_logger
+        get_logger().debug("status record not written", error=f"{type(exc).__name__}: {exc}")
+
+
+def _remember(loaded: LoadedConfig, cli_path: str | None, environ: Mapping[str, str], started_ns: int) -> None:
     config = loaded.config
     path, _ = resolve_config_path(cli_path, environ)
     files = files_read(config, loaded.path, environ)

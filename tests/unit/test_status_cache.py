@@ -134,11 +134,13 @@ def test_an_env_file_with_a_bad_value_is_validated_again(world: World) -> None:
 
 
 @pytest.mark.parametrize("content", ["", "not json", "[]", '{"format": 1, "entries": 3}',
-                                     '{"format": 1, "entries": [{"key": "00", "files": [], "status": {}}]}'],
-                         ids=["empty", "text", "list", "entries", "wrong-key"])
+                                     '{"format": 1, "entries": [{"key": "00", "files": [], "status": {}}]}',
+                                     '{"format": 1, "entries": [{"key": "00", "files": ["a\\u0000b"]}]}',
+                                     "\xff\xfe", "[" * 100_000],
+                         ids=["empty", "text", "list", "entries", "wrong-key", "nul-path", "not-utf8", "nested"])
 def test_a_corrupt_record_is_ignored_and_replaced(world: World, content: str) -> None:
     world.warm()
-    world.cache.write_text(content)
+    world.cache.write_bytes(content.encode("latin-1"))
     code, output, validated = world.run("status")
     assert validated and code in (0, 1), output
     assert json.loads(world.cache.read_text())["entries"]  # rewritten by the validating run
