@@ -706,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_trusted_roots(*config.trusted_folders)
         for secret in secrets_of(config):
             sink.add_secret(secret)
-        if validated:  # the record `status` reads next time; never read by anything that acts
+        if validated and args.command == "status":  # what the next `status` reads; nothing that acts reads it
             status_cache.remember(loaded, getattr(args, "config", None), os.environ, started)
         main_job = {"backup": getattr(args, "target", ""), "run": getattr(args, "job", ""),
                     "restore": getattr(args, "target", ""), "prune": "retention",

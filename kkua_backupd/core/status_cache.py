@@ -1,8 +1,8 @@
 """What `status` needs of the validated config, kept in the state folder like a .pyc for the config
 (docs/decisions/0024).
 
-Every command that loads the config successfully records, in `status-cache.json` beside the state file, the
-few values `status` shows (folders, schedule, remote names and URLs; never a secret) under a key: the sha256
+A `status` that validated the config records, in `status-cache.json` beside the state file, the
+few values it shows (folders, schedule, remote names and URLs; never a secret) under a key: the sha256
 of everything validation read or depends on, namely the config file's bytes, the tool's version and the
 sources that validate (config.py, schedule.py, stream/encrypt.py: their size and mtime), the environment
 variables the loader reads (hashed into the key, never stored), the user and groups (what files it may read),
@@ -11,7 +11,7 @@ local zone's file): device, inode, mode, owner, size, mtime and ctime, so any ch
 changes the key. `status` computes the key without importing pydantic; on a match it shows the recorded
 values, on anything else (no record, another key, a record it cannot read or does not trust) it validates as
 before. Jobs, the daemon and every other command never read the record: what is acted on is always
-validated afresh.
+validated afresh, and they do not write it either (a job's files and syscalls are what they were).
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ def cached(cli_path: str | None, environ: Mapping[str, str]) -> StatusView | Non
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Writing (every command that loaded the config)
+# Writing (`status`, after it validated)
 
 
 def remember(loaded: LoadedConfig, cli_path: str | None, environ: Mapping[str, str], started_ns: int) -> None:

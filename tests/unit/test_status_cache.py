@@ -206,6 +206,15 @@ def test_a_symlinked_record_or_state_folder_is_not_followed(world: World) -> Non
     assert validated and code == 3 and "symlink" in output, output
 
 
+def test_only_status_writes_the_record(world: World) -> None:
+    for argv in (["config", "check"], ["list"], ["--json", "prune", "--dry-run"]):
+        code, output, validated = world.run(*argv)
+        assert code == 0 and validated, (argv, output)
+        assert not world.cache.exists(), argv
+    world.run("status")
+    assert world.cache.exists()
+
+
 def test_a_failed_validation_writes_no_record(world: World) -> None:
     world.write('postgres = "every full moon"')
     assert world.run("status")[0] == 2
