@@ -101,15 +101,11 @@ class StatusSettings(Protocol):
     @property
     def backup_dir(self) -> Path: ...
     @property
-    def log_dir(self) -> Path: ...
-    @property
     def state_file(self) -> Path: ...
     @property
     def schedule(self) -> ScheduleSettings: ...
     @property
     def remote(self) -> Sequence[RemoteSettings]: ...
-    @property
-    def trusted_folders(self) -> tuple[Path, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -130,17 +126,14 @@ class RemoteView:
 
 @dataclass(frozen=True)
 class StatusView:
-    """The recorded values of a validated config that `status` shows."""
+    """The recorded values of a validated config that `status` shows (`log_dir`: to check the record is the
+    one of the folders the config names, as the trusted roots)."""
 
     backup_dir: Path
     log_dir: Path
     state_file: Path
     schedule: ScheduleView
     remote: tuple[RemoteView, ...]
-
-    @property
-    def trusted_folders(self) -> tuple[Path, ...]:
-        return (self.backup_dir, self.log_dir, self.state_file.parent)
 
     def to_json(self) -> dict[str, Any]:
         return {"backup_dir": str(self.backup_dir), "log_dir": str(self.log_dir), "state_file": str(self.state_file),
