@@ -127,8 +127,9 @@ def main() -> int:
             for name, argv in commands.items():
                 for label in codes:
                     cases[(name, label)] = (argv, envs[label])
-            for label in codes:  # not timed: the first backup creates the folders and the state file
-                timed(commands["backup postgres"], envs[label], workdir)
+            for label in codes:  # not timed: the first backup creates the folders and the state file, and
+                timed(commands["backup postgres"], envs[label], workdir)  # the first status the record it reads
+                timed(commands["status"], envs[label], workdir, ok=(0, 1))
             walls: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
             cpus: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
             for rep in range(args.repeat):
