@@ -338,10 +338,9 @@ def _remember(loaded: LoadedConfig, cli_path: str | None, environ: Mapping[str, 
     config = loaded.config
     path, _ = resolve_config_path(cli_path, environ)
     files = files_read(config, loaded.path, environ)
-    for name in files:
-        info = _stat_of(name)
+    for info in [*(_stat_of(name) for name in files), *_sources()]:
         if isinstance(info, list) and info[7] >= started_ns - SETTLED_NS:
-            return
+            return  # changed while (or just before) validation read it: the next `status` looks again
     entry = {"key": key_of(path, loaded.digest, files, environ), "files": files,
              "status": view_of(config).to_json()}
     folder = config.state_file.parent

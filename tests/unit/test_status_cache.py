@@ -18,6 +18,7 @@ import pytest
 from kkua_backupd.config import ENV_OVERRIDES, NOTIFY_ENV, S3_CREDENTIAL_KEYS, SECRET_ENV, Config
 from kkua_backupd.core import status_cache
 from kkua_backupd.core.status_cache import CACHE_FILE
+from kkua_backupd.safefs import set_trusted_roots
 from tests.unit.test_startup import PROBE, ROOT
 
 SECRET = "s3cr3t-Passw0rd-never-stored"
@@ -269,3 +270,23 @@ def test_a_partial_record_left_by_a_killed_writer_does_not_stop_the_next(world: 
     assert world.run("status")[2]
     assert not partial.exists() and world.cache.exists()
     assert not world.run("status")[2]
+
+
+def test_no_record_when_a_file_validation_read_changes_around_the_validation(world: World) -> None:
+    """The record's key holds the stat taken after validation: a file changed while validation read it would
+    be recorded with the verdict on its old content, so nothing is written then."""
+    from kkua_backupd.config import load_config
+    environ = {"PATH": os.environ.get("PATH", "")}
+    started = time.time_ns()
+    loaded = load_config(str(world.config), environ)
+    world.password_file.chmod(0o600)  # a change (its ctime) after validation began
+    status_cache.remember(loaded, str(world.config), environ, started)
+    assert not world.cache.exists()
+    time.sleep(2 * status_cache.SETTLED_NS / 1e9)
+    started = time.time_ns()
+    status_cache.remember(load_config(str(world.config), environ), str(world.config), environ, started)
+    assert world.cache.exists()
+    try:
+        assert status_cache.cached(str(world.config), environ) is not None
+    finally:
+        set_trusted_roots()  # `cached` declares the config's folders, as a `status` process does
