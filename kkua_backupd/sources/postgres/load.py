@@ -462,13 +462,22 @@ class DirectoryLoad:
         self.pairs = directory_members(folder, members)
         self.failed = threading.Event()
         self.failures: list[BaseException] = []
+        self.checked: dict[str, CheckResult] = {}
+        self.listing = b""
+        self.preamble: list[bytes] = []
+        self.statements: dict[str, bytes] = {}
+        self.tables: list[tuple[ManifestFile, str]] = []
 
-    def run(self) -> list[tuple[str, CheckResult]]:
+    def prepare(self) -> None:
+        """Everything but the tables' data unpacked and checked, the tables' data files named and their COPY
+        statements read; raises IntegrityError (a file missing or changed, a table of contents that names a
+        file the set does not hold or that pg_restore cannot read) before anything is loaded."""
         pairs, scratch = self.pairs, self.scratch
         toc = [(e, m) for e, m in pairs if m == "toc.dat"]
-        checked = dict(zip((e.name for e, _ in toc), _unpack(self.ctx, self.folder, toc, scratch, self.progress),
-                           strict=True))
-        listing = self._pg_restore_output(pg_restore_list_argv(self.bin_dir, scratch), "pg_restore --list")
+        for (entry, _), found in zip(toc, _unpack(self.ctx, self.folder, toc, scratch, self.progress), strict=True):
+            self.checked[entry.name] = found
+        self.listing = listing = self._pg_restore_output(pg_restore_list_argv(self.bin_dir, scratch),
+                                                         "pg_restore --list")
         data_ids = [i.decode() for i in _TABLE_DATA.findall(listing)]
         held = {m for _, m in pairs}
         absent = [f"{i}.dat" for i in data_ids if f"{i}.dat" not in held]
@@ -479,17 +488,48 @@ class DirectoryLoad:
         tables = {f"{i}.dat" for i in data_ids}
         rest = [(e, m) for e, m in pairs if m not in tables and m != "toc.dat"]
         for (entry, _), found in zip(rest, _unpack(self.ctx, self.folder, rest, scratch, self.progress), strict=True):
-            checked[entry.name] = found
-        preamble, statements = self._copy_statements(listing, tables)
+            self.checked[entry.name] = found
+        self.preamble, self.statements = self._copy_statements(listing, tables)
+        self.tables = [(e, m) for e, m in pairs if m in tables]
+
+    def run(self) -> list[tuple[str, CheckResult]]:
+        """Into the new database: pre-data, the tables' data on `jobs` connections, the rest of the data,
+        post-data with pg_restore -j; returns what each file of the set held."""
+        self.prepare()
+        scratch = self.scratch
         _pg_restore_jobs(self.ctx, self.bin_dir, self.dbname, scratch, 1, extra=("--section=pre-data",))
-        fed = [(e, m) for e, m in pairs if m in tables]
-        for (entry, _), found in zip(fed, self._load_tables(fed, preamble, statements), strict=True):
-            checked[entry.name] = found
-        others = self._list_file(listing, keep=lambda line: not _TABLE_DATA.match(line), name="other-data.list")
+        for (entry, _), found in zip(self.tables, self._load_tables(self.tables), strict=True):
+            self.checked[entry.name] = found
+        others = self._list_file(self.listing, keep=lambda line: not _TABLE_DATA.match(line), name="other-data.list")
         _pg_restore_jobs(self.ctx, self.bin_dir, self.dbname, scratch, 1, extra=("--section=data", "--use-list",
                                                                                  str(others)))
         _pg_restore_jobs(self.ctx, self.bin_dir, self.dbname, scratch, self.jobs, extra=("--section=post-data",))
-        return [(e.name, checked[e.name]) for e, _ in pairs]
+        return self.results()
+
+    def results(self) -> list[tuple[str, CheckResult]]:
+        return [(e.name, self.checked[e.name]) for e, _ in self.pairs]
+
+    def script(self) -> Iterator[bytes]:
+        """The whole set as SQL for our transaction, with no file of it written out: pg_restore's script of
+        the pre-data section, each table's COPY statement followed by its file read through the chain (its
+        size and sha256 compared as it ends, before anything after it is given), pg_restore's script of the
+        rest of the data section and of the post-data section. Call `prepare` first."""
+        def section(*options: str) -> bytes:
+            return self._pg_restore_output((*pg_restore_script_argv(self.bin_dir), *options, str(self.scratch)),
+                                           "pg_restore --file -")
+
+        yield section("--section=pre-data")
+        for entry, member in self.tables:
+            source = read_chain(self.folder / entry.name, entry.compression, progress=self.progress,
+                                readers=self.ctx.readers_for(entry.name))
+            yield b"\n" + self.statements[member] + b"\n"
+            yield from source
+            if source.size != entry.size or source.sha256 != entry.sha256:
+                raise checksum_error(entry.name, source.sha256, entry.sha256)
+            self.checked[entry.name] = CheckResult(source.size, source.sha256, source.raw)
+        others = self._list_file(self.listing, keep=lambda line: not _TABLE_DATA.match(line), name="other-data.list")
+        yield section("--section=data", "--use-list", str(others))
+        yield section("--section=post-data")
 
     def _pg_restore_output(self, argv: Sequence[str], what: str) -> bytes:
         try:
@@ -539,9 +579,9 @@ class DirectoryLoad:
         head = script.split(b"\n-- Data for Name: ", 1)[0]
         return _SESSION_LINE.findall(head), statements
 
-    def _load_tables(self, fed: Sequence[tuple[ManifestFile, str]], preamble: Sequence[bytes],
-                     statements: dict[str, bytes]) -> list[CheckResult]:
+    def _load_tables(self, fed: Sequence[tuple[ManifestFile, str]]) -> list[CheckResult]:
         pg = self.ctx.config.postgres
+        preamble, statements = self.preamble, self.statements
 
         def load(pair: tuple[ManifestFile, str]) -> CheckResult:
             entry, member = pair
@@ -619,25 +659,24 @@ def _restore_directory(ctx: JobContext, bin_dir: Path, dbname: str, folder: Path
                        members: Sequence[ManifestFile], *, wipe: bool, parallel: bool, transactional: bool,
                        progress: Progress | None, unpacked: Path | None) -> list[tuple[str, CheckResult]]:
     """A directory set into `dbname`: a new database in three steps with the tables' data streamed
-    (`parallel`, `DirectoryLoad`), or as SQL in our transaction from the folder `unpacked` the check left
-    (or that is unpacked and checked here)."""
+    (`parallel`, `DirectoryLoad.run`), or as SQL in our transaction (`DirectoryLoad.script`); from the folder
+    `unpacked` the check left, unpacked and checked, the way pg_restore reads a directory archive."""
     jobs = ctx.config.postgres.restore_jobs or os.cpu_count() or 1
     if unpacked is not None and parallel:
         _pg_restore_jobs(ctx, bin_dir, dbname, unpacked, jobs)
         return []
-    with contextlib.ExitStack() as stack:
-        scratch = unpacked or stack.enter_context(scratch_folder(folder))
-        if parallel:
-            return DirectoryLoad(ctx, bin_dir, dbname, folder, members, scratch=scratch, jobs=jobs,
-                                 progress=progress).run()
-        checked: list[tuple[str, CheckResult]] = []
-        if unpacked is None:
-            found = unpack_directory(ctx, folder, members, scratch, progress=progress)
-            checked = [(entry.name, result) for entry, result in zip(members, found, strict=True)]
+    if unpacked is not None:
         with execute.ProcessGroup(KIND) as group:
-            load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, (), [], directory=scratch),
+            load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, (), [], directory=unpacked),
                      wipe=wipe, transactional=transactional)
-        return checked
+        return []
+    with scratch_folder(folder) as scratch:
+        load = DirectoryLoad(ctx, bin_dir, dbname, folder, members, scratch=scratch, jobs=jobs, progress=progress)
+        if parallel:
+            return load.run()
+        load.prepare()
+        load_sql(ctx, bin_dir, dbname, load.script(), wipe=wipe, transactional=transactional)
+        return load.results()
 
 
 def _pg_restore_jobs(ctx: JobContext, bin_dir: Path, dbname: str, archive: Path, jobs: int, *,  # noqa: PLR0913 - keyword-only option
