@@ -204,6 +204,7 @@ class ParallelBench(Bench):
         if self.args.restores_only:  # the sets made once, untimed; only the restores measured
             for fmt in ("directory", "custom"):
                 self.our_backup_fmt(size_mb, 0, fmt)
+            self.pg_dump_alone(size_mb, 0, "custom")  # the file `pg_restore -j` restores
             steps = steps[4:]
         for rep in range(1, self.args.repeat + 1):
             for step in steps:

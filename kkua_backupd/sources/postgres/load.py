@@ -434,6 +434,8 @@ def absent_data_files(ctx: JobContext, bin_dir: Path, archive: Path, files: Sequ
 
 _COPY_OF_ENTRY = re.compile(rb"^-- Data for Name: ([^\n]*); Type: TABLE DATA; Schema: ([^\n]*); Owner: [^\n]*\n"
                             rb"--\n\n(COPY [^\n]+ FROM stdin;)$", re.MULTILINE)
+_IDENT = rb'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
+_COPY_TABLE = re.compile(rb"COPY (" + _IDENT + rb"\." + _IDENT + rb") ")
 _SESSION_LINE = re.compile(rb"^(?:SET [^\n]+;|SELECT pg_catalog\.set_config\([^\n]+\);)$", re.MULTILINE)
 
 
@@ -588,9 +590,12 @@ class DirectoryLoad:
             try:
                 source = read_chain(self.folder / entry.name, entry.compression, progress=self.progress,
                                     readers=self.ctx.readers_for(entry.name))
-                with connect(pg, self.dbname) as conn:
+                with connect(pg, self.dbname, autocommit=False) as conn:  # committed on leaving the block
                     for line in preamble:
                         conn.execute(line)
+                    table = _COPY_TABLE.match(statements[member])
+                    if table is not None:  # as pg_restore -j does: the table is new, the COPY may skip the FSM
+                        conn.execute(b"TRUNCATE TABLE ONLY " + table.group(1))
                     with conn.cursor() as cur, cur.copy(statements[member]) as copy:
                         for chunk in source:
                             if self.failed.is_set():
