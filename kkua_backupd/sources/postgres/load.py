@@ -29,6 +29,7 @@ from kkua_backupd.errors import (
     LockHeld,
     StepTimeout,
     StorageError,
+    VersionTooNew,
 )
 from kkua_backupd.obs.progress import Progress
 from kkua_backupd.proc import execute
@@ -37,6 +38,7 @@ from kkua_backupd.sources.postgres.client import (
     KIND,
     VERSION_RE,
     child_env,
+    client_hint,
     connect,
     connect_maintenance,
     in_threads,
@@ -45,6 +47,7 @@ from kkua_backupd.sources.postgres.client import (
     pg_restore_list_argv,
     pg_restore_script_argv,
     psql_argv,
+    tool_major,
     tool_version,
 )
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
@@ -540,6 +543,10 @@ class DirectoryLoad:
             if isinstance(exc, StepTimeout):
                 raise
             reason = " | ".join(line.strip() for line in exc.stderr_tail[-2:]) or exc.message
+            if "unsupported version" in reason:  # says nothing against the set: a newer pg_restore reads it
+                raise VersionTooNew(f"cannot restore {self.members[0].name}: pg_restore {tool_major(self.bin_dir)} "
+                                    f"cannot read it ({reason})", hint=client_hint(self.ctx.config.postgres, None)) \
+                    from None
             raise IntegrityError(f"{self.members[0].name} would not restore: pg_restore cannot read its table of "
                                  f"contents: {reason}", hint="nothing was changed; use another backup") from None
 
