@@ -3,7 +3,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/pg_parallel.py [--size-mb 1000] [--repeat 3] [--jobs 2]
+    .venv/bin/python bench/pg_parallel.py [--size-mb 1000] [--repeat 3] [--jobs 2] [--before DIR]
 
 It starts its own throwaway PostgreSQL server (never the machine's server on 5432) and builds the database
 `kkua_bench` of 12 tables: `users` and 11 tables that reference it (and some each other) by foreign keys,
@@ -139,16 +139,20 @@ class ParallelBench(Bench):
             shutil.rmtree(out, ignore_errors=True)
         return run
 
-    def our_restore_fmt(self, size_mb: int, rep: int, fmt: str) -> Run:
+    def our_restore_fmt(self, size_mb: int, rep: int, fmt: str, *, before: bool = False) -> Run:
         target = self._new_db_name()
         cfg = self.config(f"r-{fmt}", self.sets[fmt], restore_jobs=self.jobs)
+        saved = self.cli_env
+        if before:  # the package in --before DIR first on the path: another commit's code, same conditions
+            self.cli_env = {**saved, "PYTHONPATH": str(self.args.before.resolve())}
         try:
-            run, report = self.our_cli(f"ours restore {fmt} -j {self.jobs}", size_mb, rep, cfg, "restore",
-                                       "postgres", "latest", "--target-db", target, "--force")
+            run, report = self.our_cli(f"{'before' if before else 'ours'} restore {fmt} -j {self.jobs}", size_mb,
+                                       rep, cfg, "restore", "postgres", "latest", "--target-db", target, "--force")
             run.extra["load_seconds"] = report.get("load_seconds")
             run.output_bytes = sum(p.stat().st_size for p in (self.sets[fmt] / "postgres").iterdir())
             self._expect_rows(target, self.expected_rows, f"our {fmt} restore")
         finally:
+            self.cli_env = saved
             self.server.drop_database(target)
         return run
 
@@ -194,6 +198,14 @@ class ParallelBench(Bench):
                  lambda rep: self.our_restore_fmt(size_mb, rep, "custom"),
                  lambda rep: self.plain_restore(size_mb, rep, "guide"),
                  lambda rep: self.plain_restore(size_mb, rep, "pg_restore")]
+        if self.args.before is not None:
+            steps += [lambda rep: self.our_restore_fmt(size_mb, rep, "directory", before=True),
+                      lambda rep: self.our_restore_fmt(size_mb, rep, "custom", before=True)]
+        if self.args.restores_only:  # the sets made once, untimed; only the restores measured
+            for fmt in ("directory", "custom"):
+                self.our_backup_fmt(size_mb, 0, fmt)
+            self.pg_dump_alone(size_mb, 0, "custom")  # the file `pg_restore -j` restores
+            steps = steps[4:]
         for rep in range(1, self.args.repeat + 1):
             for step in steps:
                 run = step(rep)
@@ -216,22 +228,26 @@ def summary(runs: list[Run]) -> dict[str, dict[str, Any]]:
 
 
 def ratios(found: dict[str, dict[str, Any]], jobs: int) -> list[tuple[str, float, str]]:
-    def median(name: str) -> float:
-        return float(found[name]["median"])
+    def median(name: str) -> float:  # NaN for what was not measured (--restores-only): that row is left out
+        return float(found[name]["median"]) if name in found else float("nan")
 
     d_backup, c_backup = f"ours backup directory -j {jobs}", "ours backup custom"
     d_restore, c_restore = f"ours restore directory -j {jobs}", f"ours restore custom -j {jobs}"
     guide, tool = "guide: gunzip -c FILE, psql", f"pg_restore -j {jobs} (pg_dump -Fc file)"
     restore_ratio = median(guide) / median(d_restore)
     met = "met" if restore_ratio >= TARGET_RESTORE_VS_GUIDE else "NOT met"
-    return [
+    rows = [
         ("gunzip -c, psql / ours restore directory (target >= 1.5)", restore_ratio, met),
         ("gunzip -c, psql / ours restore custom", median(guide) / median(c_restore), ""),
         ("pg_restore -j (its own -Fc file) / ours restore directory", median(tool) / median(d_restore), ""),
+        *[(f"before / ours, restore {fmt}", median(f"before restore {fmt} -j {jobs}") / median(name), "")
+          for fmt, name in (("directory", d_restore), ("custom", c_restore))
+          if f"before restore {fmt} -j {jobs}" in found],
         ("pg_dump -Fc / ours backup directory", median("pg_dump -Fc") / median(d_backup), ""),
         ("ours backup custom / ours backup directory", median(c_backup) / median(d_backup), ""),
         (f"pg_dump -Fd -j {jobs} / ours backup directory", median(f"pg_dump -Fd -j {jobs}") / median(d_backup), ""),
     ]
+    return [row for row in rows if row[1] == row[1]]
 
 
 def report(bench: ParallelBench, info: dict[str, Any]) -> dict[str, Any]:
@@ -262,6 +278,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="pg_dump/pg_restore jobs (default 2)")
     p.add_argument("--json-dir", default=str(ROOT / "bench" / "results"), help="where the JSON results go")
     p.add_argument("--no-json", action="store_true", help="do not write the JSON results")
+    p.add_argument("--restores-only", action="store_true", help="time only the restores (the sets made once)")
+    p.add_argument("--before", type=Path, default=None,
+                   help="also restore with the kkua_backupd/ in DIR (another commit's, e.g. from `git archive main "
+                        "kkua_backupd | tar -x -C DIR`), interleaved with ours")
     args = p.parse_args(argv)
     if args.size_mb < 10 or args.repeat < 1 or args.jobs < 1:
         p.error("--size-mb >= 10, --repeat >= 1, --jobs >= 1")

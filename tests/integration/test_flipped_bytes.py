@@ -167,6 +167,6 @@ def test_the_load_commits_only_when_what_it_read_matches_the_manifest(env: Env, 
     path.write_bytes(data)  # as the manifest says: the same call loads it
     loaded = pg_load.restore_into(ctx, bin_dir, env.database, path, "plain", "none", wipe=True,
                                   new_database=False, expected=ManifestFile.model_validate(manifest["files"][0]))
-    assert loaded is not None and loaded.sha256 == manifest["files"][0]["sha256"]
+    assert [(name, found.sha256) for name, found in loaded] == [(path.name, manifest["files"][0]["sha256"])]
     with env.connect() as conn:
         assert not conn.execute("SELECT 1 FROM pg_class WHERE relname = 'after_backup'").fetchall()

@@ -232,3 +232,50 @@ def test_manifests_of_older_versions_list_verify_and_restore(env: Env) -> None:
     assert refused.returncode == 3, refused.stdout + refused.stderr
     assert "details.tables.public.users.rows" in refused.stdout + refused.stderr
     assert env.run("list", "postgres", check=True).returncode == 0
+
+
+def test_a_trusted_custom_set_restores_in_one_pass_and_a_corrupt_one_keeps_the_old_data(env: Env) -> None:
+    """A custom set made here is read once: streamed through pg_restore into the one transaction in place,
+    unpacked and checked before pg_restore -j reads it into a new database. A byte flipped in the file stops
+    the load before its COMMIT: the old data stays, exit 3, no safety backup left, a new database dropped."""
+    env.write_config(format="custom", compression="zstd", restore_jobs=2)
+    with env.connect() as conn:
+        before = table_contents(conn)
+    schema_before = schema_dump(env.server, env.database)
+    manifest = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+
+    damage(env)
+    report = json.loads(env.run("--json", "restore", "postgres", "latest", "--force", check=True).stdout)
+    assert report["check"]["mode"] == "one pass", report["check"]
+    assert [(f["name"], f["sha256"]) for f in report["check"]["files"]] == \
+        [(f["name"], f["sha256"]) for f in manifest["files"]]
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+    assert schema_dump(env.server, env.database) == schema_before
+    copy = f"{env.database}_copy"
+    report = json.loads(env.run("--json", "restore", "postgres", "latest", "--target-db", copy, check=True).stdout)
+    assert report["check"]["mode"] == "one pass", report["check"]
+    with env.server.connect(copy) as conn:
+        assert table_contents(conn) == before
+
+    path = env.folder / manifest["files"][0]["name"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    damage(env)
+    with env.connect() as conn:
+        damaged = table_contents(conn)
+    schema_damaged = schema_dump(env.server, env.database)
+    sets_before = sorted(p.name for p in env.folder.iterdir())
+    result = env.run("restore", "postgres", "latest", "--force")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "checksum" in result.stdout + result.stderr or "corrupt" in result.stdout + result.stderr
+    with env.connect() as conn:
+        assert table_contents(conn) == damaged
+    assert schema_dump(env.server, env.database) == schema_damaged
+    assert sorted(p.name for p in env.folder.iterdir()) == sets_before  # no safety backup left, nothing else
+    result = env.run("restore", "postgres", "latest", "--target-db", f"{env.database}_bad")
+    assert result.returncode == 3, result.stdout + result.stderr
+    with env.server.connect("postgres") as conn:
+        assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (f"{env.database}_bad",)).fetchone() \
+            is None

@@ -11,7 +11,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,14 @@ from kkua_backupd.core.context import (
     JobContext,
 )
 from kkua_backupd.errors import (
+    CommandFailed,
     IntegrityError,
     JobError,
     KkuaError,
     LockHeld,
+    StepTimeout,
     StorageError,
+    VersionTooNew,
 )
 from kkua_backupd.obs.progress import Progress
 from kkua_backupd.proc import execute
@@ -36,12 +39,16 @@ from kkua_backupd.sources.postgres.client import (
     KIND,
     VERSION_RE,
     child_env,
+    client_hint,
+    connect,
     connect_maintenance,
     in_threads,
     member_name,
     pg_restore_argv,
+    pg_restore_list_argv,
     pg_restore_script_argv,
     psql_argv,
+    tool_major,
     tool_version,
 )
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
@@ -319,7 +326,8 @@ def script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: P
                         timeout=ctx.config.postgres.restore_timeout)
     feeder = None
     if directory is None:
-        feeder = threading.Thread(target=feed_pipe, args=(archive_chunks, child.stdin, feed_errors), daemon=True)
+        feeder = threading.Thread(target=_feed_archive, args=(archive_chunks, child, feed_errors, group.stop_all),
+                                  name="archive-feed", daemon=True)
         feeder.start()
     assert child.stdout is not None
     yield from stream_chunks(child.read)
@@ -328,6 +336,31 @@ def script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: P
     if feed_errors:
         raise feed_errors[0]
     group.wait(child, what="pg_restore")
+
+
+def _feed_archive(chunks: Iterable[bytes], child: execute.Child, errors: list[BaseException],
+                  stop: Callable[[], None]) -> None:
+    """Write an archive into pg_restore's stdin. When reading it fails (a file that does not decrypt or
+    decompress, or whose size or sha256 differs from its manifest), pg_restore is stopped, so the SQL it
+    printed ends early, and the failure is noted for the caller to raise. When pg_restore stops reading
+    first (it read the archive's last data block, or it failed), the rest is still read, so the whole
+    file's size and sha256 are compared before the caller may commit."""
+    stream = iter(chunks)
+    stdin = child.stdin
+    assert stdin is not None
+    try:
+        for chunk in stream:
+            try:
+                stdin.write(chunk)
+            except BrokenPipeError:
+                for _ in stream:
+                    pass
+                break
+        with contextlib.suppress(OSError):
+            stdin.close()
+    except BaseException as exc:  # re-raised by the caller, after pg_restore was stopped
+        errors.append(exc)
+        stop()
 
 
 def file_present(path: Path, expected: ManifestFile | None) -> None:
@@ -344,26 +377,37 @@ def checksum_error(name: str, found: str, expected: str) -> IntegrityError:
                           hint="the file is corrupt; use another backup")
 
 
-def unpack_directory(ctx: JobContext, folder: Path, files: Sequence[ManifestFile], into: Path, *,
-                     progress: Progress | None = None) -> list[CheckResult]:
-    """The files of a directory set (in `folder`) read back through the chain into the folder `into` under
-    pg_dump's names, each one's size and sha256 compared with its manifest entry as it ends: raises
-    IntegrityError (a file missing, changed or corrupt, a name pg_dump does not write, no toc.dat) before the
-    caller lets pg_restore read `into`; StorageError. Returns what each file held."""
-    members: list[str] = []
+def directory_members(folder: Path, files: Sequence[ManifestFile]) -> list[tuple[ManifestFile, str]]:
+    """Each file of a directory set (in `folder`) with the pg_dump name it holds, once every one is there with
+    its manifest's size; raises IntegrityError (a file missing or of another size, a name pg_dump does not
+    write or named twice, no toc.dat)."""
+    pairs: list[tuple[ManifestFile, str]] = []
     seen: set[str] = set()
     for entry in files:
         member = member_name(entry.name)
         if member is None or member in seen:
             raise IntegrityError(f"{entry.name} is not a file of a directory-format set (or names one twice)",
                                  hint="the manifest was not written by kkua-backup; use another backup")
-        members.append(member)
+        pairs.append((entry, member))
         seen.add(member)
         file_present(folder / entry.name, entry)
     if "toc.dat" not in seen:
         raise IntegrityError("the set has no toc.dat (the directory archive's table of contents)",
                              hint="the set is incomplete; use another backup")
+    return pairs
 
+
+def unpack_directory(ctx: JobContext, folder: Path, files: Sequence[ManifestFile], into: Path, *,
+                     progress: Progress | None = None) -> list[CheckResult]:
+    """The files of a directory set (in `folder`) read back through the chain into the folder `into` under
+    pg_dump's names, each one's size and sha256 compared with its manifest entry as it ends: raises
+    IntegrityError (a file missing, changed or corrupt, a name pg_dump does not write, no toc.dat) before the
+    caller lets pg_restore read `into`; StorageError. Returns what each file held."""
+    return _unpack(ctx, folder, directory_members(folder, files), into, progress)
+
+
+def _unpack(ctx: JobContext, folder: Path, pairs: Sequence[tuple[ManifestFile, str]], into: Path,
+            progress: Progress | None) -> list[CheckResult]:
     def unpack(pair: tuple[ManifestFile, str]) -> CheckResult:
         entry, member = pair
         source = read_chain(folder / entry.name, entry.compression, progress=progress,
@@ -377,20 +421,231 @@ def unpack_directory(ctx: JobContext, folder: Path, files: Sequence[ManifestFile
         return CheckResult(source.size, source.sha256, source.raw)
 
     jobs = ctx.config.postgres.restore_jobs or os.cpu_count() or 1
-    return in_threads(unpack, list(zip(files, members, strict=True)), jobs, weight=lambda pair: pair[0].size)
+    return in_threads(unpack, list(pairs), jobs, weight=lambda pair: pair[0].size)
+
+
+_TABLE_DATA = re.compile(rb"^(\d+); \d+ \d+ TABLE DATA ", re.MULTILINE)
+
+
+def absent_data_files(ctx: JobContext, bin_dir: Path, archive: Path, files: Sequence[ManifestFile]) -> list[str]:
+    """The data files the table of contents in the folder `archive` names (`pg_restore --list`, which reads
+    toc.dat alone) that the set `files` does not hold. Raises CommandFailed when pg_restore cannot list it."""
+    listing = execute.run(pg_restore_list_argv(bin_dir, archive), job=KIND, timeout=ctx.config.postgres.restore_timeout,
+                          what="pg_restore --list")
+    held = {member_name(f.name) for f in files}
+    return [f"{i.decode()}.dat" for i in _TABLE_DATA.findall(listing) if f"{i.decode()}.dat" not in held]
+
+
+_COPY_OF_ENTRY = re.compile(rb"^-- Data for Name: ([^\n]*); Type: TABLE DATA; Schema: ([^\n]*); Owner: [^\n]*\n"
+                            rb"--\n\n(COPY [^\n]+ FROM stdin;)$", re.MULTILINE)
+_IDENT = rb'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
+_COPY_TABLE = re.compile(rb"COPY (" + _IDENT + rb"\." + _IDENT + rb") ")
+_SESSION_LINE = re.compile(rb"^(?:SET [^\n]+;|SELECT pg_catalog\.set_config\([^\n]+\);)$", re.MULTILINE)
+
+
+class _Stopped(Exception):
+    """Another table's load failed: this one stops too."""
+
+
+class DirectoryLoad:
+    """A directory set into a new database in three steps, each table's data streamed from its set file into
+    a COPY on its own connection, never written to disk (docs/decisions/0023): pg_restore cannot read a data
+    file from a pipe (since 15.14 and the other July 2025 releases it refuses any file that is not a regular
+    one), so the data section is ours. First everything but the tables' data (toc.dat, the large objects'
+    files) is unpacked into the scratch folder and checked; `pg_restore --list` names the tables' data files
+    (each must be in the set) and `pg_restore --file -` of their entries, with empty stand-ins,
+    gives each one's COPY statement and the session settings pg_dump wrote. Then: `pg_restore
+    --section=pre-data`; the tables' data on `restore_jobs` connections, the biggest first, each file
+    hashed, decrypted and decompressed into its COPY, which is ended only when its size and sha256 matched
+    (a difference fails the COPY and stops the others); the rest of the data section (sequence values,
+    large objects) by pg_restore; `pg_restore --section=post-data --jobs=N` (indexes, constraints)."""
+
+    def __init__(self, ctx: JobContext, bin_dir: Path, dbname: str, folder: Path,  # noqa: PLR0913 - keyword-only options
+                 members: Sequence[ManifestFile], *, scratch: Path, jobs: int, progress: Progress | None) -> None:
+        self.ctx, self.bin_dir, self.dbname, self.folder = ctx, bin_dir, dbname, folder
+        self.scratch, self.jobs, self.progress = scratch, jobs, progress
+        self.members = members
+        self.pairs = directory_members(folder, members)
+        self.failed = threading.Event()
+        self.failures: list[BaseException] = []
+        self.checked: dict[str, CheckResult] = {}
+        self.listing = b""
+        self.preamble: list[bytes] = []
+        self.statements: dict[str, bytes] = {}
+        self.tables: list[tuple[ManifestFile, str]] = []
+
+    def prepare(self) -> None:
+        """Everything but the tables' data unpacked and checked, the tables' data files named and their COPY
+        statements read; raises IntegrityError (a file missing or changed, a table of contents that names a
+        file the set does not hold or that pg_restore cannot read) before anything is loaded."""
+        pairs, scratch = self.pairs, self.scratch
+        toc = [(e, m) for e, m in pairs if m == "toc.dat"]
+        for (entry, _), found in zip(toc, _unpack(self.ctx, self.folder, toc, scratch, self.progress), strict=True):
+            self.checked[entry.name] = found
+        self.listing = listing = self._pg_restore_output(pg_restore_list_argv(self.bin_dir, scratch),
+                                                         "pg_restore --list")
+        data_ids = [i.decode() for i in _TABLE_DATA.findall(listing)]
+        held = {m for _, m in pairs}
+        absent = [f"{i}.dat" for i in data_ids if f"{i}.dat" not in held]
+        if absent:
+            raise IntegrityError(f"{self.members[0].name} would not restore: its table of contents names "
+                                 f"{len(absent)} data file(s) the set does not hold ({', '.join(absent[:3])})",
+                                 hint="nothing was changed; use another backup")
+        tables = {f"{i}.dat" for i in data_ids}
+        rest = [(e, m) for e, m in pairs if m not in tables and m != "toc.dat"]
+        for (entry, _), found in zip(rest, _unpack(self.ctx, self.folder, rest, scratch, self.progress), strict=True):
+            self.checked[entry.name] = found
+        self.preamble, self.statements = self._copy_statements(listing, tables)
+        self.tables = [(e, m) for e, m in pairs if m in tables]
+
+    def run(self) -> list[tuple[str, CheckResult]]:
+        """Into the new database: pre-data, the tables' data on `jobs` connections, the rest of the data,
+        post-data with pg_restore -j; returns what each file of the set held."""
+        self.prepare()
+        scratch = self.scratch
+        _pg_restore_jobs(self.ctx, self.bin_dir, self.dbname, scratch, 1, extra=("--section=pre-data",))
+        for (entry, _), found in zip(self.tables, self._load_tables(self.tables), strict=True):
+            self.checked[entry.name] = found
+        others = self._list_file(self.listing, keep=lambda line: not _TABLE_DATA.match(line), name="other-data.list")
+        _pg_restore_jobs(self.ctx, self.bin_dir, self.dbname, scratch, 1, extra=("--section=data", "--use-list",
+                                                                                 str(others)))
+        _pg_restore_jobs(self.ctx, self.bin_dir, self.dbname, scratch, self.jobs, extra=("--section=post-data",))
+        return self.results()
+
+    def results(self) -> list[tuple[str, CheckResult]]:
+        return [(e.name, self.checked[e.name]) for e, _ in self.pairs]
+
+    def script(self) -> Iterator[bytes]:
+        """The whole set as SQL for our transaction, with no file of it written out: pg_restore's script of
+        the pre-data section, each table's COPY statement followed by its file read through the chain (its
+        size and sha256 compared as it ends, before anything after it is given), pg_restore's script of the
+        rest of the data section and of the post-data section. Call `prepare` first."""
+        def section(*options: str) -> bytes:
+            return self._pg_restore_output((*pg_restore_script_argv(self.bin_dir), *options, str(self.scratch)),
+                                           "pg_restore --file -")
+
+        yield section("--section=pre-data")
+        for entry, member in self.tables:
+            source = read_chain(self.folder / entry.name, entry.compression, progress=self.progress,
+                                readers=self.ctx.readers_for(entry.name))
+            yield b"\n" + self.statements[member] + b"\n"
+            yield from source
+            if source.size != entry.size or source.sha256 != entry.sha256:
+                raise checksum_error(entry.name, source.sha256, entry.sha256)
+            self.checked[entry.name] = CheckResult(source.size, source.sha256, source.raw)
+        others = self._list_file(self.listing, keep=lambda line: not _TABLE_DATA.match(line), name="other-data.list")
+        yield section("--section=data", "--use-list", str(others))
+        yield section("--section=post-data")
+
+    def _pg_restore_output(self, argv: Sequence[str], what: str) -> bytes:
+        try:
+            return execute.run(argv, job=KIND, timeout=self.ctx.config.postgres.restore_timeout, what=what)
+        except CommandFailed as exc:
+            if isinstance(exc, StepTimeout):
+                raise
+            reason = " | ".join(line.strip() for line in exc.stderr_tail[-2:]) or exc.message
+            if "unsupported version" in reason:  # says nothing against the set: a newer pg_restore reads it
+                raise VersionTooNew(f"cannot restore {self.members[0].name}: pg_restore {tool_major(self.bin_dir)} "
+                                    f"cannot read it ({reason})", hint=client_hint(self.ctx.config.postgres, None)) \
+                    from None
+            raise IntegrityError(f"{self.members[0].name} would not restore: pg_restore cannot read its table of "
+                                 f"contents: {reason}", hint="nothing was changed; use another backup") from None
+
+    def _list_file(self, listing: bytes, *, keep: Callable[[bytes], bool], name: str) -> Path:
+        """A `--use-list` file of the entries of `listing` that `keep` accepts (the others commented out)."""
+        lines = [line if line.startswith(b";") or keep(line) else b";" + line for line in listing.split(b"\n")]
+        path = self.scratch / name
+        with AtomicFile(path, 0o600) as out:
+            out.write(b"\n".join(lines))
+            out.commit(sync_folder=False)
+        return path
+
+    def _copy_statements(self, listing: bytes, tables: set[str]) -> tuple[list[bytes], dict[str, bytes]]:
+        """(the session settings pg_dump's script starts with, each table data file's COPY statement), from
+        pg_restore's script of the tables' data entries over empty stand-ins of their files: it prints them
+        in the order of the list it is given, each after a comment naming the table, checked against the
+        list line."""
+        if not tables:
+            return [], {}
+        for member in tables:
+            os.close(os.open(self.scratch / member, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        entries = [line for line in listing.split(b"\n") if _TABLE_DATA.match(line)]
+        only = self._list_file(listing, keep=lambda line: bool(_TABLE_DATA.match(line)), name="table-data.list")
+        try:
+            script = self._pg_restore_output(
+                (str(self.bin_dir / "pg_restore"), "--section=data", "--use-list", str(only), "--file", "-",
+                 str(self.scratch)), "pg_restore --file -")
+        finally:
+            for member in tables:
+                unlink_in(self.scratch / member)
+        found = _COPY_OF_ENTRY.findall(script)
+        if len(found) != len(entries) or not all(b" TABLE DATA %s %s " % (schema, name) in line
+                                                 for (name, schema, _), line in zip(found, entries, strict=False)):
+            raise IntegrityError(f"{self.members[0].name} would not restore: pg_restore's script of its tables' "
+                                 "data does not match its table of contents",
+                                 hint="nothing was changed; use another backup")
+        statements = {f"{int(line.split(b';', 1)[0])}.dat": copy for (_, _, copy), line in zip(found, entries,
+                                                                                                 strict=True)}
+        head = script.split(b"\n-- Data for Name: ", 1)[0]
+        return _SESSION_LINE.findall(head), statements
+
+    def _load_tables(self, fed: Sequence[tuple[ManifestFile, str]]) -> list[CheckResult]:
+        pg = self.ctx.config.postgres
+        preamble, statements = self.preamble, self.statements
+
+        def load(pair: tuple[ManifestFile, str]) -> CheckResult:
+            entry, member = pair
+            try:
+                source = read_chain(self.folder / entry.name, entry.compression, progress=self.progress,
+                                    readers=self.ctx.readers_for(entry.name))
+                with connect(pg, self.dbname, autocommit=False) as conn:  # committed on leaving the block
+                    for line in preamble:
+                        conn.execute(line)
+                    table = _COPY_TABLE.match(statements[member])
+                    if table is not None:  # as pg_restore -j does: the table is new, the COPY may skip the FSM
+                        conn.execute(b"TRUNCATE TABLE ONLY " + table.group(1))
+                    with conn.cursor() as cur, cur.copy(statements[member]) as copy:
+                        for chunk in source:
+                            if self.failed.is_set():
+                                raise _Stopped
+                            copy.write(chunk)
+                        if source.size != entry.size or source.sha256 != entry.sha256:
+                            raise checksum_error(entry.name, source.sha256, entry.sha256)  # the COPY fails
+                return CheckResult(source.size, source.sha256, source.raw)
+            except _Stopped:
+                raise
+            except psycopg.Error as exc:
+                self._fail(JobError(f"loading {member} into {self.dbname!r} failed: {str(exc).strip()}"))
+                raise _Stopped from None
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+
+        try:
+            return in_threads(load, list(fed), self.jobs, weight=lambda pair: pair[0].size)
+        except BaseException:
+            if self.failures:
+                raise self.failures[0] from None
+            raise
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failures.append(exc)
+        self.failed.set()
 
 
 def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,  # noqa: PLR0913, PLR0917 - grouped with the flows written once
                  wipe: bool, new_database: bool, expected: ManifestFile | None,
                  progress: Progress | None = None, transactional: bool = True,
-                 members: Sequence[ManifestFile] = (), unpacked: Path | None = None) -> CheckResult | None:
+                 members: Sequence[ManifestFile] = (), unpacked: Path | None = None) -> list[tuple[str, CheckResult]]:
     """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
     going into a new database. The bytes are hashed as they are read; if they do not match `expected`
-    the load stops before its COMMIT, and so does a plain dump the tool wrote that does not end as pg_dump
-    ends one (`load_sql`'s whole_dump). A directory set (`members`: every file of it, `path` its first) is
-    unpacked into a scratch folder first, every file checked (or read from `unpacked`, where the restore's
-    check left it unpacked and checked), then loaded the same two ways. Returns, for a plain dump, the
-    file's size, sha256 and the bytes loaded. Raises CommandFailed/StepTimeout/IntegrityError on failure."""
+    the load stops before its COMMIT (a new database: before pg_restore reads the unpacked archive), and so
+    does a dump the tool wrote whose SQL does not end as pg_dump ends it (`load_sql`'s whole_dump). A
+    directory set (`members`: every file of it, `path` its first) is read from `unpacked` when the restore's
+    check left it there, unpacked and checked; otherwise it is served to pg_restore through named pipes
+    (`PipedDirectory`), every file checked before the restore is done. Either is loaded the same two ways.
+    Returns what was checked on the way: each file's name, size, sha256 and the bytes it held (empty when
+    the set was read from `unpacked`). Raises CommandFailed/StepTimeout/IntegrityError on failure."""
     pg = ctx.config.postgres
     chunks = read_chain(path, compression, progress=progress, expected=expected, readers=ctx.readers_for(path.name))
     transactional = transactional or not new_database  # only a new database may load statement by statement
@@ -398,44 +653,62 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
         # read, hashed, decrypted and decompressed on a thread of its own while this one scans and sends
         load_sql(ctx, bin_dir, dbname, read_ahead(chunks, name="restore-read"), wipe=wipe,
                  transactional=transactional, whole_dump=expected is not None)
-        return CheckResult(chunks.size, chunks.sha256, chunks.raw)
+        return [(path.name, CheckResult(chunks.size, chunks.sha256, chunks.raw))]
     jobs = pg.restore_jobs or os.cpu_count() or 1
     if fmt == "directory":
-        with contextlib.ExitStack() as stack:
-            scratch = unpacked
-            if scratch is None:
-                scratch = stack.enter_context(scratch_folder(path.parent))
-                unpack_directory(ctx, path.parent, members, scratch, progress=progress)
-            if new_database and jobs > 1:
-                _pg_restore_jobs(ctx, bin_dir, dbname, scratch, jobs)
-                return None
-            with execute.ProcessGroup(KIND) as group:
-                load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, (), [], directory=scratch),
-                         wipe=wipe, transactional=transactional)
-        return None
+        return _restore_directory(ctx, bin_dir, dbname, path.parent, members, wipe=wipe,
+                                  parallel=new_database and jobs > 1, transactional=transactional,
+                                  progress=progress, unpacked=unpacked)
     if new_database and jobs > 1:
         _parallel_restore(ctx, bin_dir, dbname, path, chunks, jobs)
-        return None
-    with execute.ProcessGroup(KIND) as group:
-        errors: list[BaseException] = []
-        load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, chunks, errors), wipe=wipe,
-                 transactional=transactional)
-    return None
+    else:
+        with execute.ProcessGroup(KIND) as group:
+            load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, chunks, []), wipe=wipe,
+                     transactional=transactional, whole_dump=expected is not None)
+    return [(path.name, CheckResult(chunks.size, chunks.sha256, chunks.raw))] if expected is not None else []
 
 
-def _pg_restore_jobs(ctx: JobContext, bin_dir: Path, dbname: str, archive: Path, jobs: int) -> None:
-    """pg_restore -j `jobs` of the archive file or directory `archive` into the new database `dbname`."""
+def _restore_directory(ctx: JobContext, bin_dir: Path, dbname: str, folder: Path,  # noqa: PLR0913 - keyword-only, as restore_into
+                       members: Sequence[ManifestFile], *, wipe: bool, parallel: bool, transactional: bool,
+                       progress: Progress | None, unpacked: Path | None) -> list[tuple[str, CheckResult]]:
+    """A directory set into `dbname`: a new database in three steps with the tables' data streamed
+    (`parallel`, `DirectoryLoad.run`), or as SQL in our transaction (`DirectoryLoad.script`); from the folder
+    `unpacked` the check left, unpacked and checked, the way pg_restore reads a directory archive."""
+    jobs = ctx.config.postgres.restore_jobs or os.cpu_count() or 1
+    if unpacked is not None and parallel:
+        _pg_restore_jobs(ctx, bin_dir, dbname, unpacked, jobs)
+        return []
+    if unpacked is not None:
+        with execute.ProcessGroup(KIND) as group:
+            load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, (), [], directory=unpacked),
+                     wipe=wipe, transactional=transactional)
+        return []
+    with scratch_folder(folder) as scratch:
+        load = DirectoryLoad(ctx, bin_dir, dbname, folder, members, scratch=scratch, jobs=jobs, progress=progress)
+        if parallel:
+            return load.run()
+        load.prepare()
+        load_sql(ctx, bin_dir, dbname, load.script(), wipe=wipe, transactional=transactional)
+        return load.results()
+
+
+def _pg_restore_jobs(ctx: JobContext, bin_dir: Path, dbname: str, archive: Path, jobs: int, *,  # noqa: PLR0913 - keyword-only option
+                     extra: Sequence[str] = ()) -> None:
+    """pg_restore -j `jobs` of the archive file or directory `archive` into the new database `dbname`, with
+    the options `extra` (a section, a list of entries)."""
     pg = ctx.config.postgres
+    argv = pg_restore_argv(bin_dir, pg, dbname, archive, jobs)
     with execute.ProcessGroup(KIND) as group:
-        child = group.spawn(pg_restore_argv(bin_dir, pg, dbname, archive, jobs), env=child_env(pg),
-                            stdout=execute.DEVNULL, timeout=pg.restore_timeout)
+        child = group.spawn((*argv[:-1], *extra, argv[-1]), env=child_env(pg), stdout=execute.DEVNULL,
+                            timeout=pg.restore_timeout)
         group.wait(child, what="pg_restore")
 
 
 def _parallel_restore(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, chunks: Iterable[bytes],  # noqa: PLR0913, PLR0917 - grouped with the flows written once
                       jobs: int) -> None:
     # pg_restore -j needs a seekable archive: unpack it next to the backup. Its name ends in .partial, so
-    # if this process dies, the next run under the lock removes it (remove_stale_partials).
+    # if this process dies, the next run under the lock removes it (remove_stale_partials). The chain
+    # checks size and sha256 as it ends, before pg_restore reads any of it.
     scratch = path.with_name(f"kkua_restore_{now_local().strftime(ID_FORMAT)}_{os.getpid()}.dump")
     try:
         with AtomicFile(scratch, 0o600) as out:  # writes scratch + ".partial"; never committed

@@ -85,8 +85,9 @@ class PostgresRestoreReport(RestoreReport):
 class PostgresRestore:
     """A restore of a PostgreSQL set, in core/flows.restore's order: into the configured database in one
     transaction, so a failed restore leaves the old data in place, or into a new `--target-db` (dropped again
-    on failure). A trusted plain set (core/context.one_pass_refusal) is checked while it loads, in one pass:
-    the COMMIT is sent only once its sha256, size and SQL passed; any other set is read in full first."""
+    on failure). A trusted set (core/context.one_pass_refusal) is checked while it loads, in one pass: the
+    COMMIT is sent (or a new database kept) only once every file's sha256 and size, and the SQL or
+    pg_restore's run, passed (docs/decisions/0018, 0023); any other set is read in full first."""
 
     checks = "a decompress test"
 
@@ -121,24 +122,26 @@ class PostgresRestore:
 
     def check(self) -> None:
         """The pre-check (verify.check_set: every byte read, hashed, decompressed and scanned before anything
-        changes), or for a trusted plain set only what costs nothing (the file there, its size) and the rest
-        while it loads (`apply`). A directory set is unpacked into a scratch folder here, each file checked,
-        its table of contents listed, and the load reads that folder (removed when the session ends, or by
-        the next run after a kill); its SQL is read by the load itself."""
+        changes), or for a trusted set only what costs nothing (its files there, their sizes, the first one
+        opens with this host's key) and the rest while it loads (`apply`; a directory set through named pipes,
+        load.PipedDirectory). A pre-checked directory set is unpacked into a scratch folder here, each file
+        checked, its table of contents listed, and the load reads that folder (removed when the session
+        ends, or by the next run after a kill); its SQL is read by the load itself."""
         ctx, backup_set = self.ctx, self.backup_set
         self._details = details_of(backup_set)
         refusal = one_pass_refusal(ctx, backup_set)
-        if refusal is None and self.fmt != "plain":
-            refusal = f"the {self.fmt} format is read by pg_restore"
-        if refusal is None and backup_set.manifest is not None and len(backup_set.manifest.files) != 1:
+        files = backup_set.manifest.files if backup_set.manifest is not None else []
+        if refusal is None and self.fmt != "directory" and len(files) != 1:
             refusal = "it has more than one file"
         if refusal is None:
-            entry = backup_set.manifest.files[0] if backup_set.manifest else None
-            _opens(ctx, file_in_place(backup_set, backup_set.name, entry), self.compression)
+            for entry in files:
+                file_in_place(backup_set, entry.name, entry)
+            _opens(ctx, backup_set.path(files[0].name), files[0].compression)
             self._one_pass = True
             self.report.check = CheckedSet(mode="one pass", files=[])
-            ctx.log.info("checking the set while it loads (one pass): the restore commits only if its size, sha256 "
-                         "and SQL match", file=self.name)
+            ctx.log.info("checking the set while it loads (one pass): the restore is done only if every file's "
+                         "size and sha256 match and pg_restore or psql ran it to its end", file=self.name,
+                         files=len(files))
             return
         ctx.log.info("reading the set in full before the restore (pre-check)", file=self.name, reason=refusal)
         if self.fmt == "directory" and backup_set.manifest is not None:
@@ -242,11 +245,11 @@ class PostgresRestore:
         if created is not None:
             created.finished()
         self.report.load_seconds = round(time.monotonic() - load_started, 2)
-        if self._one_pass and loaded is not None and self.report.check is not None:
-            self.report.check.files = [{"name": self.name, "size": loaded.size, "sha256": loaded.sha256,
-                                        "uncompressed": loaded.uncompressed, "checksum": "ok"}]
-            ctx.log.info("file checked while it loaded", file=self.name, size=human_bytes(loaded.size),
-                         checksum="ok", decompress="ok")
+        if self._one_pass and loaded and self.report.check is not None:
+            self.report.check.files = [{"name": name, "size": found.size, "sha256": found.sha256,
+                                        "uncompressed": found.uncompressed, "checksum": "ok"} for name, found in loaded]
+            ctx.log.info("checked while it loaded", file=self.name, files=len(loaded),
+                         size=human_bytes(sum(found.size for _, found in loaded)), checksum="ok", decompress="ok")
 
     def _unrestorable(self, exc: KkuaError) -> Refused | None:
         """After a one-pass load failed (it stopped before its COMMIT): what the pre-check would have refused

@@ -5,7 +5,6 @@ restores into a scratch database that prove it loads and holds what the manifest
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -40,8 +39,6 @@ from kkua_backupd.sources.postgres.client import (
     client_hint,
     connect,
     connect_maintenance,
-    member_name,
-    pg_restore_list_argv,
     pg_restore_script_argv,
     restore_bin_dir,
     server_info,
@@ -49,6 +46,7 @@ from kkua_backupd.sources.postgres.client import (
 )
 from kkua_backupd.sources.postgres.load import (
     NewDatabase,
+    absent_data_files,
     checksum_error,
     dump_problems,
     feed_pipe,
@@ -268,9 +266,6 @@ def check_set(ctx: JobContext, backup_set: BackupSet) -> CheckedSet:
     return CheckedSet(files=results)
 
 
-_TABLE_DATA = re.compile(rb"^(\d+); \d+ \d+ TABLE DATA ", re.MULTILINE)
-
-
 def check_directory(ctx: JobContext, backup_set: BackupSet, scratch: Path, *, read_sql: bool) -> list[dict[str, Any]]:
     """A directory set read as a restore reads it: every file unpacked into the private folder `scratch` (as
     much disk as the uncompressed dump) and checked against the manifest, and `pg_restore --list` of the table
@@ -287,10 +282,7 @@ def check_directory(ctx: JobContext, backup_set: BackupSet, scratch: Path, *, re
     checked = unpack_directory(ctx, backup_set.folder, files, scratch, progress=progress)
     progress.clear()
     try:
-        listing = execute.run(pg_restore_list_argv(bin_dir, scratch), job=KIND, timeout=pg.restore_timeout,
-                              what="pg_restore --list")
-        held = {member_name(f.name) for f in files}
-        absent = [f"{i.decode()}.dat" for i in _TABLE_DATA.findall(listing) if f"{i.decode()}.dat" not in held]
+        absent = absent_data_files(ctx, bin_dir, scratch, files)
         if absent:
             raise IntegrityError(f"{name} would not restore: its table of contents names {len(absent)} data "
                                  f"file(s) the set does not hold ({', '.join(absent[:3])})",
