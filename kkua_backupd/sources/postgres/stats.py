@@ -147,6 +147,7 @@ def table_stats(conn: psycopg.Connection, *, checksums: bool, snapshot: str | No
 # no table is read again). A table that was already there when the SQL began (`LOADED_BEFORE_SQL`, run
 # after the wipe: none with pg_dump's sets) is counted. When what the tables hold differs from the
 # manifest, the transaction fails with ROW_COUNTS_TAG and the differing entries, as JSON, in its message.
+# Keys as `table_stats` makes them, in its order (for legacy keys that collide, the last table wins there too).
 ROW_COUNTS_TAG = "kkua-row-counts"
 LOADED_BEFORE_SQL = ("CREATE TEMP TABLE kkua_restore_before ON COMMIT DROP AS "
                      "SELECT oid FROM pg_catalog.pg_class WHERE relkind = 'r';\n")
@@ -161,10 +162,11 @@ DECLARE
   rows_now bigint;
 BEGIN
   SELECT coalesce(pg_catalog.jsonb_object_agg({key}, pg_catalog.pg_stat_get_xact_tuples_inserted(c.oid)
-                                                     - pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid)), '{{}}')
+                                                     - pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid)
+                                            ORDER BY n.nspname, c.relname), '{{}}')
     INTO got {tables};
   FOR t IN SELECT c.oid, n.nspname, c.relname, {key} AS key {tables}
-             AND c.oid IN (SELECT b.oid FROM pg_temp.kkua_restore_before b) LOOP
+             AND c.oid IN (SELECT b.oid FROM pg_temp.kkua_restore_before b) ORDER BY n.nspname, c.relname LOOP
     EXECUTE pg_catalog.format('SELECT count(*) FROM ONLY %I.%I', t.nspname, t.relname) INTO rows_now;
     got := pg_catalog.jsonb_set(got, ARRAY[t.key], pg_catalog.to_jsonb(rows_now));
   END LOOP;
