@@ -262,11 +262,11 @@ def cmd_backup(ctx: JobContext, args: argparse.Namespace, loaded: LoadedConfig) 
 
 
 def cmd_restore(ctx: JobContext, args: argparse.Namespace) -> Any:
-    from kkua_backupd.core import remotes
     from kkua_backupd.core.context import clean_stale
     from kkua_backupd.store.storage import resolve
     clean_stale(ctx, args.target)  # a killed restore's safety backup, a scratch archive
     if args.from_remote:
+        from kkua_backupd.core import remotes
         # Downloaded, checked against the remote's manifest and moved into backup_dir; from here on the
         # ordinary restore checks it again like any local set (docs/remotes.md).
         fetched = remotes.fetch(ctx, args.from_remote, args.target, args.file)
