@@ -19,7 +19,7 @@ and, at every size, our backups and our restore again for the memory comparison.
 `--repeat` times (interleaved); the table shows the MEDIAN wall time and the HIGHEST peak memory seen.
 
 Peak memory is the peak RSS (ru_maxrss of RUSAGE_SELF) of our own CLI process alone, not of pg_dump or
-psql: the CLI runs as `python -c <wrapper>` which calls kkua_backupd.cli.main() exactly as the console
+psql: the CLI runs as `python -c <wrapper>` which calls kkua_backupd.cli.run() exactly as the console
 script does, then writes getrusage() to a side file. CPU seconds per process (our python, pg_dump, psql,
 gzip, the PostgreSQL backend, the server's background processes) come from sampling /proc every 0.1 s.
 
@@ -95,8 +95,11 @@ import json, resource, sys
 side, args = sys.argv[1], sys.argv[2:]
 code = 70
 try:
-    from kkua_backupd.cli import main
-    code = main(args)
+    from kkua_backupd.cli import run
+    sys.argv = ["kkua-backup", *args]
+    run()  # what the kkua-backup script runs, its exit included; raises SystemExit(code)
+except SystemExit as done:
+    code = done.code if isinstance(done.code, int) else 1
 finally:
     s = resource.getrusage(resource.RUSAGE_SELF)
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
