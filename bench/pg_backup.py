@@ -121,9 +121,15 @@ def code_fingerprint() -> dict[str, str]:
 def as_installed(env: dict[str, str]) -> dict[str, str]:
     """The CLI's environment as on a server: pip compiles bytecode at install time, so the CLI runs from
     .pyc files. A shell with PYTHONDONTWRITEBYTECODE (set on these machines) would make every run compile
-    the package from source, about 0.1 s that no installed copy pays; compile it once here instead."""
+    the package from source, about 0.1 s that no installed copy pays; compile it once here instead.
+
+    The CLI runs in the work folder, so without PYTHONPATH it would import whatever tree the venv's editable
+    install points at, not this one: a second checkout sharing the venv (main's code, for a before/after
+    pair) would measure the other tree's code under this tree's fingerprint. PYTHONPATH names this tree."""
     compileall.compile_dir(str(ROOT / "kkua_backupd"), quiet=1)
-    return {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    cleaned = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    cleaned["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return cleaned
 
 
 def log(msg: str) -> None:
