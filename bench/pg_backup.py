@@ -19,7 +19,7 @@ and, at every size, our backups and our restore again for the memory comparison.
 `--repeat` times (interleaved); the table shows the MEDIAN wall time and the HIGHEST peak memory seen.
 
 Peak memory is the peak RSS (ru_maxrss of RUSAGE_SELF) of our own CLI process alone, not of pg_dump or
-psql: the CLI runs as `python -c <wrapper>` which calls kkua_backupd.cli.main() exactly as the console
+psql: the CLI runs as `python -c <wrapper>` which calls kkua_backupd.cli.run() exactly as the console
 script does, then writes getrusage() to a side file. CPU seconds per process (our python, pg_dump, psql,
 gzip, the PostgreSQL backend, the server's background processes) come from sampling /proc every 0.1 s.
 
@@ -95,8 +95,11 @@ import json, resource, sys
 side, args = sys.argv[1], sys.argv[2:]
 code = 70
 try:
-    from kkua_backupd.cli import main
-    code = main(args)
+    from kkua_backupd.cli import run
+    sys.argv = ["kkua-backup", *args]
+    run()  # what the kkua-backup script runs, its exit included; raises SystemExit(code)
+except SystemExit as done:
+    code = done.code if isinstance(done.code, int) else 1
 finally:
     s = resource.getrusage(resource.RUSAGE_SELF)
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -118,9 +121,15 @@ def code_fingerprint() -> dict[str, str]:
 def as_installed(env: dict[str, str]) -> dict[str, str]:
     """The CLI's environment as on a server: pip compiles bytecode at install time, so the CLI runs from
     .pyc files. A shell with PYTHONDONTWRITEBYTECODE (set on these machines) would make every run compile
-    the package from source, about 0.1 s that no installed copy pays; compile it once here instead."""
+    the package from source, about 0.1 s that no installed copy pays; compile it once here instead.
+
+    The CLI runs in the work folder, so without PYTHONPATH it would import whatever tree the venv's editable
+    install points at, not this one: a second checkout sharing the venv (main's code, for a before/after
+    pair) would measure the other tree's code under this tree's fingerprint. PYTHONPATH names this tree."""
     compileall.compile_dir(str(ROOT / "kkua_backupd"), quiet=1)
-    return {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    cleaned = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    cleaned["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return cleaned
 
 
 def log(msg: str) -> None:

@@ -7,9 +7,9 @@ found in the registry (sources/__init__.py)."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kkua_backupd.core import observe, remotes, retention, state
+from kkua_backupd.core import retention
 from kkua_backupd.core.context import (
     JobContext,
     RestoreReport,
@@ -23,6 +23,9 @@ from kkua_backupd.errors import KkuaError
 from kkua_backupd.sources import KINDS, RETENTION, BackupOptions, DataSource, RestoreOptions, source
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import BackupSet, Manifest, ensure_folder, kind_folder, remove_stale_partials
+
+if TYPE_CHECKING:
+    from kkua_backupd.core import state
 
 
 def backup(ctx: JobContext, data_source: DataSource, options: BackupOptions) -> Manifest:
@@ -52,6 +55,7 @@ def result_json(result: JobResult) -> dict[str, Any]:
 
 
 def _run(ctx: JobContext, job: str, options: BackupOptions, record: state.RunRecord) -> JobResult:
+    from kkua_backupd.core import remotes  # not loaded by a restore or a verify (docs/decisions/0022)
     if job in KINDS:
         manifest = backup(ctx, source(job), options)
         record.finish(size=sum(f.size for f in manifest.files), files=[f.name for f in manifest.files])
@@ -74,6 +78,7 @@ def run_job(ctx: JobContext, job: str, options: BackupOptions, *, runner: str) -
     """One job of the registry (a kind's backup, then its copies to the remotes; or retention, local and
     remote), observed (its start and end recorded for `status`, metrics and notices); returns the backup's
     manifest or retention's report (`result_json` is its JSON document)."""
+    from kkua_backupd.core import observe
     with observe.observed(ctx.config, job, runner=runner) as seen:
         return _run(ctx, job, options, seen.record)
 

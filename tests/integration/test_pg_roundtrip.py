@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kkua_backupd.demo.sandbox import schema_dump, table_contents
+from kkua_backupd.sources.postgres.stats import LOADED_BEFORE_SQL, RowCheck, row_count_differences, table_stats
 
 from ..conftest import Env
 
@@ -279,3 +280,121 @@ def test_a_trusted_custom_set_restores_in_one_pass_and_a_corrupt_one_keeps_the_o
     with env.server.connect("postgres") as conn:
         assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (f"{env.database}_bad",)).fetchone() \
             is None
+def test_plain_load_checks_its_row_counts_before_its_commit(env: Env) -> None:
+    """A plain set loaded in one transaction compares its tables with the manifest inside the transaction
+    (docs/decisions/0022), so nothing is counted after the COMMIT; the report carries the manifest's tables
+    and rows, as a count after would. A custom set restored with pg_restore -j is still counted after."""
+    manifest = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    tables = manifest["details"]["tables"]
+    report = json.loads(env.run("--json", "restore", "postgres", "latest", "--force", check=True).stdout)
+    assert report["check"]["mode"] == "one pass"
+    assert (report["tables"], report["rows"]) == (len(tables), sum(t["rows"] for t in tables.values()))
+    assert report["verified"] is True and report["problems"] == []
+    log = (env.log_dir / "restore.log").read_text()
+    assert log.count("row counts checked before the COMMIT") == 1
+
+    env.write_config(format="custom", restore_jobs=2)
+    env.run("backup", "postgres", check=True)
+    copy = f"{env.database}_custom"
+    report = json.loads(env.run("--json", "restore", "postgres", "latest", "--target-db", copy, "--force",
+                                check=True).stdout)
+    assert report["verified"] is True and report["tables"] == len(tables)
+    assert (env.log_dir / "restore.log").read_text().count("row counts checked before the COMMIT") == 1
+    env.server.drop_database(copy)
+
+
+@pytest.mark.parametrize(("fmt", "into"), [("plain", "in-place"), ("plain", "new-database"),
+                                           ("custom", "in-place"), ("directory", "in-place")])
+def test_row_counts_that_differ_from_the_manifest_roll_the_load_back(env: Env, fmt: str, into: str) -> None:
+    """A set whose SQL does not make the tables and rows its manifest records (here the manifest was edited
+    after the backup: a table more, one less, a row more) is refused before the COMMIT: each difference is
+    named, exit 1, and the database keeps what it held (a new one is dropped again). Before 0022 the same
+    set was committed and then reported as differing. Every load in one transaction checks it, whatever
+    reads the set (psql for plain, pg_restore's SQL for custom, the streamed COPYs for directory)."""
+    env.write_config(format=fmt)
+    manifest = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
+    path = env.folder / f"kkua_backup_{manifest['id']}.manifest.json"
+    data = json.loads(path.read_text())
+    users = data["details"]["tables"]["public.users"]["rows"]
+    data["details"]["tables"]["public.users"]["rows"] = users + 1
+    data["details"]["tables"]["public.ghost"] = {"rows": 0}
+    del data["details"]["tables"]["public.games"]
+    path.write_text(json.dumps(data, indent=2))
+    with env.connect() as conn:
+        conn.execute("DELETE FROM game_words WHERE id % 3 = 0")
+        before = table_contents(conn)
+    schema_before = schema_dump(env.server, env.database)
+    copy = f"{env.database}_differs"
+    target = ("--target-db", copy) if into == "new-database" else ()
+
+    result = env.run("restore", "postgres", "latest", "--force", *target)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert (f"the loaded tables differ from the backup: public.ghost: missing; public.games: not in the backup; "
+            f"public.users: {users} rows, expected {users + 1}; the load stopped before its COMMIT") in out
+    assert "the backup's SQL does not make the tables its manifest records" in out  # the hint
+    log = (env.log_dir / "restore.log").read_text()
+    assert "checking the set while it loads (one pass)" in log
+    assert log.count("restored data differs from the backup") == 3
+    assert "restore finished" not in log
+    with env.connect() as conn:
+        assert table_contents(conn) == before
+    assert schema_dump(env.server, env.database) == schema_before
+    if into == "new-database":
+        assert "was dropped again" in out
+        with env.server.connect() as conn:
+            assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (copy,)).fetchone() is None
+    else:
+        assert "still holds its previous data" in out
+
+
+def test_row_check_counts_from_the_transaction_and_names_each_difference(env: Env) -> None:
+    """The check itself, run by psql as a restore runs it: tables the SQL creates are counted from the
+    transaction's own counters (COPY and INSERT add, DELETE takes away), a table that was there before the
+    SQL began is counted with count(*), odd names are keyed as the manifest keys them, legacy keys joined as
+    they are; a difference fails the transaction with every differing table, and nothing is kept."""
+    body = r'''
+SELECT pg_catalog.set_config('search_path', '', false);
+CREATE SCHEMA "스키마 ""q""";
+CREATE TABLE "스키마 ""q""".t (a int);
+CREATE TABLE public."a.b" (a int);
+COPY "스키마 ""q""".t (a) FROM stdin;
+1
+2
+3
+\.
+INSERT INTO public."a.b" VALUES (1), (2);
+DELETE FROM "스키마 ""q""".t WHERE a = 1;
+INSERT INTO public.kept VALUES (3);
+'''
+
+    def run(expected: dict[str, int], *, legacy: bool = False) -> tuple[int, str]:
+        check = RowCheck({k: {"rows": v} for k, v in expected.items()}, legacy=legacy).check_sql("t1")
+        script = ("BEGIN;\nCREATE TABLE public.kept (a int);\nINSERT INTO public.kept VALUES (1), (2);\n"
+                  + LOADED_BEFORE_SQL + body + check + "COMMIT;\n")
+        done = subprocess.run([str(env.server.bin_dir / "psql"), "--no-psqlrc", "--quiet", "--set", "ON_ERROR_STOP=1",
+                               "--host", "127.0.0.1", "--port", str(env.server.port), "--username", "postgres",
+                               "--dbname", env.database, "--file", "-"],
+                              input=script.encode(), capture_output=True,
+                              env=dict(os.environ, PGPASSWORD=env.server.password), check=False)
+        return done.returncode, done.stderr.decode()
+
+    with env.connect() as conn:
+        sample = {key: t["rows"] for key, t in table_stats(conn, checksums=False).items()}
+    right = {**sample, "public.kept": 3, '"스키마 ""q""".t': 2, 'public."a.b"': 2}
+    wrong = {**right, "public.kept": 2, '"스키마 ""q""".t': 3, "public.gone": 0}
+    del wrong['public."a.b"']
+    rc, err = run(wrong)
+    assert rc == 3
+    assert row_count_differences(err.splitlines()) == [
+        "public.gone: missing", 'public."a.b": not in the backup', '"스키마 ""q""".t: 2 rows, expected 3',
+        "public.kept: 3 rows, expected 2"]
+    with env.connect() as conn:
+        assert conn.execute("SELECT to_regclass('public.kept')").fetchone() == (None,)  # nothing kept
+    legacy = {k.replace('"스키마 ""q""".t', '스키마 "q".t').replace('public."a.b"', "public.a.b"): v
+              for k, v in right.items()}
+    assert run(legacy, legacy=True) == (0, "")
+    with env.connect() as conn:
+        conn.execute("DROP TABLE public.kept, public.\"a.b\"")
+        conn.execute('DROP SCHEMA "스키마 ""q""" CASCADE')
+    assert run(right) == (0, "")

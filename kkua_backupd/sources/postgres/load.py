@@ -52,6 +52,7 @@ from kkua_backupd.sources.postgres.client import (
     tool_version,
 )
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
+from kkua_backupd.sources.postgres.stats import LOADED_BEFORE_SQL, RowCheck, row_count_differences
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import (
     ID_FORMAT,
@@ -246,7 +247,7 @@ def run_psql(ctx: JobContext, bin_dir: Path, dbname: str, parts: Iterable[bytes]
 
 
 def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool,  # noqa: PLR0913 - keyword-only options, typed with the flows
-             transactional: bool = True, whole_dump: bool = False) -> None:
+             transactional: bool = True, whole_dump: bool = False, rows: RowCheck | None = None) -> None:
     """Run SQL into `dbname` in one transaction (see `transaction_frame`), with an optional wipe first;
     COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails,
     IntegrityError if the SQL is one a restore refuses (a meta-command, cut short, or with `whole_dump` not
@@ -258,6 +259,10 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
     `\\restrict`/`\\unrestrict` stops the load before it is sent, and those two are dropped, since
     `run_psql` frames the whole stream in a `\\restrict` of its own.
 
+    `rows` (in one transaction only): the tables and row counts the manifest recorded, compared with what
+    the transaction holds before its COMMIT (`RowCheck.check_sql`); a difference raises RowCountsDiffer,
+    nothing kept, and a load that committed sets `rows.checked`.
+
     `transactional=False` (only for a new database, which the caller drops again on failure) runs the
     statements as they come, for restores too big for one transaction's locks; the file's own
     BEGIN/COMMIT pairs then stay as they are, and only the marker proves the SQL ran to its end."""
@@ -265,12 +270,15 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
     scanner = SqlStream(fold_transactions=transactional, drop_restrict=True)
     refused: list[MetaCommandRefused] = []
     marker = f"kkua-restore-committed-{nonce}".encode()
+    rows = rows if transactional else None
 
     def parts() -> Iterator[bytes]:
         if transactional:
             yield transaction_frame(nonce)[0]
         if wipe:
             yield WIPE_SQL.encode()
+        if rows is not None:
+            yield LOADED_BEFORE_SQL.encode()
         try:
             for chunk in sql_chunks:
                 yield scanner.feed(chunk)
@@ -280,12 +288,23 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
             return
         # only reached when the whole stream was read and sent, and it did not stop inside something
         if scanner.truncated is None and not (whole_dump and dump_problems(scanner)):
-            if transactional:
+            if rows is not None:
+                yield (("\n;\n" if scanner.pending else "\n") + rows.check_sql(nonce)).encode()
+                yield transaction_frame(nonce, pending=False)[1]
+            elif transactional:
                 yield transaction_frame(nonce, pending=scanner.pending)[1]
             else:
                 yield (";\n" if scanner.pending else "\n").encode() + f"SELECT '{marker.decode()}';\n".encode()
 
-    seen = run_psql(ctx, bin_dir, dbname, parts(), marker=marker)
+    try:
+        seen = run_psql(ctx, bin_dir, dbname, parts(), marker=marker)
+    except CommandFailed as exc:
+        differences = row_count_differences(exc.stderr_tail) if rows is not None else None
+        if differences is None:
+            raise
+        for line in differences:
+            ctx.log.error("restored data differs from the backup", detail=line)
+        raise RowCountsDiffer(differences) from None
     problems = [str(refused[0])] if refused else \
         dump_problems(scanner) if whole_dump else [scanner.truncated] if scanner.truncated else []
     if problems:
@@ -294,6 +313,20 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
     if not seen:
         raise JobError("psql reached the end of the SQL without committing it (the file is truncated inside a "
                        "data block, or ends the session itself); the transaction was rolled back")
+    if rows is not None:
+        rows.checked = True
+
+
+class RowCountsDiffer(JobError):
+    """The tables a load left in its transaction differ from the manifest's (`differences`, one line each, as
+    `compare_stats` words them); the load stopped before its COMMIT, so nothing was kept."""
+
+    def __init__(self, differences: list[str]) -> None:
+        shown = "; ".join(differences[:5]) + (f" (and {len(differences) - 5} more)" if len(differences) > 5 else "")
+        super().__init__(f"the loaded tables differ from the backup: {shown}; the load stopped before its COMMIT",
+                         hint="nothing was kept; the backup's SQL does not make the tables its manifest records: "
+                              "use another backup, and see restore.log for each difference")
+        self.differences = differences
 
 
 def dump_problems(scanner: SqlStream) -> list[str]:
@@ -636,41 +669,45 @@ class DirectoryLoad:
 def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: str, compression: str, *,  # noqa: PLR0913, PLR0917 - grouped with the flows written once
                  wipe: bool, new_database: bool, expected: ManifestFile | None,
                  progress: Progress | None = None, transactional: bool = True,
-                 members: Sequence[ManifestFile] = (), unpacked: Path | None = None) -> list[tuple[str, CheckResult]]:
+                 members: Sequence[ManifestFile] = (), unpacked: Path | None = None,
+                 rows: RowCheck | None = None) -> list[tuple[str, CheckResult]]:
     """Load a backup file into `dbname`: in one transaction, or with pg_restore -j for a custom archive
     going into a new database. The bytes are hashed as they are read; if they do not match `expected`
     the load stops before its COMMIT (a new database: before pg_restore reads the unpacked archive), and so
     does a dump the tool wrote whose SQL does not end as pg_dump ends it (`load_sql`'s whole_dump). A
     directory set (`members`: every file of it, `path` its first) is read from `unpacked` when the restore's
-    check left it there, unpacked and checked; otherwise it is served to pg_restore through named pipes
-    (`PipedDirectory`), every file checked before the restore is done. Either is loaded the same two ways.
-    Returns what was checked on the way: each file's name, size, sha256 and the bytes it held (empty when
-    the set was read from `unpacked`). Raises CommandFailed/StepTimeout/IntegrityError on failure."""
+    check left it there, unpacked and checked; otherwise its tables' data streams from the set files into
+    COPY statements (`DirectoryLoad`, decision 0023), every file checked before the restore is done. `rows`: the
+    manifest's row counts, checked before the COMMIT of any load in one transaction (`load_sql`, decision 0022);
+    pg_restore -j's loads are counted after, by the caller. Returns what was checked on the way: each file's name,
+    size, sha256 and the bytes it held (empty when the set was read from `unpacked`). Raises
+    CommandFailed/StepTimeout/IntegrityError/RowCountsDiffer on failure."""
     pg = ctx.config.postgres
     chunks = read_chain(path, compression, progress=progress, expected=expected, readers=ctx.readers_for(path.name))
     transactional = transactional or not new_database  # only a new database may load statement by statement
     if fmt == "plain":
         # read, hashed, decrypted and decompressed on a thread of its own while this one scans and sends
         load_sql(ctx, bin_dir, dbname, read_ahead(chunks, name="restore-read"), wipe=wipe,
-                 transactional=transactional, whole_dump=expected is not None)
+                 transactional=transactional, whole_dump=expected is not None, rows=rows)
         return [(path.name, CheckResult(chunks.size, chunks.sha256, chunks.raw))]
     jobs = pg.restore_jobs or os.cpu_count() or 1
     if fmt == "directory":
         return _restore_directory(ctx, bin_dir, dbname, path.parent, members, wipe=wipe,
                                   parallel=new_database and jobs > 1, transactional=transactional,
-                                  progress=progress, unpacked=unpacked)
+                                  progress=progress, unpacked=unpacked, rows=rows)
     if new_database and jobs > 1:
         _parallel_restore(ctx, bin_dir, dbname, path, chunks, jobs)
     else:
         with execute.ProcessGroup(KIND) as group:
             load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, chunks, []), wipe=wipe,
-                     transactional=transactional, whole_dump=expected is not None)
+                     transactional=transactional, whole_dump=expected is not None, rows=rows)
     return [(path.name, CheckResult(chunks.size, chunks.sha256, chunks.raw))] if expected is not None else []
 
 
 def _restore_directory(ctx: JobContext, bin_dir: Path, dbname: str, folder: Path,  # noqa: PLR0913 - keyword-only, as restore_into
                        members: Sequence[ManifestFile], *, wipe: bool, parallel: bool, transactional: bool,
-                       progress: Progress | None, unpacked: Path | None) -> list[tuple[str, CheckResult]]:
+                       progress: Progress | None, unpacked: Path | None,
+                       rows: RowCheck | None) -> list[tuple[str, CheckResult]]:
     """A directory set into `dbname`: a new database in three steps with the tables' data streamed
     (`parallel`, `DirectoryLoad.run`), or as SQL in our transaction (`DirectoryLoad.script`); from the folder
     `unpacked` the check left, unpacked and checked, the way pg_restore reads a directory archive."""
@@ -681,14 +718,14 @@ def _restore_directory(ctx: JobContext, bin_dir: Path, dbname: str, folder: Path
     if unpacked is not None:
         with execute.ProcessGroup(KIND) as group:
             load_sql(ctx, bin_dir, dbname, script_from_archive(ctx, group, bin_dir, (), [], directory=unpacked),
-                     wipe=wipe, transactional=transactional)
+                     wipe=wipe, transactional=transactional, rows=rows)
         return []
     with scratch_folder(folder) as scratch:
         load = DirectoryLoad(ctx, bin_dir, dbname, folder, members, scratch=scratch, jobs=jobs, progress=progress)
         if parallel:
             return load.run()
         load.prepare()
-        load_sql(ctx, bin_dir, dbname, load.script(), wipe=wipe, transactional=transactional)
+        load_sql(ctx, bin_dir, dbname, load.script(), wipe=wipe, transactional=transactional, rows=rows)
         return load.results()
 
 

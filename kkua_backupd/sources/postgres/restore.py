@@ -40,9 +40,16 @@ from kkua_backupd.sources.postgres.client import (
     restore_bin_dir,
     server_info,
 )
-from kkua_backupd.sources.postgres.load import NewDatabase, drop_unfinished_databases, restore_into, terminate_sessions
+from kkua_backupd.sources.postgres.load import (
+    NewDatabase,
+    RowCountsDiffer,
+    drop_unfinished_databases,
+    restore_into,
+    terminate_sessions,
+)
 from kkua_backupd.sources.postgres.manifest import PostgresDetails, details_of
 from kkua_backupd.sources.postgres.stats import (
+    RowCheck,
     compare_stats,
     count_objects,
     legacy_keys,
@@ -111,6 +118,7 @@ class PostgresRestore:
         self._stack = contextlib.ExitStack()  # the scratch folder of a directory set, until the session ends
         self._unpacked: Path | None = None
         self._one_pass = False
+        self._rows: RowCheck | None = None  # the manifest's row counts, when the load checks them itself
 
     @property
     def admin(self) -> psycopg.Connection:
@@ -123,9 +131,9 @@ class PostgresRestore:
     def check(self) -> None:
         """The pre-check (verify.check_set: every byte read, hashed, decompressed and scanned before anything
         changes), or for a trusted set only what costs nothing (its files there, their sizes, the first one
-        opens with this host's key) and the rest while it loads (`apply`; a directory set through named pipes,
-        load.PipedDirectory). A pre-checked directory set is unpacked into a scratch folder here, each file
-        checked, its table of contents listed, and the load reads that folder (removed when the session
+        opens with this host's key) and the rest while it loads (`apply`; a directory set's tables stream from their set
+        files into COPY, load.DirectoryLoad). A pre-checked directory set is unpacked into a scratch folder here,
+        each file checked, its table of contents listed, and the load reads that folder (removed when the session
         ends, or by the next run after a kill); its SQL is read by the load itself."""
         ctx, backup_set = self.ctx, self.backup_set
         self._details = details_of(backup_set)
@@ -216,6 +224,9 @@ class PostgresRestore:
         progress = Progress(f"restoring {backup_set.name}", total=backup_set.size,
                             enabled=ctx.interactive)
         load_started = time.monotonic()
+        details = self._details
+        self._rows = RowCheck(details.tables, legacy=legacy_keys(details)) \
+            if details is not None and details.has("tables") else None
         try:
             loaded = restore_into(ctx, self._bin_dir, target, backup_set.path(), self.fmt, self.compression,
                                   wipe=created is None,
@@ -223,7 +234,7 @@ class PostgresRestore:
                                   new_database=created is not None, progress=progress,
                                   transactional=self._transactional or created is None,
                                   members=backup_set.manifest.files if backup_set.manifest else (),
-                                  unpacked=self._unpacked)
+                                  unpacked=self._unpacked, rows=self._rows)
         except KkuaError as exc:
             progress.clear()
             unrestorable = self._unrestorable(exc)
@@ -233,7 +244,8 @@ class PostgresRestore:
                     raise type(unrestorable)(f"{unrestorable.message}; the new database {target!r} was dropped "
                                              "again", hint=unrestorable.hint) from None
                 raise JobError(f"restore of {backup_set.name} into new database {target!r} failed; "
-                               f"the database was dropped again: {exc}") from None
+                               f"the database was dropped again: {exc}",
+                               hint=exc.hint if isinstance(exc, RowCountsDiffer) else None) from None
             if unrestorable is not None:
                 self._remove_safety_backup()
                 raise type(unrestorable)(f"{unrestorable.message}; the restore was rolled back before its COMMIT: "
@@ -255,8 +267,9 @@ class PostgresRestore:
         """After a one-pass load failed (it stopped before its COMMIT): what the pre-check would have refused
         the set for, found by running it now (verify.check_set: a file that differs from its manifest, SQL
         cut short or with a meta-command), or None when the set passes it and the load failed for another
-        reason (a statement the server refused, a missing role), which is said as it always was."""
-        if not self._one_pass:
+        reason (a statement the server refused, a missing role), which is said as it always was. Tables
+        that differ from the manifest (RowCountsDiffer) were made by SQL that loaded to its end: no check."""
+        if not self._one_pass or isinstance(exc, RowCountsDiffer):
             return None
         try:
             check_set(self.ctx, self.backup_set)
@@ -287,6 +300,14 @@ class PostgresRestore:
                           "the database still holds the data it saved", file=made.file)
 
     def counts_after(self) -> list[str]:
+        """What the target holds against the manifest: checked by the load itself before its COMMIT when it
+        could (`RowCheck`: the tables and rows are then the manifest's), counted now otherwise."""
+        if self._rows is not None and self._rows.checked:
+            report = self.report
+            report.tables, report.rows = self._rows.totals()
+            report.problems, report.verified = [], True
+            self.ctx.log.info("row counts checked before the COMMIT", tables=report.tables, rows=report.rows)
+            return []
         _verify_restored(self.ctx, self._details, self.database, self.report)
         return self.report.problems
 
@@ -348,6 +369,8 @@ _MISSING_ROLE = re.compile(r'role "([^"]+)" does not exist')
 
 def restore_hint(exc: KkuaError) -> str:
     """What to do about a failed load, read from the tool's last error lines."""
+    if isinstance(exc, RowCountsDiffer) and exc.hint:
+        return exc.hint
     text = " ".join(getattr(exc, "stderr_tail", [])) + " " + exc.message
     missing = sorted(set(_MISSING_ROLE.findall(text)))
     if missing:

@@ -4,8 +4,10 @@ objects and lock slots a restore in one transaction needs.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
@@ -13,16 +15,15 @@ from psycopg import sql
 from kkua_backupd.sources.postgres.manifest import PostgresDetails, TableStats
 
 # Every user table (not system, not owned by an extension): what counts and checksums cover.
-TABLES_SQL = """
-SELECT n.nspname, c.relname
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+USER_TABLES = """
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::regclass
                   AND d.objid = c.oid AND d.deptype = 'e')
-ORDER BY 1, 2
 """
+TABLES_SQL = f"SELECT n.nspname, c.relname {USER_TABLES} ORDER BY 1, 2"
 
 # Roles the dump will name (object owners and grantees): a restore onto a server without them fails, so
 # the manifest records them and a restore checks for them before it changes anything.
@@ -138,6 +139,91 @@ def table_stats(conn: psycopg.Connection, *, checksums: bool, snapshot: str | No
                 entry["checksum"] = values[1]
             stats[table_key(schema, name, legacy=legacy)] = entry
     return stats
+
+
+# The row counts of a load, checked inside its transaction before the COMMIT (docs/decisions/0022): a
+# table the SQL created in this transaction started empty, so the rows it holds are what the transaction
+# inserted less what it deleted (the server's own per-transaction counters, which COPY adds to as it loads;
+# no table is read again). A table that was already there when the SQL began (`LOADED_BEFORE_SQL`, run
+# after the wipe: none with pg_dump's sets) is counted. When what the tables hold differs from the
+# manifest, the transaction fails with ROW_COUNTS_TAG and the differing entries, as JSON, in its message.
+# Keys as `table_stats` makes them, in its order (for legacy keys that collide, the last table wins there too).
+ROW_COUNTS_TAG = "kkua-row-counts"
+LOADED_BEFORE_SQL = ("CREATE TEMP TABLE kkua_restore_before ON COMMIT DROP AS "
+                     "SELECT oid FROM pg_catalog.pg_class WHERE relkind = 'r';\n")
+_KEY_PART = ("CASE WHEN {part} ~ '^[a-z_][a-z0-9_]*$' THEN {part}::text "
+             "ELSE '\"' || pg_catalog.replace({part}::text, '\"', '\"\"') || '\"' END")
+_ROW_COUNTS_SQL = """
+DO $kkua_counts$
+DECLARE
+  want jsonb := {expected}::jsonb;
+  got jsonb;
+  t record;
+  rows_now bigint;
+BEGIN
+  SELECT coalesce(pg_catalog.jsonb_object_agg({key}, pg_catalog.pg_stat_get_xact_tuples_inserted(c.oid)
+                                                     - pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid)
+                                            ORDER BY n.nspname, c.relname), '{{}}')
+    INTO got {tables};
+  FOR t IN SELECT c.oid, n.nspname, c.relname, {key} AS key {tables}
+             AND c.oid IN (SELECT b.oid FROM pg_temp.kkua_restore_before b) ORDER BY n.nspname, c.relname LOOP
+    EXECUTE pg_catalog.format('SELECT count(*) FROM ONLY %I.%I', t.nspname, t.relname) INTO rows_now;
+    got := pg_catalog.jsonb_set(got, ARRAY[t.key], pg_catalog.to_jsonb(rows_now));
+  END LOOP;
+  IF got <> want THEN
+    RAISE EXCEPTION USING MESSAGE = '{tag} ' || pg_catalog.jsonb_build_object(
+      'expected', (SELECT coalesce(pg_catalog.jsonb_object_agg(e.key, e.value), '{{}}')
+                     FROM pg_catalog.jsonb_each(want) e WHERE got -> e.key IS DISTINCT FROM e.value),
+      'found', (SELECT coalesce(pg_catalog.jsonb_object_agg(f.key, f.value), '{{}}')
+                  FROM pg_catalog.jsonb_each(got) f WHERE want -> f.key IS DISTINCT FROM f.value))::text;
+  END IF;
+END
+$kkua_counts$;
+"""
+
+
+@dataclass
+class RowCheck:
+    """The tables and row counts a manifest recorded, for a load to check before its COMMIT (`check_sql`);
+    `checked` is set once a load ran the check and committed."""
+
+    expected: Mapping[str, TableStats]
+    legacy: bool = False
+    checked: bool = False
+
+    def check_sql(self, nonce: str) -> str:
+        """The statement that fails the transaction when its tables differ from `expected` (its keys as
+        `table_key` writes them, its rows); `nonce` (letters and digits) makes the literal's quote."""
+        if not re.fullmatch(r"[A-Za-z0-9]+", nonce):
+            raise ValueError("a nonce is letters and digits")
+        if self.legacy:
+            key = "n.nspname::text || '.' || c.relname::text"
+        else:
+            key = _KEY_PART.format(part="n.nspname") + " || '.' || " + _KEY_PART.format(part="c.relname")
+        quote = f"$kkua_expected_{nonce}$"
+        literal = quote + json.dumps({k: int(v["rows"]) for k, v in self.expected.items()}) + quote
+        return _ROW_COUNTS_SQL.format(expected=literal, key=key, tables=USER_TABLES.strip(), tag=ROW_COUNTS_TAG)
+
+    def totals(self) -> tuple[int, int]:
+        """(tables, rows) the manifest recorded: what a load that passed `check_sql` holds."""
+        return len(self.expected), sum(int(t["rows"]) for t in self.expected.values())
+
+
+def row_count_differences(lines: Iterable[str]) -> list[str] | None:
+    """The differences (as `compare_stats` words them) named by a failed `RowCheck.check_sql` in the
+    server's error `lines` (psql's stderr), or None when none of them is that check's."""
+    for line in lines:
+        at = line.find(ROW_COUNTS_TAG + " {")
+        if at < 0:
+            continue
+        try:
+            doc = json.loads(line[at + len(ROW_COUNTS_TAG):])
+            expected = {str(k): TableStats(rows=int(v)) for k, v in doc["expected"].items()}
+            found = {str(k): TableStats(rows=int(v)) for k, v in doc["found"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return ["the tables' row counts differ from the backup (the server's list of them was unreadable)"]
+        return compare_stats(expected, found)
+    return None
 
 
 def referenced_roles(conn: psycopg.Connection) -> list[str]:
