@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from kkua_backupd.demo.sandbox import ThrowawayPostgres, schema_dump, table_contents
 from kkua_backupd.proc.workers import descendants
 from kkua_backupd.store.lock import holder_of
-from tests.support.helpers import alive, cmdline, crash, describe, output, proc_stat, wait_for
+from tests.support.helpers import alive, cmdline, crash, describe, output, wait_for
 from tests.support.pg_bulk import bulk_database
 
 from ..conftest import Env
@@ -257,21 +256,25 @@ def test_kill9_during_a_directory_restore_leaves_nothing_after_the_next_run(env:
 
     try:
         scratch, loader = wait_for(loading, "pg_restore -j loading from the scratch folder", timeout=120)
-        victims = [loader, *descendants(proc.pid)]
-        os.kill(proc.pid, signal.SIGKILL)
-        for pid in victims:
-            stat = proc_stat(pid)
-            if stat is not None and stat[2] != os.getpgid(0):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(stat[2], signal.SIGKILL)
-        proc.communicate(timeout=30)
-        wait_for(lambda: not any(alive(p) for p in victims) or None, "pg_restore to die", timeout=30)
+        _crash_restore(proc, [loader, *descendants(proc.pid)])
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert scratch.is_dir(), "expected the kill to leave the scratch folder behind"
+    _killed_restore_cleaned_up(env, scratch, target)
 
+
+def _crash_restore(proc: subprocess.Popen[str], victims: list[int]) -> None:
+    """Kill the restore and its children (pg_restore's workers) as a machine crash would, and wait for them."""
+    crash(proc, victims)
+    proc.communicate(timeout=30)
+    wait_for(lambda: not any(alive(p) for p in victims) or None, "the restore's children to die", timeout=30)
+
+
+def _killed_restore_cleaned_up(env: Env, scratch: Path, target: str) -> None:
+    """The kill left the scratch folder; the next command of the kind removes it and drops the half-made
+    database `target`."""
+    assert scratch.is_dir(), "expected the kill to leave the scratch folder behind"
     result = env.run("verify", "latest")  # any command of the kind cleans up after killed runs
     assert result.returncode == 0, describe(result)
     assert not scratch.exists()
@@ -354,19 +357,9 @@ def test_kill9_while_table_data_streams_into_a_new_database_leaves_nothing_after
 
     try:
         scratch = wait_for(copying, "a table's data streaming into a COPY", timeout=120)
-        victims = descendants(proc.pid)
-        crash(proc, victims)
-        proc.communicate(timeout=30)
-        wait_for(lambda: not any(alive(p) for p in victims) or None, "the children to die", timeout=30)
+        _crash_restore(proc, descendants(proc.pid))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert scratch.is_dir(), "expected the kill to leave the scratch folder behind"
-
-    result = env.run("verify", "latest")  # any command of the kind cleans up after killed runs
-    assert result.returncode == 0, describe(result)
-    assert not scratch.exists()
-    assert scratch_folders(env) == []
-    with env.server.connect("postgres") as conn:
-        assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target,)).fetchone() is None
+    _killed_restore_cleaned_up(env, scratch, target)
