@@ -27,10 +27,10 @@ BIG_ROW_MB = int(os.environ.get("KKUA_TEST_BIG_ROW_MB", "64"))
 
 
 def contents(conn: psycopg.Connection[Any]) -> dict[Any, list[str]]:
-    """Every user table's rows (keyed by the (schema, table) pair, so dots in names cannot collide) and every
-    large object (oid -> md5 of its data)."""
+    """Every user table's and materialized view's rows (keyed by the (schema, table) pair, so dots in names
+    cannot collide) and every large object (oid -> md5 of its data)."""
     tables = conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                          " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+                          " WHERE c.relkind IN ('r', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
                           " AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1, 2").fetchall()
     out: dict[Any, list[str]] = {}
     for schema, table in tables:
@@ -92,7 +92,46 @@ def one_big_row(conn: psycopg.Connection[Any]) -> None:
                  "FROM generate_series(1, %s) i", (BIG_ROW_MB * 1024 * 1024 // 32,))
 
 
+def partitioned_and_indexed(conn: psycopg.Connection[Any]) -> None:
+    """What a restore builds after the data: a partitioned table (its keys and indexes on the parent and
+    attached to the partitions), an unlogged table, keys, a foreign key, a unique constraint, an index with a
+    comment, a materialized view with an index of its own (refreshed after the data)."""
+    conn.execute("CREATE TABLE public.events (id int, at date, body text, PRIMARY KEY (id, at))"
+                 " PARTITION BY RANGE (at)")
+    for year in (2025, 2026):
+        conn.execute(f"CREATE TABLE public.events_{year} PARTITION OF public.events"
+                     f" FOR VALUES FROM ('{year}-01-01') TO ('{year + 1}-01-01')")
+    conn.execute("CREATE INDEX events_body ON public.events (body)")
+    conn.execute("INSERT INTO public.events SELECT i, DATE '2025-06-01' + (i % 400), md5(i::text)"
+                 " FROM generate_series(1, 800) i")
+    conn.execute('CREATE TABLE public."Users T" (id int PRIMARY KEY, email text UNIQUE, name text)')
+    conn.execute('CREATE INDEX "Users name" ON public."Users T" (lower(name))')
+    conn.execute('COMMENT ON INDEX public."Users name" IS \'for the search box\'')
+    conn.execute('INSERT INTO public."Users T" SELECT i, i || \'@x\', \'n\' || i FROM generate_series(1, 500) i')
+    conn.execute('CREATE TABLE public.orders (id int PRIMARY KEY, user_id int REFERENCES public."Users T" (id))')
+    conn.execute("CREATE INDEX orders_user ON public.orders (user_id)")
+    conn.execute("INSERT INTO public.orders SELECT i, 1 + i % 500 FROM generate_series(1, 2000) i")
+    conn.execute("CREATE UNLOGGED TABLE public.cache (k text PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO public.cache SELECT 'k' || i, md5(i::text) FROM generate_series(1, 300) i")
+    conn.execute("CREATE MATERIALIZED VIEW public.order_counts AS"
+                 " SELECT user_id, count(*) AS n FROM public.orders GROUP BY 1")
+    conn.execute("CREATE UNIQUE INDEX order_counts_user ON public.order_counts (user_id)")
+
+
+def unfrozen_tables(conn: psycopg.Connection[Any]) -> list[str]:
+    """The user tables holding rows that were not loaded with COPY ... FREEZE: a table loaded so has a
+    visibility map (FREEZE marks its pages all-visible, PostgreSQL 14+), one loaded without it has none
+    until a VACUUM."""
+    tables = conn.execute("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                          " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+                          " AND n.nspname NOT LIKE 'pg\\_%' AND pg_relation_size(c.oid, 'vm') = 0"
+                          " ORDER BY 1").fetchall()
+    return [name for (name,) in tables
+            if conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(sql.SQL(name))).fetchone() == (True,)]
+
+
 SHAPES: dict[str, Callable[[psycopg.Connection[Any]], None]] = {
+    "partitioned-and-indexed": partitioned_and_indexed,
     "ends-in-data": ends_in_data,
     "large-objects": large_objects,
     "odd-identifiers": odd_identifiers,
@@ -144,6 +183,8 @@ def round_trip_every_path(env: Env, fmt: str) -> None:
     assert into_new.returncode == 0, describe(into_new)
     with env.server.connect(copy) as conn:
         assert contents(conn) == before
+        if fmt == "plain":  # one transaction that creates the tables: every COPY is frozen (decision 0025)
+            assert unfrozen_tables(conn) == []
     assert schema_dump(env.server, copy) == schema_before
 
 

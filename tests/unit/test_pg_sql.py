@@ -111,3 +111,46 @@ def test_a_restore_drops_pg_dumps_own_restrict_lines_and_nothing_else() -> None:
 def test_restrict_does_not_drop_the_statement_before_it_on_the_line() -> None:
     stream = SqlStream(drop_restrict=True)
     assert stream.feed(b"SELECT 1 \\restrict k\n;\n") + stream.finish() == b"SELECT 1 \n;\n"
+
+
+FREEZE_DUMP = (b"SET search_path = '';\n"
+               b"CREATE TABLE public.t (\n    id integer,\n    v text\n);\n"
+               b"CREATE UNLOGGED TABLE public.\"odd T;\" (id integer);\n"
+               b"CREATE TABLE public.p (id integer, k integer)\nPARTITION BY RANGE (k);\n"
+               b"CREATE TABLE public.p1 (id integer, k integer);\n"
+               b"ALTER TABLE ONLY public.p ATTACH PARTITION public.p1 FOR VALUES FROM (0) TO (10);\n"
+               b"COPY public.t (id, v) FROM stdin;\n1\tFROM stdin;\n\\.\n"
+               b"COPY public.\"odd T;\" (id) FROM stdin;\n2\n\\.\n"
+               b"COPY public.p (id, k) FROM stdin;\n3\t3\n\\.\n"
+               b"COPY public.p1 (id, k) FROM stdin;\n4\t4\n\\.\n"
+               b"COPY public.elsewhere (id) FROM stdin;\n5\n\\.\n"
+               b"COPY public.t (id, v) TO stdout;\n")
+
+
+def freeze_run(data: bytes, step: int, *, freeze: bool = True) -> tuple[SqlStream, bytes]:
+    stream = SqlStream(freeze_created=freeze, drop_restrict=True)
+    out = b"".join(stream.feed(data[i:i + step]) for i in range(0, len(data), step))
+    return stream, out + stream.finish()
+
+
+@pytest.mark.parametrize("step", [1, 5, 64, 1 << 20])
+def test_copy_of_a_table_the_stream_created_is_frozen(step: int) -> None:
+    stream, out = freeze_run(FREEZE_DUMP, step)
+    assert stream.frozen == 3 and stream.problems == [] and stream.copies == 5
+    assert b"COPY public.t (id, v) FROM stdin WITH (FREEZE);\n1\tFROM stdin;\n\\.\n" in out
+    assert b"COPY public.\"odd T;\" (id) FROM stdin WITH (FREEZE);\n" in out
+    assert b"COPY public.p1 (id, k) FROM stdin WITH (FREEZE);\n" in out
+    # a partitioned table, a table the stream did not create, and anything but COPY FROM stdin: unchanged
+    assert b"COPY public.p (id, k) FROM stdin;\n" in out
+    assert b"COPY public.elsewhere (id) FROM stdin;\n" in out
+    assert out.endswith(b"COPY public.t (id, v) TO stdout;\n")
+    assert out.replace(b" WITH (FREEZE)", b"") == FREEZE_DUMP
+
+
+def test_no_freeze_outside_one_transaction_or_after_a_savepoint() -> None:
+    stream, out = freeze_run(FREEZE_DUMP, 7, freeze=False)
+    assert (stream.frozen, out) == (0, FREEZE_DUMP)
+    copy = b"COPY public.t (id, v) FROM stdin;"
+    after = FREEZE_DUMP.replace(copy, b"SAVEPOINT s;\n" + copy)
+    stream, out = freeze_run(after, 7)
+    assert (stream.frozen, out) == (0, after)

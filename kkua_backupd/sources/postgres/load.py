@@ -267,7 +267,7 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
     statements as they come, for restores too big for one transaction's locks; the file's own
     BEGIN/COMMIT pairs then stay as they are, and only the marker proves the SQL ran to its end."""
     nonce = secrets.token_hex(8)
-    scanner = SqlStream(fold_transactions=transactional, drop_restrict=True)
+    scanner = SqlStream(fold_transactions=transactional, drop_restrict=True, freeze_created=transactional)
     refused: list[MetaCommandRefused] = []
     marker = f"kkua-restore-committed-{nonce}".encode()
     rows = rows if transactional else None

@@ -15,6 +15,13 @@ backslash commands) while it passes through:
   that ends cleanly, and psql backslash commands other than pg_dump's `\\restrict`/`\\unrestrict` are
   refused: restored SQL never runs psql meta-commands (`\\!`, `\\connect`, `\\q`, ...).
 
+In a restore's single transaction (`freeze_created`), the COPY of a table the same stream created gets
+`WITH (FREEZE)` (decision 0025): its rows are written frozen and all-visible, so the index builds, the
+foreign-key checks and every later reader skip the hint-bit writes, and no anti-wraparound vacuum has to
+rewrite the whole restore later. PostgreSQL allows FREEZE only for a table created (or truncated) in the
+current subtransaction, so it is left out after a SAVEPOINT, for partitioned tables and for tables the
+stream did not create.
+
 The scan is line by line outside COPY data (statements are short) and a plain byte search inside it,
 so a 1 GB row is never held in memory.
 """
@@ -38,6 +45,11 @@ _COMMIT = {"commit", "commit work", "commit transaction", "end", "end work", "en
 _ROLLBACK = {"rollback", "rollback work", "rollback transaction", "abort", "abort work", "abort transaction"}
 _FROM_STDIN = re.compile(rb"\bfrom\s+stdin\s*$", re.IGNORECASE)
 _COPY_TABLE = re.compile(rb"^\s*copy\s+(\S+)", re.IGNORECASE)
+_PART = rb'(?:"(?:[^"]|"")+"|[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)'
+_QNAME = rb"(" + _PART + rb"(?:\." + _PART + rb")?)"
+_CREATE_TABLE = re.compile(rb"\s*create\s+(?:unlogged\s+)?table\s+" + _QNAME + rb"\s*\(", re.IGNORECASE)
+_COPY_NAME = re.compile(rb"\s*copy\s+" + _QNAME + rb"[\s(]", re.IGNORECASE)
+START = 1024  # significant bytes of a statement kept to read a CREATE TABLE's or a COPY's table name
 
 
 class MetaCommandRefused(ValueError):
@@ -67,6 +79,8 @@ class SqlStream:
     pending: bool = False
     meta_commands: list[str] = field(default_factory=list)
     dropped: int = 0  # \restrict/\unrestrict lines left out (drop_restrict)
+    freeze_created: bool = False  # the stream runs in one transaction: COPY ... WITH (FREEZE) where allowed
+    frozen: int = 0  # COPY statements given WITH (FREEZE)
 
     def __post_init__(self) -> None:
         self._copy = False
@@ -85,6 +99,10 @@ class SqlStream:
         self._stmt_line = 1
         self._file_txn = False
         self._copy_next = False
+        self._start = bytearray()  # the statement's first START significant bytes (freeze_created)
+        self._created: set[bytes] = set()  # tables the stream created, as it names them
+        self._savepoint = False
+        self._partition = False  # the statement says PARTITION somewhere (a partitioned table is not frozen)
 
     # ------------------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
@@ -195,6 +213,11 @@ class SqlStream:
             return out_from
         if len(self._head) <= HOLD:
             self._head += text[:HOLD + 1]
+        if self.freeze_created:
+            if len(self._start) <= START:
+                self._start += text[:START + 1]
+            if not self._partition and b"partition" in text.lower():
+                self._partition = True
         self._tail = (self._tail + text)[-64:]
         if self._holding and len(self._head) > HOLD:
             out += self._held
@@ -268,7 +291,12 @@ class SqlStream:
                 pos = m.end()
                 continue
             if tok == b";":
-                self._flush(line, out_from, start + 1, out)
+                if self._may_freeze():
+                    self._flush(line, out_from, start, out)
+                    self._flush(b" WITH (FREEZE);", 0, 15, out)
+                    self.frozen += 1
+                else:
+                    self._flush(line, out_from, start + 1, out)
                 out_from = start + 1
                 self._end_statement(out)
                 pos = start + 1
@@ -319,7 +347,28 @@ class SqlStream:
             out += self._held  # a long run of comments: nothing to fold there
             self._held.clear()
 
+    def _may_freeze(self) -> bool:
+        """Whether the statement now ending is `COPY t FROM stdin` of a table this stream created in the
+        current subtransaction (and not a partitioned one)."""
+        if not self.freeze_created or self._savepoint or not self._created:
+            return False
+        copy = _COPY_NAME.match(bytes(self._start))
+        return copy is not None and copy.group(1) in self._created and bool(_FROM_STDIN.search(bytes(self._tail)))
+
+    def _note_created(self) -> None:
+        """Follow what FREEZE needs: the tables the stream created (not partitioned ones), and whether a
+        SAVEPOINT opened a subtransaction they were not created in."""
+        start = bytes(self._start)
+        if start.lstrip()[:9].lower() == b"savepoint":
+            self._savepoint = True
+            return
+        table = _CREATE_TABLE.match(start)
+        if table is not None and not self._partition:
+            self._created.add(table.group(1))
+
     def _end_statement(self, out: bytearray) -> None:
+        if self.freeze_created:
+            self._note_created()
         words = " ".join(bytes(self._head).decode("utf-8", "replace").lower().rstrip(";").split())
         raw = bytes(self._held)
         fold = None
@@ -355,4 +404,6 @@ class SqlStream:
         self._holding = True
         self._head = bytearray()
         self._tail = bytearray()
+        self._start = bytearray()
+        self._partition = False
         self._stmt_line = self.line_no
