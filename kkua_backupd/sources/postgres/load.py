@@ -724,9 +724,9 @@ class DirectoryLoad:
                         conn.execute(line)
                     statement = statements[member]
                     table = _COPY_TABLE.match(statement)
-                    plain = table is not None and conn.execute(
-                        "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)",
-                        (table.group(1).decode(conn.info.encoding),)).fetchone() == ("r",)
+                    plain = table is not None and conn.execute(  # the name as the COPY has it, quoted as text
+                        b"SELECT relkind FROM pg_class WHERE oid = to_regclass('%s')"
+                        % table.group(1).replace(b"'", b"''")).fetchone() == ("r",)
                     with conn.transaction():
                         if plain and table is not None:
                             # as pg_restore -j does: the table is new, the COPY may skip the FSM; and made
