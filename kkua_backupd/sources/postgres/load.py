@@ -588,8 +588,9 @@ class DirectoryLoad:
         self.tables = [(e, m) for e, m in pairs if m in tables]
 
     def run(self) -> list[tuple[str, CheckResult]]:
-        """Into the new database: pre-data, the tables' data on `jobs` connections, the rest of the data,
-        post-data with pg_restore -j; returns what each file of the set held."""
+        """Into the new database: pre-data, the tables' data on `jobs` connections (each table's own indexes
+        and keys right after it, `_early_entries`), the rest of the data, the rest of post-data with pg_restore
+        -j; returns what each file of the set held."""
         self.prepare()
         scratch = self.scratch
         post_listing, entries = self._post_data()
