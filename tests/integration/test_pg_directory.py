@@ -11,11 +11,14 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from kkua_backupd.demo.sandbox import ThrowawayPostgres, schema_dump, table_contents
 from kkua_backupd.proc.workers import descendants
+from kkua_backupd.sources.postgres.load import post_data_entries
 from kkua_backupd.store.lock import holder_of
 from tests.support.helpers import alive, cmdline, crash, describe, output, wait_for
 from tests.support.pg_bulk import bulk_database
@@ -23,6 +26,7 @@ from tests.support.pg_bulk import bulk_database
 from ..conftest import Env
 from .test_encrypted_backups import encryption, stored_bytes
 from .test_pg_roundtrip import damage
+from .test_pg_shapes import contents, fresh_database
 
 KNOWN_ROW = b"kkua@example.com"  # a row of the sample data
 
@@ -363,3 +367,137 @@ def test_kill9_while_table_data_streams_into_a_new_database_leaves_nothing_after
             proc.kill()
             proc.communicate()
     _killed_restore_cleaned_up(env, scratch, target)
+
+
+POST_DATA_SHAPES = """
+CREATE TABLE public."Odd ""name"" T" (id int PRIMARY KEY, a text, b int);
+CREATE INDEX odd_a ON public."Odd ""name"" T" (a);
+CREATE UNIQUE INDEX "Odd b idx" ON public."Odd ""name"" T" (b);
+ALTER TABLE public."Odd ""name"" T" CLUSTER ON odd_a;
+COMMENT ON INDEX public.odd_a IS 'a comment on an index';
+INSERT INTO public."Odd ""name"" T" SELECT i, 'row ' || i, i FROM generate_series(1, 3000) i;
+CREATE TABLE public.p (id int, k int) PARTITION BY RANGE (id);
+CREATE TABLE public.p1 PARTITION OF public.p FOR VALUES FROM (0) TO (1000);
+CREATE TABLE public.p2 PARTITION OF public.p FOR VALUES FROM (1000) TO (2000);
+ALTER TABLE public.p ADD PRIMARY KEY (id);
+CREATE INDEX p_k ON public.p (k);
+INSERT INTO public.p SELECT i, i % 7 FROM generate_series(0, 1999) i;
+CREATE TABLE public.ref (id int REFERENCES public."Odd ""name"" T" (id));
+INSERT INTO public.ref VALUES (1), (2);
+CREATE MATERIALIZED VIEW public.mv AS SELECT id, b FROM public."Odd ""name"" T" WHERE id % 3 = 0;
+CREATE INDEX mv_id ON public.mv (id);
+"""
+
+
+def post_data_catalog(conn: psycopg.Connection[Any]) -> dict[str, list[tuple[Any, ...]]]:
+    """Every user index (definition, clustered, comment), constraint and the materialized view's rows."""
+    return {
+        "indexes": conn.execute(
+            "SELECT n.nspname, i.relname, pg_get_indexdef(x.indexrelid), x.indisclustered, x.indisvalid, "
+            "obj_description(x.indexrelid, 'pg_class') FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+            "JOIN pg_namespace n ON n.oid = i.relnamespace WHERE n.nspname NOT LIKE 'pg\\_%' "
+            "AND n.nspname <> 'information_schema' ORDER BY 1, 2").fetchall(),
+        "constraints": conn.execute(
+            "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated, conparentid <> 0 "
+            "FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2").fetchall(),
+        "matview": conn.execute("SELECT * FROM public.mv ORDER BY id").fetchall(),
+    }
+
+
+def _logged_event(env: Env, event: str) -> str:
+    lines = [line for p in env.log_dir.glob("*.log") for line in p.read_text().splitlines() if event in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_indexes_and_keys_are_built_with_each_table_and_its_rows_are_frozen(env: Env) -> None:
+    """Into a new database, each streamed table's own indexes and keys run right after its COPY (the log says
+    how many ran early, how many were left to pg_restore -j), the rest (partitioned parents, attachments, the
+    FK, the comment, the materialized view's index and data) after all the data; the catalogs come back
+    whole, and a plain table's rows were written frozen (COPY FREEZE), not left for later vacuums."""
+    with fresh_database(env) as conn:
+        conn.execute(POST_DATA_SHAPES)
+        before = post_data_catalog(conn)
+        rows = contents(conn)
+    schema_before = schema_dump(env.server, env.database)
+    env.write_config(format="directory", compression="zstd", restore_jobs=2)
+    backup(env)
+
+    copy = f"{env.database}_early"
+    env.run("restore", "postgres", "latest", "--target-db", copy, check=True)
+    with env.server.connect(copy) as conn:
+        assert post_data_catalog(conn) == before
+        assert contents(conn) == rows
+    assert schema_dump(env.server, copy) == schema_before
+    # early: the odd table's key and two indexes, p1's and p2's key and index; rest: p's key and index, the
+    # four attachments, the comment, the FK, the view's index and its data
+    assert " early=7 rest=10" in _logged_event(env, "post-data entries built right after their table's data")
+
+    with env.server.connect(copy) as conn:
+        if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_visibility'").fetchone() is None:
+            pytest.skip("pg_visibility (contrib) is not installed: cannot see whether the rows are frozen")
+        conn.execute("CREATE EXTENSION pg_visibility")
+        for table in ('public."Odd ""name"" T"', "public.p1", "public.p2", "public.ref"):
+            pages, frozen = conn.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int,"
+                                         " all_frozen FROM pg_visibility_map_summary(%s::regclass)",
+                                         (table, table)).fetchone()  # type: ignore[misc]
+            assert pages > 0 and frozen == pages, (table, pages, frozen)
+
+
+def test_a_failing_index_build_fails_the_restore_and_names_the_index(env: Env) -> None:
+    """An index whose expression fails in any database but the original one: built right after its table's
+    data, its failure fails the restore (naming the index and the table) and the new database is dropped."""
+    with fresh_database(env) as conn:
+        conn.execute(f"""
+            CREATE FUNCTION public.only_here(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+            BEGIN
+              IF current_database() <> '{env.database}' THEN RAISE EXCEPTION 'not in this database'; END IF;
+              RETURN x;
+            END $$;
+            CREATE TABLE public.boom (x int);
+            INSERT INTO public.boom SELECT generate_series(1, 100);
+            CREATE INDEX boom_idx ON public.boom (public.only_here(x));
+        """)
+    env.write_config(format="directory", compression="zstd", restore_jobs=2)
+    backup(env)
+    copy = f"{env.database}_boom"
+    result = env.run("restore", "postgres", "latest", "--target-db", copy)
+    assert result.returncode != 0, describe(result)
+    assert 'building index "boom_idx" of public.boom failed' in output(result), describe(result)
+    assert "not in this database" in output(result), describe(result)
+    assert " early=1 rest=0" in _logged_event(env, "post-data entries built right after their table's data")
+    with env.server.connect("postgres") as conn:
+        assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (copy,)).fetchone() is None
+    assert scratch_folders(env) == []
+
+
+def test_post_data_entries_carry_the_placement_set_before_them_and_a_mismatch_makes_none() -> None:
+    """pg_restore prints `SET default_tablespace` before the header of the entry it is for, only when it
+    changes: it goes with that entry and the ones after, not the one it follows; a script that does not
+    match the list one to one gives no entries (everything is then left to pg_restore)."""
+    listing = (b";\n; Selected TOC Entries:\n;\n"
+               b"11; 2606 1 CONSTRAINT public t t_pkey me\n"
+               b"12; 1259 2 INDEX public t_a me\n"
+               b"13; 1259 3 INDEX S x u_b me\n")
+
+    def header(tag: bytes, desc: bytes, schema: bytes) -> bytes:
+        return b"--\n-- Name: %s; Type: %s; Schema: %s; Owner: me\n--\n\n" % (tag, desc, schema)
+
+    script = (b"SET client_encoding = 'UTF8';\n\nSET default_tablespace = '';\n\n"
+              + header(b"t t_pkey", b"CONSTRAINT", b"public")
+              + b"ALTER TABLE ONLY public.t\n    ADD CONSTRAINT t_pkey PRIMARY KEY (id);\n\n\n"
+              + b"SET default_tablespace = fast;\n\n"
+              + header(b"t_a", b"INDEX", b"public") + b"CREATE INDEX t_a ON public.t USING btree (a);\n\n\n"
+              + header(b"u_b", b"INDEX", b"S x") + b'CREATE INDEX u_b ON "S x".u USING btree (b);\n\n\n'
+              + b"--\n-- PostgreSQL database dump complete\n--\n\n")
+    entries = post_data_entries(listing, script)
+    assert entries is not None
+    assert [(e.desc, e.tag, e.placement, e.sql) for e in entries] == [
+        (b"CONSTRAINT", b"t t_pkey", b"SET default_tablespace = '';\n",
+         b"ALTER TABLE ONLY public.t\n    ADD CONSTRAINT t_pkey PRIMARY KEY (id);\n"),
+        (b"INDEX", b"t_a", b"SET default_tablespace = fast;\n", b"CREATE INDEX t_a ON public.t USING btree (a);\n"),
+        (b"INDEX", b"u_b", b"SET default_tablespace = fast;\n", b'CREATE INDEX u_b ON "S x".u USING btree (b);\n'),
+    ]
+    assert post_data_entries(listing, script.replace(b"Schema: S x", b"Schema: public")) is None
+    assert post_data_entries(listing.replace(b"13; 1259 3 INDEX S x u_b me\n", b""), script) is None
+    assert post_data_entries(listing, script.split(b"--\n-- PostgreSQL database dump complete")[0]) is None

@@ -13,7 +13,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -474,6 +474,59 @@ _COPY_OF_ENTRY = re.compile(rb"^-- Data for Name: ([^\n]*); Type: TABLE DATA; Sc
 _IDENT = rb'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
 _COPY_TABLE = re.compile(rb"COPY (" + _IDENT + rb"\." + _IDENT + rb") ")
 _SESSION_LINE = re.compile(rb"^(?:SET [^\n]+;|SELECT pg_catalog\.set_config\([^\n]+\);)$", re.MULTILINE)
+_LIST_ENTRY = re.compile(rb"^\d+; \d+ \d+ ")
+_ENTRY_HEADER = re.compile(rb"^--\n-- Name: ([^\n]*); Type: ([^\n]*); Schema: ([^\n]*); Owner: [^\n]*\n--\n\n",
+                           re.MULTILINE)
+_DUMP_END = b"\n--\n-- PostgreSQL database dump complete\n--\n"
+_PLACEMENT = re.compile(rb"^SET (default_tablespace|default_table_access_method) = [^\n]*;$")
+_QUALIFIED = rb"(" + _IDENT + rb"\." + _IDENT + rb")"
+_EARLY_SQL = {b"INDEX": re.compile(rb"CREATE (?:UNIQUE )?INDEX " + _IDENT + rb" ON " + _QUALIFIED + rb" "),
+              b"CONSTRAINT": re.compile(rb"ALTER TABLE ONLY " + _QUALIFIED + rb"\n    ADD CONSTRAINT ")}
+
+
+class PostDataEntry(NamedTuple):
+    """One entry of a post-data section: its `pg_restore --list` line, DESC and TAG, the `SET default_tablespace`
+    / `default_table_access_method` lines in force for it (`placement`) and its SQL."""
+
+    line: bytes
+    desc: bytes
+    tag: bytes
+    placement: bytes
+    sql: bytes
+
+
+def post_data_entries(listing: bytes, script: bytes) -> list[PostDataEntry] | None:
+    """Each entry of `pg_restore --list --section=post-data` (`listing`) with its SQL in pg_restore's script of
+    that section (`script`), which prints the placement SETs before an entry's header only when they change.
+    None when the two do not match one to one (counts, DESC, SCHEMA, TAG, the script's end)."""
+    lines = [line for line in listing.split(b"\n") if _LIST_ENTRY.match(line)]
+    headers = list(_ENTRY_HEADER.finditer(script))
+    end = script.rfind(_DUMP_END)
+    if len(lines) != len(headers) or end < 0 or (headers and headers[-1].end() > end):
+        return None
+    placement: dict[bytes, bytes] = {}
+
+    def body(text: bytes) -> bytes:
+        """`text` without the placement SETs at its end, which are noted in `placement` for what follows."""
+        kept = text.rstrip().split(b"\n")
+        peeled = []
+        while kept and (not kept[-1].strip() or _PLACEMENT.match(kept[-1])):
+            peeled.append(kept.pop())
+        for line in reversed(peeled):
+            if (found := _PLACEMENT.match(line)) is not None:
+                placement[found.group(1)] = line
+        return b"\n".join(kept).strip()
+
+    body(script[:headers[0].start()] if headers else b"")
+    entries = []
+    for i, (line, header) in enumerate(zip(lines, headers, strict=True)):
+        tag, desc, schema = header.groups()
+        if b" %s %s %s " % (desc, schema, tag) not in line + b" ":
+            return None
+        prefix = b"".join(setting + b"\n" for setting in placement.values())
+        stop = headers[i + 1].start() if i + 1 < len(headers) else end
+        entries.append(PostDataEntry(line, desc, tag, prefix, body(script[header.end():stop]) + b"\n"))
+    return entries
 
 
 class _Stopped(Exception):
@@ -490,8 +543,10 @@ class DirectoryLoad:
     gives each one's COPY statement and the session settings pg_dump wrote. Then: `pg_restore
     --section=pre-data`; the tables' data on `restore_jobs` connections, the biggest first, each file
     hashed, decrypted and decompressed into its COPY, which is ended only when its size and sha256 matched
-    (a difference fails the COPY and stops the others); the rest of the data section (sequence values,
-    large objects) by pg_restore; `pg_restore --section=post-data --jobs=N` (indexes, constraints)."""
+    (a difference fails the COPY and stops the others), a plain table's COPY with FREEZE after a TRUNCATE, and
+    then, on the same connection, that table's own indexes and keys (its "early" post-data entries, as
+    pg_restore -j overlaps them with the other tables' data); the rest of the data section (sequence values,
+    large objects) by pg_restore; `pg_restore --section=post-data --jobs=N` of the other post-data entries."""
 
     def __init__(self, ctx: JobContext, bin_dir: Path, dbname: str, folder: Path,  # noqa: PLR0913 - keyword-only options
                  members: Sequence[ManifestFile], *, scratch: Path, jobs: int, progress: Progress | None) -> None:
@@ -506,6 +561,7 @@ class DirectoryLoad:
         self.preamble: list[bytes] = []
         self.statements: dict[str, bytes] = {}
         self.tables: list[tuple[ManifestFile, str]] = []
+        self.early: dict[str, list[PostDataEntry]] = {}
 
     def prepare(self) -> None:
         """Everything but the tables' data unpacked and checked, the tables' data files named and their COPY
@@ -532,18 +588,51 @@ class DirectoryLoad:
         self.tables = [(e, m) for e, m in pairs if m in tables]
 
     def run(self) -> list[tuple[str, CheckResult]]:
-        """Into the new database: pre-data, the tables' data on `jobs` connections, the rest of the data,
-        post-data with pg_restore -j; returns what each file of the set held."""
+        """Into the new database: pre-data, the tables' data on `jobs` connections (each table's own indexes
+        and keys right after it, `_early_entries`), the rest of the data, the rest of post-data with pg_restore
+        -j; returns what each file of the set held."""
         self.prepare()
         scratch = self.scratch
+        post_listing, entries = self._post_data()
+        self.early = self._early_entries(entries)
+        early = {e.line for found in self.early.values() for e in found}
+        self.ctx.log.info("post-data entries built right after their table's data, and after all of it",
+                          early=len(early), rest=len(entries) - len(early))
         _pg_restore_jobs(self.ctx, self.bin_dir, self.dbname, scratch, 1, extra=("--section=pre-data",))
         for (entry, _), found in zip(self.tables, self._load_tables(self.tables), strict=True):
             self.checked[entry.name] = found
         others = self._list_file(self.listing, keep=lambda line: not _TABLE_DATA.match(line), name="other-data.list")
         _pg_restore_jobs(self.ctx, self.bin_dir, self.dbname, scratch, 1, extra=("--section=data", "--use-list",
                                                                                  str(others)))
-        _pg_restore_jobs(self.ctx, self.bin_dir, self.dbname, scratch, self.jobs, extra=("--section=post-data",))
+        rest = ("--use-list", str(self._list_file(post_listing, keep=lambda line: line not in early,
+                                                  name="post-data.list"))) if early else ()
+        _pg_restore_jobs(self.ctx, self.bin_dir, self.dbname, scratch, self.jobs, extra=("--section=post-data", *rest))
         return self.results()
+
+    def _post_data(self) -> tuple[bytes, list[PostDataEntry]]:
+        """(`pg_restore --list` of the post-data section, its entries paired with their SQL); no entries when
+        the listing and the script do not match one to one."""
+        pg_restore, scratch = str(self.bin_dir / "pg_restore"), str(self.scratch)
+        listing = self._pg_restore_output((pg_restore, "--list", "--section=post-data", scratch), "pg_restore --list")
+        script = self._pg_restore_output((pg_restore, "--section=post-data", "--file", "-", scratch),
+                                         "pg_restore --file -")
+        return listing, post_data_entries(listing, script) or []
+
+    def _early_entries(self, entries: Sequence[PostDataEntry]) -> dict[str, list[PostDataEntry]]:
+        """The post-data entries to run right after a table's data, by the table's data file: the plain
+        indexes (not `ON ONLY`) and the keys (`CONSTRAINT`: primary, unique, exclusion) of a table whose data
+        this load streams, the COPY statement naming it (in pg_dump's quoting) and no other data file's."""
+        files: dict[bytes, list[str]] = {}
+        for member, statement in self.statements.items():
+            if (table := _COPY_TABLE.match(statement)) is not None:
+                files.setdefault(table.group(1), []).append(member)
+        early: dict[str, list[PostDataEntry]] = {}
+        for entry in entries:
+            pattern = _EARLY_SQL.get(entry.desc)
+            found = pattern.match(entry.sql) if pattern is not None else None
+            if found is not None and len(files.get(found.group(1), ())) == 1:
+                early.setdefault(files[found.group(1)][0], []).append(entry)
+        return early
 
     def results(self) -> list[tuple[str, CheckResult]]:
         return [(e.name, self.checked[e.name]) for e, _ in self.pairs]
@@ -631,19 +720,29 @@ class DirectoryLoad:
             try:
                 source = read_chain(self.folder / entry.name, entry.compression, progress=self.progress,
                                     readers=self.ctx.readers_for(entry.name))
-                with connect(pg, self.dbname, autocommit=False) as conn:  # committed on leaving the block
+                with connect(pg, self.dbname) as conn:
                     for line in preamble:
                         conn.execute(line)
-                    table = _COPY_TABLE.match(statements[member])
-                    if table is not None:  # as pg_restore -j does: the table is new, the COPY may skip the FSM
-                        conn.execute(b"TRUNCATE TABLE ONLY " + table.group(1))
-                    with conn.cursor() as cur, cur.copy(statements[member]) as copy:
-                        for chunk in source:
-                            if self.failed.is_set():
-                                raise _Stopped
-                            copy.write(chunk)
-                        if source.size != entry.size or source.sha256 != entry.sha256:
-                            raise checksum_error(entry.name, source.sha256, entry.sha256)  # the COPY fails
+                    statement = statements[member]
+                    table = _COPY_TABLE.match(statement)
+                    plain = table is not None and conn.execute(  # the name as the COPY has it, quoted as text
+                        b"SELECT relkind FROM pg_class WHERE oid = to_regclass('%s')"
+                        % table.group(1).replace(b"'", b"''")).fetchone() == ("r",)
+                    with conn.transaction():
+                        if plain and table is not None:
+                            # as pg_restore -j does: the table is new, the COPY may skip the FSM; and made
+                            # empty in this transaction, its rows may be written frozen (no hint-bit writes later)
+                            conn.execute(b"TRUNCATE TABLE ONLY " + table.group(1))
+                            statement = statement.removesuffix(b";") + b" WITH (FREEZE);"
+                        with conn.cursor() as cur, cur.copy(statement) as copy:
+                            for chunk in source:
+                                if self.failed.is_set():
+                                    raise _Stopped
+                                copy.write(chunk)
+                            if source.size != entry.size or source.sha256 != entry.sha256:
+                                raise checksum_error(entry.name, source.sha256, entry.sha256)  # the COPY fails
+                    self._build_early(conn, member, table.group(1).decode(conn.info.encoding, "replace")
+                                      if table is not None else member)
                 return CheckResult(source.size, source.sha256, source.raw)
             except _Stopped:
                 raise
@@ -660,6 +759,21 @@ class DirectoryLoad:
             if self.failures:
                 raise self.failures[0] from None
             raise
+
+    def _build_early(self, conn: psycopg.Connection, member: str, table: str) -> None:
+        """The early post-data entries of the data file `member` (into `table`), each in a transaction of its
+        own on `conn` (autocommit, the session settings set); raises _Stopped when another load failed or this
+        one's build failed (noted in `failures`, naming the entry)."""
+        for entry in self.early.get(member, ()):
+            if self.failed.is_set():
+                raise _Stopped
+            try:
+                conn.execute(entry.placement + entry.sql)
+            except psycopg.Error as exc:
+                tag = entry.tag.decode(conn.info.encoding, "replace")
+                self._fail(JobError(f'building {entry.desc.decode().lower()} "{tag}" of {table} failed: '
+                                    f"{str(exc).strip()}"))
+                raise _Stopped from None
 
     def _fail(self, exc: BaseException) -> None:
         self.failures.append(exc)
