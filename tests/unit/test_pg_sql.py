@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
@@ -154,3 +156,30 @@ def test_no_freeze_outside_one_transaction_or_after_a_savepoint() -> None:
     after = FREEZE_DUMP.replace(copy, b"SAVEPOINT s;\n" + copy)
     stream, out = freeze_run(after, 7)
     assert (stream.frozen, out) == (0, after)
+
+
+def test_copy_data_taken_whole_or_in_pieces_gives_the_same_stream() -> None:
+    """Chunks that lie wholly inside COPY data are passed on as they are (`_inside_copy_data`); chunks of
+    every size, cut anywhere (before, inside and right after a terminator, a backslash at a chunk's end),
+    give the same stream, line count and problems as the whole stream read at once."""
+    rng = random.Random(14)
+    pieces = [b"a\tb\n", b"\\N\t\\\\.\n", b"x\\.y\n", b"\\\\\n", b"long " * 50 + b"\n", b"\r\n", b"\\.x\n",
+              b"ab\\.\n", b"cd\\.\r\n", b"e\\"]
+    for _ in range(200):
+        blocks = []
+        for table in range(rng.randint(1, 3)):
+            rows = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+            blocks.append(b"COPY t%d FROM stdin;\n%s\\.%s" % (table, rows, rng.choice([b"\n", b"\r\n"])))
+        ending = rng.choice([b"", b"SELECT 3;\n", b"COPY u FROM stdin;\n1\n\\"])
+        data = b"SELECT 1;\n" + b"SELECT 2;\n".join(blocks) + ending
+        whole, expected = run(data)
+        stream = SqlStream()
+        out, pos = b"", 0
+        while pos < len(data):
+            step = rng.choice([1, 2, 5, 17, 64, 300, 5000])
+            out += stream.feed(data[pos:pos + step])
+            pos += step
+        out += stream.finish()
+        assert out == expected
+        assert (stream.problems, stream.line_no, stream.copies, stream.truncated) == \
+            (whole.problems, whole.line_no, whole.copies, whole.truncated)

@@ -107,6 +107,8 @@ class SqlStream:
     # ------------------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
         """Take the next piece of the stream; returns what to pass on to psql (maybe less, held back)."""
+        if self._copy and self._inside_copy_data(chunk):
+            return chunk  # most of a restore: passed on as it is, no copy made
         out = bytearray()
         pos = 0
         n = len(chunk)
@@ -165,6 +167,22 @@ class SqlStream:
         return bytes(out)
 
     # ------------------------------------------------------------------------------------------
+    def _inside_copy_data(self, chunk: bytes) -> bool:
+        """Whether all of `chunk` is COPY data that cannot end the data block (no line in it, nor the one it
+        leaves unfinished, can be or begin a `\\.` line; nothing carried from the chunk before): if so its
+        lines are counted and it is taken whole, as `_copy_data` would pass it on byte for byte."""
+        if self._carry or not chunk or (self._bol and chunk[:1] == b"\\") or chunk.find(b"\n\\.") >= 0:
+            return False
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            return False
+        rest = chunk[last + 1:]
+        if rest[:1] == b"\\":
+            return False  # may be the start of the terminator line: `_copy_data` carries it
+        self.line_no += chunk.count(b"\n")
+        self._bol = not rest
+        return True
+
     def _copy_data(self, data: bytes, out: bytearray) -> int:
         """Pass COPY data on until its `\\.` line; returns how many bytes of `data` were used. Its lines are
         not visited one by one (a restore's time goes there): only a line that starts with a backslash and a
