@@ -118,6 +118,7 @@ def test_restrict_does_not_drop_the_statement_before_it_on_the_line() -> None:
 FREEZE_DUMP = (b"SET search_path = '';\n"
                b"CREATE TABLE public.t (\n    id integer,\n    v text\n);\n"
                b"CREATE UNLOGGED TABLE public.\"odd T;\" (id integer);\n"
+               b"CREATE TABLE \"sch \"\"q\"\"\".\"we\"\"ird;'name\" (id integer);\n"
                b"CREATE TABLE public.p (id integer, k integer)\nPARTITION BY RANGE (k);\n"
                b"CREATE TABLE public.p1 (id integer, k integer);\n"
                b"ALTER TABLE ONLY public.p ATTACH PARTITION public.p1 FOR VALUES FROM (0) TO (10);\n"
@@ -126,6 +127,8 @@ FREEZE_DUMP = (b"SET search_path = '';\n"
                b"COPY public.p (id, k) FROM stdin;\n3\t3\n\\.\n"
                b"COPY public.p1 (id, k) FROM stdin;\n4\t4\n\\.\n"
                b"COPY public.elsewhere (id) FROM stdin;\n5\n\\.\n"
+               b"COPY \"sch \"\"q\"\"\".\"we\"\"ird;'name\" (id) FROM stdin;\n6\n\\.\n"
+               b"COPY \"sch \"\"q\"\"\".\"weird;'name\" (id) FROM stdin;\n7\n\\.\n"
                b"COPY public.t (id, v) TO stdout;\n")
 
 
@@ -138,13 +141,15 @@ def freeze_run(data: bytes, step: int, *, freeze: bool = True) -> tuple[SqlStrea
 @pytest.mark.parametrize("step", [1, 5, 64, 1 << 20])
 def test_copy_of_a_table_the_stream_created_is_frozen(step: int) -> None:
     stream, out = freeze_run(FREEZE_DUMP, step)
-    assert stream.frozen == 3 and stream.problems == [] and stream.copies == 5
+    assert stream.frozen == 4 and stream.problems == [] and stream.copies == 7
     assert b"COPY public.t (id, v) FROM stdin WITH (FREEZE);\n1\tFROM stdin;\n\\.\n" in out
     assert b"COPY public.\"odd T;\" (id) FROM stdin WITH (FREEZE);\n" in out
     assert b"COPY public.p1 (id, k) FROM stdin WITH (FREEZE);\n" in out
+    assert b"COPY \"sch \"\"q\"\"\".\"we\"\"ird;'name\" (id) FROM stdin WITH (FREEZE);\n" in out
     # a partitioned table, a table the stream did not create, and anything but COPY FROM stdin: unchanged
     assert b"COPY public.p (id, k) FROM stdin;\n" in out
     assert b"COPY public.elsewhere (id) FROM stdin;\n" in out
+    assert b"COPY \"sch \"\"q\"\"\".\"weird;'name\" (id) FROM stdin;\n" in out  # another table's name
     assert out.endswith(b"COPY public.t (id, v) TO stdout;\n")
     assert out.replace(b" WITH (FREEZE)", b"") == FREEZE_DUMP
 

@@ -287,8 +287,9 @@ class SqlStream:
                 end = idx + len(q)
                 out_from = self._significant(line[pos:end], line, out_from, end, out)
                 pos = end
-                if q in (b"'", b'"') and line[pos:pos + 1] == q:
-                    pos += 1  # a doubled quote stays inside
+                if q in (b"'", b'"') and line[pos:pos + 1] == q:  # a doubled quote stays inside
+                    out_from = self._significant(q, line, out_from, pos + 1, out)
+                    pos += 1
                 else:
                     self._quote = None
                 continue
