@@ -187,3 +187,19 @@ def test_read_ahead_stays_within_its_limit_and_stops_its_thread_when_the_consume
     ahead.close()
     assert not [t for t in threading.enumerate() if t.name == "test-read-ahead"], "the thread still runs"
     assert len(produced) < 1000
+
+
+@pytest.mark.parametrize("kind", ("gzip", "zstd"))
+def test_decompress_gives_bounded_pieces_of_a_big_compressed_chunk(tmp_path: Path, kind: str) -> None:
+    """A 1 MiB chunk of the file is decompressed in pieces (of at most DECOMPRESS_PIECE compressed bytes):
+    what comes out at once stays near a MiB however big the chunk, and the whole comes out unchanged."""
+    data = sample(12 << 20)
+    path = compress_file(tmp_path, kind, data)
+    stored = path.read_bytes()
+    assert len(stored) > 2 * pipeline.CHUNK  # the chunks given below are whole MiBs of compressed bytes
+    chunks = [stored[i:i + pipeline.CHUNK] for i in range(0, len(stored), pipeline.CHUNK)]
+    pieces = list(pipeline.decompress(kind, chunks))
+    assert b"".join(pieces) == data
+    ratio = len(data) / len(stored)
+    assert ratio > 2  # one whole chunk would give more than 2 MiB at once
+    assert max(len(p) for p in pieces) <= ratio * 2 * pipeline.DECOMPRESS_PIECE < pipeline.CHUNK
