@@ -251,20 +251,40 @@ def _where(raw: dict[str, Any]) -> tuple[Path, Path, Path] | None:
     return Path(backup_dir), Path(log_dir), Path(state_file)
 
 
-def _read_record(folder: Path) -> Any:
-    """The record in the state folder, read without following a symlink, from a folder and a file owned by
-    root, kkua-backup or this user that neither group nor others may write; raises OSError, KkuaError,
-    ValueError for anything else."""
+def user_folder(environ: Mapping[str, str]) -> Path | None:
+    """Where a user who may not write the state folder (a member of the kkua-backup group) keeps the record
+    instead: `$XDG_CACHE_HOME/kkua-backup`, else `~/.cache/kkua-backup`. None for root (who may write the
+    state folder; a `sudo` that keeps the caller's HOME must not leave root's files in it) and without an
+    absolute folder to use."""
+    if os.geteuid() == 0:
+        return None
+    base = environ.get("XDG_CACHE_HOME") or ""
+    if not os.path.isabs(base):
+        home = environ.get("HOME") or ""
+        if not os.path.isabs(home):
+            return None
+        base = os.path.join(home, ".cache")
+    return Path(base) / "kkua-backup"
+
+
+def _read_record(folder: Path, *, own: bool = False) -> Any:
+    """The record in `folder`, read without following a symlink, from a folder and a file owned by root,
+    kkua-backup or this user (`own`: this user only) that neither group nor others may write; raises OSError,
+    KkuaError, ValueError for anything else."""
     dir_fd = open_folder(folder, root=folder)
     try:
         if stat.S_IMODE(os.fstat(dir_fd).st_mode) & 0o022:
             raise ValueError(f"{folder} is writable by others")
+        if own and os.fstat(dir_fd).st_uid != os.geteuid():
+            raise ValueError(f"{folder} is not this user's")
         fd = open_at(dir_fd, folder / CACHE_FILE, os.O_RDONLY)
     finally:
         os.close(dir_fd)
     with os.fdopen(fd, "rb") as fh:
         if stat.S_IMODE(os.fstat(fd).st_mode) & 0o022:
             raise ValueError(f"{CACHE_FILE} is writable by others")
+        if own and os.fstat(fd).st_uid != os.geteuid():
+            raise ValueError(f"{CACHE_FILE} is not this user's")
         try:
             return json.loads(fh.read(LIMIT).decode("utf-8"))
         except RecursionError:  # a crafted nest of brackets
@@ -301,10 +321,22 @@ def cached(cli_path: str | None, environ: Mapping[str, str]) -> StatusView | Non
         return None
     backup_dir, log_dir, state_file = where
     set_trusted_roots(backup_dir, log_dir, state_file.parent)
-    try:
-        entries = _entries(_read_record(state_file.parent))
-    except (OSError, KkuaError, ValueError):
-        return None
+    mine = user_folder(environ)
+    for folder, own in ((state_file.parent, False), *(((mine, True),) if mine is not None else ())):
+        try:
+            entries = _entries(_read_record(folder, own=own))
+        except (OSError, KkuaError, ValueError):
+            continue
+        view = _matching(entries, path, digest, environ)
+        if view is not None:
+            return view if (view.backup_dir, view.log_dir, view.state_file) == where else None
+    return None
+
+
+def _matching(entries: Sequence[dict[str, Any]], path: Path, digest: str | None,
+              environ: Mapping[str, str]) -> StatusView | None:
+    """The view of the entry whose key is that of what is there now; None when there is none, or its view
+    is malformed."""
     for entry in entries:
         files = entry.get("files")
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
@@ -312,10 +344,9 @@ def cached(cli_path: str | None, environ: Mapping[str, str]) -> StatusView | Non
         if entry.get("key") != key_of(path, digest, files, environ):
             continue
         try:
-            view = StatusView.from_json(entry.get("status"))
+            return StatusView.from_json(entry.get("status"))
         except ValueError:
             return None
-        return view if (view.backup_dir, view.log_dir, view.state_file) == where else None
     return None
 
 
@@ -343,16 +374,26 @@ def _remember(loaded: LoadedConfig, cli_path: str | None, environ: Mapping[str, 
             return  # changed while (or just before) validation read it: the next `status` looks again
     entry = {"key": key_of(path, loaded.digest, files, environ), "files": files,
              "status": view_of(config).to_json()}
-    folder = config.state_file.parent
+    folder, own = config.state_file.parent, False
+    if not os.path.isdir(folder):
+        return  # no job ran yet: nothing to show but the schedule
+    if not os.access(folder, os.W_OK):
+        mine = user_folder(environ)
+        if mine is None:
+            return
+        folder, own = mine, True
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(mine.parent, mode=0o700, exist_ok=True)
+            os.mkdir(mine, 0o700)
     try:
-        entries = _entries(_read_record(folder))
+        entries = _entries(_read_record(folder, own=own))
     except FileNotFoundError:
         entries = []
     except (OSError, KkuaError, ValueError):
         entries = []  # replaced below when this user may write here
     if entries and entries[0] == entry:
         return
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    if not os.access(folder, os.W_OK):
         return
     from kkua_backupd.stream.pipeline import write_atomic
     doc = {"format": CACHE_FORMAT, "entries": [entry, *[e for e in entries if e.get("key") != entry["key"]]][:KEEP]}

@@ -8,10 +8,13 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,14 +49,17 @@ class World:
                                f'[postgres]\npassword_file = "{self.password_file}"\n\n[schedule]\n{schedule}\n')
         time.sleep(0.1)  # older than the validation that reads it (status_cache.SETTLED_NS)
 
-    def run(self, *argv: str, env: dict[str, str] | None = None) -> tuple[object, str, bool]:
-        """`kkua-backup --config CONFIG ARGV`: its exit code, its output and whether it imported pydantic."""
-        out = self.tmp / "modules.json"
+    def run(self, *argv: str, env: dict[str, str] | None = None, user: int | None = None) -> tuple[object, str, bool]:
+        """`kkua-backup --config CONFIG ARGV` (as `user`, without supplementary groups, when given): its exit
+        code, its output and whether it imported pydantic."""
+        out = self.tmp / ("modules.json" if user is None else f"out-{user}/modules.json")
         child = {k: v for k, v in os.environ.items()
-                 if k not in (*status_cache.ENV_NAMES, "JOURNAL_STREAM") or k == "TZ"}
+                 if k not in (*status_cache.ENV_NAMES, "JOURNAL_STREAM", "XDG_CACHE_HOME") or k == "TZ"}
         child.update(env or {}, PYTHONPATH=str(ROOT))
+        as_user: dict[str, Any] = {} if user is None else {"user": user, "group": user, "extra_groups": []}
         proc = subprocess.run([sys.executable, "-c", PROBE, str(out), "--config", str(self.config), *argv],
-                              env=child, cwd=self.tmp, capture_output=True, text=True, timeout=120, check=False)
+                              env=child, cwd=self.tmp, capture_output=True, text=True, timeout=120, check=False,
+                              **as_user)
         doc = json.loads(out.read_text())
         return doc["code"], proc.stdout + proc.stderr, "pydantic" in doc["modules"]
 
@@ -290,3 +296,44 @@ def test_no_record_when_a_file_validation_read_changes_around_the_validation(wor
         assert status_cache.cached(str(world.config), environ) is not None
     finally:
         set_trusted_roots()  # `cached` declares the config's folders, as a `status` process does
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another user needs root")
+def test_a_group_member_who_may_not_write_the_state_folder_keeps_the_record_in_their_own_cache() -> None:
+    """A member of the backup folder's group reads the state folder but may not write it: their record goes to
+    their own `~/.cache/kkua-backup` (0700, theirs), is read from there, and one there that is not theirs is
+    ignored; root writes the state folder's, never into a HOME it was given."""
+    base = Path(tempfile.mkdtemp(prefix="kkua-status-"))  # pytest's tmp_path is root's alone
+    try:
+        base.chmod(0o755)
+        world = World(base)
+        for path in (world.backup_dir, world.state, world.log_dir, world.config, world.password_file):
+            os.chown(path, 0, NOBODY)
+        world.config.chmod(0o640)
+        world.password_file.chmod(0o640)
+        home, out = base / "home", base / f"out-{NOBODY}"
+        for folder in (home, out):
+            folder.mkdir(mode=0o700)
+            os.chown(folder, NOBODY, NOBODY)
+        env = {"HOME": str(home)}
+        record = home / ".cache" / "kkua-backup" / CACHE_FILE
+
+        code, cold, validated = world.run("status", env=env, user=NOBODY)
+        assert validated and code in (0, 1), cold
+        assert not world.cache.exists()  # the state folder is not this user's to write
+        assert record.stat().st_uid == NOBODY and record.stat().st_mode & 0o777 == 0o640
+        assert record.parent.stat().st_uid == NOBODY and record.parent.stat().st_mode & 0o777 == 0o700
+        assert SECRET not in record.read_text()
+        code_warm, warm, validated = world.run("status", env=env, user=NOBODY)
+        assert not validated and code_warm == code and warm == cold
+
+        os.chown(record, 0, 0)  # a record in their folder that another user wrote (readable): not theirs, not used
+        record.chmod(0o644)
+        assert world.run("status", env=env, user=NOBODY)[2]
+
+        record.unlink()
+        assert world.run("status", env=env)[2] and world.cache.exists()  # root: the state folder's record
+        assert not record.exists()
+        assert not world.run("status", env=env)[2]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
