@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -303,6 +304,19 @@ def test_plain_load_checks_its_row_counts_before_its_commit(env: Env) -> None:
     env.server.drop_database(copy)
 
 
+def edit_manifest_tables(env: Env, manifest: dict[str, Any]) -> int:
+    """Make the set's manifest record a table more, one less and a row more than its SQL makes; returns the
+    users table's real row count."""
+    path = env.folder / f"kkua_backup_{manifest['id']}.manifest.json"
+    data = json.loads(path.read_text())
+    users = int(data["details"]["tables"]["public.users"]["rows"])
+    data["details"]["tables"]["public.users"]["rows"] = users + 1
+    data["details"]["tables"]["public.ghost"] = {"rows": 0}
+    del data["details"]["tables"]["public.games"]
+    path.write_text(json.dumps(data, indent=2))
+    return users
+
+
 @pytest.mark.parametrize(("fmt", "into"), [("plain", "in-place"), ("plain", "new-database"),
                                            ("custom", "in-place"), ("directory", "in-place")])
 def test_row_counts_that_differ_from_the_manifest_roll_the_load_back(env: Env, fmt: str, into: str) -> None:
@@ -310,16 +324,11 @@ def test_row_counts_that_differ_from_the_manifest_roll_the_load_back(env: Env, f
     after the backup: a table more, one less, a row more) is refused before the COMMIT: each difference is
     named, exit 1, and the database keeps what it held (a new one is dropped again). Before 0022 the same
     set was committed and then reported as differing. Every load in one transaction checks it, whatever
-    reads the set (psql for plain, pg_restore's SQL for custom, the streamed COPYs for directory)."""
-    env.write_config(format=fmt)
+    reads the set (psql for plain, pg_restore's SQL for custom, the streamed COPYs for directory); a plain set
+    goes into a new database in one transaction with one restore job (with more, see the test below)."""
+    env.write_config(format=fmt, restore_jobs=1)
     manifest = json.loads(env.run("--json", "backup", "postgres", check=True).stdout)
-    path = env.folder / f"kkua_backup_{manifest['id']}.manifest.json"
-    data = json.loads(path.read_text())
-    users = data["details"]["tables"]["public.users"]["rows"]
-    data["details"]["tables"]["public.users"]["rows"] = users + 1
-    data["details"]["tables"]["public.ghost"] = {"rows": 0}
-    del data["details"]["tables"]["public.games"]
-    path.write_text(json.dumps(data, indent=2))
+    users = edit_manifest_tables(env, manifest)
     with env.connect() as conn:
         conn.execute("DELETE FROM game_words WHERE id % 3 = 0")
         before = table_contents(conn)
@@ -346,6 +355,29 @@ def test_row_counts_that_differ_from_the_manifest_roll_the_load_back(env: Env, f
             assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (copy,)).fetchone() is None
     else:
         assert "still holds its previous data" in out
+
+
+def test_row_counts_that_differ_after_a_load_over_several_connections_fail_the_restore(env: Env) -> None:
+    """A plain set into a new database with restore_jobs > 1 is loaded statement by statement over several
+    connections (decision 0026), so its tables are counted after the load, as pg_restore -j's are: each
+    difference named, exit 1, the new database kept for inspection and the original untouched."""
+    env.write_config(restore_jobs=2)
+    users = edit_manifest_tables(env, json.loads(env.run("--json", "backup", "postgres", check=True).stdout))
+    with env.connect() as conn:
+        before = table_contents(conn)
+    copy = f"{env.database}_split_differs"
+    try:
+        result = env.run("restore", "postgres", "latest", "--force", "--target-db", copy)
+        out = result.stdout + result.stderr
+        assert result.returncode == 1, out
+        assert (f"finished, but the result differs from the backup: public.ghost: missing; public.games: not in "
+                f"the backup; public.users: {users} rows, expected {users + 1}") in out
+        assert "the original database was not touched" in out and "safety backup" not in out
+        assert (env.log_dir / "restore.log").read_text().count("restored data differs from the backup") == 3
+        with env.connect() as conn:
+            assert table_contents(conn) == before
+    finally:
+        env.server.drop_database(copy)
 
 
 def test_row_check_counts_from_the_transaction_and_names_each_difference(env: Env) -> None:

@@ -188,3 +188,66 @@ def test_copy_data_taken_whole_or_in_pieces_gives_the_same_stream() -> None:
         assert out == expected
         assert (stream.problems, stream.line_no, stream.copies, stream.truncated) == \
             (whole.problems, whole.line_no, whole.copies, whole.truncated)
+
+
+SPLIT_DUMP = (b"SET statement_timeout = 0;\nSET client_encoding = 'UTF8';\n"
+              b"SELECT pg_catalog.set_config('search_path', '', false);\n"
+              b"CREATE TABLE public.t (id integer, v text);\n\n--\n-- Data for Name: t; Type: TABLE DATA\n--\n\n"
+              b"COPY public.t (id, v) FROM stdin;\n1\ta;b\n2\t\\\\.x\n\\.\n\n"
+              b'CREATE TABLE public."we""ird" (x int);\nCOPY public."we""ird" (x) FROM stdin;\n7\n\\.\n'
+              b"CREATE INDEX i ON public.t (v);\n")
+
+
+def split_scan(data: bytes, step: int) -> tuple[SqlStream, bytes, dict[int, bytes]]:
+    """The stream scanned for a split load in pieces of `step`: the scanner, its output, and the bytes its
+    spans marked as each COPY's rows."""
+    stream = SqlStream(fold_transactions=False, drop_restrict=True, sync_nonce="n0nce")
+    out, rows = bytearray(), {}
+    for piece in [*(data[i:i + step] for i in range(0, len(data), step)), None]:
+        got = stream.feed(piece) if piece is not None else stream.finish()
+        for start, end, number in stream.spans:
+            rows[number] = rows.get(number, b"") + got[start:end]
+        out += got
+    return stream, bytes(out), rows
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 64, 1 << 20])
+def test_a_split_load_gets_a_sync_before_each_copy_and_the_rows_of_each(step: int) -> None:
+    stream, out, rows = split_scan(SPLIT_DUMP, step)
+    sync = [b"SELECT 'kkua-sync-n0nce-%d';\n" % n for n in (1, 2)]
+    assert out.replace(sync[0], b"").replace(sync[1], b"") == SPLIT_DUMP  # nothing else added or lost
+    assert out.index(b"(id integer, v text);") < out.index(sync[0]) < out.index(b"COPY public.t")
+    assert out.index(b'(x int);') < out.index(sync[1]) < out.index(b'COPY public."we""ird"')
+    assert rows == {1: b"1\ta;b\n2\t\\\\.x\n", 2: b"7\n"}  # the rows only: not the COPY line, not the \.
+    settings = (b"SET statement_timeout = 0", b"SET client_encoding = 'UTF8'",
+                b"SELECT pg_catalog.set_config('search_path', '', false)")
+    assert stream.split_copies[1].statement == b"COPY public.t (id, v) FROM stdin"
+    assert (stream.split_copies[1].sync, stream.split_copies[1].settings) == (1, settings)
+    assert stream.split_copies[2].statement == b'COPY public."we""ird" (x) FROM stdin'
+    assert stream.split_copies[2].sync == 2
+
+
+@pytest.mark.parametrize(("before", "copy"), [
+    (b"SET SESSION AUTHORIZATION 'alice';\n", b"COPY public.t (id) FROM stdin;\n"),  # not replayed elsewhere
+    (b"SELECT set_config('role', 'alice', false);\n", b"COPY public.t (id) FROM stdin;\n"),
+    (b"BEGIN;\n", b"COPY public.t (id) FROM stdin;\n"),  # the file's transaction: others would not see it
+    (b"", b"COPY public.t (id)/* c */FROM stdin;\n"),  # its significant text is not a COPY as it stands
+    (b"SET x = 1;\n", b"COPY public.t (id + 1) FROM stdin;\n"),  # not the COPY pg_dump writes
+])
+def test_a_copy_another_connection_could_not_run_alike_is_not_split(before: bytes, copy: bytes) -> None:
+    stream, _, rows = split_scan(b"CREATE TABLE public.t (id int);\n" + before + copy + b"1\n\\.\n", 5)
+    assert stream.copies == 1 and rows == {1: b"1\n"}
+    assert stream.split_copies == {}
+
+
+def test_without_a_sync_nonce_the_stream_is_unchanged_and_has_no_spans() -> None:
+    stream = SqlStream(fold_transactions=False, drop_restrict=True)
+    assert stream.feed(SPLIT_DUMP) + stream.finish() == SPLIT_DUMP
+    assert stream.spans == [] and stream.split_copies == {}
+
+
+def test_a_comment_inside_a_copy_statement_is_left_out_of_the_text_another_connection_runs() -> None:
+    dump = b"CREATE TABLE public.t (id int);\nCOPY public.t /* c; */ (id) FROM stdin;\n1\n\\.\n"
+    stream, _, rows = split_scan(dump, 4)
+    assert rows == {1: b"1\n"}
+    assert stream.split_copies[1].statement == b"COPY public.t  (id) FROM stdin"

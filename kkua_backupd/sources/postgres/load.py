@@ -52,6 +52,7 @@ from kkua_backupd.sources.postgres.client import (
     tool_version,
 )
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
+from kkua_backupd.sources.postgres.split import SplitLoad
 from kkua_backupd.sources.postgres.stats import LOADED_BEFORE_SQL, RowCheck, row_count_differences
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import (
@@ -208,12 +209,14 @@ def restrict_frame(key: str) -> tuple[bytes, bytes]:
     return f"\\restrict {key}\n".encode(), f"\n\\unrestrict {key}\n".encode()
 
 
-def run_psql(ctx: JobContext, bin_dir: Path, dbname: str, parts: Iterable[bytes], *, marker: bytes) -> bool:
+def run_psql(ctx: JobContext, bin_dir: Path, dbname: str, parts: Iterable[bytes | memoryview], *, marker: bytes,  # noqa: PLR0913 - keyword-only options
+             also: Callable[[bytes], None] | None = None) -> bool:
     """Feed `parts` to psql (ON_ERROR_STOP) on `dbname` inside the restrict frame (`restrict_frame`) when
     this psql has it; returns whether psql printed `marker`. Raises CommandFailed when psql exits non-zero
     (a failed statement, a refused meta-command), and whatever `parts` raises (psql is then stopped before
     it reads the rest, so nothing the caller did not finish is committed). Every restore's SQL goes through
-    here; `load_sql` reads it first and refuses meta-commands before they are sent (the pre-scan)."""
+    here; `load_sql` reads it first and refuses meta-commands before they are sent (the pre-scan). `also` is
+    given everything psql prints (b"" at its end)."""
     pg = ctx.config.postgres
     psql = bin_dir / "psql"
     version = tool_version(psql)
@@ -229,7 +232,7 @@ def run_psql(ctx: JobContext, bin_dir: Path, dbname: str, parts: Iterable[bytes]
         assert child.stdin is not None
         execute.widen_pipe(child.stdin.fileno())  # 1 MiB writes land at once, psql reads them in one go
         seen = threading.Event()
-        watcher = threading.Thread(target=_watch_for, args=(child, marker, seen), daemon=True)
+        watcher = threading.Thread(target=_watch_for, args=(child, marker, seen, also), daemon=True)
         watcher.start()
         try:
             if frame is not None:
@@ -247,7 +250,8 @@ def run_psql(ctx: JobContext, bin_dir: Path, dbname: str, parts: Iterable[bytes]
 
 
 def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[bytes], *, wipe: bool,  # noqa: PLR0913 - keyword-only options, typed with the flows
-             transactional: bool = True, whole_dump: bool = False, rows: RowCheck | None = None) -> None:
+             transactional: bool = True, whole_dump: bool = False, rows: RowCheck | None = None,
+             connections: int = 1) -> None:
     """Run SQL into `dbname` in one transaction (see `transaction_frame`), with an optional wipe first;
     COMMIT is sent only once every byte was read and sent. Raises CommandFailed if a statement fails,
     IntegrityError if the SQL is one a restore refuses (a meta-command, cut short, or with `whole_dump` not
@@ -265,14 +269,25 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
 
     `transactional=False` (only for a new database, which the caller drops again on failure) runs the
     statements as they come, for restores too big for one transaction's locks; the file's own
-    BEGIN/COMMIT pairs then stay as they are, and only the marker proves the SQL ran to its end."""
+    BEGIN/COMMIT pairs then stay as they are, and only the marker proves the SQL ran to its end. With
+    `connections` > 1 as well, each big table's rows are shared between psql and that many connections less
+    one (split.SplitLoad, decision 0026)."""
     nonce = secrets.token_hex(8)
-    scanner = SqlStream(fold_transactions=transactional, drop_restrict=True, freeze_created=transactional)
+    splitting = not transactional and connections > 1
+    scanner = SqlStream(fold_transactions=transactional, drop_restrict=True, freeze_created=transactional,
+                        sync_nonce=nonce if splitting else None)
+    split = SplitLoad(ctx.config.postgres, dbname, scanner, connections) if splitting else None
     refused: list[MetaCommandRefused] = []
     marker = f"kkua-restore-committed-{nonce}".encode()
     rows = rows if transactional else None
 
-    def parts() -> Iterator[bytes]:
+    def scanned(out: bytes) -> Iterator[bytes | memoryview]:
+        if split is None:
+            yield out
+        else:
+            yield from split.route(out)
+
+    def parts() -> Iterator[bytes | memoryview]:
         if transactional:
             yield transaction_frame(nonce)[0]
         if wipe:
@@ -281,11 +296,13 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
             yield LOADED_BEFORE_SQL.encode()
         try:
             for chunk in sql_chunks:
-                yield scanner.feed(chunk)
-            yield scanner.finish()
+                yield from scanned(scanner.feed(chunk))
+            yield from scanned(scanner.finish())
         except MetaCommandRefused as exc:
             refused.append(exc)
             return
+        if split is not None:
+            split.close()  # every other connection's rows committed before the end is proven
         # only reached when the whole stream was read and sent, and it did not stop inside something
         if scanner.truncated is None and not (whole_dump and dump_problems(scanner)):
             if rows is not None:
@@ -297,7 +314,8 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
                 yield (";\n" if scanner.pending else "\n").encode() + f"SELECT '{marker.decode()}';\n".encode()
 
     try:
-        seen = run_psql(ctx, bin_dir, dbname, parts(), marker=marker)
+        seen = run_psql(ctx, bin_dir, dbname, parts(), marker=marker,
+                        also=split.sync.feed if split is not None else None)
     except CommandFailed as exc:
         differences = row_count_differences(exc.stderr_tail) if rows is not None else None
         if differences is None:
@@ -305,6 +323,9 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
         for line in differences:
             ctx.log.error("restored data differs from the backup", detail=line)
         raise RowCountsDiffer(differences) from None
+    finally:
+        if split is not None:
+            split.stop()  # after a failure: the other connections' open COPYs fail (the database is dropped)
     problems = [str(refused[0])] if refused else \
         dump_problems(scanner) if whole_dump else [scanner.truncated] if scanner.truncated else []
     if problems:
@@ -315,6 +336,10 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
                        "data block, or ends the session itself); the transaction was rolled back")
     if rows is not None:
         rows.checked = True
+    if split is not None and split.helpers:
+        ctx.log.info("rows loaded over several connections", connections=1 + len(split.helpers),
+                     tables_shared=len({n for h in split.helpers for n in h.rows_from}),
+                     blocks_shared=split.shared)
 
 
 class RowCountsDiffer(JobError):
@@ -339,14 +364,21 @@ def dump_problems(scanner: SqlStream) -> list[str]:
     return problems
 
 
-def _watch_for(child: execute.Child, marker: bytes, seen: threading.Event) -> None:
-    """Drain psql's stdout, noting whether the commit marker went by."""
+def _watch_for(child: execute.Child, marker: bytes, seen: threading.Event,
+               also: Callable[[bytes], None] | None = None) -> None:
+    """Drain psql's stdout, noting whether the commit marker went by (and giving it to `also`)."""
     tail = b""
-    while chunk := child.read(1 << 16):
-        window = tail + chunk
-        if marker in window:
-            seen.set()
-        tail = window[-len(marker):]
+    try:
+        while chunk := child.read(1 << 16):
+            window = tail + chunk
+            if marker in window:
+                seen.set()
+            tail = window[-len(marker):]
+            if also is not None:
+                also(chunk)
+    finally:
+        if also is not None:
+            also(b"")
 
 
 def script_from_archive(ctx: JobContext, group: execute.ProcessGroup, bin_dir: Path,  # noqa: PLR0913 - keyword-only archive
@@ -799,12 +831,15 @@ def restore_into(ctx: JobContext, bin_dir: Path, dbname: str, path: Path, fmt: s
     pg = ctx.config.postgres
     chunks = read_chain(path, compression, progress=progress, expected=expected, readers=ctx.readers_for(path.name))
     transactional = transactional or not new_database  # only a new database may load statement by statement
-    if fmt == "plain":
-        # read, hashed, decrypted and decompressed on a thread of its own while this one scans and sends
-        load_sql(ctx, bin_dir, dbname, read_ahead(chunks, name="restore-read"), wipe=wipe,
-                 transactional=transactional, whole_dump=expected is not None, rows=rows)
-        return [(path.name, CheckResult(chunks.size, chunks.sha256, chunks.raw))]
     jobs = pg.restore_jobs or os.cpu_count() or 1
+    if fmt == "plain":
+        # read, hashed, decrypted and decompressed on a thread of its own while this one scans and sends; into
+        # a new database, statement by statement with each big table's rows over `jobs` connections
+        split = new_database and jobs > 1
+        load_sql(ctx, bin_dir, dbname, read_ahead(chunks, name="restore-read"), wipe=wipe,
+                 transactional=transactional and not split, whole_dump=expected is not None, rows=rows,
+                 connections=jobs if split else 1)
+        return [(path.name, CheckResult(chunks.size, chunks.sha256, chunks.raw))]
     if fmt == "directory":
         return _restore_directory(ctx, bin_dir, dbname, path.parent, members, wipe=wipe,
                                   parallel=new_database and jobs > 1, transactional=transactional,

@@ -50,6 +50,25 @@ _QNAME = rb"(" + _PART + rb"(?:\." + _PART + rb")?)"
 _CREATE_TABLE = re.compile(rb"\s*create\s+(?:unlogged\s+)?table\s+" + _QNAME + rb"\s*\(", re.IGNORECASE)
 _COPY_NAME = re.compile(rb"\s*copy\s+" + _QNAME + rb"[\s(]", re.IGNORECASE)
 START = 1024  # significant bytes of a statement kept to read a CREATE TABLE's or a COPY's table name
+TEXT_LIMIT = 1 << 20  # split loads: a statement's text kept up to this size (a COPY's column list included)
+# split loads: a COPY another connection may run as it stands (a table, its columns, text format, stdin)
+_SPLIT_COPY = re.compile(rb"\s*copy\s+" + _QNAME + rb"\s*(?:\(\s*" + _PART + rb"(?:\s*,\s*" + _PART
+                         + rb")*\s*\))?\s+from\s+stdin\s*", re.IGNORECASE)
+# ... and the session settings it replays first: pg_dump's plain `SET name = value` and search_path
+_SIMPLE_SET = re.compile(rb"\s*set\s+([a-z_]+)\s*(?:=|to)\s*(?:'[^'\\]*'|[A-Za-z0-9_.-]+)\s*", re.IGNORECASE)
+_SEARCH_PATH = re.compile(rb"\s*select\s+pg_catalog\.set_config\('search_path',\s*'[^'\\]*',\s*false\)\s*",
+                          re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SplitCopy:
+    """A COPY ... FROM stdin whose rows may also go to other connections (`SqlStream(sync_nonce=...)`): its
+    statement, the number of the sync statement psql runs right before it, and the session settings in force
+    there, to run first on the other connection."""
+
+    statement: bytes
+    sync: int
+    settings: tuple[bytes, ...]
 
 
 class MetaCommandRefused(ValueError):
@@ -81,6 +100,13 @@ class SqlStream:
     dropped: int = 0  # \restrict/\unrestrict lines left out (drop_restrict)
     freeze_created: bool = False  # the stream runs in one transaction: COPY ... WITH (FREEZE) where allowed
     frozen: int = 0  # COPY statements given WITH (FREEZE)
+    # Split loads (sources/postgres/split.py): before each statement that starts with COPY, a
+    # `SELECT 'kkua-sync-NONCE-N';` (psql prints it once everything before has run); `spans` lists where the
+    # last output holds COPY data, and `split_copies` the COPYs whose rows another connection may take.
+    sync_nonce: str | None = None
+    syncs: int = 0
+    spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, COPY number) in the output
+    split_copies: dict[int, SplitCopy] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._copy = False
@@ -103,11 +129,19 @@ class SqlStream:
         self._created: set[bytes] = set()  # tables the stream created, as it names them
         self._savepoint = False
         self._partition = False  # the statement says PARTITION somewhere (a partitioned table is not frozen)
+        self._text = bytearray()  # split loads: the statement's significant text (up to TEXT_LIMIT)
+        self._stmt_sync = 0  # split loads: the sync emitted before this statement (0: none)
+        self._settings: dict[bytes, bytes] = {}  # split loads: the session settings so far, by name
+        self._unknown_setting = False  # split loads: a setting not replayable was changed: split no more
 
     # ------------------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
         """Take the next piece of the stream; returns what to pass on to psql (maybe less, held back)."""
+        if self.sync_nonce is not None:
+            self.spans = []
         if self._copy and self._inside_copy_data(chunk):
+            if self.sync_nonce is not None:
+                self.spans.append((0, len(chunk), self.copies))
             return chunk  # most of a restore: passed on as it is, no copy made
         out = bytearray()
         pos = 0
@@ -139,6 +173,7 @@ class SqlStream:
 
     def finish(self) -> bytes:
         out = bytearray()
+        self.spans = []
         if self._copy:
             rest = self._carry
             self._carry = b""
@@ -212,12 +247,31 @@ class SqlStream:
             if found < 0:
                 found = data.rfind(b"\n", pos)
                 if found < 0:
+                    self._data_span(out, n - pos)
                     out += data[pos:]
                     return n - carried
+            self._data_span(out, found + 1 - pos)
             out += data[pos:found + 1]
             self.line_no += data.count(b"\n", pos, found + 1)
             pos = found + 1
             self._bol = True
+
+    def _data_span(self, out: bytearray, size: int) -> None:
+        """Note that the next `size` bytes of `out` are COPY data (split loads)."""
+        if self.sync_nonce is not None and size > 0:
+            self.spans.append((len(out), len(out) + size, self.copies))
+
+    def sync_statement(self, number: int) -> bytes:
+        return f"SELECT 'kkua-sync-{self.sync_nonce}-{number}';\n".encode()
+
+    def _release_held(self, out: bytearray) -> None:
+        """Pass on the held start of the statement; in a split load, a COPY's is preceded by a sync."""
+        if self.sync_nonce is not None and not self._stmt_sync and bytes(self._head).lstrip()[:4].lower() == b"copy":
+            self.syncs += 1
+            self._stmt_sync = self.syncs
+            out += self.sync_statement(self.syncs)
+        out += self._held
+        self._held.clear()
 
     def _flush(self, line: bytes, start: int, end: int, out: bytearray) -> None:
         if self._holding:
@@ -237,9 +291,10 @@ class SqlStream:
             if not self._partition and b"partition" in text.lower():
                 self._partition = True
         self._tail = (self._tail + text)[-64:]
+        if self.sync_nonce is not None and len(self._text) <= TEXT_LIMIT:
+            self._text += text
         if self._holding and len(self._head) > HOLD:
-            out += self._held
-            self._held.clear()
+            self._release_held(out)
             out += line[out_from:pos]
             self._holding = False
             return pos
@@ -385,6 +440,28 @@ class SqlStream:
         if table is not None and not self._partition:
             self._created.add(table.group(1))
 
+    def _note_split_copy(self) -> None:
+        """Split loads: the COPY just read may have its rows taken by other connections when its text is a
+        plain COPY of a table from stdin, psql runs a sync right before it, the file has no transaction of
+        its own open (another connection would not see what it made) and every setting it changed can be
+        replayed there."""
+        text = bytes(self._text)
+        if (self.sync_nonce is not None and self._stmt_sync and not self._file_txn and not self._unknown_setting
+                and len(text) <= TEXT_LIMIT and _SPLIT_COPY.fullmatch(text)):
+            self.split_copies[self.copies] = SplitCopy(text.strip(), self._stmt_sync,
+                                                       tuple(self._settings.values()))
+
+    def _note_setting(self) -> None:
+        """Split loads: follow the session settings psql's connection has, to replay them on the others."""
+        text = bytes(self._text)
+        simple = _SIMPLE_SET.fullmatch(text)
+        if simple is not None and simple.group(1).lower() not in (b"local", b"session"):
+            self._settings[simple.group(1).lower()] = text.strip()
+        elif _SEARCH_PATH.fullmatch(text):
+            self._settings[b"search_path"] = text.strip()
+        elif re.match(rb"\s*(?:set|reset)\b", text, re.IGNORECASE) or b"set_config" in text.lower():
+            self._unknown_setting = True
+
     def _end_statement(self, out: bytearray) -> None:
         if self.freeze_created:
             self._note_created()
@@ -410,6 +487,8 @@ class SqlStream:
             self.folded += 1
             out += (f"/* kkua-backup: the file's {fold} is part of the restore's transaction */"
                     + "\n" * raw.count(b"\n")).encode()
+        elif self._holding:
+            self._release_held(out)
         else:
             out += raw
         head = bytes(self._head).lstrip()
@@ -419,6 +498,11 @@ class SqlStream:
             self._copy_line = self.line_no
             self._copy_next = True
             self.copies += 1
+            self._note_split_copy()
+        elif self.sync_nonce is not None:
+            self._note_setting()
+        self._text = bytearray()
+        self._stmt_sync = 0
         self._held = bytearray()
         self._holding = True
         self._head = bytearray()

@@ -312,6 +312,9 @@ class PostgresRestore:
         return self.report.problems
 
     def undo_hint(self) -> str:
+        if self.options.target_db:
+            return (f"the original database was not touched; inspect {self.database!r}, or drop it "
+                    "(DROP DATABASE) and restore another backup")
         return "inspect the database; the safety backup holds the data from before"
 
     def finished(self) -> None:
