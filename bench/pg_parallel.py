@@ -13,9 +13,10 @@ unevenly over the tables, as in a real application. Then it times, interleaved, 
 * backup: ours with `format = "directory"`, `dump_jobs = --jobs` (zstd), ours with the custom format (zstd,
   one pg_dump), against a single `pg_dump -Fc -f FILE` (pg_dump's own compression) and, for reference,
   `pg_dump -Fd -j N -f DIR`;
-* restore into a new database: ours of the directory set and of the custom set (`restore_jobs = --jobs`),
-  against the guide's `gunzip -c FILE | psql` of `pg_dump | gzip`'s file and against `pg_restore -j N -d NEW`
-  of pg_dump's own custom file.
+* restore into a new database: ours of the directory set, of the custom set and of a plain set (its rows
+  shared over the connections, decision 0026) with `restore_jobs = --jobs`, against the guide's
+  `gunzip -c FILE | psql` of `pg_dump | gzip`'s file and against `pg_restore -j N -d NEW` of pg_dump's own
+  custom file.
 
 It prints the median wall times, the ratios, and the peak RSS of our CLI process alone (the measuring code is
 bench/pg_backup.py's: `Bench.our_cli`, `Bench.tool`). The server and all temporary files are removed at the
@@ -192,20 +193,22 @@ class ParallelBench(Bench):
         self.guide_file()
         steps = [lambda rep: self.our_backup_fmt(size_mb, rep, "directory"),
                  lambda rep: self.our_backup_fmt(size_mb, rep, "custom"),
+                 lambda rep: self.our_backup_fmt(size_mb, rep, "plain"),
                  lambda rep: self.pg_dump_alone(size_mb, rep, "custom"),
                  lambda rep: self.pg_dump_alone(size_mb, rep, "directory"),
                  lambda rep: self.our_restore_fmt(size_mb, rep, "directory"),
                  lambda rep: self.our_restore_fmt(size_mb, rep, "custom"),
+                 lambda rep: self.our_restore_fmt(size_mb, rep, "plain"),  # rows shared over -j connections (0026)
                  lambda rep: self.plain_restore(size_mb, rep, "guide"),
                  lambda rep: self.plain_restore(size_mb, rep, "pg_restore")]
         if self.args.before is not None:
             steps += [lambda rep: self.our_restore_fmt(size_mb, rep, "directory", before=True),
                       lambda rep: self.our_restore_fmt(size_mb, rep, "custom", before=True)]
         if self.args.restores_only:  # the sets made once, untimed; only the restores measured
-            for fmt in ("directory", "custom"):
+            for fmt in ("directory", "custom", "plain"):
                 self.our_backup_fmt(size_mb, 0, fmt)
             self.pg_dump_alone(size_mb, 0, "custom")  # the file `pg_restore -j` restores
-            steps = steps[4:]
+            steps = steps[5:]
         for rep in range(1, self.args.repeat + 1):
             for step in steps:
                 run = step(rep)
@@ -239,6 +242,8 @@ def ratios(found: dict[str, dict[str, Any]], jobs: int) -> list[tuple[str, float
     rows = [
         ("gunzip -c, psql / ours restore directory (target >= 1.5)", restore_ratio, met),
         ("gunzip -c, psql / ours restore custom", median(guide) / median(c_restore), ""),
+        ("gunzip -c, psql / ours restore plain (its rows over -j connections)",
+         median(guide) / median(f"ours restore plain -j {jobs}"), ""),
         ("pg_restore -j (its own -Fc file) / ours restore directory", median(tool) / median(d_restore), ""),
         *[(f"before / ours, restore {fmt}", median(f"before restore {fmt} -j {jobs}") / median(name), "")
           for fmt, name in (("directory", d_restore), ("custom", c_restore))

@@ -1,9 +1,14 @@
 """kkua-backupd: backups and restores of the KKUA backend's PostgreSQL and Redis, under systemd."""
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 __version__ = "0.1.0"
+# pydantic looks for plugins (the `pydantic` entry points of every installed distribution) when it builds its
+# first model: a scan of all of site-packages, 10-25 ms of every command that reads the config, for plugins
+# this tool never uses. Its documented switch turns that off (docs/performance.md, "Start-up").
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 # Where the config is looked for (`--config`, else $KKUA_BACKUP_CONFIG, else this file): here rather than in
 # config.py so that `kkua-backup --help` can name them, and `status` find its config record
 # (core/status_cache.py), without importing pydantic.

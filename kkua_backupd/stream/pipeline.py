@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 Compression = Literal["gzip", "zstd", "none"]
 CHUNK = 1 << 20
-GZIP_BLOCK = 4 << 20
+# gzip members of 2 MiB: with up to 2 per thread in flight, 4 MiB ones made a 1 GB gzip backup peak at 89-102
+# MiB; 2 MiB ones compress as small and as fast, at 25 MiB less (docs/performance.md, "Memory")
+GZIP_BLOCK = 2 << 20
 EXTENSIONS: dict[str, str] = {"gzip": ".gz", "zstd": ".zst", "none": ""}
 # zstd 1, not 3: on dump data it is as small (or smaller) for half the CPU (docs/decisions/0005).
 DEFAULT_LEVELS: dict[str, int] = {"gzip": 6, "zstd": 1, "none": 0}

@@ -16,7 +16,7 @@ import pytest
 
 from kkua_backupd.demo.sandbox import ThrowawayPostgres, schema_dump
 from tests.support.helpers import describe, output
-from tests.support.pg_bulk import bulk_database
+from tests.support.pg_bulk import bulk_database, fill_bulk
 
 from ..conftest import Env
 from .test_flipped_bytes import make_manifest_match
@@ -123,3 +123,22 @@ def test_bad_rows_on_any_connection_fail_the_restore_and_drop_the_new_database(e
         assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (copy,)).fetchone() == (0,)
     with env.connect(bulky) as conn:
         assert fingerprint(conn) == before
+
+
+def test_psql_stopped_by_the_restore_timeout_stops_the_other_connections_too(env: Env, bulky: str) -> None:
+    """psql killed by `restore_timeout` while another connection holds rows of the big table: the restore
+    ends at once with psql's timeout (not a hang, not another connection's error), the new database dropped."""
+    with env.connect(bulky) as conn:  # ~100 MB of rows: several seconds of loading, far more than the timeout
+        fill_bulk(conn, 100)
+    env.write_config(database=bulky, compression="none", restore_jobs=2)
+    env.run("backup", "postgres", check=True)
+    env.write_config(database=bulky, compression="none", restore_jobs=2, restore_timeout=1)
+    copy = f"{bulky}_slow"
+    result = env.run("restore", "postgres", "latest", "--target-db", copy, "--force", timeout=120)
+    text = output(result)
+    assert result.returncode != 0, text
+    assert shared_blocks((env.log_dir / "restore.log").read_text()) == []  # it did not get to the end
+    assert "psql timed out after 1 s and was stopped" in text, text
+    assert "second connection" not in text, text
+    with env.server.connect() as conn:
+        assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (copy,)).fetchone() is None

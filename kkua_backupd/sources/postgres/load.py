@@ -52,7 +52,7 @@ from kkua_backupd.sources.postgres.client import (
     tool_version,
 )
 from kkua_backupd.sources.postgres.pg_sql import MetaCommandRefused, SqlStream
-from kkua_backupd.sources.postgres.split import SplitLoad
+from kkua_backupd.sources.postgres.split import PsqlEnded, SplitLoad
 from kkua_backupd.sources.postgres.stats import LOADED_BEFORE_SQL, RowCheck, row_count_differences
 from kkua_backupd.store.lock import TargetLock
 from kkua_backupd.store.storage import (
@@ -298,11 +298,13 @@ def load_sql(ctx: JobContext, bin_dir: Path, dbname: str, sql_chunks: Iterable[b
             for chunk in sql_chunks:
                 yield from scanned(scanner.feed(chunk))
             yield from scanned(scanner.finish())
+            if split is not None:
+                split.close()  # every other connection's rows committed before the end is proven
         except MetaCommandRefused as exc:
             refused.append(exc)
             return
-        if split is not None:
-            split.close()  # every other connection's rows committed before the end is proven
+        except PsqlEnded:
+            return  # psql's exit status says why (run_psql)
         # only reached when the whole stream was read and sent, and it did not stop inside something
         if scanner.truncated is None and not (whole_dump and dump_problems(scanner)):
             if rows is not None:

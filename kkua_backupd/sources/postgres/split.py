@@ -39,6 +39,11 @@ class _Stopped(Exception):
     """The load stopped elsewhere (psql ended, another connection failed, the stream raised)."""
 
 
+class PsqlEnded(Exception):
+    """psql ended before it read all it was to read (a failed statement, its timeout): its own exit status
+    says why, so the routing stops without an error of its own."""
+
+
 class SyncWatch:
     """psql's output read for the sync statements it ran (`feed` from the thread draining its stdout)."""
 
@@ -216,6 +221,8 @@ class SplitLoad:
         while True:
             if self.stopped.is_set() or not helper.is_alive():
                 self._raise()
+            if self.sync.ended:
+                raise PsqlEnded
             with contextlib.suppress(queue.Full):
                 helper.queue.put(item, timeout=0.5)
                 return
@@ -230,10 +237,12 @@ class SplitLoad:
             self._put(helper, (number, None, ()))
         with self.sync.changed:
             while not all(h.ended >= number for h in given):
-                if self.stopped.is_set() or not all(h.is_alive() for h in given):
+                if self.stopped.is_set() or not all(h.is_alive() for h in given) or self.sync.ended:
                     break
                 self.sync.changed.wait(timeout=0.5)
         if not all(h.ended >= number for h in given):
+            if self.sync.ended and not self.stopped.is_set():
+                raise PsqlEnded
             self._raise()
 
     def _raise(self) -> None:
@@ -247,7 +256,10 @@ class SplitLoad:
         for helper in self.helpers:
             self._put(helper, None)
         for helper in self.helpers:
-            helper.join()
+            while helper.is_alive():
+                helper.join(timeout=0.5)
+                if self.sync.ended and helper.is_alive():
+                    raise PsqlEnded
         for helper in self.helpers:
             if helper.error is not None:
                 raise helper.error
