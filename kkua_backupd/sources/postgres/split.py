@@ -219,10 +219,12 @@ class SplitLoad:
 
     def _put(self, helper: _Helper, item: tuple[int, SplitCopy | None, tuple[Any, ...]] | None) -> None:
         while True:
-            if self.stopped.is_set() or not helper.is_alive():
+            if self.stopped.is_set():
                 self._raise()
-            if self.sync.ended:
+            if self.sync.ended:  # before a connection's end: it also ends when psql did (SyncWatch.wait)
                 raise PsqlEnded
+            if not helper.is_alive():
+                self._raise()
             with contextlib.suppress(queue.Full):
                 helper.queue.put(item, timeout=0.5)
                 return
