@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 Compression = Literal["gzip", "zstd", "none"]
 CHUNK = 1 << 20
 # gzip members of 2 MiB: with up to 2 per thread in flight, 4 MiB ones made a 1 GB gzip backup peak at 89-102
-# MiB; 2 MiB ones compress as small and as fast, at 25 MiB less (docs/performance.md, "Memory")
+# MiB; 2 MiB ones compress as small and as fast at about 75 (docs/performance.md, issue 14's night section)
 GZIP_BLOCK = 2 << 20
 EXTENSIONS: dict[str, str] = {"gzip": ".gz", "zstd": ".zst", "none": ""}
 # zstd 1, not 3: on dump data it is as small (or smaller) for half the CPU (docs/decisions/0005).
@@ -171,7 +171,7 @@ def _pieces(chunks: Iterable[bytes]) -> Iterator[bytes | memoryview]:
     everything its input holds: a whole 1 MiB chunk of a dump is 4-8 MiB of SQL at once, which each
     consumer then holds, and libpq keeps its send buffer at the largest piece it was given for the life of
     the connection; with one loading connection per restore job that was ~11 MiB per job. A 128 KiB piece
-    gives about 1 MiB out (docs/performance.md, "Memory")."""
+    gives about 1 MiB out (docs/performance.md, "Memory of directory restores by restore job")."""
     for chunk in chunks:
         if len(chunk) <= DECOMPRESS_PIECE:
             yield chunk
